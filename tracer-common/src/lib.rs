@@ -1,0 +1,102 @@
+//! Types shared by the kernel programs (`tracer-ebpf`) and the agent (`tracer`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that both sides agree on the
+//! layout byte for byte; a size assertion at the bottom catches accidental changes.
+#![no_std]
+
+/// `RawEvent::kind`: a socket changed TCP state (`inet_sock_set_state`).
+pub const EVENT_STATE: u8 = 1;
+/// `RawEvent::kind`: an skb was retransmitted (`tcp_retransmit_skb`); `segs` holds its segments.
+pub const EVENT_RETRANSMIT: u8 = 2;
+/// `RawEvent::kind`: the socket received a RST (`tcp_receive_reset`).
+pub const EVENT_RESET_RECEIVED: u8 = 3;
+/// `RawEvent::kind`: the kernel sent a RST on this socket (`tcp_send_reset`); `segs` holds the
+/// `sk_rst_reason`.
+pub const EVENT_RESET_SENT: u8 = 4;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// One record pushed through the ring buffer. Fixed size so the ring buffer can reserve it
+/// without a copy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Address of the kernel `struct sock`: the connection's identity while it lives.
+    pub skaddr: u64,
+    /// Local address; IPv4 uses the first 4 bytes (network order).
+    pub saddr: [u8; 16],
+    /// Remote address; IPv4 uses the first 4 bytes (network order).
+    pub daddr: [u8; 16],
+    /// `current->comm` when the event fired (only the owner in process context).
+    pub comm: [u8; 16],
+    /// `current` thread group id (process id) when the event fired.
+    pub pid: u32,
+    /// `current` thread id when the event fired.
+    pub tid: u32,
+    /// Inode number of the socket's network namespace (0 when unknown).
+    pub netns: u32,
+    /// Local port, host order.
+    pub sport: u16,
+    /// Remote port, host order.
+    pub dport: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Retransmit: segments in the skb (`tcp_skb_pcount`). Reset sent: `sk_rst_reason`.
+    pub segs: u16,
+    /// One of the `EVENT_*` constants.
+    pub kind: u8,
+    /// State change: the previous state (kernel `TCP_*` numbering).
+    pub oldstate: u8,
+    /// State change: the new state. Retransmit / reset: the socket's state at the event.
+    pub newstate: u8,
+    /// Retransmit: `icsk_ca_state` (0 open, 1 disorder, 2 CWR, 3 recovery, 4 loss).
+    pub ca_state: u8,
+}
+
+/// Byte offsets into kernel structures, discovered from the running kernel's BTF by the agent
+/// and written into the programs' read-only data before they load (Rust eBPF has no CO-RE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock_common` members (offsets from the start of `struct sock`).
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_net: u32,
+    /// `skc_state` (one byte).
+    pub skc_state: u32,
+    /// `struct net` -> `ns.inum`.
+    pub net_ns_inum: u32,
+    /// `struct sock` -> `sk_protocol` (a `u16` on kernels since 5.6).
+    pub sk_protocol: u32,
+    /// `struct inet_connection_sock` -> byte holding the `icsk_ca_state` bitfield.
+    pub icsk_ca_state_byte: u32,
+    /// Bit shift of `icsk_ca_state` within that byte.
+    pub icsk_ca_state_shift: u32,
+    /// `struct sk_buff` -> `cb` plus `struct tcp_skb_cb` -> `tcp_gso_segs`.
+    pub skb_tcp_gso_segs: u32,
+    /// Non-zero once the agent has filled this struct (programs do nothing before that).
+    pub valid: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: RawEvent is repr(C), Copy, made only of integers and byte arrays, with no
+    // implicit padding (checked by the size assertion below), so any bit pattern is valid.
+    unsafe impl aya::Pod for super::RawEvent {}
+    // SAFETY: KernelOffsets is repr(C), Copy and made only of u32 fields: no padding, every
+    // bit pattern valid.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+// Both sides must agree on the layout; padding would make the Pod impls unsound.
+const _: () = assert!(core::mem::size_of::<RawEvent>() == 88);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 15 * 4);

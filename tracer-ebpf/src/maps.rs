@@ -1,0 +1,56 @@
+//! Maps and globals shared by all programs, declared in one place.
+use aya_ebpf::{
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use tracer_common::{KernelOffsets, RawEvent};
+
+/// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Index 0: events dropped because the ring buffer was full. Per CPU so that two CPUs never race
+/// on one counter; user space sums the slots.
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Filled by the agent from BTF before loading.
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_family: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_net: 0,
+    skc_state: 0,
+    net_ns_inum: 0,
+    sk_protocol: 0,
+    icsk_ca_state_byte: 0,
+    icsk_ca_state_shift: 0,
+    skb_tcp_gso_segs: 0,
+    valid: 0,
+};
+
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    // SAFETY: OFFSETS is a plain static; the volatile read keeps the compiler from folding the
+    // zero initialiser into the code, since the loader rewrites the value before loading.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+/// Reserves an event slot, or counts the loss and returns `None`.
+#[inline(always)]
+pub fn reserve() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<RawEvent>> {
+    let entry = EVENTS.reserve::<RawEvent>(0);
+    if entry.is_none() {
+        if let Some(lost) = LOST.get_ptr_mut(0) {
+            // SAFETY: the pointer comes from the map lookup for index 0, which exists; the slot is
+            // private to this CPU and programs do not nest on one CPU for these hooks.
+            unsafe { *lost += 1 };
+        }
+    }
+    entry
+}

@@ -1,0 +1,52 @@
+//! `tcp_retransmit_skb`: retransmitted segments, counted as the kernel's `TcpRetransSegs` does.
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use tracer_common::EVENT_RETRANSMIT;
+
+use crate::{maps, sock};
+
+/// Kernels since 6.10 fire the tracepoint for failed attempts too and pass the error as the
+/// third argument; only successful retransmits count (as in `__tcp_retransmit_skb`).
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    let err: i32 = ctx.arg(2);
+    if err != 0 {
+        return 0;
+    }
+    emit(&ctx)
+}
+
+/// Older kernels (two arguments) fire only on success.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_noerr(ctx: BtfTracePointContext) -> i32 {
+    emit(&ctx)
+}
+
+#[inline(always)]
+fn emit(ctx: &BtfTracePointContext) -> i32 {
+    let off = maps::offsets();
+    if off.valid == 0 {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    let skb: *const u8 = ctx.arg(1);
+    // One skb can carry many segments under GSO; tcp_skb_pcount() is what the kernel adds.
+    let segs = match sock::read::<u16>(skb, off.skb_tcp_gso_segs) {
+        Some(0) | None => 1,
+        Some(n) => n,
+    };
+    let ca_byte: u8 = sock::read(sk, off.icsk_ca_state_byte).unwrap_or(0);
+    let Some(mut entry) = maps::reserve() else {
+        return 0;
+    };
+    // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every
+    // field not written below.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    sock::fill(event, sk, &off);
+    event.kind = EVENT_RETRANSMIT;
+    event.oldstate = 0;
+    event.newstate = sock::state(sk, &off);
+    event.segs = segs;
+    event.ca_state = (ca_byte >> (off.icsk_ca_state_shift & 7)) & 0x1f;
+    entry.submit(0);
+    0
+}

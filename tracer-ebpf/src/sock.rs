@@ -1,0 +1,56 @@
+//! Reading `struct sock` fields through the offsets handed over by the agent.
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel};
+use tracer_common::{AF_INET, AF_INET6, KernelOffsets, RawEvent};
+
+/// Reads a `T` at `base + offset` in kernel memory; `None` if the read faults.
+#[inline(always)]
+pub fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-tolerant accessor: a bad
+    // address yields an error, never a crash. The offset comes from the kernel's own BTF.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()).ok() }
+}
+
+/// Fills time, task and the socket's addressing into `event`.
+#[inline(always)]
+pub fn fill(event: &mut RawEvent, sk: *const u8, off: &KernelOffsets) {
+    // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
+    event.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.skaddr = sk as u64;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    event.pid = (pid_tgid >> 32) as u32;
+    event.tid = pid_tgid as u32;
+    event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let family: u16 = read(sk, off.skc_family).unwrap_or(0);
+    event.family = family;
+    event.sport = read::<u16>(sk, off.skc_num).unwrap_or(0);
+    event.dport = u16::from_be(read::<u16>(sk, off.skc_dport).unwrap_or(0));
+    event.saddr = [0; 16];
+    event.daddr = [0; 16];
+    if family == AF_INET6 {
+        event.saddr = read(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
+        event.daddr = read(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
+    } else if family == AF_INET {
+        let s: [u8; 4] = read(sk, off.skc_rcv_saddr).unwrap_or([0; 4]);
+        let d: [u8; 4] = read(sk, off.skc_daddr).unwrap_or([0; 4]);
+        event.saddr[..4].copy_from_slice(&s);
+        event.daddr[..4].copy_from_slice(&d);
+    }
+    event.netns = match read::<u64>(sk, off.skc_net) {
+        Some(net) if net != 0 => read::<u32>(net as *const u8, off.net_ns_inum).unwrap_or(0),
+        _ => 0,
+    };
+    event.segs = 0;
+    event.ca_state = 0;
+}
+
+/// True for TCP sockets of the families we decode.
+#[inline(always)]
+pub fn is_tcp(sk: *const u8, off: &KernelOffsets) -> bool {
+    read::<u16>(sk, off.sk_protocol) == Some(tracer_common::IPPROTO_TCP)
+}
+
+/// The socket's current `skc_state`.
+#[inline(always)]
+pub fn state(sk: *const u8, off: &KernelOffsets) -> u8 {
+    read::<u8>(sk, off.skc_state).unwrap_or(0)
+}

@@ -1,0 +1,521 @@
+//! Rebuilds each connection's lifecycle from kernel events. Pure: no I/O, no clock (time comes
+//! from the events), so it is tested with synthetic event sequences.
+//!
+//! A connection is keyed by its kernel socket address while it lives. Its record starts at the
+//! opening transition (CLOSE -> SYN_SENT for `connect()`, LISTEN -> SYN_RECV for an accepted
+//! child) and is finished at the transition to CLOSE. Events for sockets that are not in the
+//! table (open before the agent started, or evicted) start a partial record, matched by 4-tuple
+//! against the sockets seeded from sock_diag.
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::model::{
+    CloseCause, Comm, Direction, Event, ResetDirection, RetransmitKind, SockId, TcpState, Task,
+    Tuple,
+};
+
+/// The most state stamps kept per connection. A TCP lifecycle has at most about six states;
+/// the bound keeps a misbehaving socket from growing without limit.
+pub const MAX_STATES: usize = 16;
+
+/// Receives what the tracker derives, as it happens. Every method has an empty default so that
+/// each exporter implements only what it needs.
+pub trait Observer {
+    /// Every state change of a TCP socket (listeners included).
+    fn transition(&mut self, _from: TcpState, _to: TcpState) {}
+    /// A connection was opened while the agent watched.
+    fn opened(&mut self, _direction: Direction) {}
+    /// The handshake of an actively opened connection completed.
+    fn established(&mut self, _conn: &Connection) {}
+    /// A connection reached CLOSE; its record is final.
+    fn closed(&mut self, _conn: &Connection) {}
+    /// Segments retransmitted, on any TCP socket.
+    fn retransmit(&mut self, _kind: RetransmitKind, _segs: u32) {}
+    /// A RST sent or received on a TCP socket.
+    fn reset(&mut self, _direction: ResetDirection) {}
+    /// A live connection was dropped from the table because it was full.
+    fn evicted(&mut self, _conn: &Connection) {}
+}
+
+/// Lets several exporters observe one tracker: `(&mut metrics, &mut sink)`.
+impl<A: Observer, B: Observer> Observer for (A, B) {
+    fn transition(&mut self, from: TcpState, to: TcpState) {
+        self.0.transition(from, to);
+        self.1.transition(from, to);
+    }
+    fn opened(&mut self, direction: Direction) {
+        self.0.opened(direction);
+        self.1.opened(direction);
+    }
+    fn established(&mut self, conn: &Connection) {
+        self.0.established(conn);
+        self.1.established(conn);
+    }
+    fn closed(&mut self, conn: &Connection) {
+        self.0.closed(conn);
+        self.1.closed(conn);
+    }
+    fn retransmit(&mut self, kind: RetransmitKind, segs: u32) {
+        self.0.retransmit(kind, segs);
+        self.1.retransmit(kind, segs);
+    }
+    fn reset(&mut self, direction: ResetDirection) {
+        self.0.reset(direction);
+        self.1.reset(direction);
+    }
+    fn evicted(&mut self, conn: &Connection) {
+        self.0.evicted(conn);
+        self.1.evicted(conn);
+    }
+}
+
+impl<T: Observer + ?Sized> Observer for &mut T {
+    fn transition(&mut self, from: TcpState, to: TcpState) {
+        (**self).transition(from, to);
+    }
+    fn opened(&mut self, direction: Direction) {
+        (**self).opened(direction);
+    }
+    fn established(&mut self, conn: &Connection) {
+        (**self).established(conn);
+    }
+    fn closed(&mut self, conn: &Connection) {
+        (**self).closed(conn);
+    }
+    fn retransmit(&mut self, kind: RetransmitKind, segs: u32) {
+        (**self).retransmit(kind, segs);
+    }
+    fn reset(&mut self, direction: ResetDirection) {
+        (**self).reset(direction);
+    }
+    fn evicted(&mut self, conn: &Connection) {
+        (**self).evicted(conn);
+    }
+}
+
+/// The process that owns a connection, learnt from a transition made in its system call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: Comm,
+}
+
+/// When the connection entered a state (CLOCK_MONOTONIC nanoseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct StateStamp {
+    pub state: TcpState,
+    pub ts_ns: u64,
+}
+
+/// A connection that existed before the agent started, from sock_diag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seed {
+    pub netns: u32,
+    pub tuple: Tuple,
+    pub state: TcpState,
+    /// Inferred from whether the local port is listening.
+    pub direction: Direction,
+}
+
+/// One connection's lifecycle as rebuilt so far (final once `closed`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub sock: SockId,
+    pub netns: u32,
+    pub tuple: Tuple,
+    pub direction: Direction,
+    pub owner: Option<Owner>,
+    /// States in the order entered; the first is the state the agent first saw it in.
+    pub states: Vec<StateStamp>,
+    /// When it was opened; `None` when it was opened before the agent saw it.
+    pub opened_ns: Option<u64>,
+    pub established_ns: Option<u64>,
+    pub closed_ns: Option<u64>,
+    pub close: Option<CloseCause>,
+    /// Retransmitted segments.
+    pub retransmits: u32,
+    pub resets_sent: u32,
+    pub resets_received: u32,
+    /// Known from sock_diag rather than from its opening event.
+    pub seeded: bool,
+    /// Every state change from open to close was seen in order.
+    pub complete: bool,
+    /// Who sent the first FIN, once known.
+    first_fin: Option<CloseCause>,
+    last_seen_ns: u64,
+    /// State changes seen since the last update of the tuple (for the seed match).
+    tuple_matched: bool,
+}
+
+impl Connection {
+    /// Time from opening to close, when both were seen.
+    pub fn duration_ns(&self) -> Option<u64> {
+        Some(self.closed_ns?.saturating_sub(self.opened_ns?))
+    }
+
+    /// Time from `connect()` (SYN_SENT) to ESTABLISHED, for active opens.
+    pub fn handshake_ns(&self) -> Option<u64> {
+        if self.direction != Direction::Active {
+            return None;
+        }
+        Some(self.established_ns?.saturating_sub(self.opened_ns?))
+    }
+
+    pub fn state(&self) -> Option<TcpState> {
+        self.states.last().map(|s| s.state)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TrackerConfig {
+    /// Live connections kept at most; past it the least recently active one is evicted.
+    pub max_connections: usize,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            max_connections: 262_144,
+        }
+    }
+}
+
+/// The connection table.
+pub struct Tracker {
+    config: TrackerConfig,
+    conns: HashMap<SockId, Connection>,
+    /// Seeded connections not yet matched to a kernel socket, by (netns, tuple).
+    seeds: HashMap<(u32, Tuple), Seed>,
+    evictions: u64,
+}
+
+impl Tracker {
+    pub fn new(config: TrackerConfig) -> Tracker {
+        Tracker {
+            config,
+            conns: HashMap::new(),
+            seeds: HashMap::new(),
+            evictions: 0,
+        }
+    }
+
+    /// Connections open right now: tracked ones plus seeded ones not yet seen in an event.
+    pub fn active(&self) -> usize {
+        self.conns.len() + self.seeds.len()
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Records the connections that were open when the agent started. Listeners, TIME_WAIT and
+    /// request sockets are not connections and are ignored.
+    pub fn seed(&mut self, seeds: impl IntoIterator<Item = Seed>) {
+        for seed in seeds {
+            if matches!(
+                seed.state,
+                TcpState::Listen | TcpState::TimeWait | TcpState::NewSynRecv | TcpState::Close
+            ) || !seed.tuple.is_complete()
+            {
+                continue;
+            }
+            if self.seeds.len() >= self.config.max_connections {
+                self.evictions += 1;
+                continue;
+            }
+            self.seeds.insert((seed.netns, seed.tuple), seed);
+        }
+    }
+
+    pub fn on_event(&mut self, event: &Event, obs: &mut impl Observer) {
+        match *event {
+            Event::StateChange {
+                ts_ns,
+                sock,
+                netns,
+                tuple,
+                old,
+                new,
+                task,
+            } => {
+                obs.transition(old, new);
+                self.on_state(ts_ns, sock, netns, tuple, old, new, task, obs);
+            }
+            Event::Retransmit {
+                ts_ns,
+                sock,
+                netns,
+                tuple,
+                state,
+                kind,
+                segs,
+            } => {
+                obs.retransmit(kind, segs);
+                if let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, state, obs) {
+                    conn.retransmits = conn.retransmits.saturating_add(segs);
+                }
+            }
+            Event::Reset {
+                ts_ns,
+                sock,
+                netns,
+                tuple,
+                state,
+                direction,
+                task: _,
+            } => {
+                obs.reset(direction);
+                if let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, state, obs) {
+                    match direction {
+                        ResetDirection::Sent => conn.resets_sent += 1,
+                        ResetDirection::Received => conn.resets_received += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "the fields of one StateChange event")]
+    fn on_state(
+        &mut self,
+        ts_ns: u64,
+        sock: SockId,
+        netns: u32,
+        tuple: Tuple,
+        old: TcpState,
+        new: TcpState,
+        task: Task,
+        obs: &mut impl Observer,
+    ) {
+        // Listeners are not connections; their children show up with their own socket.
+        if (old == TcpState::Close && new == TcpState::Listen)
+            || (old == TcpState::Listen && new == TcpState::Close)
+        {
+            return;
+        }
+        let opening = match (old, new) {
+            (TcpState::Close, TcpState::SynSent) => Some(Direction::Active),
+            (TcpState::Listen, TcpState::SynRecv) => Some(Direction::Passive),
+            _ => None,
+        };
+        if let Some(direction) = opening {
+            if let Some(mut stale) = self.conns.remove(&sock) {
+                // The socket address was reused and we missed its CLOSE: finish the old record.
+                stale.complete = false;
+                let last_seen_ns = stale.last_seen_ns;
+                finish(&mut stale, last_seen_ns, CloseCause::Unknown);
+                obs.closed(&stale);
+            }
+            self.make_room(obs);
+            let mut conn = Connection::new(sock, netns, tuple, direction, ts_ns);
+            conn.opened_ns = Some(ts_ns);
+            conn.complete = true;
+            conn.states.push(StateStamp {
+                state: new,
+                ts_ns,
+            });
+            if process_context(old, new) {
+                conn.owner = Some(owner(task));
+            }
+            self.match_seed(&mut conn);
+            self.conns.insert(sock, conn);
+            obs.opened(direction);
+            return;
+        }
+
+        let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, old, obs) else {
+            return;
+        };
+        if conn.state() != Some(old) {
+            // A transition between the last state we saw and this one was lost.
+            conn.complete = false;
+        }
+        if conn.states.len() < MAX_STATES {
+            conn.states.push(StateStamp { state: new, ts_ns });
+        } else {
+            conn.complete = false;
+        }
+        if process_context(old, new) {
+            conn.owner = Some(owner(task));
+        }
+        match new {
+            TcpState::Established => {
+                if conn.established_ns.is_none() {
+                    conn.established_ns = Some(ts_ns);
+                }
+            }
+            TcpState::FinWait1 if conn.first_fin.is_none() => {
+                conn.first_fin = Some(CloseCause::Local);
+            }
+            TcpState::CloseWait if conn.first_fin.is_none() => {
+                conn.first_fin = Some(CloseCause::Remote);
+            }
+            _ => {}
+        }
+        let established_now = new == TcpState::Established && old != TcpState::Established;
+        if new == TcpState::Close {
+            let cause = close_cause(conn, old);
+            if let Some(mut conn) = self.conns.remove(&sock) {
+                finish(&mut conn, ts_ns, cause);
+                obs.closed(&conn);
+            }
+        } else if established_now {
+            let conn = &*conn;
+            obs.established(conn);
+        }
+    }
+
+    /// The live record of `sock`, creating a partial one (matched against the seeds) when the
+    /// agent never saw it open. `state` is the state the socket was in before this event.
+    fn lookup(
+        &mut self,
+        ts_ns: u64,
+        sock: SockId,
+        netns: u32,
+        tuple: Tuple,
+        state: TcpState,
+        obs: &mut impl Observer,
+    ) -> Option<&mut Connection> {
+        if !self.conns.contains_key(&sock) {
+            // Mini sockets (TIME_WAIT, request socks) and listeners are not connections.
+            if matches!(
+                state,
+                TcpState::TimeWait | TcpState::NewSynRecv | TcpState::Listen | TcpState::Close
+            ) {
+                return None;
+            }
+            self.make_room(obs);
+            let mut conn = Connection::new(sock, netns, tuple, Direction::Unknown, ts_ns);
+            conn.states.push(StateStamp {
+                state,
+                ts_ns,
+            });
+            self.match_seed(&mut conn);
+            self.conns.insert(sock, conn);
+        }
+        let conn = self.conns.get_mut(&sock)?;
+        conn.last_seen_ns = ts_ns;
+        if tuple.is_complete() && conn.tuple != tuple {
+            conn.tuple = tuple;
+            conn.tuple_matched = false;
+        }
+        if !conn.tuple_matched && conn.tuple.is_complete() {
+            conn.tuple_matched = true;
+            if let Some(seed) = self.seeds.remove(&(conn.netns, conn.tuple)) {
+                // Opened before the agent: adopt what sock_diag knew. A connection we saw open
+                // that also appears in the seed dump (it opened between attach and dump) is
+                // the same connection; dropping the seed keeps it from being counted twice.
+                if conn.opened_ns.is_none() {
+                    conn.seeded = true;
+                    conn.direction = seed.direction;
+                }
+            }
+        }
+        Some(conn)
+    }
+
+    fn match_seed(&mut self, conn: &mut Connection) {
+        if conn.tuple.is_complete() {
+            conn.tuple_matched = true;
+            if let Some(seed) = self.seeds.remove(&(conn.netns, conn.tuple))
+                && conn.opened_ns.is_none()
+            {
+                conn.seeded = true;
+                conn.direction = seed.direction;
+            }
+        }
+    }
+
+    /// Evicts the least recently active connection when the table is full. Linear, but only
+    /// runs when the table is at its bound, which the eviction counter makes visible.
+    fn make_room(&mut self, obs: &mut impl Observer) {
+        if self.conns.len() < self.config.max_connections {
+            return;
+        }
+        let victim = self
+            .conns
+            .values()
+            .min_by_key(|c| c.last_seen_ns)
+            .map(|c| c.sock);
+        if let Some(victim) = victim
+            && let Some(conn) = self.conns.remove(&victim)
+        {
+            self.evictions += 1;
+            obs.evicted(&conn);
+        }
+    }
+}
+
+impl Connection {
+    fn new(sock: SockId, netns: u32, tuple: Tuple, direction: Direction, ts_ns: u64) -> Connection {
+        Connection {
+            sock,
+            netns,
+            tuple,
+            direction,
+            owner: None,
+            states: Vec::with_capacity(8),
+            opened_ns: None,
+            established_ns: None,
+            closed_ns: None,
+            close: None,
+            retransmits: 0,
+            resets_sent: 0,
+            resets_received: 0,
+            seeded: false,
+            complete: false,
+            first_fin: None,
+            last_seen_ns: ts_ns,
+            tuple_matched: false,
+        }
+    }
+}
+
+fn finish(conn: &mut Connection, ts_ns: u64, cause: CloseCause) {
+    conn.closed_ns = Some(ts_ns);
+    conn.close = Some(cause);
+}
+
+/// Transitions made inside the owner's system call, where `current` is the owner. The others
+/// run in softirq context, where `current` is whatever task was interrupted.
+fn process_context(old: TcpState, new: TcpState) -> bool {
+    matches!(
+        (old, new),
+        (TcpState::Close, TcpState::SynSent)
+            | (TcpState::Established, TcpState::FinWait1)
+            | (TcpState::SynRecv, TcpState::FinWait1)
+            | (TcpState::CloseWait, TcpState::LastAck)
+    )
+}
+
+fn owner(task: Task) -> Owner {
+    Owner {
+        pid: task.pid,
+        comm: task.comm,
+    }
+}
+
+/// Why a connection reached CLOSE from `old`. The first FIN decides for orderly closes; a RST
+/// received decides for the rest. A RST this host sends is traced after the CLOSE transition,
+/// so an abrupt close with no FIN and no RST received is this host aborting.
+fn close_cause(conn: &Connection, old: TcpState) -> CloseCause {
+    if old == TcpState::SynSent {
+        return if conn.resets_received > 0 {
+            CloseCause::Refused
+        } else {
+            CloseCause::Failed
+        };
+    }
+    if let Some(first) = conn.first_fin {
+        return first;
+    }
+    if conn.resets_received > 0 {
+        return CloseCause::ResetReceived;
+    }
+    match old {
+        TcpState::SynRecv => CloseCause::Failed,
+        TcpState::Established => CloseCause::Aborted,
+        _ => CloseCause::Unknown,
+    }
+}

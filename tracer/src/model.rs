@@ -1,0 +1,327 @@
+//! Domain types shared by the decoder, the connection tracker and the exporters. Pure data: no
+//! I/O, no kernel types.
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+/// Kernel TCP states, numbered as in `include/net/tcp_states.h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+}
+
+impl TcpState {
+    pub const ALL: [TcpState; 12] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+    ];
+
+    pub fn from_kernel(value: u8) -> Option<TcpState> {
+        TcpState::ALL.get(usize::from(value).checked_sub(1)?).copied()
+    }
+
+    /// The name `ss` and the kernel use, e.g. `SYN_SENT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A connection's addressing as seen from this host: `src` is local, `dst` is remote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tuple {
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+impl Tuple {
+    /// `connect()` reports SYN_SENT before the local port is bound, and a freshly accepted child
+    /// reports SYN_RECV before its peer is filled in: such partial tuples are not identities.
+    pub fn is_complete(&self) -> bool {
+        self.sport != 0 && self.dport != 0
+    }
+
+    pub fn family(&self) -> Family {
+        match self.src {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// The task that was current when an event fired. It owns the socket only for transitions made
+/// from a system call (see `conntrack`); softirq transitions show whatever task was interrupted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: Comm,
+}
+
+/// `task->comm`: up to 15 bytes, NUL padded. Stored inline so events carry no heap data.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let len = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        String::from_utf8_lossy(&self.0[..len])
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl From<&str> for Comm {
+    fn from(s: &str) -> Comm {
+        let mut bytes = [0u8; 16];
+        let n = s.len().min(15);
+        bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Comm(bytes)
+    }
+}
+
+/// Identity of a kernel socket while it lives: its `struct sock` address. Addresses are reused
+/// after a socket is freed, so a record ends at CLOSE.
+pub type SockId = u64;
+
+/// A decoded kernel event, in the order the ring buffer delivered it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    StateChange {
+        ts_ns: u64,
+        sock: SockId,
+        netns: u32,
+        tuple: Tuple,
+        old: TcpState,
+        new: TcpState,
+        task: Task,
+    },
+    Retransmit {
+        ts_ns: u64,
+        sock: SockId,
+        netns: u32,
+        tuple: Tuple,
+        /// The socket's state at the retransmit.
+        state: TcpState,
+        kind: RetransmitKind,
+        /// Segments, as the kernel's `TcpRetransSegs` counts them.
+        segs: u32,
+    },
+    Reset {
+        ts_ns: u64,
+        sock: SockId,
+        netns: u32,
+        tuple: Tuple,
+        state: TcpState,
+        direction: ResetDirection,
+        task: Task,
+    },
+}
+
+impl Event {
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Event::StateChange { ts_ns, .. }
+            | Event::Retransmit { ts_ns, .. }
+            | Event::Reset { ts_ns, .. } => *ts_ns,
+        }
+    }
+
+    pub fn sock(&self) -> SockId {
+        match self {
+            Event::StateChange { sock, .. }
+            | Event::Retransmit { sock, .. }
+            | Event::Reset { sock, .. } => *sock,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResetDirection {
+    Sent,
+    Received,
+}
+
+impl ResetDirection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetDirection::Sent => "sent",
+            ResetDirection::Received => "received",
+        }
+    }
+}
+
+/// Why a segment was retransmitted, from the socket's state and congestion state at the event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetransmitKind {
+    /// SYN retransmitted by a connecting socket.
+    Syn,
+    /// Fast retransmit during recovery (`icsk_ca_state` Recovery).
+    Fast,
+    /// Retransmission timeout (`icsk_ca_state` Loss).
+    Timeout,
+    /// Open / disorder / CWR: tail-loss probes and the like.
+    Other,
+}
+
+impl RetransmitKind {
+    pub const ALL: [RetransmitKind; 4] = [
+        RetransmitKind::Syn,
+        RetransmitKind::Fast,
+        RetransmitKind::Timeout,
+        RetransmitKind::Other,
+    ];
+
+    pub fn classify(state: TcpState, ca_state: u8) -> RetransmitKind {
+        match (state, ca_state) {
+            (TcpState::SynSent, _) => RetransmitKind::Syn,
+            (_, 3) => RetransmitKind::Fast,
+            (_, 4) => RetransmitKind::Timeout,
+            _ => RetransmitKind::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetransmitKind::Syn => "syn",
+            RetransmitKind::Fast => "fast",
+            RetransmitKind::Timeout => "timeout",
+            RetransmitKind::Other => "other",
+        }
+    }
+}
+
+/// Who opened the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// This host called `connect()`.
+    Active,
+    /// This host accepted it.
+    Passive,
+    /// Opened before the agent started and not attributable.
+    Unknown,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 3] = [Direction::Active, Direction::Passive, Direction::Unknown];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Active => "active",
+            Direction::Passive => "passive",
+            Direction::Unknown => "unknown",
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseCause {
+    /// This host sent the first FIN (it will hold TIME_WAIT).
+    Local,
+    /// The peer sent the first FIN.
+    Remote,
+    /// A RST was received on an established (or closing) connection.
+    ResetReceived,
+    /// This host ended an established connection without a FIN: the application closed with
+    /// unread data or `SO_LINGER` 0 (a RST is sent), or the kernel gave up after retransmission
+    /// or keepalive timeouts.
+    Aborted,
+    /// `connect()` was answered with a RST.
+    Refused,
+    /// `connect()` never completed: SYN timeout, unreachable, or cancelled.
+    Failed,
+    /// Events were missed, or the agent stopped first.
+    Unknown,
+}
+
+impl CloseCause {
+    pub const ALL: [CloseCause; 7] = [
+        CloseCause::Local,
+        CloseCause::Remote,
+        CloseCause::ResetReceived,
+        CloseCause::Aborted,
+        CloseCause::Refused,
+        CloseCause::Failed,
+        CloseCause::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseCause::Local => "local",
+            CloseCause::Remote => "remote",
+            CloseCause::ResetReceived => "reset_received",
+            CloseCause::Aborted => "aborted",
+            CloseCause::Refused => "refused",
+            CloseCause::Failed => "failed",
+            CloseCause::Unknown => "unknown",
+        }
+    }
+}
