@@ -1,5 +1,7 @@
 //! Reading `struct sock` fields through the offsets handed over by the agent.
-use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+};
 use tracer_common::{AF_INET, AF_INET6, KernelOffsets, RawEvent};
 
 /// Reads a `T` at `base + offset` in kernel memory; `None` if the read faults.

@@ -1,4 +1,4 @@
-//! Command line. (in progress)
+//! Command line. (being wired up)
 pub fn main() -> std::process::ExitCode {
     std::process::ExitCode::SUCCESS
 }

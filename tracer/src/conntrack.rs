@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::model::{
-    CloseCause, Comm, Direction, Event, ResetDirection, RetransmitKind, SockId, TcpState, Task,
+    CloseCause, Comm, Direction, Event, ResetDirection, RetransmitKind, SockId, Task, TcpState,
     Tuple,
 };
 
@@ -276,7 +276,10 @@ impl Tracker {
         }
     }
 
-    #[expect(clippy::too_many_arguments, reason = "the fields of one StateChange event")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of one StateChange event"
+    )]
     fn on_state(
         &mut self,
         ts_ns: u64,
@@ -311,10 +314,7 @@ impl Tracker {
             let mut conn = Connection::new(sock, netns, tuple, direction, ts_ns);
             conn.opened_ns = Some(ts_ns);
             conn.complete = true;
-            conn.states.push(StateStamp {
-                state: new,
-                ts_ns,
-            });
+            conn.states.push(StateStamp { state: new, ts_ns });
             if process_context(old, new) {
                 conn.owner = Some(owner(task));
             }
@@ -387,10 +387,7 @@ impl Tracker {
             }
             self.make_room(obs);
             let mut conn = Connection::new(sock, netns, tuple, Direction::Unknown, ts_ns);
-            conn.states.push(StateStamp {
-                state,
-                ts_ns,
-            });
+            conn.states.push(StateStamp { state, ts_ns });
             self.match_seed(&mut conn);
             self.conns.insert(sock, conn);
         }
@@ -517,5 +514,452 @@ fn close_cause(conn: &Connection, old: TcpState) -> CloseCause {
         TcpState::SynRecv => CloseCause::Failed,
         TcpState::Established => CloseCause::Aborted,
         _ => CloseCause::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::model::TcpState::*;
+
+    const NS: u32 = 4_026_531_840;
+
+    /// Everything the tracker told its observer, in order.
+    #[derive(Default)]
+    struct Recorder {
+        transitions: Vec<(TcpState, TcpState)>,
+        opened: Vec<Direction>,
+        established: Vec<Connection>,
+        closed: Vec<Connection>,
+        retransmits: Vec<(RetransmitKind, u32)>,
+        resets: Vec<ResetDirection>,
+        evicted: Vec<Connection>,
+    }
+
+    impl Observer for Recorder {
+        fn transition(&mut self, from: TcpState, to: TcpState) {
+            self.transitions.push((from, to));
+        }
+        fn opened(&mut self, direction: Direction) {
+            self.opened.push(direction);
+        }
+        fn established(&mut self, conn: &Connection) {
+            self.established.push(conn.clone());
+        }
+        fn closed(&mut self, conn: &Connection) {
+            self.closed.push(conn.clone());
+        }
+        fn retransmit(&mut self, kind: RetransmitKind, segs: u32) {
+            self.retransmits.push((kind, segs));
+        }
+        fn reset(&mut self, direction: ResetDirection) {
+            self.resets.push(direction);
+        }
+        fn evicted(&mut self, conn: &Connection) {
+            self.evicted.push(conn.clone());
+        }
+    }
+
+    fn tuple(sport: u16, dport: u16) -> Tuple {
+        Tuple {
+            src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            sport,
+            dst: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dport,
+        }
+    }
+
+    fn task(pid: u32, comm: &str) -> Task {
+        Task {
+            pid,
+            tid: pid,
+            comm: Comm::from(comm),
+        }
+    }
+
+    fn state(ts_ns: u64, sock: SockId, t: Tuple, old: TcpState, new: TcpState, who: Task) -> Event {
+        Event::StateChange {
+            ts_ns,
+            sock,
+            netns: NS,
+            tuple: t,
+            old,
+            new,
+            task: who,
+        }
+    }
+
+    fn run(events: &[Event]) -> (Tracker, Recorder) {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        for e in events {
+            tracker.on_event(e, &mut rec);
+        }
+        (tracker, rec)
+    }
+
+    fn path(conn: &Connection) -> Vec<TcpState> {
+        conn.states.iter().map(|s| s.state).collect()
+    }
+
+    const CLIENT: SockId = 0x1000;
+    const SERVER: SockId = 0x2000;
+
+    #[test]
+    fn active_open_and_local_close_gives_one_complete_record() {
+        let curl = task(42, "curl");
+        let softirq = task(7, "nginx");
+        let unbound = tuple(0, 8080);
+        let t = tuple(40000, 8080);
+        let (tracker, rec) = run(&[
+            state(1_000, CLIENT, unbound, Close, SynSent, curl),
+            state(1_500, CLIENT, t, SynSent, Established, softirq),
+            state(9_000, CLIENT, t, Established, FinWait1, curl),
+            state(9_100, CLIENT, t, FinWait1, FinWait2, softirq),
+            state(9_200, CLIENT, t, FinWait2, Close, softirq),
+        ]);
+        assert_eq!(rec.opened, vec![Direction::Active]);
+        assert_eq!(rec.closed.len(), 1);
+        let c = &rec.closed[0];
+        assert_eq!(
+            c.tuple, t,
+            "the tuple is learnt after connect() binds the port"
+        );
+        assert_eq!(c.direction, Direction::Active);
+        assert_eq!(c.close, Some(CloseCause::Local));
+        assert_eq!(
+            path(c),
+            vec![SynSent, Established, FinWait1, FinWait2, Close]
+        );
+        assert_eq!(c.duration_ns(), Some(8_200));
+        assert_eq!(c.handshake_ns(), Some(500));
+        assert_eq!(
+            c.owner.map(|o| (o.pid, o.comm)),
+            Some((42, Comm::from("curl")))
+        );
+        assert!(c.complete && !c.seeded);
+        assert_eq!(rec.established.len(), 1);
+        assert_eq!(rec.transitions.len(), 5);
+        assert_eq!(tracker.active(), 0);
+    }
+
+    #[test]
+    fn passive_open_closed_by_peer_has_owner_only_from_its_own_close() {
+        let client = task(42, "curl");
+        let server = task(77, "nginx");
+        let t = tuple(8080, 40000);
+        let (_, rec) = run(&[
+            state(1_000, SERVER, tuple(8080, 0), Listen, SynRecv, client),
+            state(1_001, SERVER, t, SynRecv, Established, client),
+            state(5_000, SERVER, t, Established, CloseWait, client),
+            state(5_100, SERVER, t, CloseWait, LastAck, server),
+            state(5_200, SERVER, t, LastAck, Close, client),
+        ]);
+        let c = &rec.closed[0];
+        assert_eq!(c.direction, Direction::Passive);
+        assert_eq!(c.close, Some(CloseCause::Remote));
+        assert_eq!(
+            c.owner.map(|o| o.pid),
+            Some(77),
+            "softirq tasks are never the owner"
+        );
+        assert_eq!(c.handshake_ns(), None, "passive handshakes are not timed");
+        assert_eq!(c.tuple, t);
+    }
+
+    #[test]
+    fn passive_open_without_own_close_has_unknown_owner() {
+        let client = task(42, "curl");
+        let t = tuple(8080, 40000);
+        let (_, rec) = run(&[
+            state(1, SERVER, t, Listen, SynRecv, client),
+            state(2, SERVER, t, SynRecv, Established, client),
+            state(3, SERVER, t, Established, Close, client),
+        ]);
+        assert_eq!(rec.closed[0].owner, None);
+    }
+
+    #[test]
+    fn listeners_are_not_connections() {
+        let (tracker, rec) = run(&[
+            state(1, SERVER, tuple(8080, 0), Close, Listen, task(1, "srv")),
+            state(2, SERVER, tuple(8080, 0), Listen, Close, task(1, "srv")),
+        ]);
+        assert!(rec.opened.is_empty() && rec.closed.is_empty());
+        assert_eq!(rec.transitions.len(), 2, "still counted as transitions");
+        assert_eq!(tracker.active(), 0);
+    }
+
+    fn reset(ts_ns: u64, sock: SockId, t: Tuple, st: TcpState, dir: ResetDirection) -> Event {
+        Event::Reset {
+            ts_ns,
+            sock,
+            netns: NS,
+            tuple: t,
+            state: st,
+            direction: dir,
+            task: task(0, "swapper/0"),
+        }
+    }
+
+    #[test]
+    fn refused_connect_is_syn_sent_then_reset_then_close() {
+        let t = tuple(40000, 9);
+        let (_, rec) = run(&[
+            state(1, CLIENT, tuple(0, 9), Close, SynSent, task(5, "nc")),
+            reset(2, CLIENT, t, SynSent, ResetDirection::Received),
+            state(3, CLIENT, t, SynSent, Close, task(5, "nc")),
+        ]);
+        let c = &rec.closed[0];
+        assert_eq!(c.close, Some(CloseCause::Refused));
+        assert_eq!(c.resets_received, 1);
+        assert_eq!(path(c), vec![SynSent, Close]);
+        assert_eq!(rec.resets, vec![ResetDirection::Received]);
+    }
+
+    #[test]
+    fn connect_that_times_out_failed() {
+        let (_, rec) = run(&[
+            state(1, CLIENT, tuple(0, 9), Close, SynSent, task(5, "nc")),
+            state(3, CLIENT, tuple(40000, 9), SynSent, Close, task(5, "nc")),
+        ]);
+        assert_eq!(rec.closed[0].close, Some(CloseCause::Failed));
+    }
+
+    #[test]
+    fn reset_on_established_connection() {
+        let t = tuple(40000, 80);
+        let (_, rec) = run(&[
+            state(1, CLIENT, t, Close, SynSent, task(5, "nc")),
+            state(2, CLIENT, t, SynSent, Established, task(5, "nc")),
+            reset(3, CLIENT, t, Established, ResetDirection::Received),
+            state(4, CLIENT, t, Established, Close, task(5, "nc")),
+        ]);
+        assert_eq!(rec.closed[0].close, Some(CloseCause::ResetReceived));
+    }
+
+    #[test]
+    fn close_without_fin_or_reset_received_is_a_local_abort() {
+        let t = tuple(8080, 40000);
+        let (_, rec) = run(&[
+            state(1, SERVER, t, Listen, SynRecv, task(1, "a")),
+            state(2, SERVER, t, SynRecv, Established, task(1, "a")),
+            state(3, SERVER, t, Established, Close, task(9, "srv")),
+            // The RST is traced after the CLOSE transition; it must not resurrect the record.
+            reset(4, SERVER, t, Close, ResetDirection::Sent),
+        ]);
+        assert_eq!(rec.closed.len(), 1);
+        assert_eq!(rec.closed[0].close, Some(CloseCause::Aborted));
+        assert_eq!(rec.resets, vec![ResetDirection::Sent]);
+    }
+
+    #[test]
+    fn retransmits_are_summed_in_segments() {
+        let t = tuple(40000, 80);
+        let retx = |ts, segs, kind| Event::Retransmit {
+            ts_ns: ts,
+            sock: CLIENT,
+            netns: NS,
+            tuple: t,
+            state: Established,
+            kind,
+            segs,
+        };
+        let (_, rec) = run(&[
+            state(1, CLIENT, t, Close, SynSent, task(5, "nc")),
+            state(2, CLIENT, t, SynSent, Established, task(5, "nc")),
+            retx(3, 10, RetransmitKind::Fast),
+            retx(4, 1, RetransmitKind::Timeout),
+            state(5, CLIENT, t, Established, FinWait1, task(5, "nc")),
+            state(6, CLIENT, t, FinWait1, Close, task(5, "nc")),
+        ]);
+        assert_eq!(rec.closed[0].retransmits, 11);
+        assert_eq!(
+            rec.retransmits,
+            vec![(RetransmitKind::Fast, 10), (RetransmitKind::Timeout, 1)]
+        );
+    }
+
+    #[test]
+    fn missing_middle_event_marks_record_incomplete() {
+        let t = tuple(40000, 80);
+        let (_, rec) = run(&[
+            state(1, CLIENT, t, Close, SynSent, task(5, "nc")),
+            // SYN_SENT -> ESTABLISHED lost.
+            state(5, CLIENT, t, Established, FinWait1, task(5, "nc")),
+            state(6, CLIENT, t, FinWait1, Close, task(5, "nc")),
+        ]);
+        let c = &rec.closed[0];
+        assert!(!c.complete);
+        assert_eq!(c.close, Some(CloseCause::Local));
+        assert_eq!(c.duration_ns(), Some(5));
+    }
+
+    #[test]
+    fn missing_close_is_finished_when_the_socket_address_is_reused() {
+        let (tracker, rec) = run(&[
+            state(1, CLIENT, tuple(40000, 80), Close, SynSent, task(5, "nc")),
+            state(
+                2,
+                CLIENT,
+                tuple(40000, 80),
+                SynSent,
+                Established,
+                task(5, "nc"),
+            ),
+            // CLOSE lost; the same struct sock is reused for a new connection.
+            state(9, CLIENT, tuple(0, 81), Close, SynSent, task(5, "nc")),
+        ]);
+        assert_eq!(rec.closed.len(), 1);
+        assert_eq!(rec.closed[0].close, Some(CloseCause::Unknown));
+        assert!(!rec.closed[0].complete);
+        assert_eq!(tracker.active(), 1);
+        assert_eq!(rec.opened.len(), 2);
+    }
+
+    #[test]
+    fn events_for_a_socket_seen_mid_life_start_a_partial_record() {
+        let t = tuple(40000, 80);
+        let (_, rec) = run(&[
+            state(5, CLIENT, t, Established, FinWait1, task(5, "nc")),
+            state(6, CLIENT, t, FinWait1, FinWait2, task(0, "swapper/1")),
+            state(7, CLIENT, t, FinWait2, Close, task(0, "swapper/1")),
+        ]);
+        let c = &rec.closed[0];
+        assert_eq!(c.direction, Direction::Unknown);
+        assert_eq!(c.opened_ns, None);
+        assert_eq!(c.duration_ns(), None);
+        assert!(!c.complete && !c.seeded);
+        assert_eq!(path(c), vec![Established, FinWait1, FinWait2, Close]);
+        assert!(rec.opened.is_empty(), "not opened while we watched");
+    }
+
+    #[test]
+    fn out_of_order_close_before_open_does_not_invent_a_connection() {
+        // A CLOSE for a socket never seen, from a state that is not a connection state.
+        let (tracker, rec) = run(&[state(1, CLIENT, tuple(1, 2), Listen, Close, task(1, "x"))]);
+        assert!(rec.closed.is_empty());
+        assert_eq!(tracker.active(), 0);
+    }
+
+    fn seed(t: Tuple, direction: Direction) -> Seed {
+        Seed {
+            netns: NS,
+            tuple: t,
+            state: Established,
+            direction,
+        }
+    }
+
+    #[test]
+    fn seeded_connection_is_adopted_when_it_closes() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let t = tuple(8080, 40000);
+        tracker.seed([
+            seed(t, Direction::Passive),
+            Seed {
+                state: Listen,
+                ..seed(tuple(8080, 0), Direction::Unknown)
+            },
+            Seed {
+                state: TimeWait,
+                ..seed(tuple(8080, 40001), Direction::Passive)
+            },
+        ]);
+        assert_eq!(
+            tracker.active(),
+            1,
+            "listeners and TIME_WAIT are not connections"
+        );
+        let mut rec = Recorder::default();
+        for e in [
+            state(10, SERVER, t, Established, CloseWait, task(1, "a")),
+            state(11, SERVER, t, CloseWait, LastAck, task(3, "srv")),
+            state(12, SERVER, t, LastAck, Close, task(1, "a")),
+        ] {
+            tracker.on_event(&e, &mut rec);
+        }
+        let c = &rec.closed[0];
+        assert!(c.seeded);
+        assert_eq!(c.direction, Direction::Passive);
+        assert_eq!(c.close, Some(CloseCause::Remote));
+        assert_eq!(
+            tracker.active(),
+            0,
+            "the seed was consumed, not counted twice"
+        );
+    }
+
+    #[test]
+    fn connection_opened_between_attach_and_dump_is_not_counted_twice() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let t = tuple(40000, 80);
+        let mut rec = Recorder::default();
+        // The dump saw it; its opening events were queued before the dump was applied.
+        tracker.seed([seed(t, Direction::Active)]);
+        tracker.on_event(
+            &state(1, CLIENT, tuple(0, 80), Close, SynSent, task(5, "nc")),
+            &mut rec,
+        );
+        assert_eq!(
+            tracker.active(),
+            2,
+            "not yet matched: port unknown at SYN_SENT"
+        );
+        tracker.on_event(
+            &state(2, CLIENT, t, SynSent, Established, task(5, "nc")),
+            &mut rec,
+        );
+        assert_eq!(tracker.active(), 1);
+        tracker.on_event(
+            &state(3, CLIENT, t, Established, FinWait1, task(5, "nc")),
+            &mut rec,
+        );
+        tracker.on_event(
+            &state(4, CLIENT, t, FinWait1, Close, task(5, "nc")),
+            &mut rec,
+        );
+        let c = &rec.closed[0];
+        assert!(!c.seeded, "we saw it open");
+        assert_eq!(c.duration_ns(), Some(3));
+        assert_eq!(tracker.active(), 0);
+    }
+
+    #[test]
+    fn table_is_bounded_and_evicts_least_recently_active() {
+        let mut tracker = Tracker::new(TrackerConfig { max_connections: 2 });
+        let mut rec = Recorder::default();
+        for (i, sock) in [0x10u64, 0x20, 0x30].into_iter().enumerate() {
+            let ts = i as u64 * 10;
+            tracker.on_event(
+                &state(ts, sock, tuple(0, 80), Close, SynSent, task(1, "c")),
+                &mut rec,
+            );
+        }
+        assert_eq!(tracker.active(), 2);
+        assert_eq!(tracker.evictions(), 1);
+        assert_eq!(rec.evicted.len(), 1);
+        assert_eq!(rec.evicted[0].sock, 0x10);
+    }
+
+    #[test]
+    fn state_list_is_bounded() {
+        let t = tuple(40000, 80);
+        let mut events = vec![state(0, CLIENT, t, Close, SynSent, task(1, "c"))];
+        // A pathological flip-flop: far more transitions than any real lifecycle.
+        for i in 0..40u64 {
+            let (old, new) = if i % 2 == 0 {
+                (SynSent, Established)
+            } else {
+                (Established, SynSent)
+            };
+            events.push(state(i + 1, CLIENT, t, old, new, task(1, "c")));
+        }
+        events.push(state(100, CLIENT, t, SynSent, Close, task(1, "c")));
+        let (_, rec) = run(&events);
+        assert_eq!(rec.closed[0].states.len(), MAX_STATES);
+        assert!(!rec.closed[0].complete);
     }
 }

@@ -1,1 +1,193 @@
-//! (in progress)
+//! Decoding ring buffer records into typed events. Pure; the reading loop lives in `cli`.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use tracer_common::{
+    AF_INET, AF_INET6, EVENT_RESET_RECEIVED, EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE,
+    RawEvent,
+};
+
+use crate::model::{Comm, Event, ResetDirection, RetransmitKind, Task, TcpState, Tuple};
+
+/// Why a record could not be decoded (each is counted, never silently dropped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than a `RawEvent`: a layout mismatch between the agent and its programs.
+    Truncated,
+    UnknownKind(u8),
+    UnknownFamily(u16),
+    UnknownState(u8),
+}
+
+/// Reads a `RawEvent` out of a ring buffer record.
+pub fn parse(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
+    if bytes.len() < size_of::<RawEvent>() {
+        return Err(DecodeError::Truncated);
+    }
+    // SAFETY: the length was checked above, RawEvent is Pod (any bit pattern is valid), and
+    // read_unaligned makes no alignment assumption about the record.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) })
+}
+
+pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
+    let tuple = tuple(raw)?;
+    let state = |value: u8| TcpState::from_kernel(value).ok_or(DecodeError::UnknownState(value));
+    let task = Task {
+        pid: raw.pid,
+        tid: raw.tid,
+        comm: Comm(raw.comm),
+    };
+    match raw.kind {
+        EVENT_STATE => Ok(Event::StateChange {
+            ts_ns: raw.ts_ns,
+            sock: raw.skaddr,
+            netns: raw.netns,
+            tuple,
+            old: state(raw.oldstate)?,
+            new: state(raw.newstate)?,
+            task,
+        }),
+        EVENT_RETRANSMIT => {
+            let current = state(raw.newstate)?;
+            Ok(Event::Retransmit {
+                ts_ns: raw.ts_ns,
+                sock: raw.skaddr,
+                netns: raw.netns,
+                tuple,
+                state: current,
+                kind: RetransmitKind::classify(current, raw.ca_state),
+                segs: u32::from(raw.segs),
+            })
+        }
+        EVENT_RESET_RECEIVED | EVENT_RESET_SENT => Ok(Event::Reset {
+            ts_ns: raw.ts_ns,
+            sock: raw.skaddr,
+            netns: raw.netns,
+            tuple,
+            state: state(raw.newstate)?,
+            direction: if raw.kind == EVENT_RESET_SENT {
+                ResetDirection::Sent
+            } else {
+                ResetDirection::Received
+            },
+            task,
+        }),
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+fn tuple(raw: &RawEvent) -> Result<Tuple, DecodeError> {
+    let (src, dst) = match raw.family {
+        AF_INET => (ipv4(&raw.saddr), ipv4(&raw.daddr)),
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(raw.saddr)),
+            IpAddr::V6(Ipv6Addr::from(raw.daddr)),
+        ),
+        other => return Err(DecodeError::UnknownFamily(other)),
+    };
+    Ok(Tuple {
+        src,
+        sport: raw.sport,
+        dst,
+        dport: raw.dport,
+    })
+}
+
+fn ipv4(bytes: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as the kernel program writes it: connect() from 127.0.0.1:40000 to :8080.
+    fn connect_fixture() -> Vec<u8> {
+        let mut bytes = vec![0u8; size_of::<RawEvent>()];
+        bytes[0..8].copy_from_slice(&1_000_000u64.to_ne_bytes()); // ts_ns
+        bytes[8..16].copy_from_slice(&0xffff_8880_1234_5600u64.to_ne_bytes()); // skaddr
+        bytes[16..20].copy_from_slice(&[127, 0, 0, 1]); // saddr
+        bytes[32..36].copy_from_slice(&[127, 0, 0, 1]); // daddr
+        bytes[48..52].copy_from_slice(b"curl"); // comm
+        bytes[64..68].copy_from_slice(&4242u32.to_ne_bytes()); // pid
+        bytes[68..72].copy_from_slice(&4243u32.to_ne_bytes()); // tid
+        bytes[72..76].copy_from_slice(&4_026_531_840u32.to_ne_bytes()); // netns
+        bytes[76..78].copy_from_slice(&40000u16.to_ne_bytes()); // sport
+        bytes[78..80].copy_from_slice(&8080u16.to_ne_bytes()); // dport
+        bytes[80..82].copy_from_slice(&AF_INET.to_ne_bytes()); // family
+        bytes[84] = EVENT_STATE;
+        bytes[85] = 7; // CLOSE
+        bytes[86] = 2; // SYN_SENT
+        bytes
+    }
+
+    #[test]
+    fn state_change_record_decodes_field_by_field() {
+        let raw = parse(&connect_fixture()).expect("parse");
+        let event = decode(&raw).expect("decode");
+        let Event::StateChange {
+            ts_ns,
+            sock,
+            netns,
+            tuple,
+            old,
+            new,
+            task,
+        } = event
+        else {
+            panic!("not a state change: {event:?}");
+        };
+        assert_eq!(ts_ns, 1_000_000);
+        assert_eq!(sock, 0xffff_8880_1234_5600);
+        assert_eq!(netns, 4_026_531_840);
+        assert_eq!(tuple.src, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!((tuple.sport, tuple.dport), (40000, 8080));
+        assert_eq!((old, new), (TcpState::Close, TcpState::SynSent));
+        assert_eq!((task.pid, task.tid), (4242, 4243));
+        assert_eq!(task.comm.as_str(), "curl");
+    }
+
+    #[test]
+    fn retransmit_record_carries_segments_and_kind() {
+        let mut bytes = connect_fixture();
+        bytes[82..84].copy_from_slice(&12u16.to_ne_bytes()); // segs
+        bytes[84] = EVENT_RETRANSMIT;
+        bytes[86] = 1; // ESTABLISHED
+        bytes[87] = 3; // icsk_ca_state Recovery
+        let event = decode(&parse(&bytes).expect("parse")).expect("decode");
+        assert!(matches!(
+            event,
+            Event::Retransmit {
+                segs: 12,
+                kind: RetransmitKind::Fast,
+                state: TcpState::Established,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn ipv6_addresses_decode() {
+        let mut raw = parse(&connect_fixture()).expect("parse");
+        raw.family = AF_INET6;
+        raw.saddr = Ipv6Addr::LOCALHOST.octets();
+        raw.daddr = "2001:db8::1".parse::<Ipv6Addr>().expect("addr").octets();
+        let Event::StateChange { tuple, .. } = decode(&raw).expect("decode") else {
+            panic!("not a state change");
+        };
+        assert_eq!(tuple.src, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(tuple.dst.to_string(), "2001:db8::1");
+    }
+
+    #[test]
+    fn bad_records_are_errors_not_panics() {
+        assert_eq!(parse(&[0u8; 10]), Err(DecodeError::Truncated));
+        let mut raw = parse(&connect_fixture()).expect("parse");
+        raw.kind = 99;
+        assert_eq!(decode(&raw), Err(DecodeError::UnknownKind(99)));
+        raw.kind = EVENT_STATE;
+        raw.newstate = 0;
+        assert_eq!(decode(&raw), Err(DecodeError::UnknownState(0)));
+        raw.family = 1;
+        assert_eq!(decode(&raw), Err(DecodeError::UnknownFamily(1)));
+    }
+}

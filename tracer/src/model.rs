@@ -40,7 +40,9 @@ impl TcpState {
     ];
 
     pub fn from_kernel(value: u8) -> Option<TcpState> {
-        TcpState::ALL.get(usize::from(value).checked_sub(1)?).copied()
+        TcpState::ALL
+            .get(usize::from(value).checked_sub(1)?)
+            .copied()
     }
 
     /// The name `ss` and the kernel use, e.g. `SYN_SENT`.
