@@ -1,1 +1,146 @@
-fn main() {}
+//! `cargo xtask`: set up the machine, build, run and test the tracer.
+//!
+//! Every step prints one line on stderr (stdout stays the agent's); a failing step stops with a
+//! one-line error and a non-zero exit.
+mod setup;
+mod test;
+
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Set up, build, run and test the tracer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install what the build and the tests need (Debian packages, rust-src, bpf-linker).
+    Setup,
+    /// Set up, then build the agent in release mode (target/release/tracer).
+    Build,
+    /// Build, then run the agent as root: `cargo xtask run [-- AGENT_ARGS]`.
+    Run {
+        /// Arguments for `tracer run`, e.g. `--events json --listen 127.0.0.1:9645`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The whole suite, as CI runs it: setup, fmt, clippy, unit and integration tests (as root).
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => build().map(|_| ()),
+        Cmd::Run { args } => run(&args),
+        Cmd::Test => test::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Set up, then build the release agent; returns the path of the binary.
+fn build() -> Result<PathBuf> {
+    setup::run()?;
+    step("building the agent (release)");
+    run_cmd(cargo().args(["build", "--release", "--package", "tracer"]))?;
+    let binary = workspace_root().join("target/release/tracer");
+    if !binary.is_file() {
+        bail!("the build finished but {} is missing", binary.display());
+    }
+    step(&format!("agent built: {}", binary.display()));
+    Ok(binary)
+}
+
+/// Build, then replace this process with `tracer run ARGS`.
+fn run(args: &[String]) -> Result<()> {
+    require_root("cargo xtask run", "the agent loads eBPF programs")?;
+    let binary = build()?;
+    step(&format!(
+        "running {} run {}",
+        binary.display(),
+        args.join(" ")
+    ));
+    let err = Command::new(&binary).arg("run").args(args).exec();
+    Err(err).with_context(|| format!("cannot execute {}", binary.display()))
+}
+
+/// The workspace root: xtask lives one level below it.
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+}
+
+/// The cargo that runs us (stable), in the workspace root.
+fn cargo() -> Command {
+    let program = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(program);
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// One short line saying what happens next.
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+/// Run a command to completion, inheriting stdio; a failure names the command.
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let shown = show(cmd);
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Run a command and return its stdout, or `None` if it cannot start or fails.
+fn output_of(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The command line, for messages.
+fn show(cmd: &Command) -> String {
+    let program = Path::new(cmd.get_program())
+        .file_name()
+        .unwrap_or(OsStr::new("?"))
+        .to_string_lossy()
+        .into_owned();
+    std::iter::once(program)
+        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn is_root() -> bool {
+    // /proc/self belongs to the effective user of the process reading it.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+fn require_root(what: &str, why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} must run as root: {why}");
+    }
+    Ok(())
+}
