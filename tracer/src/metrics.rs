@@ -1,1 +1,1049 @@
-//! (in progress)
+//! Prometheus metrics derived from the connection tracker, and the HTTP endpoint that serves
+//! them.
+//!
+//! [`Metrics`] owns its own registry (not the process-global one). It observes the tracker
+//! through `impl Observer for &Metrics`: every label child is resolved when the metrics are
+//! created (state transitions: the first time a pair is seen), so the per-event path is a few
+//! atomic operations with no allocation and no label lookup.
+//!
+//! No metric carries an address, port or pid label: those are per-connection data, exported by
+//! the event sinks, and would make the series count unbounded.
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+
+use crate::conntrack::{Connection, Observer};
+use crate::model::{CloseCause, Direction, Event, ResetDirection, RetransmitKind, TcpState};
+
+/// The content type of the Prometheus text exposition format.
+pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Buckets of `tracer_connection_duration_seconds`: 100 µs to 1 h.
+pub const CONNECTION_DURATION_BUCKETS: [f64; 16] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0,
+];
+
+/// Buckets of `tracer_handshake_duration_seconds`: 10 µs to 5 s.
+pub const HANDSHAKE_DURATION_BUCKETS: [f64; 16] = [
+    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 5.0,
+];
+
+/// How long `serve` waits for in-flight requests once shutdown is asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("creating metric: {0}")]
+    Register(#[source] prometheus::Error),
+    #[error("encoding metrics: {0}")]
+    Encode(#[source] prometheus::Error),
+    #[error("metrics endpoint: accepting a connection: {0}")]
+    Accept(#[source] io::Error),
+}
+
+/// The kinds of kernel events, as counted by `tracer_events_total{kind}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    State,
+    Retransmit,
+    Reset,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 3] = [EventKind::State, EventKind::Retransmit, EventKind::Reset];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::State => "state",
+            EventKind::Retransmit => "retransmit",
+            EventKind::Reset => "reset",
+        }
+    }
+}
+
+impl From<&Event> for EventKind {
+    fn from(event: &Event) -> EventKind {
+        match event {
+            Event::StateChange { .. } => EventKind::State,
+            Event::Retransmit { .. } => EventKind::Retransmit,
+            Event::Reset { .. } => EventKind::Reset,
+        }
+    }
+}
+
+const N_STATES: usize = TcpState::ALL.len();
+
+/// The agent's metrics, in a registry of their own.
+pub struct Metrics {
+    registry: Registry,
+    transitions_vec: IntCounterVec,
+    /// `[from][to]` by `state as usize - 1`, created on first use.
+    transitions: [[OnceLock<IntCounter>; N_STATES]; N_STATES],
+    /// By `direction_index`; `None` for `Unknown` (a connection seen opening has a direction).
+    opened: [Option<IntCounter>; 3],
+    /// `[direction][cause]`.
+    closed: [[IntCounter; CloseCause::ALL.len()]; 3],
+    active: IntGauge,
+    duration: [Option<Histogram>; 3],
+    handshake: Histogram,
+    retransmits: [IntCounter; RetransmitKind::ALL.len()],
+    resets: [IntCounter; 2],
+    events: [IntCounter; EventKind::ALL.len()],
+    events_lost: IntCounter,
+    events_lost_seen: AtomicU64,
+    evicted: IntCounter,
+    evicted_seen: AtomicU64,
+}
+
+fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Active => 0,
+        Direction::Passive => 1,
+        Direction::Unknown => 2,
+    }
+}
+
+fn cause_index(cause: CloseCause) -> usize {
+    match cause {
+        CloseCause::Local => 0,
+        CloseCause::Remote => 1,
+        CloseCause::ResetReceived => 2,
+        CloseCause::Aborted => 3,
+        CloseCause::Refused => 4,
+        CloseCause::Failed => 5,
+        CloseCause::Unknown => 6,
+    }
+}
+
+fn retransmit_index(kind: RetransmitKind) -> usize {
+    match kind {
+        RetransmitKind::Syn => 0,
+        RetransmitKind::Fast => 1,
+        RetransmitKind::Timeout => 2,
+        RetransmitKind::Other => 3,
+    }
+}
+
+fn reset_index(direction: ResetDirection) -> usize {
+    match direction {
+        ResetDirection::Sent => 0,
+        ResetDirection::Received => 1,
+    }
+}
+
+fn event_index(kind: EventKind) -> usize {
+    match kind {
+        EventKind::State => 0,
+        EventKind::Retransmit => 1,
+        EventKind::Reset => 2,
+    }
+}
+
+/// TcpState discriminants run from 1 to 12.
+fn state_index(state: TcpState) -> usize {
+    (state as usize).saturating_sub(1).min(N_STATES - 1)
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// Adds to `counter` what `total` (a cumulative count kept elsewhere) has grown by since the
+/// last call; `seen` is that last total. The counter never goes down.
+fn add_delta(counter: &IntCounter, seen: &AtomicU64, total: u64) {
+    let previous = seen.fetch_max(total, Ordering::Relaxed);
+    if total > previous {
+        counter.inc_by(total - previous);
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, MetricsError> {
+        Self::build().map_err(MetricsError::Register)
+    }
+
+    fn build() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "tracer_build_info",
+                "Build information of the tracer agent; the value is always 1.",
+            ),
+            &["version"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .get_metric_with_label_values(&[env!("CARGO_PKG_VERSION")])?
+            .set(1);
+
+        let opened_vec = IntCounterVec::new(
+            Opts::new(
+                "tracer_connections_opened_total",
+                "TCP connections opened while the agent watched, by who opened them \
+                 (active: this host connected, passive: this host accepted).",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(opened_vec.clone()))?;
+        let opened = [
+            Some(opened_vec.get_metric_with_label_values(&[Direction::Active.as_str()])?),
+            Some(opened_vec.get_metric_with_label_values(&[Direction::Passive.as_str()])?),
+            None,
+        ];
+
+        let closed_vec = IntCounterVec::new(
+            Opts::new(
+                "tracer_connections_closed_total",
+                "TCP connections closed, by who opened them (unknown: opened before the agent \
+                 started) and by how they ended.",
+            ),
+            &["direction", "close"],
+        )?;
+        registry.register(Box::new(closed_vec.clone()))?;
+        let closed_row = |direction: Direction| -> prometheus::Result<[IntCounter; 7]> {
+            let mut row = Vec::with_capacity(CloseCause::ALL.len());
+            for cause in CloseCause::ALL {
+                row.push(
+                    closed_vec
+                        .get_metric_with_label_values(&[direction.as_str(), cause.as_str()])?,
+                );
+            }
+            row.try_into()
+                .map_err(|_| prometheus::Error::Msg("close cause count".to_owned()))
+        };
+        let closed = [
+            closed_row(Direction::Active)?,
+            closed_row(Direction::Passive)?,
+            closed_row(Direction::Unknown)?,
+        ];
+
+        let active = IntGauge::with_opts(Opts::new(
+            "tracer_connections_active",
+            "TCP connections open right now, as tracked by the agent (including those open \
+             before it started).",
+        ))?;
+        registry.register(Box::new(active.clone()))?;
+
+        let duration_vec = HistogramVec::new(
+            HistogramOpts::new(
+                "tracer_connection_duration_seconds",
+                "Lifetime of closed TCP connections from open (SYN_SENT or SYN_RECV) to CLOSE, \
+                 for connections seen opening.",
+            )
+            .buckets(CONNECTION_DURATION_BUCKETS.to_vec()),
+            &["direction"],
+        )?;
+        registry.register(Box::new(duration_vec.clone()))?;
+        let duration = [
+            Some(duration_vec.get_metric_with_label_values(&[Direction::Active.as_str()])?),
+            Some(duration_vec.get_metric_with_label_values(&[Direction::Passive.as_str()])?),
+            None,
+        ];
+
+        let handshake = Histogram::with_opts(
+            HistogramOpts::new(
+                "tracer_handshake_duration_seconds",
+                "Time from connect() (SYN_SENT) to ESTABLISHED for actively opened TCP \
+                 connections.",
+            )
+            .buckets(HANDSHAKE_DURATION_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(handshake.clone()))?;
+
+        let transitions_vec = IntCounterVec::new(
+            Opts::new(
+                "tracer_tcp_state_transitions_total",
+                "TCP socket state changes (listeners included), by old and new state.",
+            ),
+            &["from", "to"],
+        )?;
+        registry.register(Box::new(transitions_vec.clone()))?;
+
+        let retransmits_vec = IntCounterVec::new(
+            Opts::new(
+                "tracer_retransmits_total",
+                "TCP segments retransmitted, by kind (syn: connection attempt, fast: fast \
+                 recovery, timeout: retransmission timeout, other: tail loss probes and the \
+                 like).",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(retransmits_vec.clone()))?;
+        let retransmit =
+            |kind: RetransmitKind| retransmits_vec.get_metric_with_label_values(&[kind.as_str()]);
+        let retransmits = [
+            retransmit(RetransmitKind::Syn)?,
+            retransmit(RetransmitKind::Fast)?,
+            retransmit(RetransmitKind::Timeout)?,
+            retransmit(RetransmitKind::Other)?,
+        ];
+
+        let resets_vec = IntCounterVec::new(
+            Opts::new(
+                "tracer_resets_total",
+                "TCP resets (RST) sent or received by this host.",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(resets_vec.clone()))?;
+        let resets = [
+            resets_vec.get_metric_with_label_values(&[ResetDirection::Sent.as_str()])?,
+            resets_vec.get_metric_with_label_values(&[ResetDirection::Received.as_str()])?,
+        ];
+
+        let events_vec = IntCounterVec::new(
+            Opts::new(
+                "tracer_events_total",
+                "Kernel events received from the ring buffer, by kind.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(events_vec.clone()))?;
+        let events = [
+            events_vec.get_metric_with_label_values(&[EventKind::State.as_str()])?,
+            events_vec.get_metric_with_label_values(&[EventKind::Retransmit.as_str()])?,
+            events_vec.get_metric_with_label_values(&[EventKind::Reset.as_str()])?,
+        ];
+
+        let events_lost = IntCounter::with_opts(Opts::new(
+            "tracer_events_lost_total",
+            "Kernel events dropped because the ring buffer was full.",
+        ))?;
+        registry.register(Box::new(events_lost.clone()))?;
+
+        let evicted = IntCounter::with_opts(Opts::new(
+            "tracer_connections_evicted_total",
+            "Connections dropped from the agent's table because it was full.",
+        ))?;
+        registry.register(Box::new(evicted.clone()))?;
+
+        Ok(Metrics {
+            registry,
+            transitions_vec,
+            transitions: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            opened,
+            closed,
+            active,
+            duration,
+            handshake,
+            retransmits,
+            resets,
+            events,
+            events_lost,
+            events_lost_seen: AtomicU64::new(0),
+            evicted,
+            evicted_seen: AtomicU64::new(0),
+        })
+    }
+
+    /// The registry holding these metrics, for callers that add their own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts one kernel event received.
+    pub fn event_received(&self, kind: EventKind) {
+        self.events[event_index(kind)].inc();
+    }
+
+    /// Counts one kernel event received; same as `event_received(EventKind::from(event))`.
+    pub fn event(&self, event: &Event) {
+        self.event_received(EventKind::from(event));
+    }
+
+    /// Sets the number of connections open right now.
+    pub fn set_active(&self, active: usize) {
+        self.active.set(i64::try_from(active).unwrap_or(i64::MAX));
+    }
+
+    /// Takes the kernel's cumulative count of lost events; adds what it grew by since the last
+    /// call. A smaller total than before is ignored: the counter never goes down.
+    pub fn set_events_lost(&self, total: u64) {
+        add_delta(&self.events_lost, &self.events_lost_seen, total);
+    }
+
+    /// Takes the tracker's cumulative eviction count (`Tracker::evictions`). Evictions already
+    /// reported through `Observer::evicted` are part of that total and are not counted twice,
+    /// so both may be used together.
+    pub fn set_evictions(&self, total: u64) {
+        add_delta(&self.evicted, &self.evicted_seen, total);
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn render(&self) -> Result<String, MetricsError> {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .map_err(MetricsError::Encode)
+    }
+
+    fn transition_counter(&self, from: TcpState, to: TcpState) -> Option<&IntCounter> {
+        let cell = &self.transitions[state_index(from)][state_index(to)];
+        if let Some(counter) = cell.get() {
+            return Some(counter);
+        }
+        match self
+            .transitions_vec
+            .get_metric_with_label_values(&[from.as_str(), to.as_str()])
+        {
+            Ok(counter) => Some(cell.get_or_init(|| counter)),
+            Err(err) => {
+                log::warn!("tracer_tcp_state_transitions_total{{from={from},to={to}}}: {err}");
+                None
+            }
+        }
+    }
+}
+
+impl Observer for &Metrics {
+    fn transition(&mut self, from: TcpState, to: TcpState) {
+        if let Some(counter) = self.transition_counter(from, to) {
+            counter.inc();
+        }
+    }
+
+    fn opened(&mut self, direction: Direction) {
+        if let Some(counter) = &self.opened[direction_index(direction)] {
+            counter.inc();
+        }
+    }
+
+    fn established(&mut self, conn: &Connection) {
+        if let Some(ns) = conn.handshake_ns() {
+            self.handshake.observe(seconds(ns));
+        }
+    }
+
+    fn closed(&mut self, conn: &Connection) {
+        let direction = direction_index(conn.direction);
+        let cause = cause_index(conn.close.unwrap_or(CloseCause::Unknown));
+        self.closed[direction][cause].inc();
+        if let (Some(ns), Some(histogram)) = (conn.duration_ns(), &self.duration[direction]) {
+            histogram.observe(seconds(ns));
+        }
+    }
+
+    fn retransmit(&mut self, kind: RetransmitKind, segs: u32) {
+        self.retransmits[retransmit_index(kind)].inc_by(u64::from(segs));
+    }
+
+    fn reset(&mut self, direction: ResetDirection) {
+        self.resets[reset_index(direction)].inc();
+    }
+
+    fn evicted(&mut self, _conn: &Connection) {
+        self.evicted_seen.fetch_add(1, Ordering::Relaxed);
+        self.evicted.inc();
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves, then lets in-flight requests
+/// finish (for a few seconds at most). Binding is left to the caller so that it can report an
+/// address already in use.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), MetricsError> {
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) if is_transient(&err) => {
+                    log::warn!("metrics endpoint: accepting a connection: {err}");
+                    // Out of descriptors or memory: give the process a moment to recover.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(err) => return Err(MetricsError::Accept(err)),
+            },
+        };
+        let metrics = Arc::clone(&metrics);
+        let service = service_fn(move |request: Request<Incoming>| {
+            let response = respond(&metrics, &request);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                log::debug!("metrics endpoint: connection from {peer}: {err}");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            log::debug!("metrics endpoint: gave up waiting for open connections");
+        }
+    }
+    Ok(())
+}
+
+/// Accept errors that concern one connection or a passing shortage, not the listener.
+fn is_transient(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::OutOfMemory
+    ) || matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
+    )
+}
+
+const INDEX_PAGE: &str = "tracer: eBPF TCP connection tracer\n\nMetrics: /metrics\n";
+
+fn respond<B>(metrics: &Metrics, request: &Request<B>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if path != "/metrics" && path != "/" {
+        return text(StatusCode::NOT_FOUND, "not found\n".into());
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    if path == "/" {
+        return text(StatusCode::OK, INDEX_PAGE.into());
+    }
+    match metrics.render() {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_TEXT));
+            response
+        }
+        Err(err) => {
+            log::warn!("{err}");
+            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n"))
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::process::{Command, Stdio};
+
+    use super::*;
+    use crate::conntrack::{Tracker, TrackerConfig};
+    use crate::model::{Comm, Task, Tuple};
+
+    const SOCK: u64 = 0xffff_0000_1234;
+
+    fn tuple(sport: u16) -> Tuple {
+        Tuple {
+            src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            sport,
+            dst: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dport: 8080,
+        }
+    }
+
+    fn task() -> Task {
+        Task {
+            pid: 42,
+            tid: 42,
+            comm: Comm::from("curl"),
+        }
+    }
+
+    fn state(ts_ns: u64, sock: u64, sport: u16, old: TcpState, new: TcpState) -> Event {
+        Event::StateChange {
+            ts_ns,
+            sock,
+            netns: 4026531840,
+            tuple: tuple(sport),
+            old,
+            new,
+            task: task(),
+        }
+    }
+
+    /// An active open with a 50 µs handshake, a fast retransmit, and a local close after 2 s.
+    fn active_lifecycle() -> Vec<Event> {
+        use TcpState::*;
+        let t0 = 1_000_000_000;
+        vec![
+            state(t0, SOCK, 0, Close, SynSent),
+            state(t0 + 50_000, SOCK, 40000, SynSent, Established),
+            Event::Retransmit {
+                ts_ns: t0 + 1_000_000,
+                sock: SOCK,
+                netns: 4026531840,
+                tuple: tuple(40000),
+                state: Established,
+                kind: RetransmitKind::Fast,
+                segs: 3,
+            },
+            state(t0 + 2_000_000_000, SOCK, 40000, Established, FinWait1),
+            state(t0 + 2_000_100_000, SOCK, 40000, FinWait1, FinWait2),
+            state(t0 + 2_000_200_000, SOCK, 40000, FinWait2, Close),
+        ]
+    }
+
+    /// The value of the series `series` (name and labels exactly as rendered).
+    fn value(rendered: &str, series: &str) -> Option<f64> {
+        rendered.lines().find_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            rest.strip_prefix(' ')?.trim().parse().ok()
+        })
+    }
+
+    fn feed(metrics: &Metrics, events: &[Event]) {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut observer = metrics;
+        for event in events {
+            metrics.event(event);
+            tracker.on_event(event, &mut observer);
+        }
+        metrics.set_active(tracker.active());
+    }
+
+    #[test]
+    fn series_exist_at_zero_from_the_start() {
+        let metrics = Metrics::new().unwrap();
+        let out = metrics.render().unwrap();
+        for series in [
+            r#"tracer_connections_opened_total{direction="active"}"#,
+            r#"tracer_connections_opened_total{direction="passive"}"#,
+            r#"tracer_connections_closed_total{close="unknown",direction="unknown"}"#,
+            r#"tracer_connections_closed_total{close="reset_received",direction="passive"}"#,
+            "tracer_connections_active",
+            r#"tracer_connection_duration_seconds_count{direction="active"}"#,
+            r#"tracer_connection_duration_seconds_bucket{direction="passive",le="3600"}"#,
+            "tracer_handshake_duration_seconds_count",
+            r#"tracer_handshake_duration_seconds_bucket{le="0.00001"}"#,
+            r#"tracer_retransmits_total{kind="syn"}"#,
+            r#"tracer_retransmits_total{kind="other"}"#,
+            r#"tracer_resets_total{direction="sent"}"#,
+            r#"tracer_resets_total{direction="received"}"#,
+            r#"tracer_events_total{kind="state"}"#,
+            r#"tracer_events_total{kind="retransmit"}"#,
+            r#"tracer_events_total{kind="reset"}"#,
+            "tracer_events_lost_total",
+            "tracer_connections_evicted_total",
+        ] {
+            assert_eq!(value(&out, series), Some(0.0), "{series} in\n{out}");
+        }
+        let build_info = format!(
+            r#"tracer_build_info{{version="{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(value(&out, &build_info), Some(1.0), "{out}");
+        for name in [
+            "tracer_connections_opened_total",
+            "tracer_connections_closed_total",
+            "tracer_connections_active",
+            "tracer_connection_duration_seconds",
+            "tracer_handshake_duration_seconds",
+            "tracer_tcp_state_transitions_total",
+            "tracer_retransmits_total",
+            "tracer_resets_total",
+            "tracer_events_total",
+            "tracer_events_lost_total",
+            "tracer_connections_evicted_total",
+            "tracer_build_info",
+        ] {
+            assert!(
+                out.contains(&format!("# HELP {name} ")) || name.ends_with("transitions_total"),
+                "no HELP for {name}"
+            );
+        }
+        // No transition seen yet, so no transition series.
+        assert!(
+            !out.contains("tracer_tcp_state_transitions_total{"),
+            "{out}"
+        );
+        // Per-connection identities never become labels.
+        for label in ["pid=", "port=", "addr=", "comm="] {
+            assert!(!out.contains(label), "{label} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn observer_calls_show_in_the_rendered_series() {
+        let metrics = Metrics::new().unwrap();
+        feed(&metrics, &active_lifecycle());
+        let out = metrics.render().unwrap();
+        let expect = |series: &str, expected: f64| {
+            assert_eq!(value(&out, series), Some(expected), "{series} in\n{out}");
+        };
+        expect(
+            r#"tracer_connections_opened_total{direction="active"}"#,
+            1.0,
+        );
+        expect(
+            r#"tracer_connections_opened_total{direction="passive"}"#,
+            0.0,
+        );
+        expect(
+            r#"tracer_connections_closed_total{close="local",direction="active"}"#,
+            1.0,
+        );
+        expect(
+            r#"tracer_connections_closed_total{close="remote",direction="active"}"#,
+            0.0,
+        );
+        expect("tracer_connections_active", 0.0);
+        expect(
+            r#"tracer_connection_duration_seconds_count{direction="active"}"#,
+            1.0,
+        );
+        expect(
+            r#"tracer_connection_duration_seconds_sum{direction="active"}"#,
+            2.0002,
+        );
+        // 2.0002 s falls in the 5 s bucket, not the 1 s one.
+        expect(
+            r#"tracer_connection_duration_seconds_bucket{direction="active",le="1"}"#,
+            0.0,
+        );
+        expect(
+            r#"tracer_connection_duration_seconds_bucket{direction="active",le="5"}"#,
+            1.0,
+        );
+        expect("tracer_handshake_duration_seconds_count", 1.0);
+        expect("tracer_handshake_duration_seconds_sum", 0.00005);
+        expect(
+            r#"tracer_handshake_duration_seconds_bucket{le="0.00001"}"#,
+            0.0,
+        );
+        expect(
+            r#"tracer_handshake_duration_seconds_bucket{le="0.00005"}"#,
+            1.0,
+        );
+        expect(
+            r#"tracer_tcp_state_transitions_total{from="CLOSE",to="SYN_SENT"}"#,
+            1.0,
+        );
+        expect(
+            r#"tracer_tcp_state_transitions_total{from="FIN_WAIT2",to="CLOSE"}"#,
+            1.0,
+        );
+        expect(r#"tracer_retransmits_total{kind="fast"}"#, 3.0);
+        expect(r#"tracer_retransmits_total{kind="syn"}"#, 0.0);
+        expect(r#"tracer_events_total{kind="state"}"#, 5.0);
+        expect(r#"tracer_events_total{kind="retransmit"}"#, 1.0);
+        expect(r#"tracer_events_total{kind="reset"}"#, 0.0);
+    }
+
+    #[test]
+    fn passive_refused_reset_and_unknown_direction() {
+        use TcpState::*;
+        let metrics = Metrics::new().unwrap();
+        let peer = 0xffff_0000_5678;
+        let events = [
+            // An accepted connection, closed by the peer.
+            state(10, peer, 8080, Listen, SynRecv),
+            state(20, peer, 8080, SynRecv, Established),
+            state(30, peer, 8080, Established, CloseWait),
+            state(40, peer, 8080, CloseWait, LastAck),
+            state(50, peer, 8080, LastAck, Close),
+            // A refused connect().
+            state(100, SOCK, 0, Close, SynSent),
+            Event::Reset {
+                ts_ns: 110,
+                sock: SOCK,
+                netns: 4026531840,
+                tuple: tuple(40001),
+                state: SynSent,
+                direction: ResetDirection::Received,
+                task: task(),
+            },
+            state(110, SOCK, 40001, SynSent, Close),
+            // A connection open before the agent, aborted.
+            state(200, 0xbeef, 40002, Established, Close),
+        ];
+        let mut observer = &metrics;
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        // Something already open.
+        observer.opened(Direction::Active);
+        for event in &events {
+            tracker.on_event(event, &mut observer);
+        }
+        metrics.set_active(7);
+        let out = metrics.render().unwrap();
+        let expect = |series: &str, expected: f64| {
+            assert_eq!(value(&out, series), Some(expected), "{series} in\n{out}");
+        };
+        expect(
+            r#"tracer_connections_opened_total{direction="active"}"#,
+            2.0,
+        );
+        expect(
+            r#"tracer_connections_opened_total{direction="passive"}"#,
+            1.0,
+        );
+        expect(
+            r#"tracer_connections_closed_total{close="remote",direction="passive"}"#,
+            1.0,
+        );
+        expect(
+            r#"tracer_connections_closed_total{close="refused",direction="active"}"#,
+            1.0,
+        );
+        expect(
+            r#"tracer_connections_closed_total{close="aborted",direction="unknown"}"#,
+            1.0,
+        );
+        expect(
+            r#"tracer_connection_duration_seconds_count{direction="passive"}"#,
+            1.0,
+        );
+        // A refused connect() never completed its handshake; a passive one has none.
+        expect("tracer_handshake_duration_seconds_count", 0.0);
+        expect(r#"tracer_resets_total{direction="received"}"#, 1.0);
+        expect(r#"tracer_resets_total{direction="sent"}"#, 0.0);
+        expect("tracer_connections_active", 7.0);
+    }
+
+    #[test]
+    fn cumulative_totals_add_only_their_growth() {
+        let metrics = Metrics::new().unwrap();
+        metrics.set_events_lost(5);
+        metrics.set_events_lost(5);
+        metrics.set_events_lost(12);
+        metrics.set_events_lost(3); // never goes down
+        let out = metrics.render().unwrap();
+        assert_eq!(value(&out, "tracer_events_lost_total"), Some(12.0), "{out}");
+
+        // Two evictions seen by the observer, then the tracker's total of 3 (one seed overflow).
+        let conn = {
+            struct Grab(Option<Connection>);
+            impl Observer for Grab {
+                fn closed(&mut self, conn: &Connection) {
+                    self.0 = Some(conn.clone());
+                }
+            }
+            let mut grab = Grab(None);
+            let mut tracker = Tracker::new(TrackerConfig::default());
+            for event in active_lifecycle() {
+                tracker.on_event(&event, &mut grab);
+            }
+            grab.0.unwrap()
+        };
+        let mut observer = &metrics;
+        observer.evicted(&conn);
+        observer.evicted(&conn);
+        metrics.set_evictions(2);
+        let out = metrics.render().unwrap();
+        assert_eq!(value(&out, "tracer_connections_evicted_total"), Some(2.0));
+        metrics.set_evictions(3);
+        let out = metrics.render().unwrap();
+        assert_eq!(value(&out, "tracer_connections_evicted_total"), Some(3.0));
+    }
+
+    #[test]
+    fn every_transition_pair_gets_one_series() {
+        let metrics = Metrics::new().unwrap();
+        let mut observer = &metrics;
+        for from in TcpState::ALL {
+            for to in TcpState::ALL {
+                observer.transition(from, to);
+                observer.transition(from, to);
+            }
+        }
+        let out = metrics.render().unwrap();
+        let lines: Vec<_> = out
+            .lines()
+            .filter(|l| l.starts_with("tracer_tcp_state_transitions_total{"))
+            .collect();
+        assert_eq!(lines.len(), TcpState::ALL.len() * TcpState::ALL.len());
+        assert!(lines.iter().all(|l| l.ends_with(" 2")), "{lines:?}");
+        assert_eq!(
+            value(
+                &out,
+                r#"tracer_tcp_state_transitions_total{from="NEW_SYN_RECV",to="ESTABLISHED"}"#
+            ),
+            Some(2.0)
+        );
+    }
+
+    #[test]
+    fn event_kinds() {
+        let metrics = Metrics::new().unwrap();
+        metrics.event_received(EventKind::Reset);
+        metrics.event_received(EventKind::Reset);
+        metrics.event_received(EventKind::Retransmit);
+        let out = metrics.render().unwrap();
+        assert_eq!(
+            value(&out, r#"tracer_events_total{kind="reset"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&out, r#"tracer_events_total{kind="retransmit"}"#),
+            Some(1.0)
+        );
+    }
+
+    /// A one-shot HTTP/1.1 client: the status code, the headers and the body.
+    fn http(addr: std::net::SocketAddr, request: &str) -> (u16, String, String) {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap();
+        (status, head.to_owned(), body.to_owned())
+    }
+
+    fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+        http(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+        )
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_over_http_and_shuts_down() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        feed(&metrics, &active_lifecycle());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, Arc::clone(&metrics), async {
+            let _ = stopped.await;
+        }));
+
+        let client = tokio::task::spawn_blocking(move || {
+            (
+                get(addr, "/metrics"),
+                get(addr, "/"),
+                get(addr, "/nope"),
+                http(
+                    addr,
+                    "POST /metrics HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\
+                     Connection: close\r\n\r\n",
+                ),
+            )
+        });
+        let (metrics_page, index, missing, post) =
+            tokio::time::timeout(Duration::from_secs(30), client)
+                .await
+                .unwrap()
+                .unwrap();
+
+        let (status, head, body) = metrics_page;
+        assert_eq!(status, 200, "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{head}"
+        );
+        assert_eq!(
+            value(
+                &body,
+                r#"tracer_connections_opened_total{direction="active"}"#
+            ),
+            Some(1.0),
+            "{body}"
+        );
+        let (status, _, body) = index;
+        assert_eq!(status, 200);
+        assert!(body.contains("/metrics"), "{body}");
+        assert_eq!(missing.0, 404);
+        assert_eq!(post.0, 405);
+        assert!(post.1.to_ascii_lowercase().contains("allow: get, head"));
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        // The listener is closed once serve returns.
+        assert!(std::net::TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        let metrics = Metrics::new().unwrap();
+        feed(&metrics, &active_lifecycle());
+        metrics.set_events_lost(1);
+        let out = metrics.render().unwrap();
+        let mut child = match Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(err) => panic!(
+                "promtool is needed to check the metrics exposition but could not be run \
+                 ({err}); install it (Debian package `prometheus`, see the xtask setup)"
+            ),
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(out.as_bytes())
+            .unwrap();
+        let result = child.wait_with_output().unwrap();
+        assert!(
+            result.status.success(),
+            "promtool check metrics failed:\n{}{}\n--- exposition ---\n{out}",
+            String::from_utf8_lossy(&result.stdout),
+            String::from_utf8_lossy(&result.stderr),
+        );
+    }
+}

@@ -1,1 +1,922 @@
-//! (in progress)
+//! Per-connection events on an output stream: one line per finished connection, as JSON or as
+//! aligned text in the spirit of BCC's `tcplife`.
+//!
+//! The sink is meant to sit on a `BufWriter`: it writes each line with one `write_all` and the
+//! event loop calls [`EventSink::flush`] after each batch. A write error (EPIPE when the reader
+//! went away, as with `| head`) never panics: the first one is kept, later lines are dropped,
+//! and `flush` / `take_error` hand it to the event loop so that it can stop cleanly.
+use std::borrow::Cow;
+use std::fmt;
+use std::io::{self, Write};
+use std::net::IpAddr;
+
+use serde::Serialize;
+use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
+
+use crate::conntrack::{Connection, Observer, StateStamp};
+use crate::model::CloseCause;
+
+/// How per-connection events are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum EventFormat {
+    /// One JSON object per line.
+    Json,
+    /// Aligned columns with a header line, like `tcplife`.
+    Text,
+    /// No per-connection output.
+    None,
+}
+
+const NS_PER_SEC: i64 = 1_000_000_000;
+const SECS_PER_DAY: i64 = 86_400;
+
+/// Converts kernel timestamps (CLOCK_MONOTONIC nanoseconds, as from `bpf_ktime_get_ns`) to wall
+/// clock time. The offset between the clocks is read once: a later step of the wall clock (NTP,
+/// `date -s`) is not followed, which keeps the events of one run consistently spaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WallClock {
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in nanoseconds.
+    offset_ns: i64,
+}
+
+impl WallClock {
+    /// Reads both clocks now.
+    pub fn new() -> io::Result<WallClock> {
+        // Monotonic on both sides of the real time read: their midpoint is the best estimate of
+        // the monotonic time at that read.
+        let before = clock_ns(libc::CLOCK_MONOTONIC)?;
+        let real = clock_ns(libc::CLOCK_REALTIME)?;
+        let after = clock_ns(libc::CLOCK_MONOTONIC)?;
+        let mono = before + (after - before) / 2;
+        Ok(WallClock {
+            offset_ns: real.saturating_sub(mono),
+        })
+    }
+
+    /// A clock with a fixed offset (realtime minus monotonic, in nanoseconds).
+    pub fn with_offset(offset_ns: i64) -> WallClock {
+        WallClock { offset_ns }
+    }
+
+    pub fn offset_ns(&self) -> i64 {
+        self.offset_ns
+    }
+
+    /// Nanoseconds since the Unix epoch for a CLOCK_MONOTONIC timestamp.
+    pub fn unix_ns(&self, monotonic_ns: u64) -> i64 {
+        i64::try_from(monotonic_ns)
+            .unwrap_or(i64::MAX)
+            .saturating_add(self.offset_ns)
+    }
+
+    /// The wall clock time of a CLOCK_MONOTONIC timestamp, displayed as RFC 3339.
+    pub fn rfc3339(&self, monotonic_ns: u64) -> Rfc3339 {
+        Rfc3339(self.unix_ns(monotonic_ns))
+    }
+}
+
+#[allow(
+    clippy::useless_conversion,
+    reason = "time_t and c_long are 32 bits on some targets"
+)]
+fn clock_ns(clock: libc::clockid_t) -> io::Result<i64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec that outlives the call; clock_gettime only
+    // writes to it.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(i64::from(ts.tv_sec)
+        .saturating_mul(NS_PER_SEC)
+        .saturating_add(i64::from(ts.tv_nsec)))
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard Hinnant's
+/// `civil_from_days`.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11], March based
+    let day = doy - (153 * mp + 2) / 5 + 1; // [1, 31]
+    let month = if mp < 10 { mp + 3 } else { mp - 9 }; // [1, 12]
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    // Both are in range by construction.
+    (year, month as u32, day as u32)
+}
+
+/// Splits Unix nanoseconds into days since the epoch, seconds of the day and nanoseconds.
+fn split_unix_ns(unix_ns: i64) -> (i64, i64, i64) {
+    let secs = unix_ns.div_euclid(NS_PER_SEC);
+    let nanos = unix_ns.rem_euclid(NS_PER_SEC);
+    (
+        secs.div_euclid(SECS_PER_DAY),
+        secs.rem_euclid(SECS_PER_DAY),
+        nanos,
+    )
+}
+
+/// Unix time in nanoseconds, displayed as RFC 3339 UTC with microseconds
+/// (`2026-11-23T12:00:00.123456Z`; truncated, not rounded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rfc3339(pub i64);
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (days, sod, nanos) = split_unix_ns(self.0);
+        let (year, month, day) = civil_from_days(days);
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+            sod / 3600,
+            sod / 60 % 60,
+            sod % 60,
+            nanos / 1_000
+        )
+    }
+}
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Unix time in nanoseconds, displayed as the UTC time of day with milliseconds
+/// (`12:00:00.123`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimeOfDay(pub i64);
+
+impl fmt::Display for TimeOfDay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (_, sod, nanos) = split_unix_ns(self.0);
+        write!(
+            f,
+            "{:02}:{:02}:{:02}.{:03}",
+            sod / 3600,
+            sod / 60 % 60,
+            sod % 60,
+            nanos / 1_000_000
+        )
+    }
+}
+
+/// Writes finished connections to `W`, one line each, in the chosen format.
+pub struct EventSink<W: Write> {
+    format: EventFormat,
+    out: W,
+    clock: WallClock,
+    /// The line being built, reused across events.
+    line: Vec<u8>,
+    /// Scratch space for padding a text column, reused across events.
+    cell: String,
+    error: Option<io::Error>,
+}
+
+// Text columns: widths of TIME, PID, COMM, LADDR:LPORT, RADDR:RPORT, DIR, CLOSE, RETX, MS.
+const W_TIME: usize = 12;
+const W_PID: usize = 7;
+const W_COMM: usize = 15;
+const W_ADDR: usize = 21;
+const W_DIR: usize = 7;
+const W_CLOSE: usize = 14;
+const W_RETX: usize = 5;
+const W_MS: usize = 11;
+
+impl<W: Write> EventSink<W> {
+    pub fn new(format: EventFormat, out: W, clock: WallClock) -> EventSink<W> {
+        EventSink {
+            format,
+            out,
+            clock,
+            line: Vec::with_capacity(512),
+            cell: String::with_capacity(64),
+            error: None,
+        }
+    }
+
+    pub fn format(&self) -> EventFormat {
+        self.format
+    }
+
+    /// Writes the column header of the text format; nothing for the other formats. Call it once,
+    /// before the first event.
+    pub fn header(&mut self) {
+        if self.format != EventFormat::Text {
+            return;
+        }
+        self.line.clear();
+        // Writing to a Vec cannot fail.
+        let _ = writeln!(
+            self.line,
+            "{:<W_TIME$} {:<W_PID$} {:<W_COMM$} {:<W_ADDR$} {:<W_ADDR$} {:<W_DIR$} {:<W_CLOSE$} \
+             {:>W_RETX$} {:>W_MS$} STATES",
+            "TIME(UTC)", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "DIR", "CLOSE", "RETX", "MS",
+        );
+        self.emit();
+    }
+
+    /// Flushes the output. Returns the first write error seen since the last call, if any,
+    /// before trying to flush.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if let Some(err) = self.error.take() {
+            return Err(err);
+        }
+        self.out.flush()
+    }
+
+    /// The first write error seen since the last call; once one is seen, lines are dropped.
+    pub fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+
+    pub fn get_ref(&self) -> &W {
+        &self.out
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    /// Writes one finished connection.
+    pub fn write_connection(&mut self, conn: &Connection) {
+        if self.error.is_some() {
+            return;
+        }
+        self.line.clear();
+        match self.format {
+            EventFormat::None => return,
+            EventFormat::Json => {
+                let record = JsonRecord {
+                    conn,
+                    clock: self.clock,
+                };
+                if let Err(err) = serde_json::to_writer(&mut self.line, &record) {
+                    // Only a writer error can fail here, and a Vec does not fail.
+                    self.error = Some(io::Error::other(err));
+                    return;
+                }
+                self.line.push(b'\n');
+            }
+            EventFormat::Text => self.text_line(conn),
+        }
+        self.emit();
+    }
+
+    fn emit(&mut self) {
+        if self.error.is_some() {
+            return;
+        }
+        if let Err(err) = self.out.write_all(&self.line) {
+            self.error = Some(err);
+        }
+    }
+
+    fn text_line(&mut self, conn: &Connection) {
+        use fmt::Write as _;
+        let line = &mut self.line;
+        let cell = &mut self.cell;
+        // Writing to a Vec or a String cannot fail.
+        let _ = write!(
+            line,
+            "{:<W_TIME$} ",
+            TimeOfDay(self.clock.unix_ns(close_ns(conn)))
+        );
+        cell.clear();
+        match conn.owner {
+            Some(owner) => {
+                let _ = write!(cell, "{}", owner.pid);
+            }
+            None => cell.push('-'),
+        }
+        let _ = write!(line, "{cell:<W_PID$} ");
+        cell.clear();
+        match conn.owner {
+            // Control characters would break the line structure.
+            Some(owner) => cell.extend(
+                owner.comm.as_str().chars().map(
+                    |c| {
+                        if c.is_control() || c == ' ' { '?' } else { c }
+                    },
+                ),
+            ),
+            None => cell.push('-'),
+        }
+        let _ = write!(line, "{cell:<W_COMM$} ");
+        for (addr, port) in [
+            (conn.tuple.src, conn.tuple.sport),
+            (conn.tuple.dst, conn.tuple.dport),
+        ] {
+            cell.clear();
+            let _ = match addr {
+                IpAddr::V4(v4) => write!(cell, "{v4}:{port}"),
+                IpAddr::V6(v6) => write!(cell, "[{v6}]:{port}"),
+            };
+            let _ = write!(line, "{cell:<W_ADDR$} ");
+        }
+        cell.clear();
+        match conn.duration_ns() {
+            Some(ns) => {
+                let _ = write!(cell, "{}.{:03}", ns / 1_000_000, ns / 1_000 % 1_000);
+            }
+            None => cell.push('-'),
+        }
+        let _ = write!(
+            line,
+            "{:<W_DIR$} {:<W_CLOSE$} {:>W_RETX$} {cell:>W_MS$} ",
+            conn.direction.as_str(),
+            close_str(conn),
+            conn.retransmits,
+        );
+        for (i, stamp) in conn.states.iter().enumerate() {
+            if i > 0 {
+                line.push(b'>');
+            }
+            line.extend_from_slice(stamp.state.as_str().as_bytes());
+        }
+        if conn.states.is_empty() {
+            line.push(b'-');
+        }
+        line.push(b'\n');
+    }
+}
+
+impl<W: Write> Observer for EventSink<W> {
+    fn closed(&mut self, conn: &Connection) {
+        self.write_connection(conn);
+    }
+}
+
+/// When the connection closed; the last state seen for a record finished without a close time.
+fn close_ns(conn: &Connection) -> u64 {
+    conn.closed_ns
+        .or_else(|| conn.states.last().map(|s| s.ts_ns))
+        .unwrap_or(0)
+}
+
+fn close_str(conn: &Connection) -> &'static str {
+    conn.close.unwrap_or(CloseCause::Unknown).as_str()
+}
+
+fn micros(ns: u64) -> u64 {
+    ns / 1_000
+}
+
+/// A connection as one JSON object; serialized straight into the line buffer.
+struct JsonRecord<'a> {
+    conn: &'a Connection,
+    clock: WallClock,
+}
+
+impl Serialize for JsonRecord<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let conn = self.conn;
+        let mut s = serializer.serialize_struct("ConnectionClosed", 20)?;
+        s.serialize_field("ts", &self.clock.rfc3339(close_ns(conn)))?;
+        s.serialize_field("event", "connection_closed")?;
+        s.serialize_field("family", conn.tuple.family().as_str())?;
+        s.serialize_field("saddr", &conn.tuple.src)?;
+        s.serialize_field("sport", &conn.tuple.sport)?;
+        s.serialize_field("daddr", &conn.tuple.dst)?;
+        s.serialize_field("dport", &conn.tuple.dport)?;
+        s.serialize_field("netns", &conn.netns)?;
+        s.serialize_field("direction", conn.direction.as_str())?;
+        s.serialize_field("pid", &conn.owner.map(|o| o.pid))?;
+        let comm: Option<Cow<'_, str>> = conn.owner.as_ref().map(|o| o.comm.as_str());
+        s.serialize_field("comm", &comm)?;
+        s.serialize_field("states", &JsonStates(&conn.states))?;
+        s.serialize_field("duration_us", &conn.duration_ns().map(micros))?;
+        s.serialize_field("handshake_us", &conn.handshake_ns().map(micros))?;
+        s.serialize_field("retransmits", &conn.retransmits)?;
+        s.serialize_field("resets_sent", &conn.resets_sent)?;
+        s.serialize_field("resets_received", &conn.resets_received)?;
+        s.serialize_field("close", close_str(conn))?;
+        s.serialize_field("seeded", &conn.seeded)?;
+        s.serialize_field("complete", &conn.complete)?;
+        s.end()
+    }
+}
+
+/// The state path, each stamp relative to the first.
+struct JsonStates<'a>(&'a [StateStamp]);
+
+impl Serialize for JsonStates<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let first = self.0.first().map_or(0, |s| s.ts_ns);
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for stamp in self.0 {
+            seq.serialize_element(&JsonStamp {
+                state: stamp.state.as_str(),
+                t_us: micros(stamp.ts_ns.saturating_sub(first)),
+            })?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct JsonStamp {
+    state: &'static str,
+    t_us: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::conntrack::{Tracker, TrackerConfig};
+    use crate::model::{Comm, Event, ResetDirection, Task, TcpState, Tuple};
+
+    const NETNS: u32 = 4026531840;
+    /// 2026-11-23T12:00:00Z.
+    const WALL: i64 = 1_795_435_200 * NS_PER_SEC;
+    /// A monotonic time (the machine's uptime, say).
+    const T0: u64 = 5_000_000_000_000;
+
+    /// A clock on which monotonic T0 is 2026-11-23T12:00:00Z.
+    fn clock() -> WallClock {
+        WallClock::with_offset(WALL - T0 as i64)
+    }
+
+    fn v4_tuple(sport: u16) -> Tuple {
+        Tuple {
+            src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            sport,
+            dst: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dport: 8080,
+        }
+    }
+
+    fn task(pid: u32, comm: &str) -> Task {
+        Task {
+            pid,
+            tid: pid,
+            comm: Comm::from(comm),
+        }
+    }
+
+    fn change(ts_ns: u64, tuple: Tuple, old: TcpState, new: TcpState, task: Task) -> Event {
+        Event::StateChange {
+            ts_ns,
+            sock: 0xffff_8880_0000_1000,
+            netns: NETNS,
+            tuple,
+            old,
+            new,
+            task,
+        }
+    }
+
+    /// Collects closed connections.
+    #[derive(Default)]
+    struct Closed(Vec<Connection>);
+
+    impl Observer for Closed {
+        fn closed(&mut self, conn: &Connection) {
+            self.0.push(conn.clone());
+        }
+    }
+
+    fn run(events: &[Event]) -> Connection {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut closed = Closed::default();
+        for event in events {
+            tracker.on_event(event, &mut closed);
+        }
+        assert_eq!(closed.0.len(), 1, "{:?}", closed.0);
+        closed.0.remove(0)
+    }
+
+    /// `curl` connecting to 127.0.0.1:8080: a 52 µs handshake and a local close, 1234 µs in all
+    /// (closed at 12:00:00.123456 and some nanoseconds).
+    fn curl() -> Connection {
+        use TcpState::*;
+        let curl = task(123, "curl");
+        let irq = task(0, "swapper/0");
+        let open = T0 + 123_456_789 - 1_234_999;
+        let t = v4_tuple(40000);
+        run(&[
+            change(open, v4_tuple(0), Close, SynSent, curl),
+            change(open + 52_400, t, SynSent, Established, irq),
+            change(open + 1_000_000, t, Established, FinWait1, curl),
+            change(open + 1_100_000, t, FinWait1, FinWait2, irq),
+            change(open + 1_234_999, t, FinWait2, Close, irq),
+        ])
+    }
+
+    fn json_line(conn: &Connection) -> String {
+        let mut sink = EventSink::new(EventFormat::Json, Vec::new(), clock());
+        sink.closed(conn);
+        sink.flush().unwrap();
+        String::from_utf8(sink.into_inner()).unwrap()
+    }
+
+    fn text_lines(conn: &Connection) -> String {
+        let mut sink = EventSink::new(EventFormat::Text, Vec::new(), clock());
+        sink.header();
+        sink.closed(conn);
+        sink.flush().unwrap();
+        String::from_utf8(sink.into_inner()).unwrap()
+    }
+
+    #[test]
+    fn rfc3339_known_timestamps() {
+        let cases: [(i64, &str); 8] = [
+            (0, "1970-01-01T00:00:00.000000Z"),
+            (951_782_400_123_456_789, "2000-02-29T00:00:00.123456Z"),
+            (WALL + 123_456_789, "2026-11-23T12:00:00.123456Z"),
+            (951_868_799_999_999_999, "2000-02-29T23:59:59.999999Z"),
+            (951_868_800_000_000_000, "2000-03-01T00:00:00.000000Z"),
+            (1_704_067_199_000_001_000, "2023-12-31T23:59:59.000001Z"),
+            (4_107_542_400 * NS_PER_SEC, "2100-03-01T00:00:00.000000Z"),
+            (-1_000, "1969-12-31T23:59:59.999999Z"),
+        ];
+        for (ns, expected) in cases {
+            assert_eq!(Rfc3339(ns).to_string(), expected, "{ns}");
+        }
+        assert_eq!(TimeOfDay(WALL + 123_456_789).to_string(), "12:00:00.123");
+        assert_eq!(TimeOfDay(-1_000_000).to_string(), "23:59:59.999");
+    }
+
+    /// Howard Hinnant's `days_from_civil`, the inverse of `civil_from_days`.
+    fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+        let (m, d) = (i64::from(m), i64::from(d));
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y.rem_euclid(400);
+        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    #[test]
+    fn civil_dates_round_trip_and_advance_by_one_day() {
+        let mut previous = civil_from_days(-200_000);
+        for days in -199_999..200_000 {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+            assert!((1..=12).contains(&m) && (1..=31).contains(&d));
+            let next_day = (y, m, d) > previous && (d == previous.2 + 1 || d == 1);
+            assert!(next_day, "{previous:?} -> {:?}", (y, m, d));
+            previous = (y, m, d);
+        }
+    }
+
+    #[test]
+    fn wall_clock_from_the_system_is_close_to_system_time() {
+        let clock = WallClock::new().unwrap();
+        let mono = clock_ns(libc::CLOCK_MONOTONIC).unwrap();
+        let wall = clock.unix_ns(mono as u64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        assert!((now - wall).abs() < NS_PER_SEC, "{now} vs {wall}");
+        assert_eq!(clock.rfc3339(mono as u64), Rfc3339(wall));
+    }
+
+    #[test]
+    fn json_line_has_exactly_the_documented_fields() {
+        let line = json_line(&curl());
+        assert!(
+            line.ends_with('\n') && line.matches('\n').count() == 1,
+            "{line:?}"
+        );
+        let value: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            value,
+            json!({
+                "ts": "2026-11-23T12:00:00.123456Z",
+                "event": "connection_closed",
+                "family": "ipv4",
+                "saddr": "127.0.0.1",
+                "sport": 40000,
+                "daddr": "127.0.0.1",
+                "dport": 8080,
+                "netns": 4026531840u32,
+                "direction": "active",
+                "pid": 123,
+                "comm": "curl",
+                "states": [
+                    {"state": "SYN_SENT", "t_us": 0},
+                    {"state": "ESTABLISHED", "t_us": 52},
+                    {"state": "FIN_WAIT1", "t_us": 1000},
+                    {"state": "FIN_WAIT2", "t_us": 1100},
+                    {"state": "CLOSE", "t_us": 1234},
+                ],
+                "duration_us": 1234,
+                "handshake_us": 52,
+                "retransmits": 0,
+                "resets_sent": 0,
+                "resets_received": 0,
+                "close": "local",
+                "seeded": false,
+                "complete": true,
+            })
+        );
+        // Keys in the documented order.
+        let keys = [
+            "ts",
+            "event",
+            "family",
+            "saddr",
+            "sport",
+            "daddr",
+            "dport",
+            "netns",
+            "direction",
+            "pid",
+            "comm",
+            "states",
+            "duration_us",
+            "handshake_us",
+            "retransmits",
+            "resets_sent",
+            "resets_received",
+            "close",
+            "seeded",
+            "complete",
+        ];
+        let positions: Vec<usize> = keys
+            .iter()
+            .map(|key| line.find(&format!("\"{key}\":")).unwrap())
+            .collect();
+        assert!(positions.is_sorted(), "{line}");
+        assert_eq!(value.as_object().unwrap().len(), keys.len());
+    }
+
+    /// A connection open before the agent started, seen only when it is reset: no owner, no
+    /// open time, over IPv6.
+    #[test]
+    fn json_null_owner_unknown_durations_and_ipv6() {
+        use TcpState::*;
+        let tuple = Tuple {
+            src: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            sport: 443,
+            dst: IpAddr::V6("2001:db8::7".parse().unwrap()),
+            dport: 51000,
+        };
+        let conn = run(&[
+            Event::Reset {
+                ts_ns: T0 - 1_000,
+                sock: 0xffff_8880_0000_1000,
+                netns: NETNS,
+                tuple,
+                state: Established,
+                direction: ResetDirection::Received,
+                task: task(0, "swapper/1"),
+            },
+            Event::Retransmit {
+                ts_ns: T0 - 500,
+                sock: 0xffff_8880_0000_1000,
+                netns: NETNS,
+                tuple,
+                state: Established,
+                kind: crate::model::RetransmitKind::Timeout,
+                segs: 2,
+            },
+            change(T0, tuple, Established, Close, task(0, "swapper/1")),
+        ]);
+        let value: Value = serde_json::from_str(&json_line(&conn)).unwrap();
+        let object = value.as_object().unwrap();
+        assert_eq!(object.len(), 20);
+        assert_eq!(value["ts"], "2026-11-23T12:00:00.000000Z");
+        assert_eq!(value["family"], "ipv6");
+        assert_eq!(value["saddr"], "::1");
+        assert_eq!(value["sport"], 443);
+        assert_eq!(value["daddr"], "2001:db8::7");
+        assert_eq!(value["dport"], 51000);
+        assert_eq!(value["direction"], "unknown");
+        assert_eq!(value["pid"], Value::Null);
+        assert_eq!(value["comm"], Value::Null);
+        assert_eq!(value["duration_us"], Value::Null);
+        assert_eq!(value["handshake_us"], Value::Null);
+        assert_eq!(value["retransmits"], 2);
+        assert_eq!(value["resets_received"], 1);
+        assert_eq!(value["close"], "reset_received");
+        assert_eq!(value["complete"], false);
+        assert_eq!(
+            value["states"],
+            json!([{"state": "ESTABLISHED", "t_us": 0}, {"state": "CLOSE", "t_us": 1}])
+        );
+    }
+
+    #[test]
+    fn json_escapes_the_command_name() {
+        use TcpState::*;
+        let conn = run(&[
+            change(T0, v4_tuple(0), Close, SynSent, task(9, "a\"b\\c\nd")),
+            change(T0 + 10, v4_tuple(40000), SynSent, Close, task(0, "x")),
+        ]);
+        let line = json_line(&conn);
+        assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+        let value: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["comm"], "a\"b\\c\nd");
+        assert_eq!(value["close"], "failed");
+        assert_eq!(value["handshake_us"], Value::Null);
+        assert_eq!(value["duration_us"], 0);
+    }
+
+    #[test]
+    fn text_header_and_line() {
+        let out = text_lines(&curl());
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "TIME(UTC)",
+                "PID",
+                "COMM",
+                "LADDR:LPORT",
+                "RADDR:RPORT",
+                "DIR",
+                "CLOSE",
+                "RETX",
+                "MS",
+                "STATES"
+            ]
+        );
+        let fields: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            fields,
+            [
+                "12:00:00.123",
+                "123",
+                "curl",
+                "127.0.0.1:40000",
+                "127.0.0.1:8080",
+                "active",
+                "local",
+                "0",
+                "1.234",
+                "SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE",
+            ]
+        );
+        // Columns line up: each field starts where its heading does (numbers end where theirs
+        // end).
+        for (i, heading) in [
+            "PID",
+            "COMM",
+            "LADDR:LPORT",
+            "RADDR:RPORT",
+            "DIR",
+            "CLOSE",
+            "STATES",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let col = lines[0].find(heading).unwrap();
+            let field = [1, 2, 3, 4, 5, 6, 9][i];
+            assert_eq!(
+                lines[1][col..].split_whitespace().next(),
+                Some(fields[field])
+            );
+            assert_eq!(&lines[1][col - 1..col], " ");
+        }
+        for (heading, field) in [("RETX", 7), ("MS", 8)] {
+            let end = lines[0].find(heading).unwrap() + heading.len();
+            assert!(lines[1][..end].ends_with(fields[field]), "{heading}");
+        }
+    }
+
+    #[test]
+    fn text_ipv6_in_brackets_and_unknowns_as_dashes() {
+        use TcpState::*;
+        let tuple = Tuple {
+            src: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            sport: 443,
+            dst: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            dport: 51000,
+        };
+        let conn = run(&[change(T0, tuple, Established, Close, task(0, "swapper/1"))]);
+        let out = text_lines(&conn);
+        let fields: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            fields,
+            [
+                "12:00:00.000",
+                "-",
+                "-",
+                "[::1]:443",
+                "[::1]:51000",
+                "unknown",
+                "aborted",
+                "0",
+                "-",
+                "ESTABLISHED>CLOSE",
+            ]
+        );
+    }
+
+    #[test]
+    fn text_comm_with_spaces_stays_one_column() {
+        use TcpState::*;
+        let conn = run(&[
+            change(T0, v4_tuple(0), Close, SynSent, task(7, "my app\n")),
+            change(
+                T0 + 2_500_000_000,
+                v4_tuple(1),
+                SynSent,
+                Close,
+                task(0, "x"),
+            ),
+        ]);
+        let out = text_lines(&conn);
+        assert_eq!(out.lines().count(), 2, "{out}");
+        let fields: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(fields[2], "my?app?");
+        assert_eq!(fields[8], "2500.000");
+    }
+
+    #[test]
+    fn none_writes_nothing() {
+        let mut sink = EventSink::new(EventFormat::None, Vec::new(), clock());
+        sink.header();
+        sink.closed(&curl());
+        sink.flush().unwrap();
+        assert!(sink.into_inner().is_empty());
+    }
+
+    /// A writer that fails like a closed pipe after `budget` bytes.
+    struct Pipe {
+        written: Vec<u8>,
+        budget: usize,
+        writes_after_error: usize,
+    }
+
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.written.len() >= self.budget {
+                self.writes_after_error += 1;
+                return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+            }
+            let n = buf.len().min(self.budget - self.written.len());
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_errors_are_kept_not_panicked_on() {
+        let conn = curl();
+        let pipe = Pipe {
+            written: Vec::new(),
+            budget: 10,
+            writes_after_error: 0,
+        };
+        let mut sink = EventSink::new(EventFormat::Json, pipe, clock());
+        sink.closed(&conn);
+        sink.closed(&conn);
+        sink.closed(&conn);
+        let err = sink.flush().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        // After the first error nothing more is attempted.
+        assert_eq!(sink.get_ref().writes_after_error, 1);
+        assert_eq!(sink.get_ref().written.len(), 10);
+        assert!(sink.take_error().is_none());
+
+        let mut sink = EventSink::new(
+            EventFormat::Text,
+            Pipe {
+                written: Vec::new(),
+                budget: 0,
+                writes_after_error: 0,
+            },
+            clock(),
+        );
+        sink.header();
+        assert_eq!(
+            sink.take_error().map(|e| e.kind()),
+            Some(io::ErrorKind::BrokenPipe)
+        );
+    }
+
+    #[test]
+    fn buffered_output_is_written_on_flush() {
+        let mut sink = EventSink::new(EventFormat::Json, io::BufWriter::new(Vec::new()), clock());
+        sink.closed(&curl());
+        sink.closed(&curl());
+        assert!(sink.get_ref().get_ref().is_empty());
+        sink.flush().unwrap();
+        let out = String::from_utf8(sink.get_ref().get_ref().clone()).unwrap();
+        assert_eq!(out.lines().count(), 2);
+        for line in out.lines() {
+            serde_json::from_str::<Value>(line).unwrap();
+        }
+    }
+}
