@@ -1,0 +1,1190 @@
+//! Harness for the agent's integration tests: runs the real `tracer` binary as root, makes TCP
+//! traffic on loopback or towards network namespaces the test created, and reads what the agent
+//! reports (JSON events on stdout, Prometheus metrics over HTTP).
+//!
+//! Tests that cannot run (not root, a tool missing) fail loudly: nothing here skips.
+//! Every wait is bounded in time, every loop in count.
+#![allow(dead_code, reason = "each test binary uses a part of the harness")]
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_tracer");
+
+/// How long the agent may take to load its programs, seed and start serving.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an event may take to come out of the agent after the connection closed.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the agent may take to exit after SIGTERM / SIGINT.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for any single socket operation of the traffic helpers.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Preconditions
+// ---------------------------------------------------------------------------------------------
+
+/// Fails the test when not running as root: the agent loads eBPF programs.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "these tests must run as root (euid is {euid}): the agent loads eBPF programs and the \
+         tests create network namespaces; run e.g. `sudo -E cargo test -p tracer --test '*' -- \
+         --test-threads=1`"
+    );
+}
+
+/// Fails the test when `name` is not an executable file on PATH.
+pub fn require_tool(name: &str) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(name))
+            .map(|m| m.is_file() && m.mode() & 0o111 != 0)
+            .unwrap_or(false)
+    });
+    assert!(
+        found,
+        "required tool `{name}` was not found on PATH; install it (these tests never skip)"
+    );
+}
+
+/// Runs a command to completion and returns its output; panics if it cannot be started.
+pub fn run_cmd(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{program} {}`: {e}", args.join(" ")))
+}
+
+/// Runs a command and panics with its stderr when it fails.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run_cmd(program, args);
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed ({}): {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Inode of this process's network namespace: what the agent reports as `netns` for it.
+pub fn host_netns_inode() -> u64 {
+    std::fs::metadata("/proc/self/ns/net")
+        .expect("stat /proc/self/ns/net")
+        .ino()
+}
+
+/// The calling thread's `comm`, as the kernel reports it for tasks of this thread.
+pub fn thread_comm() -> String {
+    std::fs::read_to_string("/proc/thread-self/comm")
+        .expect("read /proc/thread-self/comm")
+        .trim_end_matches('\n')
+        .to_string()
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// Polls `child` until it exits or `timeout` passes; `None` on timeout (the child still runs).
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => {}
+            Err(e) => panic!("waiting for child {}: {e}", child.id()),
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `signal` to the process `pid` (one we spawned).
+pub fn send_signal(pid: u32, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill has no memory-safety preconditions; `pid` is a child we spawned and have
+    // not reaped yet, so it cannot name an unrelated process.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert!(
+        rc == 0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Lines {
+    lines: Vec<String>,
+    eof: bool,
+}
+
+#[derive(Default)]
+struct Collected {
+    state: Mutex<Lines>,
+    changed: Condvar,
+}
+
+impl Collected {
+    fn push(&self, line: String) {
+        self.state.lock().unwrap().lines.push(line);
+        self.changed.notify_all();
+    }
+
+    fn finish(&self) {
+        self.state.lock().unwrap().eof = true;
+        self.changed.notify_all();
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.state.lock().unwrap().lines.clone()
+    }
+}
+
+fn collect_lines(stream: impl Read + Send + 'static, into: Arc<Collected>) -> JoinHandle<()> {
+    thread::Builder::new()
+        .name("agent-output".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf);
+                        into.push(line.trim_end_matches(['\n', '\r']).to_string());
+                    }
+                }
+            }
+            into.finish();
+        })
+        .expect("spawn output reader")
+}
+
+/// A running `tracer run` with `--events json`, serving metrics on a private 127.0.0.1 port.
+pub struct Agent {
+    child: Option<Child>,
+    pub listen: SocketAddr,
+    stdout: Arc<Collected>,
+    stderr: Arc<Collected>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts the agent with `--listen 127.0.0.1:<free port> --events json` plus `args`, and
+    /// waits until `GET /metrics` answers 200 (it serves only once attached and seeded).
+    pub fn start(args: &[&str]) -> Agent {
+        require_root();
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let listen_arg = listen.to_string();
+        let mut cmd = Command::new(AGENT_BIN);
+        cmd.arg("run")
+            .args(["--listen", &listen_arg, "--events", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {AGENT_BIN}: {e}"));
+        let stdout = Arc::new(Collected::default());
+        let stderr = Arc::new(Collected::default());
+        let readers = vec![
+            collect_lines(child.stdout.take().expect("piped stdout"), stdout.clone()),
+            collect_lines(child.stderr.take().expect("piped stderr"), stderr.clone()),
+        ];
+        let mut agent = Agent {
+            child: Some(child),
+            listen,
+            stdout,
+            stderr,
+            readers,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        let mut last_error = String::from("no attempt yet");
+        while started.elapsed() < READY_TIMEOUT {
+            let child = self.child.as_mut().expect("agent child");
+            if let Some(status) = child.try_wait().expect("try_wait agent") {
+                self.child = None;
+                self.join_readers();
+                panic!(
+                    "the agent exited ({status}) before serving /metrics\n--- agent stderr ---\n{}",
+                    self.stderr_text()
+                );
+            }
+            match http_get(self.listen, "/metrics", Duration::from_secs(2)) {
+                Ok(resp) if resp.status == 200 => return,
+                Ok(resp) => last_error = format!("status {}", resp.status),
+                Err(e) => last_error = e.to_string(),
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "the agent did not serve GET /metrics with 200 on {} within {READY_TIMEOUT:?} (last \
+             attempt: {last_error})\n--- agent stderr ---\n{}",
+            self.listen,
+            self.stderr_text()
+        );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent is running").id()
+    }
+
+    /// Everything the agent wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.snapshot().join("\n")
+    }
+
+    /// Every line the agent wrote to stdout so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.snapshot()
+    }
+
+    /// The events parsed so far that satisfy `pred` (lines that are not JSON are ignored here;
+    /// the event format test checks them).
+    pub fn events(&self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        parse_events(&self.stdout.snapshot())
+            .into_iter()
+            .filter(|e| pred(e))
+            .collect()
+    }
+
+    /// Waits until at least `count` events satisfy `pred` and returns them all; panics after
+    /// `timeout` listing what was seen.
+    pub fn wait_for_events(
+        &self,
+        pred: impl Fn(&Value) -> bool,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.stdout.state.lock().unwrap();
+        loop {
+            let matching: Vec<Value> = parse_events(&guard.lines)
+                .into_iter()
+                .filter(|e| pred(e))
+                .collect();
+            if matching.len() >= count {
+                return matching;
+            }
+            let now = Instant::now();
+            if now >= deadline || guard.eof {
+                let all = guard.lines.clone();
+                let eof = guard.eof;
+                drop(guard);
+                let tail: Vec<&String> = all.iter().rev().take(60).rev().collect();
+                panic!(
+                    "expected {count} matching events within {timeout:?}, got {} (agent \
+                     stdout {}):\n--- matching ---\n{}\n--- last {} of {} stdout lines ---\n{}\n\
+                     --- agent stderr ---\n{}",
+                    matching.len(),
+                    if eof { "closed" } else { "open" },
+                    matching
+                        .iter()
+                        .map(Value::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    tail.len(),
+                    all.len(),
+                    tail.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    self.stderr_text()
+                );
+            }
+            guard = self
+                .stdout
+                .changed
+                .wait_timeout(guard, (deadline - now).min(Duration::from_millis(200)))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits for `count` events satisfying `pred`, then checks for `settle` that no more come.
+    pub fn wait_for_exactly(
+        &self,
+        pred: impl Fn(&Value) -> bool,
+        count: usize,
+        timeout: Duration,
+        settle: Duration,
+    ) -> Vec<Value> {
+        self.wait_for_events(&pred, count, timeout);
+        thread::sleep(settle);
+        let all = self.events(&pred);
+        assert_eq!(
+            all.len(),
+            count,
+            "expected exactly {count} matching events, got {}:\n{}",
+            all.len(),
+            all.iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        all
+    }
+
+    /// `GET /metrics`: panics unless it answers 200.
+    pub fn scrape(&self) -> String {
+        let resp = http_get(self.listen, "/metrics", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("GET /metrics on {}: {e}", self.listen));
+        assert_eq!(
+            resp.status, 200,
+            "GET /metrics answered {}: {}",
+            resp.status, resp.body
+        );
+        resp.body
+    }
+
+    /// Sends SIGTERM and asserts the agent exits with status 0 within [`STOP_TIMEOUT`]; returns
+    /// how long it took. All its output is collected afterwards.
+    pub fn stop(&mut self) -> Duration {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Like [`Agent::stop`] with another signal (SIGINT).
+    pub fn stop_with(&mut self, signal: libc::c_int) -> Duration {
+        let mut child = self.child.take().expect("agent is running");
+        let started = Instant::now();
+        send_signal(child.id(), signal);
+        let status = wait_timeout(&mut child, STOP_TIMEOUT);
+        let took = started.elapsed();
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.join_readers();
+            panic!(
+                "the agent did not exit within {STOP_TIMEOUT:?} of signal {signal}\n--- agent \
+                 stderr ---\n{}",
+                self.stderr_text()
+            );
+        };
+        self.join_readers();
+        assert!(
+            status.code() == Some(0),
+            "the agent exited with {status} (signal {:?}) after signal {signal}, expected exit \
+             code 0\n--- agent stderr ---\n{}",
+            status.signal(),
+            self.stderr_text()
+        );
+        took
+    }
+
+    fn join_readers(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = libc::pid_t::try_from(child.id()).map(|pid| {
+                // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
+                unsafe { libc::kill(pid, libc::SIGTERM) }
+            });
+            if wait_timeout(&mut child, STOP_TIMEOUT).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            self.join_readers();
+        }
+        if thread::panicking() {
+            eprintln!("--- agent stderr ---\n{}", self.stderr_text());
+        }
+    }
+}
+
+/// Parses the lines that are JSON objects.
+pub fn parse_events(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(Value::is_object)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event accessors
+// ---------------------------------------------------------------------------------------------
+
+pub fn ev_str<'a>(ev: &'a Value, key: &str) -> &'a str {
+    ev.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("event field `{key}` is not a string: {ev}"))
+}
+
+pub fn ev_u64(ev: &Value, key: &str) -> u64 {
+    ev.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("event field `{key}` is not an unsigned integer: {ev}"))
+}
+
+/// The state names of `states`, in order.
+pub fn ev_states(ev: &Value) -> Vec<String> {
+    ev.get("states")
+        .and_then(Value::as_array)
+        .unwrap_or_else(|| panic!("event field `states` is not an array: {ev}"))
+        .iter()
+        .map(|s| {
+            s.get("state")
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("a state has no `state` string: {ev}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// The `sport` of each event, as a set.
+pub fn sports(events: &[Value]) -> HashSet<u16> {
+    events
+        .iter()
+        .map(|e| u16::try_from(ev_u64(e, "sport")).expect("sport fits u16"))
+        .collect()
+}
+
+/// The `dport` of each event, as a set.
+pub fn dports(events: &[Value]) -> HashSet<u16> {
+    events
+        .iter()
+        .map(|e| u16::try_from(ev_u64(e, "dport")).expect("dport fits u16"))
+        .collect()
+}
+
+/// Matches the client side (active) of connections to `server`.
+pub fn is_client_of(server: SocketAddr) -> impl Fn(&Value) -> bool + Clone {
+    let ip = server.ip().to_string();
+    let port = server.port();
+    move |e| e["event"] == "connection_closed" && e["daddr"] == ip.as_str() && e["dport"] == port
+}
+
+/// Matches the server side (accepted sockets) of connections to `server`.
+pub fn is_server_of(server: SocketAddr) -> impl Fn(&Value) -> bool + Clone {
+    let ip = server.ip().to_string();
+    let port = server.port();
+    move |e| e["event"] == "connection_closed" && e["saddr"] == ip.as_str() && e["sport"] == port
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP and Prometheus text
+// ---------------------------------------------------------------------------------------------
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 GET with `Connection: close` (handles chunked bodies).
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tracer-tests\r\nAccept: \
+         text/plain\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let bad = |what: &str| std::io::Error::new(ErrorKind::InvalidData, what.to_string());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of HTTP headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad HTTP status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
+    });
+    if chunked {
+        body = dechunk(&body).ok_or_else(|| bad("bad chunked body"))?;
+    }
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for _ in 0..100_000 {
+        let eol = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[..eol]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+    None
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// Parses the samples of a Prometheus text exposition (comments skipped).
+pub fn parse_samples(text: &str) -> Vec<Sample> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| parse_sample(l).unwrap_or_else(|| panic!("unparsable metrics line: {l:?}")))
+        .collect()
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let name_end = line.find(['{', ' '])?;
+    let name = line[..name_end].to_string();
+    let mut labels = Vec::new();
+    let rest: &str;
+    if let Some(after) = line[name_end..].strip_prefix('{') {
+        // A sequence of `key="value"` separated by commas, ended by `}`.
+        let bytes = after.as_bytes();
+        let mut i = 0;
+        loop {
+            while i < bytes.len() && (bytes[i] == b',' || bytes[i] == b' ') {
+                i += 1;
+            }
+            if *bytes.get(i)? == b'}' {
+                i += 1;
+                break;
+            }
+            let eq = i + after[i..].find('=')?;
+            let key = after[i..eq].trim().to_string();
+            i = eq + 1;
+            if *bytes.get(i)? != b'"' {
+                return None;
+            }
+            i += 1;
+            let mut value = String::new();
+            loop {
+                let c = after[i..].chars().next()?;
+                i += c.len_utf8();
+                match c {
+                    '\\' => {
+                        let escaped = after[i..].chars().next()?;
+                        i += escaped.len_utf8();
+                        value.push(if escaped == 'n' { '\n' } else { escaped });
+                    }
+                    '"' => break,
+                    other => value.push(other),
+                }
+            }
+            labels.push((key, value));
+        }
+        rest = &after[i..];
+    } else {
+        rest = &line[name_end..];
+    }
+    let value_text = rest.split_whitespace().next()?;
+    let value = match value_text {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// Sum of the samples named `name` whose labels include all of `labels` (0 when none).
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    matching_samples(text, name, labels)
+        .iter()
+        .map(|s| s.value)
+        .sum()
+}
+
+/// The samples named `name` whose labels include all of `labels`.
+pub fn matching_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<Sample> {
+    parse_samples(text)
+        .into_iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .collect()
+}
+
+/// The `# TYPE` of metric family `name`, if exposed.
+pub fn metric_type(text: &str, name: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let mut parts = l.split_whitespace();
+        (parts.next() == Some("#") && parts.next() == Some("TYPE") && parts.next() == Some(name))
+            .then(|| parts.next().unwrap_or_default().to_string())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic
+// ---------------------------------------------------------------------------------------------
+
+pub const REQUEST: &[u8] = b"ping from the tracer tests\n";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerMode {
+    /// Reads the request, echoes it, waits for the client to close first (reads to EOF), then
+    /// closes.
+    EchoWaitClientClose,
+    /// Reads the request, echoes it, and closes first.
+    EchoThenClose,
+    /// Reads the request, then closes with `SO_LINGER {on, 0}`: the kernel sends a RST and no
+    /// FIN.
+    ReadThenReset,
+}
+
+/// What the server saw.
+#[derive(Debug, Default)]
+pub struct ServerReport {
+    /// Remote addresses of the accepted connections.
+    pub peers: Vec<SocketAddr>,
+    /// `comm` of the threads that handled (and closed) the accepted sockets.
+    pub comms: Vec<String>,
+}
+
+/// A TCP server thread accepting exactly `expected` connections.
+pub struct Server {
+    pub addr: SocketAddr,
+    handle: Option<JoinHandle<Result<ServerReport, String>>>,
+}
+
+impl Server {
+    /// Listens on `bind` (port 0 for a free one) in this network namespace.
+    pub fn start(bind: SocketAddr, mode: ServerMode, expected: usize) -> Server {
+        Server::spawn(None, bind, mode, expected)
+    }
+
+    /// Listens on `bind` inside the network namespace `ns`.
+    pub fn start_in(ns: &Netns, bind: SocketAddr, mode: ServerMode, expected: usize) -> Server {
+        Server::spawn(Some(ns.path()), bind, mode, expected)
+    }
+
+    fn spawn(netns: Option<String>, bind: SocketAddr, mode: ServerMode, expected: usize) -> Server {
+        let (tx, rx) = mpsc::channel::<Result<SocketAddr, String>>();
+        let handle = thread::Builder::new()
+            .name("test-server".into())
+            .spawn(move || {
+                if let Some(path) = netns
+                    && let Err(e) = enter_netns(&path)
+                {
+                    let _ = tx.send(Err(e.clone()));
+                    return Err(e);
+                }
+                let listener = match TcpListener::bind(bind) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let e = format!("bind {bind}: {e}");
+                        let _ = tx.send(Err(e.clone()));
+                        return Err(e);
+                    }
+                };
+                let addr = listener.local_addr().map_err(|e| e.to_string())?;
+                let _ = tx.send(Ok(addr));
+                serve(listener, mode, expected)
+            })
+            .expect("spawn server thread");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server thread did not report its address")
+            .unwrap_or_else(|e| panic!("server failed to start: {e}"));
+        Server {
+            addr,
+            handle: Some(handle),
+        }
+    }
+
+    /// Waits (bounded) for the server to have handled all its connections.
+    pub fn join(mut self) -> ServerReport {
+        let handle = self.handle.take().expect("joined once");
+        let deadline = Instant::now() + IO_TIMEOUT + Duration::from_secs(10);
+        while !handle.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the test server on {} did not finish",
+                self.addr
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        match handle.join() {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => panic!("test server on {}: {e}", self.addr),
+            Err(_) => panic!("test server thread on {} panicked", self.addr),
+        }
+    }
+}
+
+fn serve(listener: TcpListener, mode: ServerMode, expected: usize) -> Result<ServerReport, String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut handlers = Vec::with_capacity(expected);
+    let mut report = ServerReport::default();
+    while handlers.len() < expected {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                report.peers.push(peer);
+                let handler = thread::Builder::new()
+                    .name("test-srv-conn".into())
+                    .spawn(move || handle_conn(stream, mode))
+                    .map_err(|e| e.to_string())?;
+                handlers.push(handler);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "accepted {} of {expected} connections within {IO_TIMEOUT:?}",
+                        handlers.len()
+                    ));
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
+    // Stop listening before the connections end, so that nothing else is accepted.
+    drop(listener);
+    let mut errors = Vec::new();
+    for handler in handlers {
+        match handler.join() {
+            Ok(Ok(comm)) => report.comms.push(comm),
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("connection handler panicked".into()),
+        }
+    }
+    if errors.is_empty() {
+        Ok(report)
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+fn handle_conn(mut stream: TcpStream, mode: ServerMode) -> Result<String, String> {
+    let comm = thread_comm();
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; REQUEST.len()];
+    stream
+        .read_exact(&mut buf)
+        .map_err(|e| format!("server read request: {e}"))?;
+    match mode {
+        ServerMode::EchoWaitClientClose => {
+            stream
+                .write_all(&buf)
+                .map_err(|e| format!("server write: {e}"))?;
+            read_to_eof(&mut stream).map_err(|e| format!("server wait for client close: {e}"))?;
+            drop(stream);
+        }
+        ServerMode::EchoThenClose => {
+            stream
+                .write_all(&buf)
+                .map_err(|e| format!("server write: {e}"))?;
+            drop(stream);
+        }
+        ServerMode::ReadThenReset => {
+            set_linger_zero(&stream).map_err(|e| format!("SO_LINGER: {e}"))?;
+            drop(stream);
+        }
+    }
+    Ok(comm)
+}
+
+/// Reads until EOF (bounded by the socket's read timeout and a byte budget).
+fn read_to_eof(stream: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 1024];
+    let mut total = 0usize;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        total += n;
+        if total > 1 << 20 {
+            return Err(std::io::Error::other("peer sent more than 1 MiB"));
+        }
+    }
+}
+
+/// `SO_LINGER {l_onoff: 1, l_linger: 0}`: closing the socket then sends a RST.
+pub fn set_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).expect("socklen");
+    // SAFETY: the fd is a live socket owned by `stream`; the option value points to a properly
+    // initialised `linger` that outlives the call, and `len` is its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast::<libc::c_void>(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientMode {
+    /// Sends, reads the echo, closes first.
+    CloseFirst,
+    /// Sends, reads the echo, waits for the server's FIN, then closes.
+    WaitServerClose,
+    /// Sends, then expects its read to fail with ECONNRESET.
+    ExpectReset,
+}
+
+/// Opens one connection to `server` and runs `mode`; returns the client's local address.
+pub fn client(server: SocketAddr, mode: ClientMode) -> Result<SocketAddr, String> {
+    let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(10))
+        .map_err(|e| format!("connect {server}: {e}"))?;
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(REQUEST)
+        .map_err(|e| format!("client write: {e}"))?;
+    match mode {
+        ClientMode::CloseFirst | ClientMode::WaitServerClose => {
+            let mut buf = vec![0u8; REQUEST.len()];
+            stream
+                .read_exact(&mut buf)
+                .map_err(|e| format!("client read echo: {e}"))?;
+            if buf != REQUEST {
+                return Err("the echo differs from the request".into());
+            }
+            if mode == ClientMode::WaitServerClose {
+                read_to_eof(&mut stream).map_err(|e| format!("client wait for FIN: {e}"))?;
+            }
+        }
+        ClientMode::ExpectReset => {
+            let mut buf = [0u8; 64];
+            match stream.read(&mut buf) {
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+                Ok(n) => return Err(format!("expected ECONNRESET, read returned Ok({n})")),
+                Err(e) => return Err(format!("expected ECONNRESET, read failed with {e}")),
+            }
+        }
+    }
+    drop(stream);
+    Ok(local)
+}
+
+/// Runs `n` clients one after the other in a thread named `thread_name`; returns their local
+/// addresses and the `comm` of that thread.
+pub fn run_clients(
+    server: SocketAddr,
+    mode: ClientMode,
+    n: usize,
+    thread_name: &str,
+) -> (Vec<SocketAddr>, String) {
+    let handle = thread::Builder::new()
+        .name(thread_name.into())
+        .spawn(move || {
+            let comm = thread_comm();
+            let locals = (0..n)
+                .map(|_| client(server, mode))
+                .collect::<Result<Vec<_>, String>>()?;
+            Ok::<_, String>((locals, comm))
+        })
+        .expect("spawn client thread");
+    match handle.join() {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => panic!("client to {server}: {e}"),
+        Err(_) => panic!("client thread panicked"),
+    }
+}
+
+/// Opens a connection that must be refused; panics otherwise.
+pub fn connect_refused(addr: SocketAddr) {
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        Err(e) => panic!("connect {addr}: expected ECONNREFUSED, got {e}"),
+        Ok(s) => panic!(
+            "connect {addr} unexpectedly succeeded (local {:?})",
+            s.local_addr()
+        ),
+    }
+}
+
+/// Connections opened and held: used for the seeding test.
+pub struct HeldClients {
+    pub streams: Vec<TcpStream>,
+}
+
+impl HeldClients {
+    /// Opens `n` connections to `server`, each doing one request/echo, and keeps them open.
+    pub fn open(server: SocketAddr, n: usize) -> HeldClients {
+        let streams = (0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("connect {server}: {e}"));
+                s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+                s.write_all(REQUEST).expect("client write");
+                let mut buf = vec![0u8; REQUEST.len()];
+                s.read_exact(&mut buf).expect("client read echo");
+                s
+            })
+            .collect();
+        HeldClients { streams }
+    }
+
+    pub fn local_ports(&self) -> HashSet<u16> {
+        self.streams
+            .iter()
+            .map(|s| s.local_addr().expect("local_addr").port())
+            .collect()
+    }
+
+    /// Closes them all (client first: each sends a FIN).
+    pub fn close(self) {
+        for s in self.streams {
+            let _ = s.shutdown(Shutdown::Write);
+            drop(s);
+        }
+    }
+}
+
+/// Established TCP sockets as `ss -Htan` lists them: (local, peer) address strings.
+pub fn ss_established() -> Vec<(String, String)> {
+    require_tool("ss");
+    run_ok("ss", &["-Htan"])
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 5 && f[0] == "ESTAB").then(|| (f[3].to_string(), f[4].to_string()))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network namespaces
+// ---------------------------------------------------------------------------------------------
+
+static NETNS_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Moves the calling thread into the network namespace bound at `path`.
+fn enter_netns(path: &str) -> Result<(), String> {
+    let file = File::open(path).map_err(|e| format!("open {path}: {e}"))?;
+    // SAFETY: the fd is an open nsfs file owned by `file` for the whole call; setns only
+    // changes the calling thread's network namespace (a thread of our own that binds its
+    // sockets there) and does not touch memory.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("setns {path}: {}", std::io::Error::last_os_error()))
+    }
+}
+
+/// A network namespace with a veth pair to the host: host side `10.231.<n>.1/24`, namespace
+/// side `10.231.<n>.2/24`. Dropping it deletes the namespace, which deletes the veth pair.
+pub struct Netns {
+    pub name: String,
+    pub host_if: String,
+    pub ns_if: String,
+    pub host_ip: Ipv4Addr,
+    pub ns_ip: Ipv4Addr,
+}
+
+impl Netns {
+    pub fn create() -> Netns {
+        require_root();
+        require_tool("ip");
+        remove_stale_namespaces();
+        let pid = std::process::id();
+        let k = NETNS_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let used = run_ok("ip", &["-o", "-4", "addr", "show"]);
+        // Pick a /24 that no interface uses yet.
+        let n = (0..250u32)
+            .map(|i| (pid + k * 7 + i) % 250 + 1)
+            .find(|n| !used.contains(&format!("10.231.{n}.")))
+            .expect("no free 10.231.x.0/24 subnet");
+        let name = format!("tracer-test-{pid}-{k}");
+        let host_if = format!("trt{}h{k}", pid % 100_000);
+        let ns_if = format!("trt{}n{k}", pid % 100_000);
+        let octet = u8::try_from(n).expect("subnet octet");
+        run_ok("ip", &["netns", "add", &name]);
+        // From here on Drop cleans up, even if the rest panics.
+        let ns = Netns {
+            name,
+            host_if,
+            ns_if,
+            host_ip: Ipv4Addr::new(10, 231, octet, 1),
+            ns_ip: Ipv4Addr::new(10, 231, octet, 2),
+        };
+        ns.configure();
+        ns
+    }
+
+    fn configure(&self) {
+        let host_cidr = format!("{}/24", self.host_ip);
+        let ns_cidr = format!("{}/24", self.ns_ip);
+        run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                &self.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &self.ns_if,
+                "netns",
+                &self.name,
+            ],
+        );
+        run_ok("ip", &["addr", "add", &host_cidr, "dev", &self.host_if]);
+        run_ok("ip", &["link", "set", &self.host_if, "up"]);
+        let ns = self.name.as_str();
+        run_ok(
+            "ip",
+            &["-n", ns, "addr", "add", &ns_cidr, "dev", &self.ns_if],
+        );
+        run_ok("ip", &["-n", ns, "link", "set", &self.ns_if, "up"]);
+        run_ok("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        // Wait (bounded) for the carrier on both ends so the first SYN is not lost.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let host = run_ok("ip", &["-o", "link", "show", "dev", &self.host_if]);
+            let inside = run_ok("ip", &["-n", ns, "-o", "link", "show", "dev", &self.ns_if]);
+            if host.contains("LOWER_UP") && inside.contains("LOWER_UP") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "veth {} / {} did not come up: {host} {inside}",
+                self.host_if,
+                self.ns_if
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The namespace's bind mount, usable with setns.
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// The namespace's inode: what the agent reports as `netns` for its sockets.
+    pub fn inode(&self) -> u64 {
+        std::fs::metadata(self.path())
+            .unwrap_or_else(|e| panic!("stat {}: {e}", self.path()))
+            .ino()
+    }
+
+    pub fn ns_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ns_ip), port)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run_cmd("ip", &["netns", "del", &self.name]);
+        // Normally gone with the namespace; covers a half-configured pair.
+        let _ = run_cmd("ip", &["link", "del", &self.host_if]);
+    }
+}
+
+/// Deletes `tracer-test-<pid>-<n>` namespaces left behind by test processes that are gone.
+fn remove_stale_namespaces() {
+    let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten().take(1000) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("tracer-test-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run_cmd("ip", &["netns", "del", &name]);
+        }
+    }
+}

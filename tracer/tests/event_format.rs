@@ -1,0 +1,158 @@
+//! Every line the agent writes with `--events json` is one JSON object of the documented shape.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use common::*;
+use serde_json::Value;
+
+const DIRECTIONS: &[&str] = &["active", "passive", "unknown"];
+const CLOSES: &[&str] = &[
+    "local",
+    "remote",
+    "reset_received",
+    "aborted",
+    "refused",
+    "failed",
+    "unknown",
+];
+const STATES: &[&str] = &[
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+fn is_u64_or_null(v: &Value) -> bool {
+    v.is_null() || v.as_u64().is_some()
+}
+
+fn check_event(line: &str) {
+    let ev: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line:?}"));
+    let obj = ev
+        .as_object()
+        .unwrap_or_else(|| panic!("stdout line is not a JSON object: {line}"));
+    for key in [
+        "ts",
+        "event",
+        "family",
+        "saddr",
+        "sport",
+        "daddr",
+        "dport",
+        "netns",
+        "direction",
+        "pid",
+        "comm",
+        "states",
+        "duration_us",
+        "handshake_us",
+        "retransmits",
+        "resets_sent",
+        "resets_received",
+        "close",
+        "seeded",
+        "complete",
+    ] {
+        assert!(obj.contains_key(key), "missing `{key}`: {line}");
+    }
+    let ts = ev_str(&ev, "ts");
+    assert!(
+        ts.len() >= 20 && ts.as_bytes()[10] == b'T' && ts.ends_with('Z'),
+        "ts is not an RFC 3339 UTC time: {line}"
+    );
+    assert_eq!(ev_str(&ev, "event"), "connection_closed", "{line}");
+    let saddr: IpAddr = ev_str(&ev, "saddr").parse().expect("saddr is an address");
+    let daddr: IpAddr = ev_str(&ev, "daddr").parse().expect("daddr is an address");
+    let family = ev_str(&ev, "family");
+    match family {
+        "ipv4" => assert!(saddr.is_ipv4() && daddr.is_ipv4(), "{line}"),
+        "ipv6" => assert!(saddr.is_ipv6() && daddr.is_ipv6(), "{line}"),
+        other => panic!("family {other:?}: {line}"),
+    }
+    assert!(ev_u64(&ev, "sport") <= 65535, "{line}");
+    assert!(ev_u64(&ev, "dport") <= 65535, "{line}");
+    ev_u64(&ev, "netns");
+    assert!(DIRECTIONS.contains(&ev_str(&ev, "direction")), "{line}");
+    assert!(CLOSES.contains(&ev_str(&ev, "close")), "{line}");
+    assert!(is_u64_or_null(&ev["pid"]), "{line}");
+    assert!(ev["comm"].is_null() || ev["comm"].is_string(), "{line}");
+    assert!(is_u64_or_null(&ev["duration_us"]), "{line}");
+    assert!(is_u64_or_null(&ev["handshake_us"]), "{line}");
+    ev_u64(&ev, "retransmits");
+    ev_u64(&ev, "resets_sent");
+    ev_u64(&ev, "resets_received");
+    assert!(ev["seeded"].is_boolean(), "{line}");
+    assert!(ev["complete"].is_boolean(), "{line}");
+    let states = ev["states"].as_array().expect("states array");
+    assert!(!states.is_empty(), "{line}");
+    let mut last_t = 0;
+    for s in states {
+        let name = s["state"].as_str().expect("state name");
+        assert!(STATES.contains(&name), "unknown state {name}: {line}");
+        assert_ne!(
+            name, "TIME_WAIT",
+            "TIME_WAIT is not part of the path: {line}"
+        );
+        let t = s["t_us"].as_u64().expect("t_us");
+        assert!(t >= last_t, "t_us goes back: {line}");
+        last_t = t;
+    }
+    assert_eq!(
+        states.last().and_then(|s| s["state"].as_str()),
+        Some("CLOSE"),
+        "a finished connection ends at CLOSE: {line}"
+    );
+}
+
+#[test]
+fn every_stdout_line_is_a_connection_closed_json_object() {
+    require_root();
+    let mut agent = Agent::start(&[]);
+
+    let server = Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServerMode::EchoWaitClientClose,
+        5,
+    );
+    run_clients(server.addr, ClientMode::CloseFirst, 5, "tracer-client");
+    let addr = server.addr;
+    server.join();
+    let server6 = Server::start("[::1]:0".parse().unwrap(), ServerMode::EchoThenClose, 2);
+    run_clients(
+        server6.addr,
+        ClientMode::WaitServerClose,
+        2,
+        "tracer-client",
+    );
+    let addr6 = server6.addr;
+    server6.join();
+    let refused = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    connect_refused(refused);
+
+    agent.wait_for_events(is_server_of(addr), 5, EVENT_TIMEOUT);
+    agent.wait_for_events(is_client_of(addr6), 2, EVENT_TIMEOUT);
+    agent.wait_for_events(is_client_of(refused), 1, EVENT_TIMEOUT);
+    agent.stop();
+
+    let lines = agent.stdout_lines();
+    let expected = 5 + 5 + 2 + 2 + 1;
+    assert!(lines.len() >= expected, "{lines:?}");
+    for line in &lines {
+        check_event(line);
+    }
+}
