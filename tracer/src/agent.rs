@@ -19,7 +19,7 @@ use crate::kernel::{self, KernelBtf};
 use crate::metrics::{self, Metrics};
 use crate::probes::{KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::seed;
-use crate::sinks::EventSink;
+use crate::sinks::{EventSink, WallClock};
 
 /// How often the kernel's lost-event counter and the gauges are refreshed.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -71,7 +71,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let sink = EventSink::new(args.events, BufWriter::with_capacity(64 << 10, io::stdout()));
+    let clock = WallClock::new().context("reading the clocks")?;
+    let sink = EventSink::new(
+        args.events,
+        BufWriter::with_capacity(64 << 10, io::stdout()),
+        clock,
+    );
     let result = runtime.block_on(event_loop(Loop {
         ring,
         lost,
@@ -102,9 +107,13 @@ async fn event_loop<W: Write>(mut state: Loop<W>) -> anyhow::Result<()> {
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let listener = tokio::net::TcpListener::from_std(state.listener.try_clone()?)
         .context("registering the metrics socket")?;
-    let server = tokio::spawn(metrics::serve(listener, state.metrics.clone(), async move {
-        let _ = stop_rx.changed().await;
-    }));
+    let server = tokio::spawn(metrics::serve(
+        listener,
+        state.metrics.clone(),
+        async move {
+            let _ = stop_rx.changed().await;
+        },
+    ));
 
     let mut ring = register(state.ring).context("polling the ring buffer")?;
     let mut logger = match state.logger.take() {
@@ -149,7 +158,12 @@ async fn event_loop<W: Write>(mut state: Loop<W>) -> anyhow::Result<()> {
 
     // Detach first, then take what is still queued so that nothing seen is dropped.
     drop(state.probes.take());
-    drain(ring.get_mut(), &mut state.tracker, &state.metrics, &mut state.sink);
+    drain(
+        ring.get_mut(),
+        &mut state.tracker,
+        &state.metrics,
+        &mut state.sink,
+    );
     if outcome.is_ok()
         && let Err(e) = state.sink.flush()
     {
@@ -210,4 +224,5 @@ fn drain<W: Write>(
         }
     }
     metrics.set_active(tracker.active());
+    metrics.set_evictions(tracker.evictions());
 }

@@ -1,4 +1,126 @@
-//! Command line. (being wired up)
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! Command line: argument parsing, logging set-up, and one-line errors with a non-zero exit.
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::agent;
+use crate::sinks::EventFormat;
+
+/// Default metrics port (Prometheus exporters conventionally take one in the 9xxx range).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9645";
+
+#[derive(Debug, Parser)]
+#[command(name = "tracer", version, about = "eBPF TCP connection tracer", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to the kernel and trace every TCP connection until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// Address to serve Prometheus metrics on, at /metrics.
+    #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Per-connection events on stdout: one JSON object per line, a human line, or nothing.
+    #[arg(long, value_enum, default_value = "text")]
+    pub events: EventFormat,
+
+    /// Size of the kernel-to-agent ring buffer: a power of two, at least 64 KiB.
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_buffer_bytes: u32,
+
+    /// Live connections tracked at most; past it the least recently active is evicted (counted).
+    #[arg(long, default_value_t = 262_144, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Diagnostics on stderr: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    pub log_level: log::LevelFilter,
+}
+
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let bytes: u32 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a byte count"))?;
+    if bytes < (64 << 10) || !bytes.is_power_of_two() {
+        return Err(format!(
+            "{bytes} must be a power of two of at least 65536 bytes"
+        ));
+    }
+    Ok(bytes)
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return report_usage(err),
+    };
+    match cli.command {
+        Command::Run(args) => {
+            init_logging(args.log_level);
+            match agent::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    // One line: the outermost context and its causes, no backtrace.
+                    eprintln!("tracer: error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Help and version go to stdout in full; usage errors get their first line only.
+fn report_usage(err: clap::Error) -> ExitCode {
+    if !err.use_stderr() {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = err.render().to_string();
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("tracer: error: {first} (see `tracer --help`)");
+    ExitCode::from(2)
+}
+
+fn init_logging(level: log::LevelFilter) {
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tracer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_defaults_are_the_documented_ones() {
+        let Command::Run(args) = parse(&["run"]).expect("parse").command;
+        assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(args.events, EventFormat::Text);
+        assert_eq!(args.ring_buffer_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse(&["run", "--listen", "not-an-address"]).is_err());
+        assert!(parse(&["run", "--events", "xml"]).is_err());
+        assert!(parse(&["run", "--ring-buffer-bytes", "100000"]).is_err());
+        assert!(parse(&["run", "--max-connections", "0"]).is_err());
+        assert!(parse(&["run", "--bogus"]).is_err());
+    }
 }

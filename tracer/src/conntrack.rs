@@ -340,10 +340,8 @@ impl Tracker {
             conn.owner = Some(owner(task));
         }
         match new {
-            TcpState::Established => {
-                if conn.established_ns.is_none() {
-                    conn.established_ns = Some(ts_ns);
-                }
+            TcpState::Established if conn.established_ns.is_none() => {
+                conn.established_ns = Some(ts_ns);
             }
             TcpState::FinWait1 if conn.first_fin.is_none() => {
                 conn.first_fin = Some(CloseCause::Local);

@@ -3,7 +3,7 @@
 //!
 //! Data flows one way: `probes` (kernel hooks) -> `events` (ring buffer, decoding) ->
 //! `conntrack` (pure lifecycle reconstruction) -> exporters (`metrics`, `sinks`).
-// pub mod agent; (enabled once seed and sinks land)
+pub mod agent;
 pub mod cli;
 pub mod conntrack;
 pub mod events;

@@ -113,6 +113,7 @@ pub struct Metrics {
     events: [IntCounter; EventKind::ALL.len()],
     events_lost: IntCounter,
     events_lost_seen: AtomicU64,
+    events_malformed: IntCounter,
     evicted: IntCounter,
     evicted_seen: AtomicU64,
 }
@@ -334,6 +335,12 @@ impl Metrics {
         ))?;
         registry.register(Box::new(events_lost.clone()))?;
 
+        let events_malformed = IntCounter::with_opts(Opts::new(
+            "tracer_events_malformed_total",
+            "Ring buffer records the agent could not decode (agent and kernel programs disagree).",
+        ))?;
+        registry.register(Box::new(events_malformed.clone()))?;
+
         let evicted = IntCounter::with_opts(Opts::new(
             "tracer_connections_evicted_total",
             "Connections dropped from the agent's table because it was full.",
@@ -354,6 +361,7 @@ impl Metrics {
             events,
             events_lost,
             events_lost_seen: AtomicU64::new(0),
+            events_malformed,
             evicted,
             evicted_seen: AtomicU64::new(0),
         })
@@ -381,6 +389,11 @@ impl Metrics {
 
     /// Takes the kernel's cumulative count of lost events; adds what it grew by since the last
     /// call. A smaller total than before is ignored: the counter never goes down.
+    /// A ring buffer record that did not decode.
+    pub fn event_malformed(&self) {
+        self.events_malformed.inc();
+    }
+
     pub fn set_events_lost(&self, total: u64) {
         add_delta(&self.events_lost, &self.events_lost_seen, total);
     }
