@@ -15,7 +15,11 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Set up, build, run and test the tracer")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Set up, build, run and test the tracer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

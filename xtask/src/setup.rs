@@ -132,6 +132,7 @@ fn bpf_linker(sysroot: &Path) -> Result<()> {
     }
     let (llvm_file, major) = nightly_llvm(sysroot)?;
     let prefix = llvm_prefix(sysroot, &llvm_file)?;
+    step("bpf-linker missing or not runnable");
     step(&format!(
         "building bpf-linker {BPF_LINKER_VERSION} against the nightly toolchain's LLVM {major} (about a minute or two)"
     ));
@@ -150,7 +151,13 @@ fn bpf_linker(sysroot: &Path) -> Result<()> {
             "--features",
             &format!("llvm-{major}"),
         ])
-        .env("LLVM_PREFIX", &prefix);
+        .env("LLVM_PREFIX", &prefix)
+        // bpf-linker finds LLVM at run time through the prefix (its RUNPATH), which lives in this
+        // work tree; also look in the toolchain itself, so that it survives a fresh clone.
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("-Clink-arg=-Wl,-rpath,{}", sysroot.join("lib").display()),
+        );
         run_cmd(&mut cmd)
     };
     if let Err(err) = install(true) {
