@@ -240,10 +240,7 @@ impl Agent {
             if let Some(status) = child.try_wait().expect("try_wait agent") {
                 self.child = None;
                 self.join_readers();
-                panic!(
-                    "the agent exited ({status}) before serving /metrics\n--- agent stderr ---\n{}",
-                    self.stderr_text()
-                );
+                panic!("the agent exited ({status}) before serving /metrics (its stderr follows)");
             }
             match http_get(self.listen, "/metrics", Duration::from_secs(2)) {
                 Ok(resp) if resp.status == 200 => return,
@@ -254,9 +251,8 @@ impl Agent {
         }
         panic!(
             "the agent did not serve GET /metrics with 200 on {} within {READY_TIMEOUT:?} (last \
-             attempt: {last_error})\n--- agent stderr ---\n{}",
+             attempt: {last_error}; its stderr follows)",
             self.listen,
-            self.stderr_text()
         );
     }
 
@@ -309,8 +305,7 @@ impl Agent {
                 let tail: Vec<&String> = all.iter().rev().take(60).rev().collect();
                 panic!(
                     "expected {count} matching events within {timeout:?}, got {} (agent \
-                     stdout {}):\n--- matching ---\n{}\n--- last {} of {} stdout lines ---\n{}\n\
-                     --- agent stderr ---\n{}",
+                     stdout {}):\n--- matching ---\n{}\n--- last {} of {} stdout lines ---\n{}",
                     matching.len(),
                     if eof { "closed" } else { "open" },
                     matching
@@ -324,7 +319,6 @@ impl Agent {
                         .map(|s| s.as_str())
                         .collect::<Vec<_>>()
                         .join("\n"),
-                    self.stderr_text()
                 );
             }
             guard = self
@@ -389,19 +383,14 @@ impl Agent {
             let _ = child.kill();
             let _ = child.wait();
             self.join_readers();
-            panic!(
-                "the agent did not exit within {STOP_TIMEOUT:?} of signal {signal}\n--- agent \
-                 stderr ---\n{}",
-                self.stderr_text()
-            );
+            panic!("the agent did not exit within {STOP_TIMEOUT:?} of signal {signal}");
         };
         self.join_readers();
         assert!(
             status.code() == Some(0),
             "the agent exited with {status} (signal {:?}) after signal {signal}, expected exit \
-             code 0\n--- agent stderr ---\n{}",
+             code 0",
             status.signal(),
-            self.stderr_text()
         );
         took
     }
@@ -810,8 +799,8 @@ fn serve(listener: TcpListener, mode: ServerMode, expected: usize) -> Result<Ser
             Err(e) => return Err(format!("accept: {e}")),
         }
     }
-    // Stop listening before the connections end, so that nothing else is accepted.
-    drop(listener);
+    // Keep listening until the connections end, as a real server does: the agent infers the
+    // direction of connections it seeds from whether their local port listens.
     let mut errors = Vec::new();
     for handler in handlers {
         match handler.join() {
@@ -820,6 +809,7 @@ fn serve(listener: TcpListener, mode: ServerMode, expected: usize) -> Result<Ser
             Err(_) => errors.push("connection handler panicked".into()),
         }
     }
+    drop(listener);
     if errors.is_empty() {
         Ok(report)
     } else {
