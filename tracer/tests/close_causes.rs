@@ -1,5 +1,6 @@
-//! Abnormal ends: a refused connect and a connection reset with `SO_LINGER 0` get the right
-//! close cause on each side, the reset counters follow.
+//! Abnormal ends: a refused connect, a connection reset with `SO_LINGER 0` and a connect that
+//! is never answered get the right close cause on each side; the reset and retransmit counters
+//! follow.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -7,7 +8,8 @@
 )]
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
@@ -139,4 +141,51 @@ fn linger_zero_close_is_aborted_on_the_server_and_reset_received_on_the_client()
         n,
     );
     agent.stop();
+}
+
+#[test]
+fn unanswered_connect_is_failed_with_syn_retransmits() {
+    require_root();
+    require_tool("ip");
+    let ns = Netns::create();
+    let mut agent = Agent::start(&[]);
+    let before = agent.scrape();
+
+    // SYN at 0 s, retransmitted at about 1 s and 3 s; the connect is given up at 3.5 s.
+    let target = ns.silent_addr(9);
+    match TcpStream::connect_timeout(&target, Duration::from_millis(3500)) {
+        Err(e) if e.kind() == ErrorKind::TimedOut => {}
+        other => panic!("connect {target}: expected a timeout, got {other:?}"),
+    }
+
+    let events = agent.wait_for_exactly(is_client_of(target), 1, EVENT_TIMEOUT, SETTLE);
+    let ev = &events[0];
+    assert_eq!(ev_str(ev, "direction"), "active", "{ev}");
+    assert_eq!(ev_str(ev, "close"), "failed", "{ev}");
+    assert_eq!(ev_states(ev), ["SYN_SENT", "CLOSE"], "{ev}");
+    assert!(
+        ev_u64(ev, "retransmits") >= 1,
+        "the SYN was retransmitted: {ev}"
+    );
+    assert_eq!(ev_u64(ev, "resets_received"), 0, "{ev}");
+    assert!(ev["handshake_us"].is_null(), "never established: {ev}");
+    assert_eq!(ev_str(ev, "saddr"), ns.host_ip.to_string(), "{ev}");
+
+    let after = agent.scrape();
+    assert_delta_at_least(
+        &before,
+        &after,
+        "tracer_connections_closed_total",
+        &[("direction", "active"), ("close", "failed")],
+        1.0,
+    );
+    assert_delta_at_least(
+        &before,
+        &after,
+        "tracer_retransmits_total",
+        &[("kind", "syn")],
+        1.0,
+    );
+    agent.stop();
+    drop(ns);
 }

@@ -1150,6 +1150,29 @@ impl Netns {
     pub fn ns_addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.ns_ip), port)
     }
+
+    /// An address on the namespace's link (`10.231.<n>.3`) that nobody answers: the host
+    /// resolves it to a MAC address no interface has, so the namespace's end of the veth
+    /// discards every frame sent to it. A connect to it sees only its own SYNs, retransmitted.
+    pub fn silent_addr(&self, port: u16) -> SocketAddr {
+        let [a, b, c, _] = self.ns_ip.octets();
+        let ip = Ipv4Addr::new(a, b, c, 3);
+        run_ok(
+            "ip",
+            &[
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                "02:00:00:00:00:01",
+                "dev",
+                &self.host_if,
+                "nud",
+                "permanent",
+            ],
+        );
+        SocketAddr::new(IpAddr::V4(ip), port)
+    }
 }
 
 impl Drop for Netns {
