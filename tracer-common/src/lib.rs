@@ -14,6 +14,16 @@ pub const EVENT_RESET_RECEIVED: u8 = 3;
 /// `sk_rst_reason`.
 pub const EVENT_RESET_SENT: u8 = 4;
 
+/// `RawEvent::kind`: a TIME_WAIT timer was armed (`timer_start` of `tw_timer_handler`): a
+/// timewait mini socket entered TIME_WAIT (or FIN_WAIT2), or was re-armed. `skaddr` is the
+/// timewait socket, `newstate` its `tw_substate`.
+pub const EVENT_TW_START: u8 = 5;
+/// `RawEvent::kind`: a TIME_WAIT timer was detached (`timer_cancel`): every exit, including a
+/// normal expiry, which `EVENT_TW_EXPIRE` then follows.
+pub const EVENT_TW_CANCEL: u8 = 6;
+/// `RawEvent::kind`: a TIME_WAIT timer fired (`timer_expire_entry`): the 2MSL wait ran out.
+pub const EVENT_TW_EXPIRE: u8 = 7;
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
@@ -83,8 +93,22 @@ pub struct KernelOffsets {
     pub icsk_ca_state_shift: u32,
     /// `struct sk_buff` -> `cb` plus `struct tcp_skb_cb` -> `tcp_gso_segs`.
     pub skb_tcp_gso_segs: u32,
+    /// `struct timer_list` -> `function`.
+    pub timer_function: u32,
+    /// `struct inet_timewait_sock` -> `tw_timer`.
+    pub tw_timer: u32,
+    /// `struct inet_timewait_sock` -> `tw_substate`.
+    pub tw_substate: u32,
     /// Non-zero once the agent has filled this struct (programs do nothing before that).
     pub valid: u32,
+}
+
+/// Kernel function addresses from `/proc/kallsyms`, to pick TCP timers out of all timers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelSymbols {
+    /// `tw_timer_handler`: the TIME_WAIT timer's callback.
+    pub tw_timer_handler: u64,
 }
 
 #[cfg(feature = "user")]
@@ -95,8 +119,10 @@ mod user {
     // SAFETY: KernelOffsets is repr(C), Copy and made only of u32 fields: no padding, every
     // bit pattern valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: KernelSymbols is repr(C), Copy and made only of u64 fields.
+    unsafe impl aya::Pod for super::KernelSymbols {}
 }
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 88);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 15 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 18 * 4);

@@ -11,6 +11,7 @@ mod resets;
 mod retransmit;
 mod sock;
 mod state;
+mod timers;
 
 #[cfg(not(test))]
 #[panic_handler]

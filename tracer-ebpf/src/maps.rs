@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use tracer_common::{KernelOffsets, RawEvent};
+use tracer_common::{KernelOffsets, KernelSymbols, RawEvent};
 
 /// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
 #[map]
@@ -31,8 +31,24 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     icsk_ca_state_byte: 0,
     icsk_ca_state_shift: 0,
     skb_tcp_gso_segs: 0,
+    timer_function: 0,
+    tw_timer: 0,
+    tw_substate: 0,
     valid: 0,
 };
+
+/// Filled by the agent from `/proc/kallsyms` before loading.
+#[unsafe(no_mangle)]
+static SYMBOLS: KernelSymbols = KernelSymbols {
+    tw_timer_handler: 0,
+};
+
+#[inline(always)]
+pub fn symbols() -> KernelSymbols {
+    // SAFETY: as for `offsets`: a plain static rewritten by the loader, read volatile so the
+    // compiler cannot fold the zero initialiser.
+    unsafe { core::ptr::read_volatile(&SYMBOLS) }
+}
 
 #[inline(always)]
 pub fn offsets() -> KernelOffsets {

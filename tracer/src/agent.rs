@@ -1,9 +1,10 @@
 //! `tracer run`: set-up in an order that fails before anything is attached where it can, then
 //! one task that drains the ring buffer in batches into the tracker and its observers.
+use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -15,14 +16,20 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cli::RunArgs;
 use crate::conntrack::{Tracker, TrackerConfig};
 use crate::events;
-use crate::kernel::{self, KernelBtf};
+use crate::kernel::{self, KernelBtf, TcpSysctls};
 use crate::metrics::{self, Metrics};
+use crate::model::TcpState;
 use crate::probes::{KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::seed;
 use crate::sinks::{EventSink, WallClock};
+use crate::timewait::PeerKey;
 
 /// How often the kernel's lost-event counter and the gauges are refreshed.
 const REFRESH: Duration = Duration::from_secs(1);
+/// Sysctls are re-read every this many refreshes.
+const SYSCTL_EVERY: u64 = 10;
+/// The same port-exhaustion warning is repeated at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     kernel::require_root()?;
@@ -41,11 +48,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let btf = KernelBtf::load()?;
     let offsets = btf.offsets()?;
     debug!("kernel offsets from BTF: {offsets:?}");
+    let symbols = kernel::symbols()?;
+    debug!("kernel symbols: {symbols:x?}");
 
     let metrics = Arc::new(Metrics::new().context("creating metrics")?);
     let mut probes = Probes::attach(
         &btf,
         &offsets,
+        &symbols,
         &ProbeConfig {
             ring_buffer_bytes: args.ring_buffer_bytes,
         },
@@ -59,12 +69,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // events, and the tracker merges the two by 4-tuple; the other order would lose it.
     let mut tracker = Tracker::new(TrackerConfig {
         max_connections: args.max_connections as usize,
+        ..TrackerConfig::default()
     });
-    let netns = seed::current_netns_inode().context("reading this network namespace")?;
-    let sockets = seed::dump_tcp().context("listing existing TCP sockets (sock_diag)")?;
-    let seeds = seed::seeds(&sockets, netns);
-    info!("seeded {} connections open before start", seeds.len());
-    tracker.seed(seeds);
+    let sysctls = TcpSysctls::read();
+    if let Some(range) = sysctls.ip_local_port_range {
+        tracker.time_wait_mut().set_ephemeral_ports(range);
+    }
+    metrics.time_wait.set_settings(&sysctls);
+    seed_existing(&mut tracker)?;
     metrics.set_active(tracker.active());
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -77,22 +89,61 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         BufWriter::with_capacity(64 << 10, io::stdout()),
         clock,
     );
-    let result = runtime.block_on(event_loop(Loop {
+    let port_range_size = sysctls.port_range_size().unwrap_or(0);
+    let result = runtime.block_on(event_loop(
         ring,
-        lost,
-        logger,
-        tracker,
-        metrics,
-        sink,
-        listener,
-        probes: Some(probes),
-    }));
+        Loop {
+            lost,
+            logger,
+            tracker,
+            metrics,
+            sink,
+            listener,
+            probes: Some(probes),
+            time_wait_top_peers: args.time_wait_top_peers as usize,
+            port_exhaustion_warning: args.port_exhaustion_warning,
+            port_warnings: HashMap::new(),
+            refreshes: 0,
+            port_range_size,
+        },
+    ));
     info!("detached; stopped");
     result
 }
 
+/// Connections and TIME_WAIT sockets that exist already, in this and every other network
+/// namespace that can be entered. Only this namespace is required; others are best effort.
+fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
+    let own = seed::current_netns_inode().context("reading this network namespace")?;
+    let sockets = seed::dump_tcp().context("listing existing TCP sockets (sock_diag)")?;
+    let mut dumps = vec![(own, sockets)];
+    for namespace in seed::other_namespaces(own) {
+        match seed::dump_tcp_in(&namespace) {
+            Ok(sockets) => dumps.push((namespace.inode, sockets)),
+            Err(e) => warn!("not seeding network namespace {}: {e}", namespace.inode),
+        }
+    }
+    let (mut connections, mut time_wait) = (0, 0);
+    for (netns, sockets) in &dumps {
+        let seeds = seed::seeds(sockets, *netns);
+        connections += seeds.len();
+        tracker.seed(seeds);
+        let waiting: Vec<_> = sockets
+            .iter()
+            .filter(|s| s.state == TcpState::TimeWait)
+            .map(|s| (*netns, s.tuple))
+            .collect();
+        time_wait += waiting.len();
+        tracker.time_wait_mut().seed(waiting);
+    }
+    info!(
+        "seeded {connections} connections and {time_wait} TIME_WAIT sockets open before start, in {} network namespaces",
+        dumps.len()
+    );
+    Ok(())
+}
+
 struct Loop<W: Write> {
-    ring: RingBuf<MapData>,
     lost: LostCounter,
     logger: Option<KernelLogger>,
     tracker: Tracker,
@@ -101,9 +152,79 @@ struct Loop<W: Write> {
     listener: std::net::TcpListener,
     /// Held until shutdown; dropping it detaches the programs.
     probes: Option<Probes>,
+    time_wait_top_peers: usize,
+    port_exhaustion_warning: f64,
+    /// When each peer was last warned about, to warn at most once per `WARN_EVERY`.
+    port_warnings: HashMap<PeerKey, Instant>,
+    refreshes: u64,
+    /// Size of `ip_local_port_range`, re-read with the other sysctls.
+    port_range_size: u32,
 }
 
-async fn event_loop<W: Write>(mut state: Loop<W>) -> anyhow::Result<()> {
+impl<W: Write> Loop<W> {
+    /// Once per `REFRESH`: what only the passing of time settles, gauges, and warnings.
+    fn refresh(&mut self) {
+        let mut observer = (&*self.metrics, &mut self.sink);
+        self.tracker.tick(monotonic_ns(), &mut observer);
+        match self.lost.total() {
+            Ok(total) => self.metrics.set_events_lost(total),
+            Err(e) => warn!("{e}"),
+        }
+        self.metrics.set_active(self.tracker.active());
+        self.refreshes += 1;
+        if self.refreshes.is_multiple_of(SYSCTL_EVERY) {
+            let sysctls = TcpSysctls::read();
+            self.metrics.time_wait.set_settings(&sysctls);
+            if let Some(range) = sysctls.ip_local_port_range {
+                self.tracker.time_wait_mut().set_ephemeral_ports(range);
+            }
+            self.port_range_size = sysctls.port_range_size().unwrap_or(0);
+        }
+        let pressure = self.metrics.time_wait.update(
+            self.tracker.time_wait(),
+            self.time_wait_top_peers,
+            self.port_range_size,
+        );
+        for peer in pressure {
+            if peer.ratio < self.port_exhaustion_warning {
+                continue;
+            }
+            let now = Instant::now();
+            let due = self
+                .port_warnings
+                .get(&peer.peer)
+                .is_none_or(|last| now.duration_since(*last) >= WARN_EVERY);
+            if due {
+                self.port_warnings.insert(peer.peer, now);
+                warn!(
+                    "ephemeral port exhaustion risk: {} sockets in TIME_WAIT toward {}:{} hold {:.0}% of ip_local_port_range; reuse connections (pooling, keep-alive), enable net.ipv4.tcp_tw_reuse, or widen the port range",
+                    peer.sockets,
+                    peer.peer.peer,
+                    peer.peer.port,
+                    peer.ratio * 100.0
+                );
+            }
+        }
+        // Keep the warning memory bounded to peers still under pressure recently.
+        self.port_warnings
+            .retain(|_, last| last.elapsed() < WARN_EVERY * 2);
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`, in nanoseconds.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always available.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+async fn event_loop<W: Write>(ring: RingBuf<MapData>, mut state: Loop<W>) -> anyhow::Result<()> {
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let listener = tokio::net::TcpListener::from_std(state.listener.try_clone()?)
         .context("registering the metrics socket")?;
@@ -115,7 +236,7 @@ async fn event_loop<W: Write>(mut state: Loop<W>) -> anyhow::Result<()> {
         },
     ));
 
-    let mut ring = register(state.ring).context("polling the ring buffer")?;
+    let mut ring = register(ring).context("polling the ring buffer")?;
     let mut logger = match state.logger.take() {
         Some(logger) => Some(register(logger).context("polling the kernel log buffer")?),
         None => None,
@@ -144,13 +265,7 @@ async fn event_loop<W: Write>(mut state: Loop<W>) -> anyhow::Result<()> {
                     guard.clear_ready();
                 }
             }
-            _ = refresh.tick() => {
-                match state.lost.total() {
-                    Ok(total) => state.metrics.set_events_lost(total),
-                    Err(e) => warn!("{e}"),
-                }
-                state.metrics.set_active(state.tracker.active());
-            }
+            _ = refresh.tick() => state.refresh(),
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
         }
@@ -211,10 +326,12 @@ fn drain<W: Write>(
     metrics: &Metrics,
     sink: &mut EventSink<W>,
 ) {
+    let mut last_ts = None;
     while let Some(record) = ring.next() {
         match events::parse(&record).and_then(|raw| events::decode(&raw)) {
             Ok(event) => {
                 metrics.event(&event);
+                last_ts = Some(event.ts_ns());
                 tracker.on_event(&event, &mut (metrics, &mut *sink));
             }
             Err(e) => {
@@ -223,6 +340,11 @@ fn drain<W: Write>(
             }
         }
     }
+    // Settle by event time, not the clock: events still queued must not be judged missing.
+    if let Some(ts) = last_ts {
+        tracker.tick(ts, &mut (metrics, &mut *sink));
+    }
     metrics.set_active(tracker.active());
     metrics.set_evictions(tracker.evictions());
+    metrics.time_wait.set_sockets(tracker.time_wait().count());
 }

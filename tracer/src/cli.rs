@@ -41,6 +41,15 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 262_144, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// Peers shown in the TIME_WAIT breakdown (`tracer_time_wait_sockets_by_peer`); the rest
+    /// are summed under peer="other".
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub time_wait_top_peers: u32,
+
+    /// Warn when TIME_WAIT sockets toward one peer hold this share of the ephemeral port range.
+    #[arg(long, default_value_t = 0.5, value_name = "RATIO", value_parser = parse_ratio)]
+    pub port_exhaustion_warning: f64,
+
     /// Diagnostics on stderr: error, warn, info, debug or trace.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
@@ -56,6 +65,15 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
         ));
     }
     Ok(bytes)
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ratio) if ratio > 0.0 && ratio <= 1.0 => Ok(ratio),
+        _ => Err(format!(
+            "{text:?} is not a ratio between 0 (excluded) and 1"
+        )),
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -122,5 +140,7 @@ mod tests {
         assert!(parse(&["run", "--ring-buffer-bytes", "100000"]).is_err());
         assert!(parse(&["run", "--max-connections", "0"]).is_err());
         assert!(parse(&["run", "--bogus"]).is_err());
+        assert!(parse(&["run", "--port-exhaustion-warning", "1.5"]).is_err());
+        assert!(parse(&["run", "--time-wait-top-peers", "0"]).is_err());
     }
 }

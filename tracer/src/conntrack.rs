@@ -8,6 +8,7 @@
 //! against the sockets seeded from sock_diag.
 use std::collections::HashMap;
 
+use crate::timewait::{TimeWaitConfig, TimeWaitRecord, TimeWaitTable};
 use serde::Serialize;
 
 use crate::model::{
@@ -36,6 +37,10 @@ pub trait Observer {
     fn reset(&mut self, _direction: ResetDirection) {}
     /// A live connection was dropped from the table because it was full.
     fn evicted(&mut self, _conn: &Connection) {}
+    /// A socket entered the TIME_WAIT state.
+    fn time_wait_entered(&mut self, _netns: u32, _tuple: &Tuple) {}
+    /// A socket left TIME_WAIT; reported once its exit reason is known.
+    fn time_wait_exited(&mut self, _record: &TimeWaitRecord) {}
 }
 
 /// Lets several exporters observe one tracker: `(&mut metrics, &mut sink)`.
@@ -68,6 +73,14 @@ impl<A: Observer, B: Observer> Observer for (A, B) {
         self.0.evicted(conn);
         self.1.evicted(conn);
     }
+    fn time_wait_entered(&mut self, netns: u32, tuple: &Tuple) {
+        self.0.time_wait_entered(netns, tuple);
+        self.1.time_wait_entered(netns, tuple);
+    }
+    fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
+        self.0.time_wait_exited(record);
+        self.1.time_wait_exited(record);
+    }
 }
 
 impl<T: Observer + ?Sized> Observer for &mut T {
@@ -91,6 +104,12 @@ impl<T: Observer + ?Sized> Observer for &mut T {
     }
     fn evicted(&mut self, conn: &Connection) {
         (**self).evicted(conn);
+    }
+    fn time_wait_entered(&mut self, netns: u32, tuple: &Tuple) {
+        (**self).time_wait_entered(netns, tuple);
+    }
+    fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
+        (**self).time_wait_exited(record);
     }
 }
 
@@ -141,6 +160,8 @@ pub struct Connection {
     pub seeded: bool,
     /// Every state change from open to close was seen in order.
     pub complete: bool,
+    /// It went on into TIME_WAIT (as a timewait socket) after CLOSE.
+    pub time_wait: bool,
     /// Who sent the first FIN, once known.
     first_fin: Option<CloseCause>,
     last_seen_ns: u64,
@@ -171,12 +192,14 @@ impl Connection {
 pub struct TrackerConfig {
     /// Live connections kept at most; past it the least recently active one is evicted.
     pub max_connections: usize,
+    pub time_wait: TimeWaitConfig,
 }
 
 impl Default for TrackerConfig {
     fn default() -> Self {
         TrackerConfig {
             max_connections: 262_144,
+            time_wait: TimeWaitConfig::default(),
         }
     }
 }
@@ -188,6 +211,7 @@ pub struct Tracker {
     /// Seeded connections not yet matched to a kernel socket, by (netns, tuple).
     seeds: HashMap<(u32, Tuple), Seed>,
     evictions: u64,
+    time_wait: TimeWaitTable,
 }
 
 impl Tracker {
@@ -197,7 +221,22 @@ impl Tracker {
             conns: HashMap::new(),
             seeds: HashMap::new(),
             evictions: 0,
+            time_wait: TimeWaitTable::new(config.time_wait),
         }
+    }
+
+    pub fn time_wait(&self) -> &TimeWaitTable {
+        &self.time_wait
+    }
+
+    pub fn time_wait_mut(&mut self) -> &mut TimeWaitTable {
+        &mut self.time_wait
+    }
+
+    /// Settles what only the passing of time decides (TIME_WAIT exits), as of `now_ns`
+    /// (CLOCK_MONOTONIC, the events' clock).
+    pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
+        self.time_wait.tick(now_ns, obs);
     }
 
     /// Connections open right now: tracked ones plus seeded ones not yet seen in an event.
@@ -273,6 +312,17 @@ impl Tracker {
                     }
                 }
             }
+            Event::TimeWait {
+                ts_ns,
+                tw,
+                netns,
+                tuple,
+                substate,
+                timer,
+            } => {
+                self.time_wait
+                    .on_timer(ts_ns, tw, netns, tuple, substate, timer, obs);
+            }
         }
     }
 
@@ -318,7 +368,7 @@ impl Tracker {
             if process_context(old, new) {
                 conn.owner = Some(owner(task));
             }
-            self.match_seed(&mut conn);
+            match_tuple(&mut self.seeds, &mut self.time_wait, &mut conn, obs);
             self.conns.insert(sock, conn);
             obs.opened(direction);
             return;
@@ -356,6 +406,8 @@ impl Tracker {
             let cause = close_cause(conn, old);
             if let Some(mut conn) = self.conns.remove(&sock) {
                 finish(&mut conn, ts_ns, cause);
+                // The timewait socket that replaces it was created just before this CLOSE.
+                conn.time_wait = self.time_wait.adopt(&conn);
                 obs.closed(&conn);
             }
         } else if established_now {
@@ -386,7 +438,7 @@ impl Tracker {
             self.make_room(obs);
             let mut conn = Connection::new(sock, netns, tuple, Direction::Unknown, ts_ns);
             conn.states.push(StateStamp { state, ts_ns });
-            self.match_seed(&mut conn);
+            match_tuple(&mut self.seeds, &mut self.time_wait, &mut conn, obs);
             self.conns.insert(sock, conn);
         }
         let conn = self.conns.get_mut(&sock)?;
@@ -395,31 +447,8 @@ impl Tracker {
             conn.tuple = tuple;
             conn.tuple_matched = false;
         }
-        if !conn.tuple_matched && conn.tuple.is_complete() {
-            conn.tuple_matched = true;
-            if let Some(seed) = self.seeds.remove(&(conn.netns, conn.tuple)) {
-                // Opened before the agent: adopt what sock_diag knew. A connection we saw open
-                // that also appears in the seed dump (it opened between attach and dump) is
-                // the same connection; dropping the seed keeps it from being counted twice.
-                if conn.opened_ns.is_none() {
-                    conn.seeded = true;
-                    conn.direction = seed.direction;
-                }
-            }
-        }
+        match_tuple(&mut self.seeds, &mut self.time_wait, conn, obs);
         Some(conn)
-    }
-
-    fn match_seed(&mut self, conn: &mut Connection) {
-        if conn.tuple.is_complete() {
-            conn.tuple_matched = true;
-            if let Some(seed) = self.seeds.remove(&(conn.netns, conn.tuple))
-                && conn.opened_ns.is_none()
-            {
-                conn.seeded = true;
-                conn.direction = seed.direction;
-            }
-        }
     }
 
     /// Evicts the least recently active connection when the table is full. Linear, but only
@@ -460,10 +489,35 @@ impl Connection {
             resets_received: 0,
             seeded: false,
             complete: false,
+            time_wait: false,
             first_fin: None,
             last_seen_ns: ts_ns,
             tuple_matched: false,
         }
+    }
+}
+
+/// Once a connection's 4-tuple is known: merge it with its sock_diag seed, and tell the
+/// TIME_WAIT table, which counts a 4-tuple taken over from a timewait socket as a reuse.
+fn match_tuple(
+    seeds: &mut HashMap<(u32, Tuple), Seed>,
+    time_wait: &mut TimeWaitTable,
+    conn: &mut Connection,
+    obs: &mut impl Observer,
+) {
+    if conn.tuple_matched || !conn.tuple.is_complete() {
+        return;
+    }
+    conn.tuple_matched = true;
+    time_wait.connection_seen(conn.netns, &conn.tuple, obs);
+    // Opened before the agent: adopt what sock_diag knew. A connection we saw open that also
+    // appears in the seed dump (it opened between attach and dump) is the same connection;
+    // dropping the seed keeps it from being counted twice.
+    if let Some(seed) = seeds.remove(&(conn.netns, conn.tuple))
+        && conn.opened_ns.is_none()
+    {
+        conn.seeded = true;
+        conn.direction = seed.direction;
     }
 }
 
@@ -927,7 +981,10 @@ mod tests {
 
     #[test]
     fn table_is_bounded_and_evicts_least_recently_active() {
-        let mut tracker = Tracker::new(TrackerConfig { max_connections: 2 });
+        let mut tracker = Tracker::new(TrackerConfig {
+            max_connections: 2,
+            ..TrackerConfig::default()
+        });
         let mut rec = Recorder::default();
         for (i, sock) in [0x10u64, 0x20, 0x30].into_iter().enumerate() {
             let ts = i as u64 * 10;

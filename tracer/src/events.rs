@@ -3,10 +3,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tracer_common::{
     AF_INET, AF_INET6, EVENT_RESET_RECEIVED, EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE,
-    RawEvent,
+    EVENT_TW_CANCEL, EVENT_TW_EXPIRE, EVENT_TW_START, RawEvent,
 };
 
-use crate::model::{Comm, Event, ResetDirection, RetransmitKind, Task, TcpState, Tuple};
+use crate::model::{
+    Comm, Event, ResetDirection, RetransmitKind, Task, TcpState, TimerPhase, Tuple,
+};
 
 /// Why a record could not be decoded (each is counted, never silently dropped).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +72,18 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
                 ResetDirection::Received
             },
             task,
+        }),
+        EVENT_TW_START | EVENT_TW_CANCEL | EVENT_TW_EXPIRE => Ok(Event::TimeWait {
+            ts_ns: raw.ts_ns,
+            tw: raw.skaddr,
+            netns: raw.netns,
+            tuple,
+            substate: state(raw.newstate)?,
+            timer: match raw.kind {
+                EVENT_TW_START => TimerPhase::Start,
+                EVENT_TW_CANCEL => TimerPhase::Cancel,
+                _ => TimerPhase::Expire,
+            },
         }),
         other => Err(DecodeError::UnknownKind(other)),
     }
@@ -160,6 +174,23 @@ mod tests {
                 segs: 12,
                 kind: RetransmitKind::Fast,
                 state: TcpState::Established,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn timewait_timer_records_decode_with_their_substate() {
+        let mut raw = parse(&connect_fixture()).expect("parse");
+        raw.kind = EVENT_TW_CANCEL;
+        raw.newstate = 6; // TIME_WAIT
+        let event = decode(&raw).expect("decode");
+        assert!(matches!(
+            event,
+            Event::TimeWait {
+                tw: 0xffff_8880_1234_5600,
+                substate: TcpState::TimeWait,
+                timer: TimerPhase::Cancel,
                 ..
             }
         ));

@@ -13,3 +13,4 @@ pub mod model;
 pub mod probes;
 pub mod seed;
 pub mod sinks;
+pub mod timewait;

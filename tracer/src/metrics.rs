@@ -30,8 +30,14 @@ use prometheus::{
 };
 use tokio::net::TcpListener;
 
+mod timewait;
+
+pub use timewait::{PortPressure, TimeWaitMetrics};
+
 use crate::conntrack::{Connection, Observer};
+use crate::model::Tuple;
 use crate::model::{CloseCause, Direction, Event, ResetDirection, RetransmitKind, TcpState};
+use crate::timewait::TimeWaitRecord;
 
 /// The content type of the Prometheus text exposition format.
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -69,16 +75,23 @@ pub enum EventKind {
     State,
     Retransmit,
     Reset,
+    TimeWaitTimer,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 3] = [EventKind::State, EventKind::Retransmit, EventKind::Reset];
+    pub const ALL: [EventKind; 4] = [
+        EventKind::State,
+        EventKind::Retransmit,
+        EventKind::Reset,
+        EventKind::TimeWaitTimer,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::State => "state",
             EventKind::Retransmit => "retransmit",
             EventKind::Reset => "reset",
+            EventKind::TimeWaitTimer => "time_wait_timer",
         }
     }
 }
@@ -89,6 +102,7 @@ impl From<&Event> for EventKind {
             Event::StateChange { .. } => EventKind::State,
             Event::Retransmit { .. } => EventKind::Retransmit,
             Event::Reset { .. } => EventKind::Reset,
+            Event::TimeWait { .. } => EventKind::TimeWaitTimer,
         }
     }
 }
@@ -116,6 +130,7 @@ pub struct Metrics {
     events_malformed: IntCounter,
     evicted: IntCounter,
     evicted_seen: AtomicU64,
+    pub time_wait: TimeWaitMetrics,
 }
 
 fn direction_index(direction: Direction) -> usize {
@@ -159,6 +174,7 @@ fn event_index(kind: EventKind) -> usize {
         EventKind::State => 0,
         EventKind::Retransmit => 1,
         EventKind::Reset => 2,
+        EventKind::TimeWaitTimer => 3,
     }
 }
 
@@ -173,7 +189,7 @@ fn seconds(ns: u64) -> f64 {
 
 /// Adds to `counter` what `total` (a cumulative count kept elsewhere) has grown by since the
 /// last call; `seen` is that last total. The counter never goes down.
-fn add_delta(counter: &IntCounter, seen: &AtomicU64, total: u64) {
+pub(crate) fn add_delta(counter: &IntCounter, seen: &AtomicU64, total: u64) {
     let previous = seen.fetch_max(total, Ordering::Relaxed);
     if total > previous {
         counter.inc_by(total - previous);
@@ -327,6 +343,7 @@ impl Metrics {
             events_vec.get_metric_with_label_values(&[EventKind::State.as_str()])?,
             events_vec.get_metric_with_label_values(&[EventKind::Retransmit.as_str()])?,
             events_vec.get_metric_with_label_values(&[EventKind::Reset.as_str()])?,
+            events_vec.get_metric_with_label_values(&[EventKind::TimeWaitTimer.as_str()])?,
         ];
 
         let events_lost = IntCounter::with_opts(Opts::new(
@@ -347,6 +364,8 @@ impl Metrics {
         ))?;
         registry.register(Box::new(evicted.clone()))?;
 
+        let time_wait = TimeWaitMetrics::register(&registry)?;
+
         Ok(Metrics {
             registry,
             transitions_vec,
@@ -364,6 +383,7 @@ impl Metrics {
             events_malformed,
             evicted,
             evicted_seen: AtomicU64::new(0),
+            time_wait,
         })
     }
 
@@ -469,6 +489,14 @@ impl Observer for &Metrics {
     fn evicted(&mut self, _conn: &Connection) {
         self.evicted_seen.fetch_add(1, Ordering::Relaxed);
         self.evicted.inc();
+    }
+
+    fn time_wait_entered(&mut self, _netns: u32, _tuple: &Tuple) {
+        self.time_wait.entered();
+    }
+
+    fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
+        self.time_wait.exited(record.exit);
     }
 }
 

@@ -181,6 +181,26 @@ pub enum Event {
         direction: ResetDirection,
         task: Task,
     },
+    /// The TIME_WAIT timer of a timewait mini socket was armed, detached or fired.
+    TimeWait {
+        ts_ns: u64,
+        /// The timewait socket (a different object from the full socket it replaced).
+        tw: SockId,
+        netns: u32,
+        tuple: Tuple,
+        /// `tw_substate`: TIME_WAIT, or FIN_WAIT2 for an orphaned socket waiting for the
+        /// peer's FIN.
+        substate: TcpState,
+        timer: TimerPhase,
+    },
+}
+
+/// What happened to a timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerPhase {
+    Start,
+    Cancel,
+    Expire,
 }
 
 impl Event {
@@ -188,7 +208,8 @@ impl Event {
         match self {
             Event::StateChange { ts_ns, .. }
             | Event::Retransmit { ts_ns, .. }
-            | Event::Reset { ts_ns, .. } => *ts_ns,
+            | Event::Reset { ts_ns, .. }
+            | Event::TimeWait { ts_ns, .. } => *ts_ns,
         }
     }
 
@@ -197,6 +218,7 @@ impl Event {
             Event::StateChange { sock, .. }
             | Event::Retransmit { sock, .. }
             | Event::Reset { sock, .. } => *sock,
+            Event::TimeWait { tw, .. } => *tw,
         }
     }
 }

@@ -4,7 +4,7 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader};
 use thiserror::Error;
-use tracer_common::KernelOffsets;
+use tracer_common::{KernelOffsets, KernelSymbols};
 
 use crate::kernel::{KernelBtf, KernelError};
 
@@ -61,6 +61,7 @@ impl Probes {
     pub fn attach(
         kernel: &KernelBtf,
         offsets: &KernelOffsets,
+        symbols: &KernelSymbols,
         config: &ProbeConfig,
     ) -> Result<Probes, ProbeError> {
         let retransmit = match kernel.tracepoint_arity("tcp_retransmit_skb")? {
@@ -85,6 +86,18 @@ impl Probes {
                 program: "tcp_send_reset",
                 tracepoint: "tcp_send_reset",
             },
+            Hook {
+                program: "timer_start",
+                tracepoint: "timer_start",
+            },
+            Hook {
+                program: "timer_cancel",
+                tracepoint: "timer_cancel",
+            },
+            Hook {
+                program: "timer_expire_entry",
+                tracepoint: "timer_expire_entry",
+            },
         ];
         for hook in &hooks {
             kernel.tracepoint_arity(hook.tracepoint)?;
@@ -92,6 +105,7 @@ impl Probes {
 
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
+            .override_global("SYMBOLS", symbols, true)
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .load(PROGRAMS)
             .map_err(ProbeError::Load)?;
@@ -187,15 +201,17 @@ mod tests {
     fn programs_load_attach_and_report_a_loopback_connection() {
         let kernel = KernelBtf::load().expect("kernel BTF");
         let offsets = kernel.offsets().expect("offsets");
+        let symbols = crate::kernel::symbols().expect("kallsyms");
         let mut probes = Probes::attach(
             &kernel,
             &offsets,
+            &symbols,
             &ProbeConfig {
                 ring_buffer_bytes: 1 << 20,
             },
         )
         .expect("attach (run the tests as root)");
-        assert_eq!(probes.attached().len(), 4);
+        assert_eq!(probes.attached().len(), 7);
         let mut ring = probes.take_events().expect("ring");
         let lost = probes.take_lost_counter().expect("lost counter");
 

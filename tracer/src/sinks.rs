@@ -15,6 +15,7 @@ use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
 use crate::conntrack::{Connection, Observer, StateStamp};
 use crate::model::CloseCause;
+use crate::timewait::TimeWaitRecord;
 
 /// How per-connection events are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -351,6 +352,59 @@ impl<W: Write> Observer for EventSink<W> {
     fn closed(&mut self, conn: &Connection) {
         self.write_connection(conn);
     }
+
+    fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
+        self.write_time_wait(record);
+    }
+}
+
+impl<W: Write> EventSink<W> {
+    /// Writes the end of a socket's TIME_WAIT (JSON only: the text format shows connections).
+    pub fn write_time_wait(&mut self, record: &TimeWaitRecord) {
+        if self.error.is_some() || self.format != EventFormat::Json {
+            return;
+        }
+        self.line.clear();
+        let json = JsonTimeWait {
+            record,
+            clock: self.clock,
+        };
+        if let Err(err) = serde_json::to_writer(&mut self.line, &json) {
+            self.error = Some(io::Error::other(err));
+            return;
+        }
+        self.line.push(b'\n');
+        self.emit();
+    }
+}
+
+/// The end of a TIME_WAIT stay as one JSON object.
+struct JsonTimeWait<'a> {
+    record: &'a TimeWaitRecord,
+    clock: WallClock,
+}
+
+impl Serialize for JsonTimeWait<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let r = self.record;
+        let mut s = serializer.serialize_struct("TimeWaitEnded", 14)?;
+        s.serialize_field("ts", &self.clock.rfc3339(r.exited_ns))?;
+        s.serialize_field("event", "time_wait_ended")?;
+        s.serialize_field("family", r.tuple.family().as_str())?;
+        s.serialize_field("saddr", &r.tuple.src)?;
+        s.serialize_field("sport", &r.tuple.sport)?;
+        s.serialize_field("daddr", &r.tuple.dst)?;
+        s.serialize_field("dport", &r.tuple.dport)?;
+        s.serialize_field("netns", &r.netns)?;
+        s.serialize_field("direction", &r.direction.map(|d| d.as_str()))?;
+        s.serialize_field("pid", &r.owner.map(|o| o.pid))?;
+        let comm: Option<Cow<'_, str>> = r.owner.as_ref().map(|o| o.comm.as_str());
+        s.serialize_field("comm", &comm)?;
+        s.serialize_field("time_wait_us", &r.duration_ns().map(micros))?;
+        s.serialize_field("exit", r.exit.as_str())?;
+        s.serialize_field("seeded", &r.entered_ns.is_none())?;
+        s.end()
+    }
 }
 
 /// When the connection closed; the last state seen for a record finished without a close time.
@@ -377,7 +431,7 @@ struct JsonRecord<'a> {
 impl Serialize for JsonRecord<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let conn = self.conn;
-        let mut s = serializer.serialize_struct("ConnectionClosed", 20)?;
+        let mut s = serializer.serialize_struct("ConnectionClosed", 21)?;
         s.serialize_field("ts", &self.clock.rfc3339(close_ns(conn)))?;
         s.serialize_field("event", "connection_closed")?;
         s.serialize_field("family", conn.tuple.family().as_str())?;
@@ -399,6 +453,7 @@ impl Serialize for JsonRecord<'_> {
         s.serialize_field("close", close_str(conn))?;
         s.serialize_field("seeded", &conn.seeded)?;
         s.serialize_field("complete", &conn.complete)?;
+        s.serialize_field("time_wait", &conn.time_wait)?;
         s.end()
     }
 }
@@ -621,6 +676,7 @@ mod tests {
                 "close": "local",
                 "seeded": false,
                 "complete": true,
+                "time_wait": false,
             })
         );
         // Keys in the documented order.
@@ -645,6 +701,7 @@ mod tests {
             "close",
             "seeded",
             "complete",
+            "time_wait",
         ];
         let positions: Vec<usize> = keys
             .iter()
@@ -688,7 +745,8 @@ mod tests {
         ]);
         let value: Value = serde_json::from_str(&json_line(&conn)).unwrap();
         let object = value.as_object().unwrap();
-        assert_eq!(object.len(), 20);
+        assert_eq!(object.len(), 21);
+        assert_eq!(value["time_wait"], false);
         assert_eq!(value["ts"], "2026-11-23T12:00:00.000000Z");
         assert_eq!(value["family"], "ipv6");
         assert_eq!(value["saddr"], "::1");

@@ -1,0 +1,751 @@
+//! TIME_WAIT accounting from the TIME_WAIT timer's events. Pure: time comes from the events and
+//! from `tick`.
+//!
+//! The state tracepoint never shows TIME_WAIT: the full socket reports FIN_WAIT2 -> CLOSE and a
+//! timewait mini socket takes its place. That mini socket's timer is armed when it is created
+//! (`Start`), detached on every way out (`Cancel`, including a normal expiry, which `Expire`
+//! then follows) and re-armed as cancel + start (for example FIN_WAIT2 -> TIME_WAIT when the
+//! peer's FIN arrives). So a cancel is only an exit once no start or expiry of the same timer
+//! followed it: it is settled after `settle_ns`.
+//!
+//! An early exit is `Reused` when a connection with the same 4-tuple shows up within
+//! `reuse_window_ns` (a new SYN taking over the 4-tuple, or `tcp_tw_reuse` on connect), and
+//! `Killed` otherwise (RST, namespace teardown, `tcp_max_tw_buckets` pressure...).
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::conntrack::{Connection, Observer, Owner};
+use crate::model::{Direction, SockId, TcpState, TimerPhase, Tuple};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeWaitExit {
+    /// The 2MSL wait ran out.
+    Expired,
+    /// A new connection took over the 4-tuple.
+    Reused,
+    /// Ended early otherwise: RST, namespace teardown, timewait bucket pressure.
+    Killed,
+}
+
+impl TimeWaitExit {
+    pub const ALL: [TimeWaitExit; 3] = [
+        TimeWaitExit::Expired,
+        TimeWaitExit::Reused,
+        TimeWaitExit::Killed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeWaitExit::Expired => "expired",
+            TimeWaitExit::Reused => "reused",
+            TimeWaitExit::Killed => "killed",
+        }
+    }
+}
+
+/// Who a TIME_WAIT socket is about: the remote address and the service port. When the local
+/// port is ephemeral this host was the client and `port` is the remote (service) port;
+/// otherwise this host was the server and `port` is its own listening port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    pub peer: IpAddr,
+    pub port: u16,
+    /// This host was the client: its TIME_WAIT sockets hold ephemeral ports toward the peer.
+    pub client: bool,
+}
+
+/// A socket's whole stay in TIME_WAIT, reported when it ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimeWaitRecord {
+    pub netns: u32,
+    pub tuple: Tuple,
+    /// When it entered TIME_WAIT; `None` when it was already there at start-up.
+    pub entered_ns: Option<u64>,
+    pub exited_ns: u64,
+    pub exit: TimeWaitExit,
+    /// From the connection that entered TIME_WAIT, when the agent saw it.
+    pub direction: Option<Direction>,
+    pub owner: Option<Owner>,
+}
+
+impl TimeWaitRecord {
+    pub fn duration_ns(&self) -> Option<u64> {
+        Some(self.exited_ns.saturating_sub(self.entered_ns?))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TimeWaitConfig {
+    /// Timewait sockets tracked at most (the kernel's `tcp_max_tw_buckets` is per namespace).
+    pub max_entries: usize,
+    /// How long after a cancel a re-arm or expiry may still follow.
+    pub settle_ns: u64,
+    /// How long after an early exit a connection on the same 4-tuple counts as a reuse.
+    pub reuse_window_ns: u64,
+    /// `net.ipv4.ip_local_port_range`, inclusive.
+    pub ephemeral_ports: (u16, u16),
+}
+
+impl Default for TimeWaitConfig {
+    fn default() -> Self {
+        TimeWaitConfig {
+            max_entries: 1 << 20,
+            settle_ns: 10_000_000,
+            reuse_window_ns: 1_000_000_000,
+            ephemeral_ports: (32768, 60999),
+        }
+    }
+}
+
+struct Entry {
+    netns: u32,
+    tuple: Tuple,
+    /// Fixed when it entered, so a later port range change cannot unbalance the counts.
+    peer: PeerKey,
+    substate: TcpState,
+    entered_ns: Option<u64>,
+    /// The cancel still waiting for a re-arm or expiry.
+    pending_cancel: Option<u64>,
+    direction: Option<Direction>,
+    owner: Option<Owner>,
+}
+
+/// Live timewait sockets.
+pub struct TimeWaitTable {
+    config: TimeWaitConfig,
+    entries: HashMap<SockId, Entry>,
+    /// (netns, tuple) -> timewait socket, to attach the connection that just closed.
+    by_tuple: HashMap<(u32, Tuple), SockId>,
+    /// In TIME_WAIT before the agent started and not yet seen in an event.
+    seeded: HashMap<(u32, Tuple), PeerKey>,
+    /// Cancels in arrival order, settled after `settle_ns`.
+    cancels: VecDeque<(u64, SockId)>,
+    /// Early exits waiting to learn whether a new connection reuses the 4-tuple.
+    early_exits: HashMap<(u32, Tuple), TimeWaitRecord>,
+    early_order: VecDeque<(u64, (u32, Tuple))>,
+    /// Sockets in the TIME_WAIT substate right now, by peer.
+    peers: HashMap<PeerKey, u32>,
+    in_time_wait: usize,
+    dropped: u64,
+}
+
+impl TimeWaitTable {
+    pub fn new(config: TimeWaitConfig) -> TimeWaitTable {
+        TimeWaitTable {
+            config,
+            entries: HashMap::new(),
+            by_tuple: HashMap::new(),
+            seeded: HashMap::new(),
+            cancels: VecDeque::new(),
+            early_exits: HashMap::new(),
+            early_order: VecDeque::new(),
+            peers: HashMap::new(),
+            in_time_wait: 0,
+            dropped: 0,
+        }
+    }
+
+    pub fn set_ephemeral_ports(&mut self, range: (u16, u16)) {
+        self.config.ephemeral_ports = range;
+    }
+
+    /// Sockets in TIME_WAIT now, as `ss -tan state time-wait` counts them (summed over
+    /// network namespaces).
+    pub fn count(&self) -> usize {
+        self.in_time_wait
+    }
+
+    /// Timewait sockets not tracked because the table was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Sockets in TIME_WAIT by peer, largest first, at most `n`.
+    pub fn top_peers(&self, n: usize) -> Vec<(PeerKey, u32)> {
+        let mut peers: Vec<(PeerKey, u32)> = self.peers.iter().map(|(k, v)| (*k, *v)).collect();
+        peers.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        peers.truncate(n);
+        peers
+    }
+
+    /// TIME_WAIT sockets that existed before the agent started (from sock_diag).
+    pub fn seed(&mut self, sockets: impl IntoIterator<Item = (u32, Tuple)>) {
+        for key in sockets {
+            if self.seeded.len() + self.entries.len() >= self.config.max_entries {
+                self.dropped += 1;
+                continue;
+            }
+            let peer = self.peer_key(&key.1);
+            if self.seeded.insert(key, peer).is_none() {
+                self.in_time_wait += 1;
+                self.add_peer(peer);
+            }
+        }
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of one TimeWait event"
+    )]
+    pub fn on_timer(
+        &mut self,
+        ts_ns: u64,
+        tw: SockId,
+        netns: u32,
+        tuple: Tuple,
+        substate: TcpState,
+        phase: TimerPhase,
+        obs: &mut impl Observer,
+    ) {
+        match phase {
+            TimerPhase::Start => self.on_start(ts_ns, tw, netns, tuple, substate, obs),
+            TimerPhase::Cancel => self.on_cancel(ts_ns, tw, netns, tuple),
+            TimerPhase::Expire => {
+                if self.entries.contains_key(&tw) {
+                    self.exit(tw, ts_ns, Some(TimeWaitExit::Expired), obs);
+                }
+            }
+        }
+    }
+
+    fn on_start(
+        &mut self,
+        ts_ns: u64,
+        tw: SockId,
+        netns: u32,
+        tuple: Tuple,
+        substate: TcpState,
+        obs: &mut impl Observer,
+    ) {
+        if let Some(entry) = self.entries.get(&tw)
+            && (entry.netns, entry.tuple) != (netns, tuple)
+        {
+            // The old timewait socket was freed after its cancel and the memory reused for a
+            // new one before the cancel settled: the old one was killed.
+            self.exit(tw, ts_ns, None, obs);
+        }
+        if let Some(entry) = self.entries.get_mut(&tw) {
+            // A re-arm: the cancel before it was not an exit.
+            entry.pending_cancel = None;
+            if entry.substate != TcpState::TimeWait && substate == TcpState::TimeWait {
+                entry.substate = substate;
+                entry.entered_ns = Some(ts_ns);
+                let (tuple, peer) = (entry.tuple, entry.peer);
+                self.in_time_wait += 1;
+                self.add_peer(peer);
+                obs.time_wait_entered(netns, &tuple);
+            }
+            return;
+        }
+        let key = (netns, tuple);
+        let seeded = self.seeded.remove(&key);
+        if let Some(peer) = seeded {
+            // Dumped at start-up and also seen starting: the same socket, counted once.
+            self.in_time_wait = self.in_time_wait.saturating_sub(1);
+            self.remove_peer(peer);
+        }
+        if self.seeded.len() + self.entries.len() >= self.config.max_entries {
+            self.dropped += 1;
+            return;
+        }
+        let peer = self.peer_key(&tuple);
+        self.entries.insert(
+            tw,
+            Entry {
+                netns,
+                tuple,
+                peer,
+                substate,
+                entered_ns: (substate == TcpState::TimeWait).then_some(ts_ns),
+                pending_cancel: None,
+                direction: None,
+                owner: None,
+            },
+        );
+        self.by_tuple.insert(key, tw);
+        if substate == TcpState::TimeWait {
+            self.in_time_wait += 1;
+            self.add_peer(peer);
+            if seeded.is_none() {
+                obs.time_wait_entered(netns, &tuple);
+            }
+        }
+    }
+
+    fn on_cancel(&mut self, ts_ns: u64, tw: SockId, netns: u32, tuple: Tuple) {
+        if !self.entries.contains_key(&tw) {
+            // A socket that was in TIME_WAIT before we started is leaving: track it from now.
+            let key = (netns, tuple);
+            let Some(peer) = self.seeded.remove(&key) else {
+                return;
+            };
+            self.entries.insert(
+                tw,
+                Entry {
+                    netns,
+                    tuple,
+                    peer,
+                    substate: TcpState::TimeWait,
+                    entered_ns: None,
+                    pending_cancel: None,
+                    direction: None,
+                    owner: None,
+                },
+            );
+            self.by_tuple.insert(key, tw);
+        }
+        if let Some(entry) = self.entries.get_mut(&tw) {
+            entry.pending_cancel = Some(ts_ns);
+            self.cancels.push_back((ts_ns, tw));
+        }
+    }
+
+    /// Attaches a connection that just reached CLOSE to the timewait socket that replaced it.
+    /// Returns whether it went into TIME_WAIT (or FIN_WAIT2 as a timewait socket).
+    pub fn adopt(&mut self, conn: &Connection) -> bool {
+        let Some(tw) = self.by_tuple.get(&(conn.netns, conn.tuple)) else {
+            return false;
+        };
+        match self.entries.get_mut(tw) {
+            Some(entry) if entry.pending_cancel.is_none() && entry.direction.is_none() => {
+                entry.direction = Some(conn.direction);
+                entry.owner = conn.owner;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A connection with a complete 4-tuple appeared: if a timewait socket on that 4-tuple just
+    /// ended early, it was reused.
+    pub fn connection_seen(&mut self, netns: u32, tuple: &Tuple, obs: &mut impl Observer) {
+        if let Some(mut record) = self.early_exits.remove(&(netns, *tuple)) {
+            record.exit = TimeWaitExit::Reused;
+            obs.time_wait_exited(&record);
+        }
+    }
+
+    /// Settles cancels that no re-arm or expiry followed, and early exits that no reuse
+    /// followed, as of `now_ns`.
+    pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
+        while let Some(&(ts, tw)) = self.cancels.front() {
+            if ts.saturating_add(self.config.settle_ns) > now_ns {
+                break;
+            }
+            self.cancels.pop_front();
+            let still_pending = self
+                .entries
+                .get(&tw)
+                .is_some_and(|e| e.pending_cancel == Some(ts));
+            if still_pending {
+                self.exit(tw, ts, None, obs);
+            }
+        }
+        while let Some(&(ts, key)) = self.early_order.front() {
+            if ts.saturating_add(self.config.reuse_window_ns) > now_ns {
+                break;
+            }
+            self.early_order.pop_front();
+            if let Some(record) = self.early_exits.remove(&key) {
+                obs.time_wait_exited(&record);
+            }
+        }
+    }
+
+    /// Removes `tw`. `exit` is known for expiries; early exits wait for a possible reuse.
+    fn exit(
+        &mut self,
+        tw: SockId,
+        ts_ns: u64,
+        exit: Option<TimeWaitExit>,
+        obs: &mut impl Observer,
+    ) {
+        let Some(entry) = self.entries.remove(&tw) else {
+            return;
+        };
+        let key = (entry.netns, entry.tuple);
+        if self.by_tuple.get(&key) == Some(&tw) {
+            self.by_tuple.remove(&key);
+        }
+        if entry.substate == TcpState::TimeWait {
+            self.in_time_wait = self.in_time_wait.saturating_sub(1);
+            self.remove_peer(entry.peer);
+        }
+        let record = TimeWaitRecord {
+            netns: entry.netns,
+            tuple: entry.tuple,
+            entered_ns: entry.entered_ns,
+            exited_ns: entry.pending_cancel.unwrap_or(ts_ns),
+            exit: exit.unwrap_or(TimeWaitExit::Killed),
+            direction: entry.direction,
+            owner: entry.owner,
+        };
+        if entry.substate != TcpState::TimeWait {
+            // An orphaned FIN_WAIT2 socket never reached TIME_WAIT: nothing to report.
+            return;
+        }
+        match exit {
+            Some(_) => obs.time_wait_exited(&record),
+            None => {
+                self.early_order.push_back((record.exited_ns, key));
+                if let Some(previous) = self.early_exits.insert(key, record) {
+                    obs.time_wait_exited(&previous);
+                }
+            }
+        }
+    }
+
+    fn peer_key(&self, tuple: &Tuple) -> PeerKey {
+        let (low, high) = self.config.ephemeral_ports;
+        let client = (low..=high).contains(&tuple.sport);
+        PeerKey {
+            peer: tuple.dst,
+            port: if client { tuple.dport } else { tuple.sport },
+            client,
+        }
+    }
+
+    fn add_peer(&mut self, key: PeerKey) {
+        *self.peers.entry(key).or_insert(0) += 1;
+    }
+
+    fn remove_peer(&mut self, key: PeerKey) {
+        if let Some(count) = self.peers.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                self.peers.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::conntrack::{Tracker, TrackerConfig};
+    use crate::model::{Comm, Event, Task, TcpState::*};
+
+    const NS: u32 = 4_026_531_840;
+    const MS: u64 = 1_000_000;
+
+    #[derive(Default)]
+    struct Recorder {
+        entered: Vec<Tuple>,
+        exited: Vec<TimeWaitRecord>,
+        closed: Vec<Connection>,
+    }
+
+    impl Observer for Recorder {
+        fn closed(&mut self, conn: &Connection) {
+            self.closed.push(conn.clone());
+        }
+        fn time_wait_entered(&mut self, _netns: u32, tuple: &Tuple) {
+            self.entered.push(*tuple);
+        }
+        fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
+            self.exited.push(record.clone());
+        }
+    }
+
+    fn tuple(sport: u16, dport: u16) -> Tuple {
+        Tuple {
+            src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            sport,
+            dst: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+            dport,
+        }
+    }
+
+    fn table() -> TimeWaitTable {
+        TimeWaitTable::new(TimeWaitConfig::default())
+    }
+
+    const TW: SockId = 0xaa00;
+
+    #[test]
+    fn expiry_is_cancel_then_expire_and_counts_down() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(40000, 80);
+        t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        assert_eq!((t.count(), rec.entered.len()), (1, 1));
+        t.on_timer(
+            60_000 * MS,
+            TW,
+            NS,
+            tp,
+            TimeWait,
+            TimerPhase::Cancel,
+            &mut rec,
+        );
+        assert_eq!(t.count(), 1, "a cancel is not an exit until it settles");
+        t.on_timer(
+            60_000 * MS + 1,
+            TW,
+            NS,
+            tp,
+            TimeWait,
+            TimerPhase::Expire,
+            &mut rec,
+        );
+        assert_eq!(t.count(), 0);
+        assert_eq!(rec.exited.len(), 1);
+        assert_eq!(rec.exited[0].exit, TimeWaitExit::Expired);
+        assert_eq!(rec.exited[0].duration_ns(), Some(60_000 * MS));
+    }
+
+    #[test]
+    fn rearm_from_fin_wait2_enters_time_wait_once() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(40000, 80);
+        t.on_timer(0, TW, NS, tp, FinWait2, TimerPhase::Start, &mut rec);
+        assert_eq!(
+            t.count(),
+            0,
+            "an orphaned FIN_WAIT2 socket is not in TIME_WAIT"
+        );
+        t.on_timer(5 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.on_timer(5 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        t.tick(100 * MS, &mut rec);
+        assert_eq!(t.count(), 1);
+        assert_eq!(rec.entered.len(), 1);
+        assert!(rec.exited.is_empty(), "a re-arm is not an exit");
+        // A re-arm within TIME_WAIT (a retransmitted FIN) changes nothing either.
+        t.on_timer(6 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.on_timer(6 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        t.tick(200 * MS, &mut rec);
+        assert_eq!((t.count(), rec.entered.len(), rec.exited.len()), (1, 1, 0));
+    }
+
+    #[test]
+    fn orphaned_fin_wait2_that_times_out_reports_nothing() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(40000, 80);
+        t.on_timer(0, TW, NS, tp, FinWait2, TimerPhase::Start, &mut rec);
+        t.on_timer(60 * MS, TW, NS, tp, FinWait2, TimerPhase::Cancel, &mut rec);
+        t.on_timer(60 * MS, TW, NS, tp, FinWait2, TimerPhase::Expire, &mut rec);
+        assert_eq!(t.count(), 0);
+        assert!(rec.exited.is_empty() && rec.entered.is_empty());
+    }
+
+    #[test]
+    fn early_exit_without_reuse_is_killed_after_the_window() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(40000, 80);
+        t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        t.on_timer(10 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.tick(30 * MS, &mut rec);
+        assert_eq!(t.count(), 0, "gone once the cancel settled");
+        assert!(rec.exited.is_empty(), "reason waits for a possible reuse");
+        t.tick(2_000 * MS, &mut rec);
+        assert_eq!(rec.exited.len(), 1);
+        assert_eq!(rec.exited[0].exit, TimeWaitExit::Killed);
+        assert_eq!(rec.exited[0].exited_ns, 10 * MS, "exit time is the cancel");
+    }
+
+    #[test]
+    fn early_exit_followed_by_same_tuple_is_reused() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(8080, 40000);
+        t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        t.on_timer(10 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.tick(30 * MS, &mut rec);
+        t.connection_seen(NS, &tp, &mut rec);
+        assert_eq!(rec.exited.len(), 1);
+        assert_eq!(rec.exited[0].exit, TimeWaitExit::Reused);
+        t.tick(5_000 * MS, &mut rec);
+        assert_eq!(rec.exited.len(), 1, "reported once");
+    }
+
+    #[test]
+    fn seeded_sockets_count_once_and_leave_through_their_timer() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let (a, b) = (tuple(40000, 80), tuple(40001, 80));
+        t.seed([(NS, a), (NS, b)]);
+        assert_eq!(t.count(), 2);
+        // `a` also started after attach but before the dump: the same socket.
+        t.on_timer(1, TW, NS, a, TimeWait, TimerPhase::Start, &mut rec);
+        assert_eq!(t.count(), 2);
+        assert!(
+            rec.entered.is_empty(),
+            "it entered before the agent could see it"
+        );
+        // `b` expires: its timewait socket was never seen starting.
+        t.on_timer(9, 0xbb00, NS, b, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.on_timer(9, 0xbb00, NS, b, TimeWait, TimerPhase::Expire, &mut rec);
+        assert_eq!(t.count(), 1);
+        assert_eq!(rec.exited[0].entered_ns, None);
+        assert_eq!(rec.exited[0].exit, TimeWaitExit::Expired);
+    }
+
+    #[test]
+    fn address_reuse_after_an_unsettled_cancel_is_a_new_socket() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        t.on_timer(
+            0,
+            TW,
+            NS,
+            tuple(40000, 80),
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        t.on_timer(
+            1,
+            TW,
+            NS,
+            tuple(40000, 80),
+            TimeWait,
+            TimerPhase::Cancel,
+            &mut rec,
+        );
+        t.on_timer(
+            2,
+            TW,
+            NS,
+            tuple(40001, 80),
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        assert_eq!(t.count(), 1);
+        assert_eq!(rec.entered.len(), 2);
+    }
+
+    #[test]
+    fn peers_are_grouped_by_service_port_and_role() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        for i in 0..5u16 {
+            // This host as a client of 10.0.0.2:80.
+            t.on_timer(
+                0,
+                0x100 + u64::from(i),
+                NS,
+                tuple(40000 + i, 80),
+                TimeWait,
+                TimerPhase::Start,
+                &mut rec,
+            );
+        }
+        for i in 0..2u16 {
+            // This host as the server on port 8080 (the local port is not ephemeral).
+            t.on_timer(
+                0,
+                0x200 + u64::from(i),
+                NS,
+                tuple(8080, 50000 + i),
+                TimeWait,
+                TimerPhase::Start,
+                &mut rec,
+            );
+        }
+        let top = t.top_peers(10);
+        assert_eq!(top.len(), 2);
+        assert_eq!((top[0].0.port, top[0].0.client, top[0].1), (80, true, 5));
+        assert_eq!((top[1].0.port, top[1].0.client, top[1].1), (8080, false, 2));
+        assert_eq!(t.top_peers(1).len(), 1, "bounded by n");
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let mut t = TimeWaitTable::new(TimeWaitConfig {
+            max_entries: 2,
+            ..TimeWaitConfig::default()
+        });
+        let mut rec = Recorder::default();
+        for i in 0..3u16 {
+            t.on_timer(
+                0,
+                u64::from(i) + 1,
+                NS,
+                tuple(40000 + i, 80),
+                TimeWait,
+                TimerPhase::Start,
+                &mut rec,
+            );
+        }
+        assert_eq!((t.count(), t.dropped()), (2, 1));
+    }
+
+    fn state(ts: u64, sock: SockId, tp: Tuple, old: TcpState, new: TcpState) -> Event {
+        Event::StateChange {
+            ts_ns: ts,
+            sock,
+            netns: NS,
+            tuple: tp,
+            old,
+            new,
+            task: Task {
+                pid: 42,
+                tid: 42,
+                comm: Comm::from("curl"),
+            },
+        }
+    }
+
+    /// Through the tracker: the connection that closes right after its timewait socket starts
+    /// is marked, and the TIME_WAIT record names its owner when it ends.
+    #[test]
+    fn closing_connection_is_attached_to_its_timewait_socket() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        let tp = tuple(40000, 80);
+        let events = [
+            state(0, 0x10, tuple(0, 80), Close, SynSent),
+            state(1, 0x10, tp, SynSent, Established),
+            state(2, 0x10, tp, Established, FinWait1),
+            state(3, 0x10, tp, FinWait1, FinWait2),
+            Event::TimeWait {
+                ts_ns: 4,
+                tw: TW,
+                netns: NS,
+                tuple: tp,
+                substate: TimeWait,
+                timer: TimerPhase::Start,
+            },
+            // The kernel clears the local port before the final CLOSE.
+            state(4, 0x10, tuple(0, 80), FinWait2, Close),
+        ];
+        for e in &events {
+            tracker.on_event(e, &mut rec);
+        }
+        assert!(rec.closed[0].time_wait);
+        assert_eq!(tracker.time_wait().count(), 1);
+        for phase in [TimerPhase::Cancel, TimerPhase::Expire] {
+            let e = Event::TimeWait {
+                ts_ns: 60_000 * MS,
+                tw: TW,
+                netns: NS,
+                tuple: tp,
+                substate: TimeWait,
+                timer: phase,
+            };
+            tracker.on_event(&e, &mut rec);
+        }
+        let ended = &rec.exited[0];
+        assert_eq!(ended.direction, Some(Direction::Active));
+        assert_eq!(ended.owner.map(|o| o.pid), Some(42));
+        assert_eq!(tracker.time_wait().count(), 0);
+    }
+
+    #[test]
+    fn connection_closed_without_time_wait_is_not_marked() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        let tp = tuple(8080, 40000);
+        for e in [
+            state(0, 0x20, tp, Listen, SynRecv),
+            state(1, 0x20, tp, SynRecv, Established),
+            state(2, 0x20, tp, Established, CloseWait),
+            state(3, 0x20, tp, CloseWait, LastAck),
+            state(4, 0x20, tp, LastAck, Close),
+        ] {
+            tracker.on_event(&e, &mut rec);
+        }
+        assert!(!rec.closed[0].time_wait);
+    }
+}
