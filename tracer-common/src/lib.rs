@@ -24,6 +24,14 @@ pub const EVENT_TW_CANCEL: u8 = 6;
 /// `RawEvent::kind`: a TIME_WAIT timer fired (`timer_expire_entry`): the 2MSL wait ran out.
 pub const EVENT_TW_EXPIRE: u8 = 7;
 
+/// `RawEvent::kind`: the delayed-ACK timer fired with an ACK still pending: a delayed ACK was
+/// sent. `aux` is how long it was held (ns, 0 when the arming was not seen), `ca_state` the
+/// socket's `icsk_ack.pingpong` at the time.
+pub const EVENT_DELAYED_ACK: u8 = 8;
+/// `RawEvent::kind`: a write smaller than the MSS was queued with Nagle on while data was in
+/// flight, so it waits for an ACK (`tcp_sendmsg_locked`, process context). `aux` is the bytes.
+pub const EVENT_NAGLE_HELD: u8 = 9;
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
@@ -65,6 +73,8 @@ pub struct RawEvent {
     pub newstate: u8,
     /// Retransmit: `icsk_ca_state` (0 open, 1 disorder, 2 CWR, 3 recovery, 4 loss).
     pub ca_state: u8,
+    /// Kind-specific value (see the `EVENT_*` constants).
+    pub aux: u64,
 }
 
 /// Byte offsets into kernel structures, discovered from the running kernel's BTF by the agent
@@ -99,6 +109,23 @@ pub struct KernelOffsets {
     pub tw_timer: u32,
     /// `struct inet_timewait_sock` -> `tw_substate`.
     pub tw_substate: u32,
+    /// `struct timer_list` -> `expires`.
+    pub timer_expires: u32,
+    /// `struct inet_connection_sock` -> `icsk_delack_timer`.
+    pub icsk_delack_timer: u32,
+    /// `struct inet_connection_sock` -> `icsk_ack.pending` (ICSK_ACK_SCHED 1, ICSK_ACK_TIMER 2).
+    pub icsk_ack_pending: u32,
+    /// `struct inet_connection_sock` -> `icsk_ack.pingpong`.
+    pub icsk_ack_pingpong: u32,
+    /// `struct tcp_sock` -> byte holding the `nonagle` bitfield, and its shift.
+    pub tcp_nonagle_byte: u32,
+    pub tcp_nonagle_shift: u32,
+    /// `struct tcp_sock` -> `packets_out`.
+    pub tcp_packets_out: u32,
+    /// `struct tcp_sock` -> `mss_cache`.
+    pub tcp_mss_cache: u32,
+    /// `struct msghdr` -> `msg_iter.count`: bytes left to send.
+    pub msghdr_left: u32,
     /// Non-zero once the agent has filled this struct (programs do nothing before that).
     pub valid: u32,
 }
@@ -109,6 +136,8 @@ pub struct KernelOffsets {
 pub struct KernelSymbols {
     /// `tw_timer_handler`: the TIME_WAIT timer's callback.
     pub tw_timer_handler: u64,
+    /// `tcp_delack_timer`: the delayed-ACK timer's callback.
+    pub tcp_delack_timer: u64,
 }
 
 #[cfg(feature = "user")]
@@ -124,5 +153,5 @@ mod user {
 }
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
-const _: () = assert!(core::mem::size_of::<RawEvent>() == 88);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 18 * 4);
+const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 27 * 4);

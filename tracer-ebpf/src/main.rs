@@ -9,6 +9,7 @@
 mod maps;
 mod resets;
 mod retransmit;
+mod sendmsg;
 mod sock;
 mod state;
 mod timers;

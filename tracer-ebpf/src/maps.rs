@@ -1,7 +1,7 @@
 //! Maps and globals shared by all programs, declared in one place.
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{KernelOffsets, KernelSymbols, RawEvent};
 
@@ -34,6 +34,15 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     timer_function: 0,
     tw_timer: 0,
     tw_substate: 0,
+    timer_expires: 0,
+    icsk_delack_timer: 0,
+    icsk_ack_pending: 0,
+    icsk_ack_pingpong: 0,
+    tcp_nonagle_byte: 0,
+    tcp_nonagle_shift: 0,
+    tcp_packets_out: 0,
+    tcp_mss_cache: 0,
+    msghdr_left: 0,
     valid: 0,
 };
 
@@ -41,7 +50,13 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 #[unsafe(no_mangle)]
 static SYMBOLS: KernelSymbols = KernelSymbols {
     tw_timer_handler: 0,
+    tcp_delack_timer: 0,
 };
+
+/// When each socket's delayed-ACK timer was armed, and for which expiry, keyed by socket. LRU:
+/// sockets that close with the timer armed are forgotten without a cleanup hook.
+#[map]
+pub static DELACK_ARMED: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
 pub fn symbols() -> KernelSymbols {

@@ -43,6 +43,7 @@ pub fn fill(event: &mut RawEvent, sk: *const u8, off: &KernelOffsets) {
     };
     event.segs = 0;
     event.ca_state = 0;
+    event.aux = 0;
 }
 
 /// True for TCP sockets of the families we decode.

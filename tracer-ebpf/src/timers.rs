@@ -5,33 +5,56 @@
 //! TIME_WAIT: the timer lives inside `struct inet_timewait_sock`; arming it means a socket
 //! entered TIME_WAIT (or was re-armed), detaching it means it left (an expiry detaches too and is
 //! followed by `timer_expire_entry`).
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use tracer_common::{EVENT_TW_CANCEL, EVENT_TW_EXPIRE, EVENT_TW_START};
+//!
+//! Delayed ACK: `icsk_delack_timer` inside `struct inet_connection_sock`. A firing sends a
+//! delayed ACK only if one is still pending (ICSK_ACK_SCHED | ICSK_ACK_TIMER); otherwise the ACK
+//! already left with data and the firing is a no-op, which is not reported.
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
+use tracer_common::{EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_EXPIRE, EVENT_TW_START};
 
 use crate::{maps, sock};
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Cancel,
+    Expire,
+}
+
 #[btf_tracepoint(function = "timer_start")]
 pub fn timer_start(ctx: BtfTracePointContext) -> i32 {
-    on_timer(&ctx, EVENT_TW_START)
+    on_timer(&ctx, Phase::Start)
 }
 
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn timer_cancel(ctx: BtfTracePointContext) -> i32 {
-    on_timer(&ctx, EVENT_TW_CANCEL)
+    on_timer(&ctx, Phase::Cancel)
 }
 
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
-    on_timer(&ctx, EVENT_TW_EXPIRE)
+    on_timer(&ctx, Phase::Expire)
 }
 
 #[inline(always)]
-fn on_timer(ctx: &BtfTracePointContext, kind: u8) -> i32 {
+fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     let timer: *const u8 = ctx.arg(0);
     let off = maps::offsets();
     let function: u64 = sock::read(timer, off.timer_function).unwrap_or(0);
     let symbols = maps::symbols();
-    if function == 0 || function != symbols.tw_timer_handler || off.valid == 0 {
+    if function == 0 || off.valid == 0 {
+        return 0;
+    }
+    if function == symbols.tcp_delack_timer {
+        return match phase {
+            Phase::Start => delack_armed(timer, &off),
+            Phase::Expire => delack_fired(timer, &off),
+            Phase::Cancel => 0,
+        };
+    }
+    if function != symbols.tw_timer_handler {
         return 0;
     }
     let tw = timer.wrapping_sub(off.tw_timer as usize);
@@ -44,9 +67,65 @@ fn on_timer(ctx: &BtfTracePointContext, kind: u8) -> i32 {
     // that `fill` reads.
     let event = unsafe { &mut *entry.as_mut_ptr() };
     sock::fill(event, tw, &off);
-    event.kind = kind;
+    event.kind = match phase {
+        Phase::Start => EVENT_TW_START,
+        Phase::Cancel => EVENT_TW_CANCEL,
+        Phase::Expire => EVENT_TW_EXPIRE,
+    };
     event.oldstate = 0;
     event.newstate = substate;
+    entry.submit(0);
+    0
+}
+
+/// Remembers when the ACK started waiting. A re-arm for the same expiry is the kernel keeping
+/// the earlier deadline, so the first arming time stays.
+#[inline(always)]
+fn delack_armed(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
+    let sk = timer.wrapping_sub(off.icsk_delack_timer as usize) as u64;
+    let expires: u64 = sock::read(timer, off.timer_expires).unwrap_or(0);
+    if let Some(armed) = maps::DELACK_ARMED.get_ptr(&sk) {
+        // SAFETY: the pointer comes from a lookup in this map and stays valid for the program's
+        // run; a concurrent update can only change the value, never free it under us.
+        if unsafe { (*armed)[1] } == expires {
+            return 0;
+        }
+    }
+    // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = maps::DELACK_ARMED.insert(&sk, &[now, expires], 0);
+    0
+}
+
+#[inline(always)]
+fn delack_fired(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
+    let sk_addr = timer.wrapping_sub(off.icsk_delack_timer as usize);
+    let key = sk_addr as u64;
+    let armed = maps::DELACK_ARMED.get_ptr(&key).map(|armed| {
+        // SAFETY: as in `delack_armed`: a pointer from a lookup in this map.
+        unsafe { (*armed)[0] }
+    });
+    let _ = maps::DELACK_ARMED.remove(&key);
+    let pending: u8 = sock::read(sk_addr, off.icsk_ack_pending).unwrap_or(0);
+    if pending & 3 != 3 {
+        return 0;
+    }
+    let pingpong: u8 = sock::read(sk_addr, off.icsk_ack_pingpong).unwrap_or(0);
+    let Some(mut entry) = maps::reserve() else {
+        return 0;
+    };
+    // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `fill` writes every
+    // field not written below.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    sock::fill(event, sk_addr, off);
+    event.kind = EVENT_DELAYED_ACK;
+    event.oldstate = 0;
+    event.newstate = sock::state(sk_addr, off);
+    event.ca_state = pingpong;
+    event.aux = match armed {
+        Some(at) if at > 0 && event.ts_ns > at => event.ts_ns - at,
+        _ => 0,
+    };
     entry.submit(0);
     0
 }

@@ -69,6 +69,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // events, and the tracker merges the two by 4-tuple; the other order would lose it.
     let mut tracker = Tracker::new(TrackerConfig {
         max_connections: args.max_connections as usize,
+        close_wait_threshold_ns: u64::try_from(args.close_wait_threshold.as_nanos())
+            .unwrap_or(u64::MAX),
         ..TrackerConfig::default()
     });
     let sysctls = TcpSysctls::read();
@@ -127,7 +129,7 @@ fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
     for (netns, sockets) in &dumps {
         let seeds = seed::seeds(sockets, *netns);
         connections += seeds.len();
-        tracker.seed(seeds);
+        tracker.seed(seeds, monotonic_ns());
         let waiting: Vec<_> = sockets
             .iter()
             .filter(|s| s.state == TcpState::TimeWait)
@@ -171,6 +173,9 @@ impl<W: Write> Loop<W> {
             Err(e) => warn!("{e}"),
         }
         self.metrics.set_active(self.tracker.active());
+        self.metrics
+            .latency
+            .set_close_wait(self.tracker.close_wait());
         self.refreshes += 1;
         if self.refreshes.is_multiple_of(SYSCTL_EVERY) {
             let sysctls = TcpSysctls::read();
@@ -347,4 +352,5 @@ fn drain<W: Write>(
     metrics.set_active(tracker.active());
     metrics.set_evictions(tracker.evictions());
     metrics.time_wait.set_sockets(tracker.time_wait().count());
+    metrics.latency.set_close_wait(tracker.close_wait());
 }

@@ -50,6 +50,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0.5, value_name = "RATIO", value_parser = parse_ratio)]
     pub port_exhaustion_warning: f64,
 
+    /// A connection in CLOSE_WAIT for longer than this is reported as a leak (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub close_wait_threshold: std::time::Duration,
+
     /// Diagnostics on stderr: error, warn, info, debug or trace.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
@@ -65,6 +69,27 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
         ));
     }
     Ok(bytes)
+}
+
+/// `250ms`, `30s`, `5m`, `1h`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{text:?} is not a duration such as 500ms, 30s, 5m or 1h");
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > 366.0 * 86400.0 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 fn parse_ratio(text: &str) -> Result<f64, String> {
@@ -142,5 +167,18 @@ mod tests {
         assert!(parse(&["run", "--bogus"]).is_err());
         assert!(parse(&["run", "--port-exhaustion-warning", "1.5"]).is_err());
         assert!(parse(&["run", "--time-wait-top-peers", "0"]).is_err());
+        assert!(parse(&["run", "--close-wait-threshold", "soon"]).is_err());
+        assert!(parse(&["run", "--close-wait-threshold", "0s"]).is_err());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("-1s").is_err() && parse_duration("1d").is_err());
     }
 }

@@ -6,8 +6,9 @@
 //! child) and is finished at the transition to CLOSE. Events for sockets that are not in the
 //! table (open before the agent started, or evicted) start a partial record, matched by 4-tuple
 //! against the sockets seeded from sock_diag.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 
+use crate::acks::AckStats;
 use crate::timewait::{TimeWaitConfig, TimeWaitRecord, TimeWaitTable};
 use serde::Serialize;
 
@@ -41,6 +42,15 @@ pub trait Observer {
     fn time_wait_entered(&mut self, _netns: u32, _tuple: &Tuple) {}
     /// A socket left TIME_WAIT; reported once its exit reason is known.
     fn time_wait_exited(&mut self, _record: &TimeWaitRecord) {}
+    /// `conn` sent a delayed ACK held for `held_ns` (when its arming was seen).
+    fn delayed_ack(&mut self, _conn: &Connection, _held_ns: Option<u64>, _pingpong: bool) {}
+    /// A small write on `conn` waited `lost_ns` for the peer's delayed ACK.
+    fn nagle_stall(&mut self, _conn: &Connection, _lost_ns: u64) {}
+    /// Time to tell about `conn`'s stalls so far (first stall, then rate limited, and at close).
+    fn nagle_stall_report(&mut self, _conn: &Connection) {}
+    /// A connection has stayed in CLOSE_WAIT past the threshold: the application never closed
+    /// its socket after the peer did.
+    fn close_wait_leak(&mut self, _leak: &CloseWaitLeak) {}
 }
 
 /// Lets several exporters observe one tracker: `(&mut metrics, &mut sink)`.
@@ -81,6 +91,22 @@ impl<A: Observer, B: Observer> Observer for (A, B) {
         self.0.time_wait_exited(record);
         self.1.time_wait_exited(record);
     }
+    fn delayed_ack(&mut self, conn: &Connection, held_ns: Option<u64>, pingpong: bool) {
+        self.0.delayed_ack(conn, held_ns, pingpong);
+        self.1.delayed_ack(conn, held_ns, pingpong);
+    }
+    fn nagle_stall(&mut self, conn: &Connection, lost_ns: u64) {
+        self.0.nagle_stall(conn, lost_ns);
+        self.1.nagle_stall(conn, lost_ns);
+    }
+    fn nagle_stall_report(&mut self, conn: &Connection) {
+        self.0.nagle_stall_report(conn);
+        self.1.nagle_stall_report(conn);
+    }
+    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+        self.0.close_wait_leak(leak);
+        self.1.close_wait_leak(leak);
+    }
 }
 
 impl<T: Observer + ?Sized> Observer for &mut T {
@@ -110,6 +136,18 @@ impl<T: Observer + ?Sized> Observer for &mut T {
     }
     fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
         (**self).time_wait_exited(record);
+    }
+    fn delayed_ack(&mut self, conn: &Connection, held_ns: Option<u64>, pingpong: bool) {
+        (**self).delayed_ack(conn, held_ns, pingpong);
+    }
+    fn nagle_stall(&mut self, conn: &Connection, lost_ns: u64) {
+        (**self).nagle_stall(conn, lost_ns);
+    }
+    fn nagle_stall_report(&mut self, conn: &Connection) {
+        (**self).nagle_stall_report(conn);
+    }
+    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+        (**self).close_wait_leak(leak);
     }
 }
 
@@ -162,6 +200,12 @@ pub struct Connection {
     pub complete: bool,
     /// It went on into TIME_WAIT (as a timewait socket) after CLOSE.
     pub time_wait: bool,
+    /// Delayed ACKs sent and Nagle stalls suffered.
+    pub acks: AckStats,
+    /// When it entered CLOSE_WAIT, while it is there.
+    pub close_wait_since: Option<u64>,
+    /// Reported as a CLOSE_WAIT leak.
+    pub close_wait_leaked: bool,
     /// Who sent the first FIN, once known.
     first_fin: Option<CloseCause>,
     last_seen_ns: u64,
@@ -188,11 +232,27 @@ impl Connection {
     }
 }
 
+/// A connection stuck in CLOSE_WAIT: the peer closed, the local application has not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseWaitLeak {
+    pub netns: u32,
+    pub tuple: Tuple,
+    /// When it entered CLOSE_WAIT, or when the agent started for one found there.
+    pub since_ns: u64,
+    pub detected_ns: u64,
+    pub direction: Direction,
+    pub owner: Option<Owner>,
+    /// Already in CLOSE_WAIT when the agent started.
+    pub seeded: bool,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct TrackerConfig {
     /// Live connections kept at most; past it the least recently active one is evicted.
     pub max_connections: usize,
     pub time_wait: TimeWaitConfig,
+    /// CLOSE_WAIT for longer than this is reported as a leak.
+    pub close_wait_threshold_ns: u64,
 }
 
 impl Default for TrackerConfig {
@@ -200,8 +260,16 @@ impl Default for TrackerConfig {
         TrackerConfig {
             max_connections: 262_144,
             time_wait: TimeWaitConfig::default(),
+            close_wait_threshold_ns: 60_000_000_000,
         }
     }
+}
+
+/// What a CLOSE_WAIT deadline refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CloseWaitKey {
+    Sock(SockId),
+    Seed(u32, Tuple),
 }
 
 /// The connection table.
@@ -212,6 +280,14 @@ pub struct Tracker {
     seeds: HashMap<(u32, Tuple), Seed>,
     evictions: u64,
     time_wait: TimeWaitTable,
+    /// Live connections by 4-tuple, to find the sender a delayed ACK was holding up.
+    by_tuple: HashMap<Tuple, SockId>,
+    /// CLOSE_WAIT entries in arrival order, checked against the threshold.
+    close_wait_queue: VecDeque<(u64, CloseWaitKey)>,
+    close_wait: usize,
+    close_wait_leaked: usize,
+    /// Seeded connections in CLOSE_WAIT already reported as leaks.
+    leaked_seeds: HashSet<(u32, Tuple)>,
 }
 
 impl Tracker {
@@ -222,7 +298,22 @@ impl Tracker {
             seeds: HashMap::new(),
             evictions: 0,
             time_wait: TimeWaitTable::new(config.time_wait),
+            by_tuple: HashMap::new(),
+            close_wait_queue: VecDeque::new(),
+            close_wait: 0,
+            close_wait_leaked: 0,
+            leaked_seeds: HashSet::new(),
         }
+    }
+
+    /// Connections in CLOSE_WAIT now, and those among them past the leak threshold.
+    pub fn close_wait(&self) -> (usize, usize) {
+        (self.close_wait, self.close_wait_leaked)
+    }
+
+    /// Live connections (for reports at the end of a run).
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.conns.values()
     }
 
     pub fn time_wait(&self) -> &TimeWaitTable {
@@ -237,6 +328,48 @@ impl Tracker {
     /// (CLOCK_MONOTONIC, the events' clock).
     pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
         self.time_wait.tick(now_ns, obs);
+        let threshold = self.config.close_wait_threshold_ns;
+        while let Some(&(since, key)) = self.close_wait_queue.front() {
+            if since.saturating_add(threshold) > now_ns {
+                break;
+            }
+            self.close_wait_queue.pop_front();
+            let leak = match key {
+                CloseWaitKey::Sock(sock) => match self.conns.get_mut(&sock) {
+                    Some(conn)
+                        if conn.close_wait_since == Some(since) && !conn.close_wait_leaked =>
+                    {
+                        conn.close_wait_leaked = true;
+                        Some(CloseWaitLeak {
+                            netns: conn.netns,
+                            tuple: conn.tuple,
+                            since_ns: since,
+                            detected_ns: now_ns,
+                            direction: conn.direction,
+                            owner: conn.owner,
+                            seeded: conn.seeded,
+                        })
+                    }
+                    _ => None,
+                },
+                CloseWaitKey::Seed(netns, tuple) => match self.seeds.get(&(netns, tuple)) {
+                    Some(seed) if self.leaked_seeds.insert((netns, tuple)) => Some(CloseWaitLeak {
+                        netns,
+                        tuple,
+                        since_ns: since,
+                        detected_ns: now_ns,
+                        direction: seed.direction,
+                        owner: None,
+                        seeded: true,
+                    }),
+                    _ => None,
+                },
+            };
+            if let Some(leak) = leak {
+                self.close_wait_leaked += 1;
+                obs.close_wait_leak(&leak);
+            }
+        }
     }
 
     /// Connections open right now: tracked ones plus seeded ones not yet seen in an event.
@@ -250,7 +383,8 @@ impl Tracker {
 
     /// Records the connections that were open when the agent started. Listeners, TIME_WAIT and
     /// request sockets are not connections and are ignored.
-    pub fn seed(&mut self, seeds: impl IntoIterator<Item = Seed>) {
+    /// `now_ns` stands for the time connections found in CLOSE_WAIT entered it.
+    pub fn seed(&mut self, seeds: impl IntoIterator<Item = Seed>, now_ns: u64) {
         for seed in seeds {
             if matches!(
                 seed.state,
@@ -262,6 +396,13 @@ impl Tracker {
             if self.seeds.len() >= self.config.max_connections {
                 self.evictions += 1;
                 continue;
+            }
+            if seed.state == TcpState::CloseWait
+                && !self.seeds.contains_key(&(seed.netns, seed.tuple))
+            {
+                self.close_wait += 1;
+                self.close_wait_queue
+                    .push_back((now_ns, CloseWaitKey::Seed(seed.netns, seed.tuple)));
             }
             self.seeds.insert((seed.netns, seed.tuple), seed);
         }
@@ -323,6 +464,49 @@ impl Tracker {
                 self.time_wait
                     .on_timer(ts_ns, tw, netns, tuple, substate, timer, obs);
             }
+            Event::DelayedAck {
+                ts_ns,
+                sock,
+                netns,
+                tuple,
+                held_ns,
+                pingpong,
+            } => {
+                let state = TcpState::Established;
+                if let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, state, obs) {
+                    conn.acks.delayed_ack(held_ns);
+                    obs.delayed_ack(conn, held_ns, pingpong);
+                }
+                // The sender this ACK was holding up, when it is on this host.
+                let reverse = Tuple {
+                    src: tuple.dst,
+                    sport: tuple.dport,
+                    dst: tuple.src,
+                    dport: tuple.sport,
+                };
+                if let Some(sender) = self.by_tuple.get(&reverse)
+                    && let Some(conn) = self.conns.get_mut(sender)
+                    && let Some(lost) = conn.acks.peer_delayed_ack(ts_ns, held_ns)
+                {
+                    obs.nagle_stall(conn, lost);
+                    if conn.acks.report_due(ts_ns, false) {
+                        obs.nagle_stall_report(conn);
+                    }
+                }
+            }
+            Event::NagleHeld {
+                ts_ns,
+                sock,
+                netns,
+                tuple,
+                bytes: _,
+                task,
+            } => {
+                let state = TcpState::Established;
+                if let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, state, obs) {
+                    conn.acks.held_write(ts_ns, owner(task));
+                }
+            }
         }
     }
 
@@ -354,6 +538,7 @@ impl Tracker {
         };
         if let Some(direction) = opening {
             if let Some(mut stale) = self.conns.remove(&sock) {
+                self.forget(&stale);
                 // The socket address was reused and we missed its CLOSE: finish the old record.
                 stale.complete = false;
                 let last_seen_ns = stale.last_seen_ns;
@@ -368,13 +553,17 @@ impl Tracker {
             if process_context(old, new) {
                 conn.owner = Some(owner(task));
             }
-            match_tuple(&mut self.seeds, &mut self.time_wait, &mut conn, obs);
             self.conns.insert(sock, conn);
+            self.match_tuple_of(sock, obs);
             obs.opened(direction);
             return;
         }
 
-        let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, old, obs) else {
+        if self.lookup(ts_ns, sock, netns, tuple, old, obs).is_none() {
+            return;
+        }
+        // Borrow only the table, so the counters beside it stay usable.
+        let Some(conn) = self.conns.get_mut(&sock) else {
             return;
         };
         if conn.state() != Some(old) {
@@ -388,6 +577,17 @@ impl Tracker {
         }
         if process_context(old, new) {
             conn.owner = Some(owner(task));
+        }
+        if new == TcpState::CloseWait && conn.close_wait_since.is_none() {
+            conn.close_wait_since = Some(ts_ns);
+            self.close_wait += 1;
+            self.close_wait_queue
+                .push_back((ts_ns, CloseWaitKey::Sock(sock)));
+        } else if old == TcpState::CloseWait && conn.close_wait_since.take().is_some() {
+            self.close_wait = self.close_wait.saturating_sub(1);
+            if std::mem::take(&mut conn.close_wait_leaked) {
+                self.close_wait_leaked = self.close_wait_leaked.saturating_sub(1);
+            }
         }
         match new {
             TcpState::Established if conn.established_ns.is_none() => {
@@ -405,9 +605,13 @@ impl Tracker {
         if new == TcpState::Close {
             let cause = close_cause(conn, old);
             if let Some(mut conn) = self.conns.remove(&sock) {
+                self.forget(&conn);
                 finish(&mut conn, ts_ns, cause);
                 // The timewait socket that replaces it was created just before this CLOSE.
                 conn.time_wait = self.time_wait.adopt(&conn);
+                if conn.acks.report_due(ts_ns, true) {
+                    obs.nagle_stall_report(&conn);
+                }
                 obs.closed(&conn);
             }
         } else if established_now {
@@ -438,7 +642,6 @@ impl Tracker {
             self.make_room(obs);
             let mut conn = Connection::new(sock, netns, tuple, Direction::Unknown, ts_ns);
             conn.states.push(StateStamp { state, ts_ns });
-            match_tuple(&mut self.seeds, &mut self.time_wait, &mut conn, obs);
             self.conns.insert(sock, conn);
         }
         let conn = self.conns.get_mut(&sock)?;
@@ -447,8 +650,53 @@ impl Tracker {
             conn.tuple = tuple;
             conn.tuple_matched = false;
         }
-        match_tuple(&mut self.seeds, &mut self.time_wait, conn, obs);
-        Some(conn)
+        self.match_tuple_of(sock, obs);
+        self.conns.get_mut(&sock)
+    }
+
+    /// Once a connection's 4-tuple is known: index it, merge it with its sock_diag seed, and
+    /// tell the TIME_WAIT table, which counts a 4-tuple taken over from a timewait socket as a
+    /// reuse.
+    fn match_tuple_of(&mut self, sock: SockId, obs: &mut impl Observer) {
+        let Some(conn) = self.conns.get_mut(&sock) else {
+            return;
+        };
+        if conn.tuple_matched || !conn.tuple.is_complete() {
+            return;
+        }
+        conn.tuple_matched = true;
+        self.by_tuple.insert(conn.tuple, sock);
+        self.time_wait.connection_seen(conn.netns, &conn.tuple, obs);
+        let key = (conn.netns, conn.tuple);
+        // Opened before the agent: adopt what sock_diag knew. A connection we saw open that
+        // also appears in the seed dump (it opened between attach and dump) is the same
+        // connection; dropping the seed keeps it from being counted twice.
+        if let Some(seed) = self.seeds.remove(&key) {
+            if conn.opened_ns.is_none() {
+                conn.seeded = true;
+                conn.direction = seed.direction;
+            }
+            if seed.state == TcpState::CloseWait {
+                // Its CLOSE_WAIT is now followed through the connection's own events.
+                self.close_wait = self.close_wait.saturating_sub(1);
+                if self.leaked_seeds.remove(&key) {
+                    self.close_wait_leaked = self.close_wait_leaked.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Drops the indexes and counts that refer to a connection leaving the table.
+    fn forget(&mut self, conn: &Connection) {
+        if self.by_tuple.get(&conn.tuple) == Some(&conn.sock) {
+            self.by_tuple.remove(&conn.tuple);
+        }
+        if conn.close_wait_since.is_some() {
+            self.close_wait = self.close_wait.saturating_sub(1);
+            if conn.close_wait_leaked {
+                self.close_wait_leaked = self.close_wait_leaked.saturating_sub(1);
+            }
+        }
     }
 
     /// Evicts the least recently active connection when the table is full. Linear, but only
@@ -465,6 +713,7 @@ impl Tracker {
         if let Some(victim) = victim
             && let Some(conn) = self.conns.remove(&victim)
         {
+            self.forget(&conn);
             self.evictions += 1;
             obs.evicted(&conn);
         }
@@ -490,34 +739,13 @@ impl Connection {
             seeded: false,
             complete: false,
             time_wait: false,
+            acks: AckStats::default(),
+            close_wait_since: None,
+            close_wait_leaked: false,
             first_fin: None,
             last_seen_ns: ts_ns,
             tuple_matched: false,
         }
-    }
-}
-
-/// Once a connection's 4-tuple is known: merge it with its sock_diag seed, and tell the
-/// TIME_WAIT table, which counts a 4-tuple taken over from a timewait socket as a reuse.
-fn match_tuple(
-    seeds: &mut HashMap<(u32, Tuple), Seed>,
-    time_wait: &mut TimeWaitTable,
-    conn: &mut Connection,
-    obs: &mut impl Observer,
-) {
-    if conn.tuple_matched || !conn.tuple.is_complete() {
-        return;
-    }
-    conn.tuple_matched = true;
-    time_wait.connection_seen(conn.netns, &conn.tuple, obs);
-    // Opened before the agent: adopt what sock_diag knew. A connection we saw open that also
-    // appears in the seed dump (it opened between attach and dump) is the same connection;
-    // dropping the seed keeps it from being counted twice.
-    if let Some(seed) = seeds.remove(&(conn.netns, conn.tuple))
-        && conn.opened_ns.is_none()
-    {
-        conn.seeded = true;
-        conn.direction = seed.direction;
     }
 }
 
@@ -588,6 +816,9 @@ mod tests {
         retransmits: Vec<(RetransmitKind, u32)>,
         resets: Vec<ResetDirection>,
         evicted: Vec<Connection>,
+        stalls: Vec<(Connection, u64)>,
+        stall_reports: Vec<Connection>,
+        leaks: Vec<CloseWaitLeak>,
     }
 
     impl Observer for Recorder {
@@ -611,6 +842,15 @@ mod tests {
         }
         fn evicted(&mut self, conn: &Connection) {
             self.evicted.push(conn.clone());
+        }
+        fn nagle_stall(&mut self, conn: &Connection, lost_ns: u64) {
+            self.stalls.push((conn.clone(), lost_ns));
+        }
+        fn nagle_stall_report(&mut self, conn: &Connection) {
+            self.stall_reports.push(conn.clone());
+        }
+        fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+            self.leaks.push(*leak);
         }
     }
 
@@ -909,17 +1149,20 @@ mod tests {
     fn seeded_connection_is_adopted_when_it_closes() {
         let mut tracker = Tracker::new(TrackerConfig::default());
         let t = tuple(8080, 40000);
-        tracker.seed([
-            seed(t, Direction::Passive),
-            Seed {
-                state: Listen,
-                ..seed(tuple(8080, 0), Direction::Unknown)
-            },
-            Seed {
-                state: TimeWait,
-                ..seed(tuple(8080, 40001), Direction::Passive)
-            },
-        ]);
+        tracker.seed(
+            [
+                seed(t, Direction::Passive),
+                Seed {
+                    state: Listen,
+                    ..seed(tuple(8080, 0), Direction::Unknown)
+                },
+                Seed {
+                    state: TimeWait,
+                    ..seed(tuple(8080, 40001), Direction::Passive)
+                },
+            ],
+            0,
+        );
         assert_eq!(
             tracker.active(),
             1,
@@ -950,7 +1193,7 @@ mod tests {
         let t = tuple(40000, 80);
         let mut rec = Recorder::default();
         // The dump saw it; its opening events were queued before the dump was applied.
-        tracker.seed([seed(t, Direction::Active)]);
+        tracker.seed([seed(t, Direction::Active)], 0);
         tracker.on_event(
             &state(1, CLIENT, tuple(0, 80), Close, SynSent, task(5, "nc")),
             &mut rec,
@@ -1016,5 +1259,159 @@ mod tests {
         let (_, rec) = run(&events);
         assert_eq!(rec.closed[0].states.len(), MAX_STATES);
         assert!(!rec.closed[0].complete);
+    }
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn passive_until_close_wait(sock: SockId, t: Tuple, at: u64) -> Vec<Event> {
+        vec![
+            state(at, sock, t, Listen, SynRecv, task(1, "curl")),
+            state(at + 1, sock, t, SynRecv, Established, task(1, "curl")),
+            state(at + 2, sock, t, Established, CloseWait, task(1, "curl")),
+        ]
+    }
+
+    #[test]
+    fn close_wait_past_the_threshold_is_a_leak_until_the_app_closes() {
+        let mut tracker = Tracker::new(TrackerConfig {
+            close_wait_threshold_ns: 5 * SEC,
+            ..TrackerConfig::default()
+        });
+        let mut rec = Recorder::default();
+        let t = tuple(8080, 40000);
+        for e in passive_until_close_wait(SERVER, t, 0) {
+            tracker.on_event(&e, &mut rec);
+        }
+        assert_eq!(tracker.close_wait(), (1, 0));
+        tracker.tick(4 * SEC, &mut rec);
+        assert!(rec.leaks.is_empty(), "not yet past the threshold");
+        tracker.tick(6 * SEC, &mut rec);
+        assert_eq!(rec.leaks.len(), 1);
+        assert_eq!(rec.leaks[0].tuple, t);
+        assert_eq!(rec.leaks[0].direction, Direction::Passive);
+        assert_eq!(tracker.close_wait(), (1, 1));
+        tracker.tick(60 * SEC, &mut rec);
+        assert_eq!(rec.leaks.len(), 1, "reported once");
+        // The application finally closes.
+        tracker.on_event(
+            &state(61 * SEC, SERVER, t, CloseWait, LastAck, task(9, "srv")),
+            &mut rec,
+        );
+        assert_eq!(tracker.close_wait(), (0, 0));
+    }
+
+    #[test]
+    fn close_wait_that_ends_in_time_is_not_a_leak() {
+        let mut tracker = Tracker::new(TrackerConfig {
+            close_wait_threshold_ns: 5 * SEC,
+            ..TrackerConfig::default()
+        });
+        let mut rec = Recorder::default();
+        let t = tuple(8080, 40000);
+        for e in passive_until_close_wait(SERVER, t, 0) {
+            tracker.on_event(&e, &mut rec);
+        }
+        tracker.on_event(
+            &state(SEC, SERVER, t, CloseWait, LastAck, task(9, "srv")),
+            &mut rec,
+        );
+        tracker.on_event(
+            &state(SEC + 1, SERVER, t, LastAck, Close, task(0, "x")),
+            &mut rec,
+        );
+        tracker.tick(10 * SEC, &mut rec);
+        assert!(rec.leaks.is_empty());
+        assert_eq!(tracker.close_wait(), (0, 0));
+    }
+
+    #[test]
+    fn seeded_close_wait_counts_from_start_and_leaks() {
+        let mut tracker = Tracker::new(TrackerConfig {
+            close_wait_threshold_ns: 5 * SEC,
+            ..TrackerConfig::default()
+        });
+        let mut rec = Recorder::default();
+        let t = tuple(8080, 40000);
+        tracker.seed(
+            [Seed {
+                state: CloseWait,
+                ..seed(t, Direction::Passive)
+            }],
+            100 * SEC,
+        );
+        assert_eq!(tracker.close_wait(), (1, 0));
+        tracker.tick(106 * SEC, &mut rec);
+        assert_eq!(rec.leaks.len(), 1);
+        assert!(rec.leaks[0].seeded);
+        assert_eq!(tracker.close_wait(), (1, 1));
+        // When it finally closes, the seed is claimed and the counts drop.
+        tracker.on_event(
+            &state(107 * SEC, SERVER, t, CloseWait, LastAck, task(9, "srv")),
+            &mut rec,
+        );
+        assert_eq!(tracker.close_wait(), (0, 0));
+    }
+
+    #[test]
+    fn held_write_and_peer_delayed_ack_on_this_host_make_a_stall() {
+        let ms = 1_000_000;
+        let client_t = tuple(40000, 8080);
+        let server_t = tuple(8080, 40000);
+        let mut events = vec![
+            state(0, CLIENT, client_t, Close, SynSent, task(5, "client")),
+            state(1, CLIENT, client_t, SynSent, Established, task(0, "x")),
+            state(1, SERVER, server_t, Listen, SynRecv, task(0, "x")),
+            state(2, SERVER, server_t, SynRecv, Established, task(0, "x")),
+        ];
+        // The second small write of a round is held by Nagle; the server's delayed ACK,
+        // armed just before it, releases it 40 ms later.
+        events.push(Event::NagleHeld {
+            ts_ns: 10 * ms,
+            sock: CLIENT,
+            netns: NS,
+            tuple: client_t,
+            bytes: 10,
+            task: task(5, "client"),
+        });
+        events.push(Event::DelayedAck {
+            ts_ns: 50 * ms,
+            sock: SERVER,
+            netns: NS,
+            tuple: server_t,
+            held_ns: Some(41 * ms),
+            pingpong: false,
+        });
+        let (_, rec) = run(&events);
+        assert_eq!(rec.stalls.len(), 1);
+        assert_eq!(rec.stalls[0].1, 40 * ms);
+        assert_eq!(rec.stalls[0].0.sock, CLIENT);
+        assert_eq!(
+            rec.stall_reports.len(),
+            1,
+            "the first stall is reported at once"
+        );
+        let writer = rec.stall_reports[0].acks.writer.expect("writer known");
+        assert_eq!(
+            (writer.pid, writer.comm.as_str().into_owned()),
+            (5, "client".to_owned())
+        );
+    }
+
+    #[test]
+    fn delayed_ack_without_held_write_is_no_stall() {
+        let server_t = tuple(8080, 40000);
+        let (_, rec) = run(&[
+            state(1, SERVER, server_t, Listen, SynRecv, task(0, "x")),
+            state(2, SERVER, server_t, SynRecv, Established, task(0, "x")),
+            Event::DelayedAck {
+                ts_ns: 50,
+                sock: SERVER,
+                netns: NS,
+                tuple: server_t,
+                held_ns: Some(40),
+                pingpong: true,
+            },
+        ]);
+        assert!(rec.stalls.is_empty());
     }
 }

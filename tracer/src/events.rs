@@ -2,8 +2,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tracer_common::{
-    AF_INET, AF_INET6, EVENT_RESET_RECEIVED, EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE,
-    EVENT_TW_CANCEL, EVENT_TW_EXPIRE, EVENT_TW_START, RawEvent,
+    AF_INET, AF_INET6, EVENT_DELAYED_ACK, EVENT_NAGLE_HELD, EVENT_RESET_RECEIVED, EVENT_RESET_SENT,
+    EVENT_RETRANSMIT, EVENT_STATE, EVENT_TW_CANCEL, EVENT_TW_EXPIRE, EVENT_TW_START, RawEvent,
 };
 
 use crate::model::{
@@ -84,6 +84,22 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
                 EVENT_TW_CANCEL => TimerPhase::Cancel,
                 _ => TimerPhase::Expire,
             },
+        }),
+        EVENT_DELAYED_ACK => Ok(Event::DelayedAck {
+            ts_ns: raw.ts_ns,
+            sock: raw.skaddr,
+            netns: raw.netns,
+            tuple,
+            held_ns: (raw.aux > 0).then_some(raw.aux),
+            pingpong: raw.ca_state != 0,
+        }),
+        EVENT_NAGLE_HELD => Ok(Event::NagleHeld {
+            ts_ns: raw.ts_ns,
+            sock: raw.skaddr,
+            netns: raw.netns,
+            tuple,
+            bytes: raw.aux,
+            task,
         }),
         other => Err(DecodeError::UnknownKind(other)),
     }
@@ -191,6 +207,24 @@ mod tests {
                 tw: 0xffff_8880_1234_5600,
                 substate: TcpState::TimeWait,
                 timer: TimerPhase::Cancel,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn delayed_ack_record_carries_hold_time_and_pingpong() {
+        let mut bytes = connect_fixture();
+        bytes[84] = tracer_common::EVENT_DELAYED_ACK;
+        bytes[86] = 1; // ESTABLISHED
+        bytes[87] = 1; // pingpong
+        bytes[88..96].copy_from_slice(&40_000_000u64.to_ne_bytes()); // aux: held 40 ms
+        let event = decode(&parse(&bytes).expect("parse")).expect("decode");
+        assert!(matches!(
+            event,
+            Event::DelayedAck {
+                held_ns: Some(40_000_000),
+                pingpong: true,
                 ..
             }
         ));

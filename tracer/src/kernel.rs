@@ -94,6 +94,7 @@ fn symbols_from(kallsyms: &str) -> Result<KernelSymbols, KernelError> {
     };
     Ok(KernelSymbols {
         tw_timer_handler: find("tw_timer_handler")?,
+        tcp_delack_timer: find("tcp_delack_timer")?,
     })
 }
 
@@ -271,6 +272,7 @@ impl KernelBtf {
         let ca_state = self.member_offset("inet_connection_sock", "icsk_ca_state")?;
         let cb = self.member_offset("sk_buff", "cb")?.byte;
         let gso_segs = self.member_offset("tcp_skb_cb", "tcp_gso_segs")?.byte;
+        let nonagle = self.member_offset("tcp_sock", "nonagle")?;
         Ok(KernelOffsets {
             skc_daddr: sock("__sk_common.skc_daddr")?,
             skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
@@ -291,6 +293,22 @@ impl KernelBtf {
             tw_substate: self
                 .member_offset("inet_timewait_sock", "tw_substate")?
                 .byte,
+            timer_expires: self.member_offset("timer_list", "expires")?.byte,
+            icsk_delack_timer: self
+                .member_offset("inet_connection_sock", "icsk_delack_timer")?
+                .byte,
+            icsk_ack_pending: self
+                .member_offset("inet_connection_sock", "icsk_ack.pending")?
+                .byte,
+            icsk_ack_pingpong: self
+                .member_offset("inet_connection_sock", "icsk_ack.pingpong")?
+                .byte,
+            tcp_nonagle_byte: nonagle.byte,
+            tcp_nonagle_shift: nonagle.bit_shift,
+            tcp_packets_out: self.member_offset("tcp_sock", "packets_out")?.byte,
+            tcp_mss_cache: self.member_offset("tcp_sock", "mss_cache")?.byte,
+            msghdr_left: self.member_offset("msghdr", "msg_iter")?.byte
+                + self.member_offset("iov_iter", "count")?.byte,
             valid: 1,
         })
     }
@@ -369,7 +387,8 @@ mod tests {
     #[test]
     fn kallsyms_parsing_finds_built_in_callbacks_only() {
         let text = "ffffffff820089f0 t tw_timer_handler\n\
-                    ffffffffc0001000 t tw_timer_handler\t[some_module]\n";
+                    ffffffffc0001000 t tw_timer_handler\t[some_module]\n\
+                    ffffffff8202e460 t tcp_delack_timer\n";
         let symbols = symbols_from(text).expect("symbol");
         assert_eq!(symbols.tw_timer_handler, 0xffff_ffff_8200_89f0);
         let hidden = "0000000000000000 t tw_timer_handler\n";

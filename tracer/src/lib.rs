@@ -3,6 +3,7 @@
 //!
 //! Data flows one way: `probes` (kernel hooks) -> `events` (ring buffer, decoding) ->
 //! `conntrack` (pure lifecycle reconstruction) -> exporters (`metrics`, `sinks`).
+pub mod acks;
 pub mod agent;
 pub mod cli;
 pub mod conntrack;
@@ -11,6 +12,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod model;
 pub mod probes;
+pub mod procfs;
 pub mod seed;
 pub mod sinks;
 pub mod timewait;

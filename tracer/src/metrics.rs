@@ -30,11 +30,13 @@ use prometheus::{
 };
 use tokio::net::TcpListener;
 
+mod latency;
 mod timewait;
 
+pub use latency::LatencyMetrics;
 pub use timewait::{PortPressure, TimeWaitMetrics};
 
-use crate::conntrack::{Connection, Observer};
+use crate::conntrack::{CloseWaitLeak, Connection, Observer};
 use crate::model::Tuple;
 use crate::model::{CloseCause, Direction, Event, ResetDirection, RetransmitKind, TcpState};
 use crate::timewait::TimeWaitRecord;
@@ -76,14 +78,18 @@ pub enum EventKind {
     Retransmit,
     Reset,
     TimeWaitTimer,
+    DelayedAck,
+    NagleHeld,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 6] = [
         EventKind::State,
         EventKind::Retransmit,
         EventKind::Reset,
         EventKind::TimeWaitTimer,
+        EventKind::DelayedAck,
+        EventKind::NagleHeld,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +98,8 @@ impl EventKind {
             EventKind::Retransmit => "retransmit",
             EventKind::Reset => "reset",
             EventKind::TimeWaitTimer => "time_wait_timer",
+            EventKind::DelayedAck => "delayed_ack",
+            EventKind::NagleHeld => "nagle_held_write",
         }
     }
 }
@@ -103,6 +111,8 @@ impl From<&Event> for EventKind {
             Event::Retransmit { .. } => EventKind::Retransmit,
             Event::Reset { .. } => EventKind::Reset,
             Event::TimeWait { .. } => EventKind::TimeWaitTimer,
+            Event::DelayedAck { .. } => EventKind::DelayedAck,
+            Event::NagleHeld { .. } => EventKind::NagleHeld,
         }
     }
 }
@@ -131,6 +141,7 @@ pub struct Metrics {
     evicted: IntCounter,
     evicted_seen: AtomicU64,
     pub time_wait: TimeWaitMetrics,
+    pub latency: LatencyMetrics,
 }
 
 fn direction_index(direction: Direction) -> usize {
@@ -175,6 +186,8 @@ fn event_index(kind: EventKind) -> usize {
         EventKind::Retransmit => 1,
         EventKind::Reset => 2,
         EventKind::TimeWaitTimer => 3,
+        EventKind::DelayedAck => 4,
+        EventKind::NagleHeld => 5,
     }
 }
 
@@ -344,6 +357,8 @@ impl Metrics {
             events_vec.get_metric_with_label_values(&[EventKind::Retransmit.as_str()])?,
             events_vec.get_metric_with_label_values(&[EventKind::Reset.as_str()])?,
             events_vec.get_metric_with_label_values(&[EventKind::TimeWaitTimer.as_str()])?,
+            events_vec.get_metric_with_label_values(&[EventKind::DelayedAck.as_str()])?,
+            events_vec.get_metric_with_label_values(&[EventKind::NagleHeld.as_str()])?,
         ];
 
         let events_lost = IntCounter::with_opts(Opts::new(
@@ -365,6 +380,7 @@ impl Metrics {
         registry.register(Box::new(evicted.clone()))?;
 
         let time_wait = TimeWaitMetrics::register(&registry)?;
+        let latency = LatencyMetrics::register(&registry)?;
 
         Ok(Metrics {
             registry,
@@ -384,6 +400,7 @@ impl Metrics {
             evicted,
             evicted_seen: AtomicU64::new(0),
             time_wait,
+            latency,
         })
     }
 
@@ -497,6 +514,18 @@ impl Observer for &Metrics {
 
     fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
         self.time_wait.exited(record.exit);
+    }
+
+    fn delayed_ack(&mut self, _conn: &Connection, held_ns: Option<u64>, pingpong: bool) {
+        self.latency.delayed_ack(held_ns, pingpong);
+    }
+
+    fn nagle_stall(&mut self, _conn: &Connection, lost_ns: u64) {
+        self.latency.nagle_stall(lost_ns);
+    }
+
+    fn close_wait_leak(&mut self, _leak: &CloseWaitLeak) {
+        self.latency.close_wait_leak();
     }
 }
 

@@ -193,6 +193,27 @@ pub enum Event {
         substate: TcpState,
         timer: TimerPhase,
     },
+    /// The delayed-ACK timer fired with an ACK pending: this socket sent a delayed ACK.
+    DelayedAck {
+        ts_ns: u64,
+        sock: SockId,
+        netns: u32,
+        tuple: Tuple,
+        /// How long the ACK was held, when its arming was seen.
+        held_ns: Option<u64>,
+        /// The socket was in pingpong (interactive) mode, which this firing ends.
+        pingpong: bool,
+    },
+    /// A sub-MSS write waits for an ACK because of Nagle (no TCP_NODELAY, data in flight).
+    NagleHeld {
+        ts_ns: u64,
+        sock: SockId,
+        netns: u32,
+        tuple: Tuple,
+        bytes: u64,
+        /// The writer: this runs in its system call.
+        task: Task,
+    },
 }
 
 /// What happened to a timer.
@@ -209,7 +230,9 @@ impl Event {
             Event::StateChange { ts_ns, .. }
             | Event::Retransmit { ts_ns, .. }
             | Event::Reset { ts_ns, .. }
-            | Event::TimeWait { ts_ns, .. } => *ts_ns,
+            | Event::TimeWait { ts_ns, .. }
+            | Event::DelayedAck { ts_ns, .. }
+            | Event::NagleHeld { ts_ns, .. } => *ts_ns,
         }
     }
 
@@ -217,7 +240,9 @@ impl Event {
         match self {
             Event::StateChange { sock, .. }
             | Event::Retransmit { sock, .. }
-            | Event::Reset { sock, .. } => *sock,
+            | Event::Reset { sock, .. }
+            | Event::DelayedAck { sock, .. }
+            | Event::NagleHeld { sock, .. } => *sock,
             Event::TimeWait { tw, .. } => *tw,
         }
     }

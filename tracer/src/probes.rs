@@ -87,6 +87,10 @@ impl Probes {
                 tracepoint: "tcp_send_reset",
             },
             Hook {
+                program: "tcp_sendmsg_locked",
+                tracepoint: "tcp_sendmsg_locked",
+            },
+            Hook {
                 program: "timer_start",
                 tracepoint: "timer_start",
             },
@@ -211,7 +215,7 @@ mod tests {
             },
         )
         .expect("attach (run the tests as root)");
-        assert_eq!(probes.attached().len(), 7);
+        assert_eq!(probes.attached().len(), 8);
         let mut ring = probes.take_events().expect("ring");
         let lost = probes.take_lost_counter().expect("lost counter");
 

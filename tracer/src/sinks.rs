@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
+use crate::conntrack::CloseWaitLeak;
 use crate::conntrack::{Connection, Observer, StateStamp};
 use crate::model::CloseCause;
 use crate::timewait::TimeWaitRecord;
@@ -356,6 +357,118 @@ impl<W: Write> Observer for EventSink<W> {
     fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
         self.write_time_wait(record);
     }
+
+    fn nagle_stall_report(&mut self, conn: &Connection) {
+        if self.format != EventFormat::Json {
+            return;
+        }
+        let writer = conn.acks.writer;
+        let line = NagleStallLine {
+            ts: self.clock.rfc3339(conn.acks.reported_ns.unwrap_or(0)),
+            event: "nagle_delack_stall",
+            family: conn.tuple.family().as_str(),
+            saddr: conn.tuple.src,
+            sport: conn.tuple.sport,
+            daddr: conn.tuple.dst,
+            dport: conn.tuple.dport,
+            netns: conn.netns,
+            pid: writer.map(|w| w.pid),
+            comm: writer.as_ref().map(|w| w.comm.as_str().into_owned()),
+            stalls: conn.acks.nagle_stalls,
+            lost_us: micros(conn.acks.nagle_lost_ns),
+            held_writes: conn.acks.nagle_held_writes,
+            fix: NAGLE_FIX,
+        };
+        self.write_json(&line);
+    }
+
+    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+        if self.format == EventFormat::None {
+            return;
+        }
+        // The kernel events cannot name the owner of a passively closed socket: ask /proc.
+        let owner = leak
+            .owner
+            .or_else(|| crate::procfs::socket_owner(leak.netns, &leak.tuple));
+        if self.format == EventFormat::Text {
+            self.line.clear();
+            let owner = owner.map_or_else(
+                || "unknown process".to_owned(),
+                |o| format!("pid {} ({})", o.pid, o.comm.as_str()),
+            );
+            self.line.extend_from_slice(
+                format!(
+                    "# CLOSE_WAIT leak: {}:{} -> {}:{} held by {owner} for {} s: the peer closed and the application never called close()\n",
+                    leak.tuple.src,
+                    leak.tuple.sport,
+                    leak.tuple.dst,
+                    leak.tuple.dport,
+                    leak.detected_ns.saturating_sub(leak.since_ns) / 1_000_000_000
+                )
+                .as_bytes(),
+            );
+            self.emit();
+            return;
+        }
+        let line = CloseWaitLine {
+            ts: self.clock.rfc3339(leak.detected_ns),
+            event: "close_wait_leak",
+            family: leak.tuple.family().as_str(),
+            saddr: leak.tuple.src,
+            sport: leak.tuple.sport,
+            daddr: leak.tuple.dst,
+            dport: leak.tuple.dport,
+            netns: leak.netns,
+            direction: leak.direction.as_str(),
+            pid: owner.map(|o| o.pid),
+            comm: owner.as_ref().map(|o| o.comm.as_str().into_owned()),
+            close_wait_us: micros(leak.detected_ns.saturating_sub(leak.since_ns)),
+            seeded: leak.seeded,
+            fix: CLOSE_WAIT_FIX,
+        };
+        self.write_json(&line);
+    }
+}
+
+/// What to do about a Nagle + delayed-ACK stall.
+pub const NAGLE_FIX: &str = "set TCP_NODELAY on the sender, or write each request in one call (writev / buffering), or set TCP_QUICKACK on the receiver";
+/// What to do about a CLOSE_WAIT leak.
+pub const CLOSE_WAIT_FIX: &str = "the application does not close sockets after the peer closes: make sure every code path (errors and EOF included) closes the socket";
+
+#[derive(Serialize)]
+struct NagleStallLine {
+    ts: Rfc3339,
+    event: &'static str,
+    family: &'static str,
+    saddr: IpAddr,
+    sport: u16,
+    daddr: IpAddr,
+    dport: u16,
+    netns: u32,
+    pid: Option<u32>,
+    comm: Option<String>,
+    stalls: u32,
+    lost_us: u64,
+    held_writes: u32,
+    fix: &'static str,
+}
+
+#[derive(Serialize)]
+struct CloseWaitLine {
+    ts: Rfc3339,
+    event: &'static str,
+    family: &'static str,
+    saddr: IpAddr,
+    sport: u16,
+    daddr: IpAddr,
+    dport: u16,
+    netns: u32,
+    direction: &'static str,
+    pid: Option<u32>,
+    comm: Option<String>,
+    close_wait_us: u64,
+    seeded: bool,
+    fix: &'static str,
 }
 
 impl<W: Write> EventSink<W> {
@@ -364,12 +477,20 @@ impl<W: Write> EventSink<W> {
         if self.error.is_some() || self.format != EventFormat::Json {
             return;
         }
-        self.line.clear();
         let json = JsonTimeWait {
             record,
             clock: self.clock,
         };
-        if let Err(err) = serde_json::to_writer(&mut self.line, &json) {
+        self.write_json(&json);
+    }
+
+    /// One JSON object as one line.
+    fn write_json(&mut self, value: &impl Serialize) {
+        if self.error.is_some() {
+            return;
+        }
+        self.line.clear();
+        if let Err(err) = serde_json::to_writer(&mut self.line, value) {
             self.error = Some(io::Error::other(err));
             return;
         }
@@ -431,7 +552,7 @@ struct JsonRecord<'a> {
 impl Serialize for JsonRecord<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let conn = self.conn;
-        let mut s = serializer.serialize_struct("ConnectionClosed", 21)?;
+        let mut s = serializer.serialize_struct("ConnectionClosed", 25)?;
         s.serialize_field("ts", &self.clock.rfc3339(close_ns(conn)))?;
         s.serialize_field("event", "connection_closed")?;
         s.serialize_field("family", conn.tuple.family().as_str())?;
@@ -454,6 +575,10 @@ impl Serialize for JsonRecord<'_> {
         s.serialize_field("seeded", &conn.seeded)?;
         s.serialize_field("complete", &conn.complete)?;
         s.serialize_field("time_wait", &conn.time_wait)?;
+        s.serialize_field("delayed_acks", &conn.acks.delayed_acks)?;
+        s.serialize_field("delayed_ack_us", &micros(conn.acks.delayed_ack_ns))?;
+        s.serialize_field("nagle_stalls", &conn.acks.nagle_stalls)?;
+        s.serialize_field("nagle_lost_us", &micros(conn.acks.nagle_lost_ns))?;
         s.end()
     }
 }
@@ -677,6 +802,10 @@ mod tests {
                 "seeded": false,
                 "complete": true,
                 "time_wait": false,
+                "delayed_acks": 0,
+                "delayed_ack_us": 0,
+                "nagle_stalls": 0,
+                "nagle_lost_us": 0,
             })
         );
         // Keys in the documented order.
@@ -702,6 +831,10 @@ mod tests {
             "seeded",
             "complete",
             "time_wait",
+            "delayed_acks",
+            "delayed_ack_us",
+            "nagle_stalls",
+            "nagle_lost_us",
         ];
         let positions: Vec<usize> = keys
             .iter()
@@ -745,7 +878,7 @@ mod tests {
         ]);
         let value: Value = serde_json::from_str(&json_line(&conn)).unwrap();
         let object = value.as_object().unwrap();
-        assert_eq!(object.len(), 21);
+        assert_eq!(object.len(), 25);
         assert_eq!(value["time_wait"], false);
         assert_eq!(value["ts"], "2026-11-23T12:00:00.000000Z");
         assert_eq!(value["family"], "ipv6");

@@ -1,0 +1,151 @@
+//! Delayed ACKs and the Nagle + delayed-ACK stall, per connection. Pure.
+//!
+//! The stall: a sender with Nagle on writes a small segment while an earlier one is still
+//! unacknowledged, so the kernel holds it until an ACK arrives; the receiver is delaying that
+//! ACK (about 40 ms on Linux). When both ends are on this host (loopback, containers), the
+//! receiver's delayed ACK on the reverse 4-tuple, fired while the held write waited, closes the
+//! loop: the time lost is from the held write to that ACK.
+use crate::conntrack::Owner;
+
+/// A held write older than this when a delayed ACK fires is not what that ACK released (the
+/// longest delayed-ACK timeouts elsewhere are 500 ms).
+pub const STALL_WINDOW_NS: u64 = 500_000_000;
+
+/// A live connection's stall report is repeated at most this often (event time).
+pub const REPORT_EVERY_NS: u64 = 10_000_000_000;
+
+/// Delayed-ACK and Nagle figures of one connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AckStats {
+    /// Delayed ACKs this socket sent.
+    pub delayed_acks: u32,
+    /// Time those ACKs were held, summed (only those whose arming was seen).
+    pub delayed_ack_ns: u64,
+    /// Small writes held back by Nagle with data in flight.
+    pub nagle_held_writes: u32,
+    /// Held writes that waited for the peer's delayed ACK.
+    pub nagle_stalls: u32,
+    /// Time those writes waited.
+    pub nagle_lost_ns: u64,
+    /// The process that made the held writes (known: they run in its system call).
+    pub writer: Option<Owner>,
+    /// The latest held write not yet matched with an ACK.
+    pub held_write_ns: Option<u64>,
+    /// When a stall report was last emitted, and the stalls it covered.
+    pub reported_ns: Option<u64>,
+    pub reported_stalls: u32,
+}
+
+impl AckStats {
+    pub fn delayed_ack(&mut self, held_ns: Option<u64>) {
+        self.delayed_acks = self.delayed_acks.saturating_add(1);
+        self.delayed_ack_ns = self.delayed_ack_ns.saturating_add(held_ns.unwrap_or(0));
+    }
+
+    pub fn held_write(&mut self, ts_ns: u64, writer: Owner) {
+        self.nagle_held_writes = self.nagle_held_writes.saturating_add(1);
+        self.writer = Some(writer);
+        // The first unmatched write is the one that waits longest.
+        self.held_write_ns.get_or_insert(ts_ns);
+    }
+
+    /// The peer sent a delayed ACK at `ack_ns`, held for `held_ns`: if a write of ours was
+    /// waiting for it, that is a stall. Returns the time lost.
+    pub fn peer_delayed_ack(&mut self, ack_ns: u64, held_ns: Option<u64>) -> Option<u64> {
+        let write_ns = self.held_write_ns?;
+        if write_ns > ack_ns {
+            return None;
+        }
+        let lost = ack_ns - write_ns;
+        // The write must have waited on this ACK: it was held while the ACK was being delayed.
+        let waiting_since = ack_ns.saturating_sub(held_ns.unwrap_or(STALL_WINDOW_NS));
+        self.held_write_ns = None;
+        if lost > STALL_WINDOW_NS || write_ns < waiting_since {
+            return None;
+        }
+        self.nagle_stalls = self.nagle_stalls.saturating_add(1);
+        self.nagle_lost_ns = self.nagle_lost_ns.saturating_add(lost);
+        Some(lost)
+    }
+
+    /// Whether a stall report is due at `now_ns`: the first stall at once, then at most every
+    /// `REPORT_EVERY_NS` while new stalls occur; `closing` flushes what is left.
+    pub fn report_due(&mut self, now_ns: u64, closing: bool) -> bool {
+        if self.nagle_stalls == self.reported_stalls {
+            return false;
+        }
+        let due = closing
+            || self
+                .reported_ns
+                .is_none_or(|last| now_ns.saturating_sub(last) >= REPORT_EVERY_NS);
+        if due {
+            self.reported_ns = Some(now_ns);
+            self.reported_stalls = self.nagle_stalls;
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Comm;
+
+    const MS: u64 = 1_000_000;
+
+    fn writer() -> Owner {
+        Owner {
+            pid: 7,
+            comm: Comm::from("client"),
+        }
+    }
+
+    #[test]
+    fn held_write_released_by_peer_delayed_ack_is_a_stall() {
+        let mut stats = AckStats::default();
+        stats.held_write(1_000 * MS, writer());
+        let lost = stats.peer_delayed_ack(1_040 * MS, Some(41 * MS));
+        assert_eq!(lost, Some(40 * MS));
+        assert_eq!((stats.nagle_stalls, stats.nagle_lost_ns), (1, 40 * MS));
+        assert_eq!(stats.held_write_ns, None, "matched once");
+        assert_eq!(stats.peer_delayed_ack(1_080 * MS, Some(40 * MS)), None);
+    }
+
+    #[test]
+    fn delayed_ack_armed_after_the_write_did_not_hold_it() {
+        let mut stats = AckStats::default();
+        stats.held_write(1_000 * MS, writer());
+        // Armed at 1 030 ms, after the write: some other segment's ACK.
+        assert_eq!(stats.peer_delayed_ack(1_070 * MS, Some(40 * MS)), None);
+        assert_eq!(stats.nagle_stalls, 0);
+    }
+
+    #[test]
+    fn stale_held_write_is_not_a_stall() {
+        let mut stats = AckStats::default();
+        stats.held_write(0, writer());
+        assert_eq!(stats.peer_delayed_ack(2_000 * MS, None), None);
+    }
+
+    #[test]
+    fn reports_first_stall_then_rate_limited_then_on_close() {
+        let mut stats = AckStats::default();
+        assert!(!stats.report_due(0, false), "nothing to report");
+        stats.held_write(0, writer());
+        stats.peer_delayed_ack(40 * MS, Some(40 * MS));
+        assert!(stats.report_due(40 * MS, false));
+        stats.held_write(100 * MS, writer());
+        stats.peer_delayed_ack(140 * MS, Some(40 * MS));
+        assert!(!stats.report_due(140 * MS, false), "rate limited");
+        assert!(stats.report_due(150 * MS, true), "flushed at close");
+        assert!(!stats.report_due(200 * MS, true), "nothing new");
+    }
+
+    #[test]
+    fn delayed_acks_sum_known_hold_times() {
+        let mut stats = AckStats::default();
+        stats.delayed_ack(Some(40 * MS));
+        stats.delayed_ack(None);
+        assert_eq!((stats.delayed_acks, stats.delayed_ack_ns), (2, 40 * MS));
+    }
+}
