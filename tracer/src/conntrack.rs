@@ -33,9 +33,9 @@ pub trait Observer {
     /// A connection reached CLOSE; its record is final.
     fn closed(&mut self, _conn: &Connection) {}
     /// Segments retransmitted, on any TCP socket.
-    fn retransmit(&mut self, _kind: RetransmitKind, _segs: u32) {}
-    /// A RST sent or received on a TCP socket.
-    fn reset(&mut self, _direction: ResetDirection) {}
+    fn retransmit(&mut self, _tuple: &Tuple, _kind: RetransmitKind, _segs: u32) {}
+    /// A RST sent (with the kernel's reason code) or received on a TCP socket.
+    fn reset(&mut self, _tuple: &Tuple, _direction: ResetDirection, _reason: Option<u16>) {}
     /// A live connection was dropped from the table because it was full.
     fn evicted(&mut self, _conn: &Connection) {}
     /// A socket entered the TIME_WAIT state.
@@ -71,13 +71,13 @@ impl<A: Observer, B: Observer> Observer for (A, B) {
         self.0.closed(conn);
         self.1.closed(conn);
     }
-    fn retransmit(&mut self, kind: RetransmitKind, segs: u32) {
-        self.0.retransmit(kind, segs);
-        self.1.retransmit(kind, segs);
+    fn retransmit(&mut self, tuple: &Tuple, kind: RetransmitKind, segs: u32) {
+        self.0.retransmit(tuple, kind, segs);
+        self.1.retransmit(tuple, kind, segs);
     }
-    fn reset(&mut self, direction: ResetDirection) {
-        self.0.reset(direction);
-        self.1.reset(direction);
+    fn reset(&mut self, tuple: &Tuple, direction: ResetDirection, reason: Option<u16>) {
+        self.0.reset(tuple, direction, reason);
+        self.1.reset(tuple, direction, reason);
     }
     fn evicted(&mut self, conn: &Connection) {
         self.0.evicted(conn);
@@ -122,11 +122,11 @@ impl<T: Observer + ?Sized> Observer for &mut T {
     fn closed(&mut self, conn: &Connection) {
         (**self).closed(conn);
     }
-    fn retransmit(&mut self, kind: RetransmitKind, segs: u32) {
-        (**self).retransmit(kind, segs);
+    fn retransmit(&mut self, tuple: &Tuple, kind: RetransmitKind, segs: u32) {
+        (**self).retransmit(tuple, kind, segs);
     }
-    fn reset(&mut self, direction: ResetDirection) {
-        (**self).reset(direction);
+    fn reset(&mut self, tuple: &Tuple, direction: ResetDirection, reason: Option<u16>) {
+        (**self).reset(tuple, direction, reason);
     }
     fn evicted(&mut self, conn: &Connection) {
         (**self).evicted(conn);
@@ -192,6 +192,8 @@ pub struct Connection {
     pub close: Option<CloseCause>,
     /// Retransmitted segments.
     pub retransmits: u32,
+    /// The same by kind, indexed in `RetransmitKind::ALL` order.
+    pub retransmit_kinds: [u32; 4],
     pub resets_sent: u32,
     pub resets_received: u32,
     /// Known from sock_diag rather than from its opening event.
@@ -431,9 +433,11 @@ impl Tracker {
                 kind,
                 segs,
             } => {
-                obs.retransmit(kind, segs);
+                obs.retransmit(&tuple, kind, segs);
                 if let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, state, obs) {
                     conn.retransmits = conn.retransmits.saturating_add(segs);
+                    let by_kind = &mut conn.retransmit_kinds[kind as usize];
+                    *by_kind = by_kind.saturating_add(segs);
                 }
             }
             Event::Reset {
@@ -443,9 +447,10 @@ impl Tracker {
                 tuple,
                 state,
                 direction,
+                reason,
                 task: _,
             } => {
-                obs.reset(direction);
+                obs.reset(&tuple, direction, reason);
                 if let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, state, obs) {
                     match direction {
                         ResetDirection::Sent => conn.resets_sent += 1,
@@ -734,6 +739,7 @@ impl Connection {
             closed_ns: None,
             close: None,
             retransmits: 0,
+            retransmit_kinds: [0; 4],
             resets_sent: 0,
             resets_received: 0,
             seeded: false,
@@ -834,10 +840,10 @@ mod tests {
         fn closed(&mut self, conn: &Connection) {
             self.closed.push(conn.clone());
         }
-        fn retransmit(&mut self, kind: RetransmitKind, segs: u32) {
+        fn retransmit(&mut self, _tuple: &Tuple, kind: RetransmitKind, segs: u32) {
             self.retransmits.push((kind, segs));
         }
-        fn reset(&mut self, direction: ResetDirection) {
+        fn reset(&mut self, _tuple: &Tuple, direction: ResetDirection, _reason: Option<u16>) {
             self.resets.push(direction);
         }
         fn evicted(&mut self, conn: &Connection) {
@@ -992,6 +998,7 @@ mod tests {
             tuple: t,
             state: st,
             direction: dir,
+            reason: None,
             task: task(0, "swapper/0"),
         }
     }

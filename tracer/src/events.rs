@@ -71,6 +71,7 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
             } else {
                 ResetDirection::Received
             },
+            reason: (raw.kind == EVENT_RESET_SENT).then_some(raw.segs),
             task,
         }),
         EVENT_TW_START | EVENT_TW_CANCEL | EVENT_TW_EXPIRE => Ok(Event::TimeWait {

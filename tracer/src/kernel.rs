@@ -204,6 +204,28 @@ impl KernelBtf {
         Err(missing())
     }
 
+    /// Names of the kernel's RST reasons (`enum sk_rst_reason`), by value, lower case without
+    /// their `SK_RST_REASON_` prefix, e.g. `tcp_abort_on_data`. Empty where the kernel has none.
+    pub fn rst_reasons(&self) -> std::collections::HashMap<u16, String> {
+        let mut names = std::collections::HashMap::new();
+        let Ok(types) = self.btf.resolve_types_by_name("sk_rst_reason") else {
+            return names;
+        };
+        for ty in types {
+            let Type::Enum(e) = ty else { continue };
+            for member in &e.members {
+                let (Ok(name), Ok(value)) =
+                    (self.btf.resolve_name(member), u16::try_from(member.val()))
+                else {
+                    continue;
+                };
+                let short = name.strip_prefix("SK_RST_REASON_").unwrap_or(&name);
+                names.insert(value, short.to_ascii_lowercase());
+            }
+        }
+        names
+    }
+
     fn struct_named(&self, name: &str) -> Result<btf_rs::Struct, KernelError> {
         let missing = || KernelError::Missing(format!("struct {name}"));
         let types = self
@@ -415,6 +437,13 @@ mod tests {
         assert_eq!(sysctls.port_range_size(), Some(28232));
         let live = TcpSysctls::read();
         assert!(live.ip_local_port_range.is_some() && live.tcp_tw_reuse.is_some());
+    }
+
+    #[test]
+    fn rst_reasons_are_named_from_btf() {
+        let reasons = kernel().rst_reasons();
+        assert_eq!(reasons.get(&1).map(String::as_str), Some("no_socket"));
+        assert!(reasons.values().any(|r| r == "tcp_abort_on_data"));
     }
 
     #[test]

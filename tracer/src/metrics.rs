@@ -495,11 +495,11 @@ impl Observer for &Metrics {
         }
     }
 
-    fn retransmit(&mut self, kind: RetransmitKind, segs: u32) {
+    fn retransmit(&mut self, _tuple: &Tuple, kind: RetransmitKind, segs: u32) {
         self.retransmits[retransmit_index(kind)].inc_by(u64::from(segs));
     }
 
-    fn reset(&mut self, direction: ResetDirection) {
+    fn reset(&mut self, _tuple: &Tuple, direction: ResetDirection, _reason: Option<u16>) {
         self.resets[reset_index(direction)].inc();
     }
 
@@ -869,6 +869,7 @@ mod tests {
                 tuple: tuple(40001),
                 state: SynSent,
                 direction: ResetDirection::Received,
+                reason: None,
                 task: task(),
             },
             state(110, SOCK, 40001, SynSent, Close),

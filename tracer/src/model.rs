@@ -179,6 +179,8 @@ pub enum Event {
         tuple: Tuple,
         state: TcpState,
         direction: ResetDirection,
+        /// Sent RSTs: the kernel's `enum sk_rst_reason` value.
+        reason: Option<u16>,
         task: Task,
     },
     /// The TIME_WAIT timer of a timewait mini socket was armed, detached or fired.

@@ -863,6 +863,7 @@ mod tests {
                 tuple,
                 state: Established,
                 direction: ResetDirection::Received,
+                reason: None,
                 task: task(0, "swapper/1"),
             },
             Event::Retransmit {
