@@ -1,5 +1,6 @@
-//! `tracer run`: set-up in an order that fails before anything is attached where it can, then
-//! one task that drains the ring buffer in batches into the tracker and its observers.
+//! Watching the kernel: set-up in an order that fails before anything is attached where it
+//! can, then one task that drains the ring buffer in batches into the tracker and its
+//! observers. `tracer run` and `tracer diagnose` are two consumers of the same session.
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
 use std::os::fd::AsRawFd;
@@ -14,7 +15,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::RunArgs;
-use crate::conntrack::{Tracker, TrackerConfig};
+use crate::conntrack::{Observer, Tracker, TrackerConfig};
 use crate::events;
 use crate::kernel::{self, KernelBtf, TcpSysctls};
 use crate::metrics::{self, Metrics};
@@ -31,6 +32,107 @@ const SYSCTL_EVERY: u64 = 10;
 /// The same port-exhaustion warning is repeated at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
+/// What every command that watches the kernel needs, set up in order.
+pub struct SessionConfig {
+    pub ring_buffer_bytes: u32,
+    pub max_connections: usize,
+    pub close_wait_threshold: Duration,
+}
+
+/// Attached programs, their maps, and the tracker seeded with what already existed.
+pub struct Session {
+    /// Held until the end; dropping it detaches the programs.
+    probes: Option<Probes>,
+    ring: Option<RingBuf<MapData>>,
+    lost: LostCounter,
+    logger: Option<KernelLogger>,
+    pub tracker: Tracker,
+    pub sysctls: TcpSysctls,
+    pub rst_reasons: HashMap<u16, String>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Session {
+    pub fn start(config: &SessionConfig) -> anyhow::Result<Session> {
+        kernel::require_root()?;
+        match kernel::ensure_tracefs() {
+            Ok(true) => info!("mounted tracefs at {}", kernel::TRACEFS),
+            Ok(false) => {}
+            Err(e) => warn!("{e} (continuing: the tp_btf programs do not need it)"),
+        }
+        let btf = KernelBtf::load()?;
+        let offsets = btf.offsets()?;
+        debug!("kernel offsets from BTF: {offsets:?}");
+        let symbols = kernel::symbols()?;
+        debug!("kernel symbols: {symbols:x?}");
+
+        let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+        let mut probes = Probes::attach(
+            &btf,
+            &offsets,
+            &symbols,
+            &ProbeConfig {
+                ring_buffer_bytes: config.ring_buffer_bytes,
+            },
+        )?;
+        info!("attached to {}", probes.attached().join(", "));
+        let ring = probes.take_events()?;
+        let lost = probes.take_lost_counter()?;
+        let logger = probes.logger();
+
+        // Seed after attaching: a connection opened in between shows up in both the dump and
+        // the events, and the tracker merges the two by 4-tuple; the other order would lose it.
+        let mut tracker = Tracker::new(TrackerConfig {
+            max_connections: config.max_connections,
+            close_wait_threshold_ns: u64::try_from(config.close_wait_threshold.as_nanos())
+                .unwrap_or(u64::MAX),
+            ..TrackerConfig::default()
+        });
+        let sysctls = TcpSysctls::read();
+        if let Some(range) = sysctls.ip_local_port_range {
+            tracker.time_wait_mut().set_ephemeral_ports(range);
+        }
+        metrics.time_wait.set_settings(&sysctls);
+        seed_existing(&mut tracker)?;
+        metrics.set_active(tracker.active());
+        Ok(Session {
+            probes: Some(probes),
+            ring: Some(ring),
+            lost,
+            logger,
+            tracker,
+            sysctls,
+            rst_reasons: btf.rst_reasons(),
+            metrics,
+        })
+    }
+
+    /// Events the kernel dropped because the ring buffer was full, so far.
+    pub fn events_lost(&self) -> u64 {
+        self.lost.total().unwrap_or(0)
+    }
+}
+
+/// What a command does with the events, besides the tracker and metrics every command keeps.
+pub trait Consumer {
+    fn observer(&mut self) -> &mut dyn Observer;
+    /// After each batch of events; `Ok(false)` ends the run.
+    fn batch_done(&mut self) -> anyhow::Result<bool> {
+        Ok(true)
+    }
+    /// Once per `REFRESH`, after time-based settling.
+    fn refresh(&mut self, _tracker: &mut Tracker, _metrics: &Metrics) {}
+}
+
+/// Runs `work` on a single-threaded runtime: the agent's whole event loop is one task.
+pub fn block_on<F: std::future::Future>(work: F) -> anyhow::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(runtime.block_on(work))
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     kernel::require_root()?;
     // Bind before attaching: a port in use must fail with nothing left behind.
@@ -39,76 +141,46 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     listener
         .set_nonblocking(true)
         .context("setting the metrics socket non-blocking")?;
-
-    match kernel::ensure_tracefs() {
-        Ok(true) => info!("mounted tracefs at {}", kernel::TRACEFS),
-        Ok(false) => {}
-        Err(e) => warn!("{e} (continuing: the tp_btf programs do not need it)"),
-    }
-    let btf = KernelBtf::load()?;
-    let offsets = btf.offsets()?;
-    debug!("kernel offsets from BTF: {offsets:?}");
-    let symbols = kernel::symbols()?;
-    debug!("kernel symbols: {symbols:x?}");
-
-    let metrics = Arc::new(Metrics::new().context("creating metrics")?);
-    let mut probes = Probes::attach(
-        &btf,
-        &offsets,
-        &symbols,
-        &ProbeConfig {
-            ring_buffer_bytes: args.ring_buffer_bytes,
-        },
-    )?;
-    info!("attached to {}", probes.attached().join(", "));
-    let ring = probes.take_events()?;
-    let lost = probes.take_lost_counter()?;
-    let logger = probes.logger();
-
-    // Seed after attaching: a connection opened in between shows up in both the dump and the
-    // events, and the tracker merges the two by 4-tuple; the other order would lose it.
-    let mut tracker = Tracker::new(TrackerConfig {
+    let mut session = Session::start(&SessionConfig {
+        ring_buffer_bytes: args.ring_buffer_bytes,
         max_connections: args.max_connections as usize,
-        close_wait_threshold_ns: u64::try_from(args.close_wait_threshold.as_nanos())
-            .unwrap_or(u64::MAX),
-        ..TrackerConfig::default()
-    });
-    let sysctls = TcpSysctls::read();
-    if let Some(range) = sysctls.ip_local_port_range {
-        tracker.time_wait_mut().set_ephemeral_ports(range);
-    }
-    metrics.time_wait.set_settings(&sysctls);
-    seed_existing(&mut tracker)?;
-    metrics.set_active(tracker.active());
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+        close_wait_threshold: args.close_wait_threshold,
+    })?;
     let clock = WallClock::new().context("reading the clocks")?;
-    let sink = EventSink::new(
-        args.events,
-        BufWriter::with_capacity(64 << 10, io::stdout()),
-        clock,
-    );
-    let port_range_size = sysctls.port_range_size().unwrap_or(0);
-    let result = runtime.block_on(event_loop(
-        ring,
-        Loop {
-            lost,
-            logger,
-            tracker,
-            metrics,
-            sink,
+    let mut consumer = RunConsumer {
+        sink: EventSink::new(
+            args.events,
+            BufWriter::with_capacity(64 << 10, io::stdout()),
+            clock,
+        ),
+        time_wait_top_peers: args.time_wait_top_peers as usize,
+        port_exhaustion_warning: args.port_exhaustion_warning,
+        port_warnings: HashMap::new(),
+        refreshes: 0,
+        port_range_size: session.sysctls.port_range_size().unwrap_or(0),
+    };
+    let result = block_on(async {
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .context("registering the metrics socket")?;
+        let server = tokio::spawn(metrics::serve(
             listener,
-            probes: Some(probes),
-            time_wait_top_peers: args.time_wait_top_peers as usize,
-            port_exhaustion_warning: args.port_exhaustion_warning,
-            port_warnings: HashMap::new(),
-            refreshes: 0,
-            port_range_size,
-        },
-    ));
+            session.metrics.clone(),
+            async move {
+                let _ = stop_rx.changed().await;
+            },
+        ));
+        consumer.sink.header();
+        info!("ready: tracing TCP connections");
+        let outcome = pump(&mut session, &mut consumer, None).await;
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(Duration::from_secs(2), server).await {
+            Ok(Ok(Err(e))) => warn!("metrics server: {e}"),
+            Ok(Err(e)) => warn!("metrics server task: {e}"),
+            Ok(Ok(Ok(()))) | Err(_) => {}
+        }
+        outcome
+    })?;
     info!("detached; stopped");
     result
 }
@@ -145,15 +217,9 @@ fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Loop<W: Write> {
-    lost: LostCounter,
-    logger: Option<KernelLogger>,
-    tracker: Tracker,
-    metrics: Arc<Metrics>,
+/// `tracer run`: events to stdout, TIME_WAIT gauges and warnings.
+struct RunConsumer<W: Write> {
     sink: EventSink<W>,
-    listener: std::net::TcpListener,
-    /// Held until shutdown; dropping it detaches the programs.
-    probes: Option<Probes>,
     time_wait_top_peers: usize,
     port_exhaustion_warning: f64,
     /// When each peer was last warned about, to warn at most once per `WARN_EVERY`.
@@ -163,30 +229,35 @@ struct Loop<W: Write> {
     port_range_size: u32,
 }
 
-impl<W: Write> Loop<W> {
-    /// Once per `REFRESH`: what only the passing of time settles, gauges, and warnings.
-    fn refresh(&mut self) {
-        let mut observer = (&*self.metrics, &mut self.sink);
-        self.tracker.tick(monotonic_ns(), &mut observer);
-        match self.lost.total() {
-            Ok(total) => self.metrics.set_events_lost(total),
-            Err(e) => warn!("{e}"),
+impl<W: Write> Consumer for RunConsumer<W> {
+    fn observer(&mut self) -> &mut dyn Observer {
+        &mut self.sink
+    }
+
+    fn batch_done(&mut self) -> anyhow::Result<bool> {
+        match self.sink.flush() {
+            Ok(()) => Ok(true),
+            // A closed stdout (`tracer run | head`) ends the run quietly.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                info!("stdout closed: stopping");
+                Ok(false)
+            }
+            Err(e) => Err(e).context("writing events to stdout"),
         }
-        self.metrics.set_active(self.tracker.active());
-        self.metrics
-            .latency
-            .set_close_wait(self.tracker.close_wait());
+    }
+
+    fn refresh(&mut self, tracker: &mut Tracker, metrics: &Metrics) {
         self.refreshes += 1;
         if self.refreshes.is_multiple_of(SYSCTL_EVERY) {
             let sysctls = TcpSysctls::read();
-            self.metrics.time_wait.set_settings(&sysctls);
+            metrics.time_wait.set_settings(&sysctls);
             if let Some(range) = sysctls.ip_local_port_range {
-                self.tracker.time_wait_mut().set_ephemeral_ports(range);
+                tracker.time_wait_mut().set_ephemeral_ports(range);
             }
             self.port_range_size = sysctls.port_range_size().unwrap_or(0);
         }
-        let pressure = self.metrics.time_wait.update(
-            self.tracker.time_wait(),
+        let pressure = metrics.time_wait.update(
+            tracker.time_wait(),
             self.time_wait_top_peers,
             self.port_range_size,
         );
@@ -229,39 +300,45 @@ fn monotonic_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
-async fn event_loop<W: Write>(ring: RingBuf<MapData>, mut state: Loop<W>) -> anyhow::Result<()> {
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let listener = tokio::net::TcpListener::from_std(state.listener.try_clone()?)
-        .context("registering the metrics socket")?;
-    let server = tokio::spawn(metrics::serve(
-        listener,
-        state.metrics.clone(),
-        async move {
-            let _ = stop_rx.changed().await;
-        },
-    ));
-
+/// Drains the ring buffer into the tracker, the metrics and `consumer` until SIGINT, SIGTERM,
+/// `deadline`, or the consumer asks to stop; then detaches and takes what is still queued.
+pub async fn pump(
+    session: &mut Session,
+    consumer: &mut impl Consumer,
+    deadline: Option<Instant>,
+) -> anyhow::Result<()> {
+    let ring = session
+        .ring
+        .take()
+        .context("the ring buffer was already consumed")?;
     let mut ring = register(ring).context("polling the ring buffer")?;
-    let mut logger = match state.logger.take() {
+    let mut logger = match session.logger.take() {
         Some(logger) => Some(register(logger).context("polling the kernel log buffer")?),
         None => None,
     };
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut refresh = tokio::time::interval(REFRESH);
-    state.sink.header();
-    info!("ready: tracing TCP connections");
+    let until = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until);
+    let metrics = session.metrics.clone();
 
     let mut outcome = Ok(());
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut state.tracker, &state.metrics, &mut state.sink);
+                drain(guard.get_inner_mut(), &mut session.tracker, &metrics, consumer.observer());
                 guard.clear_ready();
-                if let Err(e) = state.sink.flush() {
-                    outcome = stdout_closed(e);
-                    break;
+                match consumer.batch_done() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => { outcome = Err(e); break; }
                 }
             }
             guard = readable(&mut logger) => {
@@ -270,42 +347,37 @@ async fn event_loop<W: Write>(ring: RingBuf<MapData>, mut state: Loop<W>) -> any
                     guard.clear_ready();
                 }
             }
-            _ = refresh.tick() => state.refresh(),
+            _ = refresh.tick() => {
+                session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
+                match session.lost.total() {
+                    Ok(total) => metrics.set_events_lost(total),
+                    Err(e) => warn!("{e}"),
+                }
+                metrics.set_active(session.tracker.active());
+                metrics.latency.set_close_wait(session.tracker.close_wait());
+                consumer.refresh(&mut session.tracker, &metrics);
+            }
+            _ = &mut until => break,
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
 
     // Detach first, then take what is still queued so that nothing seen is dropped.
-    drop(state.probes.take());
+    drop(session.probes.take());
     drain(
         ring.get_mut(),
-        &mut state.tracker,
-        &state.metrics,
-        &mut state.sink,
+        &mut session.tracker,
+        &metrics,
+        consumer.observer(),
     );
-    if outcome.is_ok()
-        && let Err(e) = state.sink.flush()
-    {
-        outcome = stdout_closed(e);
-    }
-    let _ = stop_tx.send(true);
-    match tokio::time::timeout(Duration::from_secs(2), server).await {
-        Ok(Ok(Err(e))) => warn!("metrics server: {e}"),
-        Ok(Err(e)) => warn!("metrics server task: {e}"),
-        Ok(Ok(Ok(()))) | Err(_) => {}
+    session
+        .tracker
+        .tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
+    if outcome.is_ok() {
+        consumer.batch_done()?;
     }
     outcome
-}
-
-/// A closed stdout (`tracer run | head`) ends the run quietly; other write errors are errors.
-fn stdout_closed(e: io::Error) -> anyhow::Result<()> {
-    if e.kind() == io::ErrorKind::BrokenPipe {
-        info!("stdout closed: stopping");
-        Ok(())
-    } else {
-        Err(e).context("writing events to stdout")
-    }
 }
 
 /// Registers a map's descriptor with the runtime for readiness.
@@ -325,11 +397,11 @@ async fn readable<T: AsRawFd>(
 }
 
 /// Takes every queued record: one wake-up, many events, no allocation per event.
-fn drain<W: Write>(
+fn drain(
     ring: &mut RingBuf<MapData>,
     tracker: &mut Tracker,
     metrics: &Metrics,
-    sink: &mut EventSink<W>,
+    consumer: &mut dyn Observer,
 ) {
     let mut last_ts = None;
     while let Some(record) = ring.next() {
@@ -337,7 +409,7 @@ fn drain<W: Write>(
             Ok(event) => {
                 metrics.event(&event);
                 last_ts = Some(event.ts_ns());
-                tracker.on_event(&event, &mut (metrics, &mut *sink));
+                tracker.on_event(&event, &mut (metrics, &mut *consumer));
             }
             Err(e) => {
                 metrics.event_malformed();
@@ -347,7 +419,7 @@ fn drain<W: Write>(
     }
     // Settle by event time, not the clock: events still queued must not be judged missing.
     if let Some(ts) = last_ts {
-        tracker.tick(ts, &mut (metrics, &mut *sink));
+        tracker.tick(ts, &mut (metrics, &mut *consumer));
     }
     metrics.set_active(tracker.active());
     metrics.set_evictions(tracker.evictions());
