@@ -31,6 +31,9 @@ pub const EVENT_DELAYED_ACK: u8 = 8;
 /// `RawEvent::kind`: a write smaller than the MSS was queued with Nagle on while data was in
 /// flight, so it waits for an ACK (`tcp_sendmsg_locked`, process context). `aux` is the bytes.
 pub const EVENT_NAGLE_HELD: u8 = 9;
+/// `RawEvent::kind`: a listener retransmitted a SYN-ACK (`tcp_retransmit_synack`); the address
+/// fields are the request socket's. Counted like `TcpRetransSegs`, one segment each.
+pub const EVENT_SYNACK_RETRANSMIT: u8 = 10;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

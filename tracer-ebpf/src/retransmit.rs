@@ -1,6 +1,6 @@
 //! `tcp_retransmit_skb`: retransmitted segments, counted as the kernel's `TcpRetransSegs` does.
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use tracer_common::EVENT_RETRANSMIT;
+use tracer_common::{EVENT_RETRANSMIT, EVENT_SYNACK_RETRANSMIT};
 
 use crate::{maps, sock};
 
@@ -19,6 +19,30 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb_noerr(ctx: BtfTracePointContext) -> i32 {
     emit(&ctx)
+}
+
+/// A listener resent a SYN-ACK; `req` is the request socket, whose `sock_common` holds the
+/// connection's addresses.
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
+    let off = maps::offsets();
+    if off.valid == 0 {
+        return 0;
+    }
+    let req: *const u8 = ctx.arg(1);
+    let Some(mut entry) = maps::reserve() else {
+        return 0;
+    };
+    // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every
+    // field not written below.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    sock::fill(event, req, &off);
+    event.kind = EVENT_SYNACK_RETRANSMIT;
+    event.oldstate = 0;
+    event.newstate = sock::state(req, &off);
+    event.segs = 1;
+    entry.submit(0);
+    0
 }
 
 #[inline(always)]

@@ -193,7 +193,7 @@ pub struct Connection {
     /// Retransmitted segments.
     pub retransmits: u32,
     /// The same by kind, indexed in `RetransmitKind::ALL` order.
-    pub retransmit_kinds: [u32; 4],
+    pub retransmit_kinds: [u32; RetransmitKind::ALL.len()],
     pub resets_sent: u32,
     pub resets_received: u32,
     /// Known from sock_diag rather than from its opening event.
@@ -739,7 +739,7 @@ impl Connection {
             closed_ns: None,
             close: None,
             retransmits: 0,
-            retransmit_kinds: [0; 4],
+            retransmit_kinds: [0; RetransmitKind::ALL.len()],
             resets_sent: 0,
             resets_received: 0,
             seeded: false,

@@ -1,9 +1,10 @@
-//! Decoding ring buffer records into typed events. Pure; the reading loop lives in `cli`.
+//! Decoding ring buffer records into typed events. Pure; the reading loop lives in `agent`.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tracer_common::{
     AF_INET, AF_INET6, EVENT_DELAYED_ACK, EVENT_NAGLE_HELD, EVENT_RESET_RECEIVED, EVENT_RESET_SENT,
-    EVENT_RETRANSMIT, EVENT_STATE, EVENT_TW_CANCEL, EVENT_TW_EXPIRE, EVENT_TW_START, RawEvent,
+    EVENT_RETRANSMIT, EVENT_STATE, EVENT_SYNACK_RETRANSMIT, EVENT_TW_CANCEL, EVENT_TW_EXPIRE,
+    EVENT_TW_START, RawEvent,
 };
 
 use crate::model::{
@@ -60,6 +61,15 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
                 segs: u32::from(raw.segs),
             })
         }
+        EVENT_SYNACK_RETRANSMIT => Ok(Event::Retransmit {
+            ts_ns: raw.ts_ns,
+            sock: raw.skaddr,
+            netns: raw.netns,
+            tuple,
+            state: state(raw.newstate).unwrap_or(TcpState::NewSynRecv),
+            kind: RetransmitKind::SynAck,
+            segs: u32::from(raw.segs),
+        }),
         EVENT_RESET_RECEIVED | EVENT_RESET_SENT => Ok(Event::Reset {
             ts_ns: raw.ts_ns,
             sock: raw.skaddr,

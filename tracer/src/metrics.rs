@@ -170,6 +170,7 @@ fn retransmit_index(kind: RetransmitKind) -> usize {
         RetransmitKind::Fast => 1,
         RetransmitKind::Timeout => 2,
         RetransmitKind::Other => 3,
+        RetransmitKind::SynAck => 4,
     }
 }
 
@@ -329,6 +330,7 @@ impl Metrics {
             retransmit(RetransmitKind::Fast)?,
             retransmit(RetransmitKind::Timeout)?,
             retransmit(RetransmitKind::Other)?,
+            retransmit(RetransmitKind::SynAck)?,
         ];
 
         let resets_vec = IntCounterVec::new(

@@ -278,14 +278,17 @@ pub enum RetransmitKind {
     Timeout,
     /// Open / disorder / CWR: tail-loss probes and the like.
     Other,
+    /// A listener's SYN-ACK retransmitted (the client's ACK did not come).
+    SynAck,
 }
 
 impl RetransmitKind {
-    pub const ALL: [RetransmitKind; 4] = [
+    pub const ALL: [RetransmitKind; 5] = [
         RetransmitKind::Syn,
         RetransmitKind::Fast,
         RetransmitKind::Timeout,
         RetransmitKind::Other,
+        RetransmitKind::SynAck,
     ];
 
     pub fn classify(state: TcpState, ca_state: u8) -> RetransmitKind {
@@ -303,6 +306,7 @@ impl RetransmitKind {
             RetransmitKind::Fast => "fast",
             RetransmitKind::Timeout => "timeout",
             RetransmitKind::Other => "other",
+            RetransmitKind::SynAck => "synack",
         }
     }
 }

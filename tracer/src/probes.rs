@@ -79,6 +79,10 @@ impl Probes {
                 tracepoint: "tcp_retransmit_skb",
             },
             Hook {
+                program: "tcp_retransmit_synack",
+                tracepoint: "tcp_retransmit_synack",
+            },
+            Hook {
                 program: "tcp_receive_reset",
                 tracepoint: "tcp_receive_reset",
             },
@@ -215,7 +219,7 @@ mod tests {
             },
         )
         .expect("attach (run the tests as root)");
-        assert_eq!(probes.attached().len(), 8);
+        assert_eq!(probes.attached().len(), 9);
         let mut ring = probes.take_events().expect("ring");
         let lost = probes.take_lost_counter().expect("lost counter");
 
@@ -262,6 +266,10 @@ mod tests {
                     assert_eq!(tuple.sport, client_port);
                 }
                 client_path.push(new);
+                if new == TcpState::Close {
+                    // The socket's memory may be reused by someone else's connection next.
+                    client_sock = None;
+                }
             }
         }
         assert_eq!(
