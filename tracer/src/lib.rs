@@ -7,6 +7,7 @@ pub mod acks;
 pub mod agent;
 pub mod cli;
 pub mod conntrack;
+pub mod diagnose;
 pub mod events;
 pub mod kernel;
 pub mod metrics;
