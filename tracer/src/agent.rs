@@ -14,8 +14,9 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cli::RunArgs;
+use crate::cli::{DiagnoseArgs, RunArgs};
 use crate::conntrack::{Observer, Tracker, TrackerConfig};
+use crate::diagnose::{DiagnoseConfig, Diagnosis, ReportContext};
 use crate::events;
 use crate::kernel::{self, KernelBtf, TcpSysctls};
 use crate::metrics::{self, Metrics};
@@ -208,6 +209,13 @@ fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
             .map(|s| (*netns, s.tuple))
             .collect();
         time_wait += waiting.len();
+        // Listening ports first, so that TIME_WAIT sockets of servers on ephemeral-range
+        // ports are attributed to the server role.
+        for listener in sockets.iter().filter(|s| s.state == TcpState::Listen) {
+            tracker
+                .time_wait_mut()
+                .listener(*netns, listener.tuple.sport, true);
+        }
         tracker.time_wait_mut().seed(waiting);
     }
     info!(
@@ -215,6 +223,58 @@ fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
         dumps.len()
     );
     Ok(())
+}
+
+/// `tracer diagnose`: watch for a while, then report findings.
+pub fn diagnose(args: DiagnoseArgs) -> anyhow::Result<()> {
+    let mut session = Session::start(&SessionConfig {
+        ring_buffer_bytes: args.ring_buffer_bytes,
+        max_connections: TrackerConfig::default().max_connections,
+        close_wait_threshold: args.close_wait_threshold,
+    })?;
+    let mut consumer = DiagnoseConsumer {
+        diagnosis: Diagnosis::new(
+            DiagnoseConfig {
+                top: args.top as usize,
+                port_exhaustion_warning: args.port_exhaustion_warning,
+                ..DiagnoseConfig::default()
+            },
+            session.rst_reasons.clone(),
+        ),
+    };
+    eprintln!(
+        "tracer: watching TCP for {:.0} s (SIGINT to stop early)...",
+        args.duration.as_secs_f64()
+    );
+    let started = Instant::now();
+    block_on(pump(
+        &mut session,
+        &mut consumer,
+        Some(started + args.duration),
+    ))??;
+    let context = ReportContext {
+        duration: started.elapsed(),
+        sysctls: session.sysctls,
+        events_lost: session.events_lost(),
+    };
+    let report = consumer.diagnosis.report(&session.tracker, &context);
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
+        println!("{text}");
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+struct DiagnoseConsumer {
+    diagnosis: Diagnosis,
+}
+
+impl Consumer for DiagnoseConsumer {
+    fn observer(&mut self) -> &mut dyn Observer {
+        &mut self.diagnosis
+    }
 }
 
 /// `tracer run`: events to stdout, TIME_WAIT gauges and warnings.

@@ -21,6 +21,40 @@ pub struct Cli {
 pub enum Command {
     /// Attach to the kernel and trace every TCP connection until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// Watch for a while, then print what is wrong with TCP on this host and what to do.
+    Diagnose(DiagnoseArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DiagnoseArgs {
+    /// How long to watch (e.g. 10s, 2m); SIGINT ends it early and still reports.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: std::time::Duration,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Peers, processes and connections listed per finding.
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub top: u32,
+
+    /// TIME_WAIT sockets toward one peer holding this share of the ephemeral port range is a
+    /// problem.
+    #[arg(long, default_value_t = 0.5, value_name = "RATIO", value_parser = parse_ratio)]
+    pub port_exhaustion_warning: f64,
+
+    /// A connection in CLOSE_WAIT for longer than this is reported as a leak.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub close_wait_threshold: std::time::Duration,
+
+    /// Size of the kernel-to-agent ring buffer: a power of two, at least 64 KiB.
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_buffer_bytes: u32,
+
+    /// Diagnostics on stderr: error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn", value_name = "LEVEL")]
+    pub log_level: log::LevelFilter,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -106,17 +140,22 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return report_usage(err),
     };
-    match cli.command {
+    let result = match cli.command {
         Command::Run(args) => {
             init_logging(args.log_level);
-            match agent::run(args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    // One line: the outermost context and its causes, no backtrace.
-                    eprintln!("tracer: error: {err:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            agent::run(args)
+        }
+        Command::Diagnose(args) => {
+            init_logging(args.log_level);
+            agent::diagnose(args)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the outermost context and its causes, no backtrace.
+            eprintln!("tracer: error: {err:#}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -152,7 +191,9 @@ mod tests {
 
     #[test]
     fn run_defaults_are_the_documented_ones() {
-        let Command::Run(args) = parse(&["run"]).expect("parse").command;
+        let Command::Run(args) = parse(&["run"]).expect("parse").command else {
+            panic!("not run");
+        };
         assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(args.events, EventFormat::Text);
         assert_eq!(args.ring_buffer_bytes, 8 << 20);
@@ -169,6 +210,17 @@ mod tests {
         assert!(parse(&["run", "--time-wait-top-peers", "0"]).is_err());
         assert!(parse(&["run", "--close-wait-threshold", "soon"]).is_err());
         assert!(parse(&["run", "--close-wait-threshold", "0s"]).is_err());
+    }
+
+    #[test]
+    fn diagnose_defaults_and_bad_values() {
+        let Command::Diagnose(args) = parse(&["diagnose"]).expect("parse").command else {
+            panic!("not diagnose");
+        };
+        assert_eq!(args.duration, std::time::Duration::from_secs(30));
+        assert!(!args.json);
+        assert!(parse(&["diagnose", "--duration", "soon"]).is_err());
+        assert!(parse(&["diagnose", "--top", "0"]).is_err());
     }
 
     #[test]

@@ -290,6 +290,8 @@ pub struct Tracker {
     close_wait_leaked: usize,
     /// Seeded connections in CLOSE_WAIT already reported as leaks.
     leaked_seeds: HashSet<(u32, Tuple)>,
+    /// Listening sockets seen opening, with their namespace and port.
+    listeners: HashMap<SockId, (u32, u16)>,
 }
 
 impl Tracker {
@@ -305,6 +307,7 @@ impl Tracker {
             close_wait: 0,
             close_wait_leaked: 0,
             leaked_seeds: HashSet::new(),
+            listeners: HashMap::new(),
         }
     }
 
@@ -534,6 +537,15 @@ impl Tracker {
         if (old == TcpState::Close && new == TcpState::Listen)
             || (old == TcpState::Listen && new == TcpState::Close)
         {
+            // The kernel releases the port before the CLOSE is traced: remember it by socket.
+            if new == TcpState::Listen {
+                if self.listeners.len() < self.config.max_connections {
+                    self.listeners.insert(sock, (netns, tuple.sport));
+                    self.time_wait.listener(netns, tuple.sport, true);
+                }
+            } else if let Some((netns, port)) = self.listeners.remove(&sock) {
+                self.time_wait.listener(netns, port, false);
+            }
             return;
         }
         let opening = match (old, new) {

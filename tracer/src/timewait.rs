@@ -130,6 +130,9 @@ pub struct TimeWaitTable {
     peers: HashMap<PeerKey, u32>,
     in_time_wait: usize,
     dropped: u64,
+    /// Ports with a listener, by namespace: a server on a port inside the ephemeral range is
+    /// still the server.
+    listening: HashMap<(u32, u16), u32>,
 }
 
 impl TimeWaitTable {
@@ -145,6 +148,20 @@ impl TimeWaitTable {
             peers: HashMap::new(),
             in_time_wait: 0,
             dropped: 0,
+            listening: HashMap::new(),
+        }
+    }
+
+    /// A listener opened (`up`) or closed on `port`.
+    pub fn listener(&mut self, netns: u32, port: u16, up: bool) {
+        let key = (netns, port);
+        if up {
+            *self.listening.entry(key).or_insert(0) += 1;
+        } else if let Some(count) = self.listening.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                self.listening.remove(&key);
+            }
         }
     }
 
@@ -178,7 +195,7 @@ impl TimeWaitTable {
                 self.dropped += 1;
                 continue;
             }
-            let peer = self.peer_key(&key.1);
+            let peer = self.peer_key(key.0, &key.1);
             if self.seeded.insert(key, peer).is_none() {
                 self.in_time_wait += 1;
                 self.add_peer(peer);
@@ -251,7 +268,7 @@ impl TimeWaitTable {
             self.dropped += 1;
             return;
         }
-        let peer = self.peer_key(&tuple);
+        let peer = self.peer_key(netns, &tuple);
         self.entries.insert(
             tw,
             Entry {
@@ -398,9 +415,10 @@ impl TimeWaitTable {
         }
     }
 
-    fn peer_key(&self, tuple: &Tuple) -> PeerKey {
+    fn peer_key(&self, netns: u32, tuple: &Tuple) -> PeerKey {
         let (low, high) = self.config.ephemeral_ports;
-        let client = (low..=high).contains(&tuple.sport);
+        let client = (low..=high).contains(&tuple.sport)
+            && !self.listening.contains_key(&(netns, tuple.sport));
         PeerKey {
             peer: tuple.dst,
             port: if client { tuple.dport } else { tuple.sport },
@@ -648,6 +666,23 @@ mod tests {
         assert_eq!((top[0].0.port, top[0].0.client, top[0].1), (80, true, 5));
         assert_eq!((top[1].0.port, top[1].0.client, top[1].1), (8080, false, 2));
         assert_eq!(t.top_peers(1).len(), 1, "bounded by n");
+    }
+
+    #[test]
+    fn server_on_an_ephemeral_port_is_still_the_server() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        t.listener(NS, 40000, true);
+        t.on_timer(
+            0,
+            TW,
+            NS,
+            tuple(40000, 50000),
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        let top = t.top_peers(1);
+        assert_eq!((top[0].0.port, top[0].0.client), (40000, false));
     }
 
     #[test]
