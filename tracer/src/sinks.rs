@@ -251,24 +251,21 @@ impl<W: Write> EventSink<W> {
         if self.error.is_some() {
             return;
         }
-        self.line.clear();
         match self.format {
-            EventFormat::None => return,
+            EventFormat::None => {}
             EventFormat::Json => {
                 let record = JsonRecord {
                     conn,
                     clock: self.clock,
                 };
-                if let Err(err) = serde_json::to_writer(&mut self.line, &record) {
-                    // Only a writer error can fail here, and a Vec does not fail.
-                    self.error = Some(io::Error::other(err));
-                    return;
-                }
-                self.line.push(b'\n');
+                self.write_json(&record);
             }
-            EventFormat::Text => self.text_line(conn),
+            EventFormat::Text => {
+                self.line.clear();
+                self.text_line(conn);
+                self.emit();
+            }
         }
-        self.emit();
     }
 
     fn emit(&mut self) {
