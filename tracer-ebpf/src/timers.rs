@@ -9,9 +9,7 @@
 //! Delayed ACK: `icsk_delack_timer` inside `struct inet_connection_sock`. A firing sends a
 //! delayed ACK only if one is still pending (ICSK_ACK_SCHED | ICSK_ACK_TIMER); otherwise the ACK
 //! already left with data and the firing is a no-op, which is not reported.
-use aya_ebpf::{
-    helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_EXPIRE, EVENT_TW_START};
 
 use crate::{maps, sock};
