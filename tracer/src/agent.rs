@@ -30,6 +30,8 @@ use crate::timewait::PeerKey;
 const REFRESH: Duration = Duration::from_secs(1);
 /// Sysctls are re-read every this many refreshes.
 const SYSCTL_EVERY: u64 = 10;
+/// After lost events, the TIME_WAIT count is re-read from sock_diag at most this often.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
 /// The same port-exhaustion warning is repeated at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -51,6 +53,9 @@ pub struct Session {
     pub sysctls: TcpSysctls,
     pub rst_reasons: HashMap<u16, String>,
     pub metrics: Arc<Metrics>,
+    /// Lost-event total when the TIME_WAIT count was last re-read, and when.
+    lost_at_resync: u64,
+    resynced: Option<Instant>,
 }
 
 impl Session {
@@ -105,6 +110,8 @@ impl Session {
             sysctls,
             rst_reasons: btf.rst_reasons(),
             metrics,
+            lost_at_resync: 0,
+            resynced: None,
         })
     }
 
@@ -189,15 +196,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 /// Connections and TIME_WAIT sockets that exist already, in this and every other network
 /// namespace that can be entered. Only this namespace is required; others are best effort.
 fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
-    let own = seed::current_netns_inode().context("reading this network namespace")?;
-    let sockets = seed::dump_tcp().context("listing existing TCP sockets (sock_diag)")?;
-    let mut dumps = vec![(own, sockets)];
-    for namespace in seed::other_namespaces(own) {
-        match seed::dump_tcp_in(&namespace) {
-            Ok(sockets) => dumps.push((namespace.inode, sockets)),
-            Err(e) => warn!("not seeding network namespace {}: {e}", namespace.inode),
-        }
-    }
+    let dumps = dump_namespaces()?;
     let (mut connections, mut time_wait) = (0, 0);
     for (netns, sockets) in &dumps {
         let seeds = seed::seeds(sockets, *netns);
@@ -223,6 +222,44 @@ fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
         dumps.len()
     );
     Ok(())
+}
+
+/// The TCP sockets of this network namespace (required) and of every other one that can be
+/// entered (best effort), by namespace inode.
+fn dump_namespaces() -> anyhow::Result<Vec<(u32, Vec<seed::SocketEntry>)>> {
+    let own = seed::current_netns_inode().context("reading this network namespace")?;
+    let sockets = seed::dump_tcp().context("listing existing TCP sockets (sock_diag)")?;
+    let mut dumps = vec![(own, sockets)];
+    for namespace in seed::other_namespaces(own) {
+        match seed::dump_tcp_in(&namespace) {
+            Ok(sockets) => dumps.push((namespace.inode, sockets)),
+            Err(e) => warn!(
+                "cannot list sockets of network namespace {}: {e}",
+                namespace.inode
+            ),
+        }
+    }
+    Ok(dumps)
+}
+
+/// After lost events the TIME_WAIT count may be off: start it over from sock_diag.
+fn resync_time_wait(tracker: &mut Tracker) {
+    match dump_namespaces() {
+        Ok(dumps) => {
+            let waiting = dumps.iter().flat_map(|(netns, sockets)| {
+                sockets
+                    .iter()
+                    .filter(|s| s.state == TcpState::TimeWait)
+                    .map(move |s| (*netns, s.tuple))
+            });
+            tracker.time_wait_mut().resync(waiting);
+            warn!(
+                "kernel events were lost: TIME_WAIT count re-read from sock_diag ({} sockets)",
+                tracker.time_wait().count()
+            );
+        }
+        Err(e) => warn!("kernel events were lost and re-reading TIME_WAIT failed: {e:#}"),
+    }
 }
 
 /// `tracer diagnose`: watch for a while, then report findings.
@@ -410,7 +447,16 @@ pub async fn pump(
             _ = refresh.tick() => {
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
                 match session.lost.total() {
-                    Ok(total) => metrics.set_events_lost(total),
+                    Ok(total) => {
+                        metrics.set_events_lost(total);
+                        if total > session.lost_at_resync
+                            && session.resynced.is_none_or(|at| at.elapsed() >= RESYNC_EVERY)
+                        {
+                            resync_time_wait(&mut session.tracker);
+                            session.lost_at_resync = total;
+                            session.resynced = Some(Instant::now());
+                        }
+                    }
                     Err(e) => warn!("{e}"),
                 }
                 metrics.set_active(session.tracker.active());

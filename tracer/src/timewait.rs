@@ -203,6 +203,18 @@ impl TimeWaitTable {
         }
     }
 
+    /// Starts over from a fresh sock_diag dump, after events were lost: the live count and the
+    /// peers become exact again; what was known of each socket's history is dropped.
+    pub fn resync(&mut self, sockets: impl IntoIterator<Item = (u32, Tuple)>) {
+        self.entries.clear();
+        self.by_tuple.clear();
+        self.seeded.clear();
+        self.cancels.clear();
+        self.peers.clear();
+        self.in_time_wait = 0;
+        self.seed(sockets);
+    }
+
     #[expect(
         clippy::too_many_arguments,
         reason = "the fields of one TimeWait event"
@@ -683,6 +695,53 @@ mod tests {
         );
         let top = t.top_peers(1);
         assert_eq!((top[0].0.port, top[0].0.client), (40000, false));
+    }
+
+    #[test]
+    fn resync_replaces_the_count_with_the_dump() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        t.on_timer(
+            0,
+            TW,
+            NS,
+            tuple(40000, 80),
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        t.on_timer(
+            0,
+            TW + 1,
+            NS,
+            tuple(40001, 80),
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        // Say the cancel of the first one was lost; the dump knows better.
+        t.resync([(NS, tuple(40001, 80)), (NS, tuple(40002, 80))]);
+        assert_eq!(t.count(), 2);
+        assert_eq!(t.top_peers(1)[0].1, 2);
+        // A socket from the dump leaving through its timer is still followed.
+        t.on_timer(
+            5,
+            TW + 1,
+            NS,
+            tuple(40001, 80),
+            TimeWait,
+            TimerPhase::Cancel,
+            &mut rec,
+        );
+        t.on_timer(
+            5,
+            TW + 1,
+            NS,
+            tuple(40001, 80),
+            TimeWait,
+            TimerPhase::Expire,
+            &mut rec,
+        );
+        assert_eq!(t.count(), 1);
     }
 
     #[test]
