@@ -349,8 +349,18 @@ impl TimeWaitTable {
     }
 
     /// A connection with a complete 4-tuple appeared: if a timewait socket on that 4-tuple just
-    /// ended early, it was reused.
+    /// ended early, it was reused. On loopback the new connection shows up microseconds after
+    /// the timewait socket's cancel, before that cancel settles: end it right away.
     pub fn connection_seen(&mut self, netns: u32, tuple: &Tuple, obs: &mut impl Observer) {
+        if let Some(&tw) = self.by_tuple.get(&(netns, *tuple))
+            && self
+                .entries
+                .get(&tw)
+                .is_some_and(|e| e.pending_cancel.is_some())
+        {
+            self.exit(tw, 0, Some(TimeWaitExit::Reused), obs);
+            return;
+        }
         if let Some(mut record) = self.early_exits.remove(&(netns, *tuple)) {
             record.exit = TimeWaitExit::Reused;
             obs.time_wait_exited(&record);
@@ -589,6 +599,25 @@ mod tests {
         assert_eq!(rec.exited[0].exit, TimeWaitExit::Reused);
         t.tick(5_000 * MS, &mut rec);
         assert_eq!(rec.exited.len(), 1, "reported once");
+    }
+
+    #[test]
+    fn takeover_before_the_cancel_settles_is_reused_and_a_new_stay_is_new() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(8080, 40000);
+        t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        // A SYN takes the 4-tuple over: cancel, then the new connection, within microseconds.
+        t.on_timer(100 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.connection_seen(NS, &tp, &mut rec);
+        assert_eq!(rec.exited.len(), 1);
+        assert_eq!(rec.exited[0].exit, TimeWaitExit::Reused);
+        assert_eq!(rec.exited[0].exited_ns, 100 * MS);
+        assert_eq!(t.count(), 0);
+        // That connection closes first too: a second stay, possibly at the same address.
+        t.on_timer(200 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        assert_eq!((t.count(), rec.entered.len()), (1, 2));
+        t.tick(1_000 * MS, &mut rec);
+        assert_eq!(rec.exited.len(), 1, "the second stay is still on");
     }
 
     #[test]
