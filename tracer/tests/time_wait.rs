@@ -961,7 +961,9 @@ fn each_stay_on_a_reused_4_tuple_is_reported() {
         2,
         EVENT_TIMEOUT,
     );
-    for ev in &server_ends {
+    // In order: the first two are the connections the server closed first; the third one
+    // (closed by the client, so no TIME_WAIT here) may already be there too.
+    for ev in server_ends.iter().take(2) {
         assert_eq!(ev["time_wait"], true, "{ev}");
     }
     agent.stop();
