@@ -381,6 +381,10 @@ impl Metrics {
         ))?;
         registry.register(Box::new(evicted.clone()))?;
 
+        // The agent's own CPU, memory and descriptors (process_*), the standard way.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let time_wait = TimeWaitMetrics::register(&registry)?;
         let latency = LatencyMetrics::register(&registry)?;
 
