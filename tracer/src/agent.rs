@@ -23,7 +23,7 @@ use crate::metrics::{self, Metrics};
 use crate::model::TcpState;
 use crate::probes::{KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::seed;
-use crate::sinks::{EventSink, WallClock};
+use crate::sinks::{EventSink, WallClock, monotonic_ns};
 use crate::timewait::PeerKey;
 
 /// How often the kernel's lost-event counter and the gauges are refreshed.
@@ -382,19 +382,6 @@ impl<W: Write> Consumer for RunConsumer<W> {
         self.port_warnings
             .retain(|_, last| last.elapsed() < WARN_EVERY * 2);
     }
-}
-
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`, in nanoseconds.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always available.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Drains the ring buffer into the tracker, the metrics and `consumer` until SIGINT, SIGTERM,

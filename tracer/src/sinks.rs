@@ -81,6 +81,12 @@ impl WallClock {
     clippy::useless_conversion,
     reason = "time_t and c_long are 32 bits on some targets"
 )]
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of the kernel's event timestamps
+/// (`bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC).map_or(0, |ns| u64::try_from(ns).unwrap_or(0))
+}
+
 fn clock_ns(clock: libc::clockid_t) -> io::Result<i64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
