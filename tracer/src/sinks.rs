@@ -87,6 +87,10 @@ pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC).map_or(0, |ns| u64::try_from(ns).unwrap_or(0))
 }
 
+#[allow(
+    clippy::useless_conversion,
+    reason = "time_t and c_long are i64 on 64-bit targets only"
+)]
 fn clock_ns(clock: libc::clockid_t) -> io::Result<i64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
