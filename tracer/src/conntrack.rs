@@ -6,16 +6,20 @@
 //! child) and is finished at the transition to CLOSE. Events for sockets that are not in the
 //! table (open before the agent started, or evicted) start a partial record, matched by 4-tuple
 //! against the sockets seeded from sock_diag.
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+// A fast seeded hash: these tables are touched on every kernel event, and their keys (ports,
+// addresses) come from the network, so a per-process random seed keeps them flood-resistant.
+use foldhash::{HashMap, HashSet};
+use serde::Serialize;
+use smallvec::SmallVec;
 
 use crate::acks::AckStats;
-use crate::timewait::{TimeWaitConfig, TimeWaitRecord, TimeWaitTable};
-use serde::Serialize;
-
 use crate::model::{
     CloseCause, Comm, Direction, Event, ResetDirection, RetransmitKind, SockId, Task, TcpState,
     Tuple,
 };
+use crate::timewait::{TimeWaitConfig, TimeWaitRecord, TimeWaitTable};
 
 /// The most state stamps kept per connection. A TCP lifecycle has at most about six states;
 /// the bound keeps a misbehaving socket from growing without limit.
@@ -183,8 +187,9 @@ pub struct Connection {
     pub tuple: Tuple,
     pub direction: Direction,
     pub owner: Option<Owner>,
-    /// States in the order entered; the first is the state the agent first saw it in.
-    pub states: Vec<StateStamp>,
+    /// States in the order entered; the first is the state the agent first saw it in. Inline:
+    /// no allocation per connection for the usual handful of states.
+    pub states: SmallVec<[StateStamp; 8]>,
     /// When it was opened; `None` when it was opened before the agent saw it.
     pub opened_ns: Option<u64>,
     pub established_ns: Option<u64>,
@@ -298,16 +303,16 @@ impl Tracker {
     pub fn new(config: TrackerConfig) -> Tracker {
         Tracker {
             config,
-            conns: HashMap::new(),
-            seeds: HashMap::new(),
+            conns: HashMap::default(),
+            seeds: HashMap::default(),
             evictions: 0,
             time_wait: TimeWaitTable::new(config.time_wait),
-            by_tuple: HashMap::new(),
+            by_tuple: HashMap::default(),
             close_wait_queue: VecDeque::new(),
             close_wait: 0,
             close_wait_leaked: 0,
-            leaked_seeds: HashSet::new(),
-            listeners: HashMap::new(),
+            leaked_seeds: HashSet::default(),
+            listeners: HashMap::default(),
         }
     }
 
@@ -745,7 +750,7 @@ impl Connection {
             tuple,
             direction,
             owner: None,
-            states: Vec::with_capacity(8),
+            states: SmallVec::new(),
             opened_ns: None,
             established_ns: None,
             closed_ns: None,

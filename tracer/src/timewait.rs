@@ -11,9 +11,10 @@
 //! An early exit is `Reused` when a connection with the same 4-tuple shows up within
 //! `reuse_window_ns` (a new SYN taking over the 4-tuple, or `tcp_tw_reuse` on connect), and
 //! `Killed` otherwise (RST, namespace teardown, `tcp_max_tw_buckets` pressure...).
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 
+use foldhash::HashMap;
 use serde::Serialize;
 
 use crate::conntrack::{Connection, Observer, Owner};
@@ -139,16 +140,16 @@ impl TimeWaitTable {
     pub fn new(config: TimeWaitConfig) -> TimeWaitTable {
         TimeWaitTable {
             config,
-            entries: HashMap::new(),
-            by_tuple: HashMap::new(),
-            seeded: HashMap::new(),
+            entries: HashMap::default(),
+            by_tuple: HashMap::default(),
+            seeded: HashMap::default(),
             cancels: VecDeque::new(),
-            early_exits: HashMap::new(),
+            early_exits: HashMap::default(),
             early_order: VecDeque::new(),
-            peers: HashMap::new(),
+            peers: HashMap::default(),
             in_time_wait: 0,
             dropped: 0,
-            listening: HashMap::new(),
+            listening: HashMap::default(),
         }
     }
 
