@@ -72,6 +72,25 @@ pub fn offsets() -> KernelOffsets {
     unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
+/// Pending bytes in `EVENTS` past which a submit wakes the agent (set by the agent from the
+/// ring size). Below it the agent is not woken per event: it drains on its own timer, which
+/// saves a wake-up (an IPI and a context switch) per event under load.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 0;
+
+/// `bpf_ringbuf_submit` flags: wake the reader only once enough data is pending.
+#[inline(always)]
+pub fn submit_flags() -> u64 {
+    // SAFETY: as for `offsets`: a plain static rewritten by the loader.
+    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let pending = EVENTS.query(u64::from(aya_ebpf::bindings::BPF_RB_AVAIL_DATA));
+    if pending >= threshold {
+        u64::from(aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(aya_ebpf::bindings::BPF_RB_NO_WAKEUP)
+    }
+}
+
 /// Reserves an event slot, or counts the loss and returns `None`.
 #[inline(always)]
 pub fn reserve() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<RawEvent>> {

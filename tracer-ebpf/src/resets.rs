@@ -43,6 +43,6 @@ fn emit(ctx: &BtfTracePointContext, sk: *const u8, kind: u8, reason: u16) -> i32
     event.oldstate = 0;
     event.newstate = sock::state(sk, &off);
     event.segs = reason;
-    entry.submit(0);
+    entry.submit(maps::submit_flags());
     0
 }

@@ -41,7 +41,7 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     event.oldstate = 0;
     event.newstate = sock::state(req, &off);
     event.segs = 1;
-    entry.submit(0);
+    entry.submit(maps::submit_flags());
     0
 }
 
@@ -71,6 +71,6 @@ fn emit(ctx: &BtfTracePointContext) -> i32 {
     event.newstate = sock::state(sk, &off);
     event.segs = segs;
     event.ca_state = (ca_byte >> (off.icsk_ca_state_shift & 7)) & 0x1f;
-    entry.submit(0);
+    entry.submit(maps::submit_flags());
     0
 }

@@ -43,6 +43,6 @@ pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
     event.oldstate = 0;
     event.newstate = sock::state(sk, &off);
     event.aux = left;
-    entry.submit(0);
+    entry.submit(maps::submit_flags());
     0
 }

@@ -26,6 +26,6 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     event.kind = EVENT_STATE;
     event.oldstate = oldstate as u8;
     event.newstate = newstate as u8;
-    entry.submit(0);
+    entry.submit(maps::submit_flags());
     0
 }

@@ -72,7 +72,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     };
     event.oldstate = 0;
     event.newstate = substate;
-    entry.submit(0);
+    entry.submit(maps::submit_flags());
     0
 }
 
@@ -124,6 +124,6 @@ fn delack_fired(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
         Some(at) if at > 0 && event.ts_ns > at => event.ts_ns - at,
         _ => 0,
     };
-    entry.submit(0);
+    entry.submit(maps::submit_flags());
     0
 }

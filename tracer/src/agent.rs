@@ -26,6 +26,9 @@ use crate::seed;
 use crate::sinks::{EventSink, WallClock, monotonic_ns};
 use crate::timewait::PeerKey;
 
+/// How often the ring buffer is drained when the kernel does not wake the agent: the kernel
+/// wakes it only once `ProbeConfig::wakeup_bytes` are pending, not per event.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// How often the kernel's lost-event counter and the gauges are refreshed.
 const REFRESH: Duration = Duration::from_secs(1);
 /// Sysctls are re-read every this many refreshes.
@@ -403,6 +406,8 @@ pub async fn pump(
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut refresh = tokio::time::interval(REFRESH);
+    let mut drain_timer = tokio::time::interval(DRAIN_EVERY);
+    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let until = async {
         match deadline {
             Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -419,6 +424,14 @@ pub async fn pump(
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 drain(guard.get_inner_mut(), &mut session.tracker, &metrics, consumer.observer());
                 guard.clear_ready();
+                match consumer.batch_done() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => { outcome = Err(e); break; }
+                }
+            }
+            _ = drain_timer.tick() => {
+                drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
                 match consumer.batch_done() {
                     Ok(true) => {}
                     Ok(false) => break,

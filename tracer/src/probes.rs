@@ -55,6 +55,14 @@ pub struct ProbeConfig {
     pub ring_buffer_bytes: u32,
 }
 
+impl ProbeConfig {
+    /// Pending bytes past which the kernel wakes the agent; below it the agent drains on its
+    /// own timer (`agent::DRAIN_EVERY`). Small next to the ring so a burst cannot fill it first.
+    pub fn wakeup_bytes(&self) -> u64 {
+        (u64::from(self.ring_buffer_bytes) / 8).min(256 << 10)
+    }
+}
+
 impl Probes {
     /// Loads the programs with `offsets` and attaches every hook. On error nothing stays
     /// attached: the partially set-up `Ebpf` is dropped, which detaches what was attached.
@@ -114,6 +122,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .override_global("SYMBOLS", symbols, true)
+            .override_global("WAKEUP_BYTES", &config.wakeup_bytes(), true)
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .load(PROGRAMS)
             .map_err(ProbeError::Load)?;
