@@ -2,6 +2,7 @@
 //!
 //! Every step prints one line on stderr (stdout stays the agent's); a failing step stops with a
 //! one-line error and a non-zero exit.
+mod bench;
 mod setup;
 mod test;
 
@@ -39,6 +40,8 @@ enum Cmd {
     },
     /// The whole suite, as CI runs it: setup, fmt, clippy, unit and integration tests (as root).
     Test,
+    /// Measure what tracing costs (as root): throughput with and without the agent and peers.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Cmd::Build => build().map(|_| ()),
         Cmd::Run { args } => run(&args),
         Cmd::Test => test::run(),
+        Cmd::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,158 @@
+//! Where the kernel-side time goes: the kernel's run-time statistics of each eBPF program
+//! (`BPF_ENABLE_STATS`), read from `/proc/PID/fdinfo` before and after a round. They time the
+//! program bodies, helpers included (a ring buffer wake-up raised inside `bpf_ringbuf_submit`
+//! counts), not the hook around them; turning them on adds a little to every run.
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::bpf::{self, RawFloor};
+use super::configs::{Env, Tracer};
+use super::load::{self, ChurnServer, RoundLoad};
+use super::report::{Json, int};
+use super::ringbuf::RingbufExperiment;
+use super::{CHURN_TRACEPOINT, wait_for_quiet};
+
+pub struct Profile {
+    phases: Vec<Phase>,
+}
+
+struct Phase {
+    tool: &'static str,
+    workload: &'static str,
+    load: RoundLoad,
+    programs: Vec<ProgCost>,
+}
+
+struct ProgCost {
+    name: String,
+    calls: u64,
+    ns: u64,
+}
+
+impl ProgCost {
+    fn ns_per_call(&self) -> Option<f64> {
+        (self.calls > 0).then(|| self.ns as f64 / self.calls as f64)
+    }
+}
+
+pub fn run(
+    env: &Env,
+    server: &ChurnServer,
+    clients: u32,
+    duration: Duration,
+    experiments: bool,
+) -> Result<Profile> {
+    let churn = || Ok(server.round(clients, duration));
+    let timers = || load::timer_round(clients, duration);
+    wait_for_quiet(Duration::from_secs(10));
+    let _stats = bpf::Stats::enable()?;
+    let mut phases = Vec::new();
+    let tracer = Tracer::start(env, None)?;
+    phases.push(phase("tracer", "churn", tracer.pid(), &churn)?);
+    phases.push(phase("tracer", "timers", tracer.pid(), &timers)?);
+    tracer.stop()?;
+    if experiments {
+        let own = std::process::id();
+        let floor = RawFloor::attach(&[CHURN_TRACEPOINT])?;
+        phases.push(phase("floor-raw", "churn", own, &churn)?);
+        drop(floor);
+        for (tool, batched) in [("exp-ring-wakeup", false), ("exp-ring-batched", true)] {
+            let ring = RingbufExperiment::attach(&[CHURN_TRACEPOINT], batched)?;
+            phases.push(phase(tool, "churn", own, &churn)?);
+            drop(ring);
+        }
+    }
+    Ok(Profile { phases })
+}
+
+fn phase(
+    tool: &'static str,
+    workload: &'static str,
+    pid: u32,
+    round: &dyn Fn() -> Result<RoundLoad>,
+) -> Result<Phase> {
+    let before = bpf::programs_of(pid)?;
+    let load = round()?;
+    let after = bpf::programs_of(pid)?;
+    let mut programs: Vec<ProgCost> = after
+        .iter()
+        .filter_map(|a| {
+            let b = before.iter().find(|b| b.id == a.id)?;
+            Some(ProgCost {
+                name: a.name.clone(),
+                calls: a.run_cnt.saturating_sub(b.run_cnt),
+                ns: a.run_time_ns.saturating_sub(b.run_time_ns),
+            })
+        })
+        .collect();
+    programs.sort_by_key(|p| std::cmp::Reverse(p.ns));
+    Ok(Phase {
+        tool,
+        workload,
+        load,
+        programs,
+    })
+}
+
+impl Profile {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\neBPF program run time (kernel statistics, program bodies including helpers):"
+        );
+        for phase in &self.phases {
+            let _ = writeln!(
+                out,
+                "  {} under {} ({} ops/s):",
+                phase.tool,
+                phase.workload,
+                int(phase.load.rate())
+            );
+            for p in phase.programs.iter().filter(|p| p.calls > 0) {
+                let _ = writeln!(
+                    out,
+                    "    {:<20} {:>11} calls/s {:>7} ns/call {:>6.1}% of one core",
+                    p.name,
+                    int(p.calls as f64 / phase.load.seconds),
+                    p.ns_per_call().map_or("-".into(), |n| format!("{n:.0}")),
+                    p.ns as f64 / 1e9 / phase.load.seconds * 100.0
+                );
+            }
+        }
+        out
+    }
+
+    pub fn json(&self) -> Json {
+        Json::Arr(self.phases.iter().map(Phase::json).collect())
+    }
+}
+
+impl Phase {
+    fn json(&self) -> Json {
+        let seconds = self.load.seconds;
+        let programs = self
+            .programs
+            .iter()
+            .map(|p| {
+                Json::obj([
+                    ("name", Json::str(p.name.as_str())),
+                    ("calls_per_s", Json::num(p.calls as f64 / seconds)),
+                    ("ns_per_call", Json::opt(p.ns_per_call())),
+                    (
+                        "cpu_share_of_one_core",
+                        Json::num(p.ns as f64 / 1e9 / seconds),
+                    ),
+                ])
+            })
+            .collect();
+        Json::obj([
+            ("tool", Json::str(self.tool)),
+            ("workload", Json::str(self.workload)),
+            ("ops_per_s", Json::num(self.load.rate())),
+            ("programs", Json::Arr(programs)),
+        ])
+    }
+}
