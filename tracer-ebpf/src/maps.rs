@@ -58,6 +58,13 @@ static SYMBOLS: KernelSymbols = KernelSymbols {
 #[map]
 pub static DELACK_ARMED: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(65536, 0);
 
+/// `OFFSETS.timer_function` alone, for the timer hooks' filter.
+#[inline(always)]
+pub fn timer_function_offset() -> u32 {
+    // SAFETY: as for `offsets`, reading one field of the loader-rewritten static.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(OFFSETS.timer_function)) }
+}
+
 #[inline(always)]
 pub fn symbols() -> KernelSymbols {
     // SAFETY: as for `offsets`: a plain static rewritten by the loader, read volatile so the

@@ -39,10 +39,17 @@ pub fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     let timer: *const u8 = ctx.arg(0);
-    let off = maps::offsets();
-    let function: u64 = sock::read(timer, off.timer_function).unwrap_or(0);
+    // Every timer in the kernel comes through here and almost none is ours: read only what
+    // the filter needs before anything else.
+    let function: u64 = sock::read(timer, maps::timer_function_offset()).unwrap_or(0);
     let symbols = maps::symbols();
-    if function == 0 || off.valid == 0 {
+    if function == 0
+        || (function != symbols.tcp_delack_timer && function != symbols.tw_timer_handler)
+    {
+        return 0;
+    }
+    let off = maps::offsets();
+    if off.valid == 0 {
         return 0;
     }
     if function == symbols.tcp_delack_timer {
