@@ -14,7 +14,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -184,67 +183,10 @@ impl Drop for LeakyServer {
 // The kernel's view
 // ---------------------------------------------------------------------------------------------
 
-/// Every network namespace that can be entered (by inode), with a path into it.
-fn namespaces() -> BTreeMap<u64, Vec<PathBuf>> {
-    let mut found: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
-    let mut consider = |path: PathBuf| {
-        if let Ok(meta) = std::fs::metadata(&path) {
-            let paths = found.entry(meta.ino()).or_default();
-            if paths.len() < 4 {
-                paths.push(path);
-            }
-        }
-    };
-    for dir in ["/run/netns", "/var/run/netns"] {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for entry in entries.flatten().take(10_000) {
-                consider(entry.path());
-            }
-        }
-    }
-    let procs = std::fs::read_dir("/proc").expect("read /proc");
-    for entry in procs.flatten().take(1_000_000) {
-        let is_pid = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
-        if is_pid {
-            consider(entry.path().join("ns/net"));
-        }
-    }
-    found
-}
-
 /// `ss -Htan state close-wait` in the namespace at `path` (`None`: this one): (local, peer);
 /// `None` when it cannot be listed (the namespace went away meanwhile).
 fn ss_close_wait(path: Option<&PathBuf>) -> Option<BTreeSet<(String, String)>> {
-    let mut args: Vec<String> = Vec::new();
-    let program = match path {
-        None => "ss",
-        Some(p) => {
-            args.push(format!("--net={}", p.display()));
-            args.push("ss".into());
-            "nsenter"
-        }
-    };
-    args.extend(["-Htan", "state", "close-wait"].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_cmd(program, &args);
-    if !out.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut sockets = BTreeSet::new();
-    for line in text.lines() {
-        // With a state filter ss leaves out the State column.
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert!(
-            f.len() >= 4,
-            "unexpected `ss -Htan state close-wait` line: {line:?}"
-        );
-        sockets.insert((f[2].to_string(), f[3].to_string()));
-    }
-    Some(sockets)
+    ss_state_in(path, "close-wait", &[]).ok()
 }
 
 /// CLOSE_WAIT sockets by namespace inode, in every namespace (the agent watches them all).

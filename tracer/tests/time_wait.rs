@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -57,84 +56,12 @@ fn require_tools() {
     require_tool("ip");
 }
 
-/// Every network namespace that can be entered, with the paths that lead into it: those named
-/// by `ip netns add`, and those of every process and thread.
-fn namespaces() -> BTreeMap<u64, Vec<PathBuf>> {
-    let mut found: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
-    let mut consider = |path: PathBuf| {
-        if let Ok(meta) = std::fs::metadata(&path) {
-            let paths = found.entry(meta.ino()).or_default();
-            // A few ways in are enough in case one disappears while listing.
-            if paths.len() < 4 {
-                paths.push(path);
-            }
-        }
-    };
-    for dir in ["/run/netns", "/var/run/netns"] {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for entry in entries.flatten().take(10_000) {
-                consider(entry.path());
-            }
-        }
-    }
-    let procs = std::fs::read_dir("/proc").expect("read /proc");
-    for entry in procs.flatten().take(1_000_000) {
-        let is_pid = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
-        if !is_pid {
-            continue;
-        }
-        consider(entry.path().join("ns/net"));
-        // Threads can be elsewhere (the test servers enter namespaces per thread).
-        if let Ok(tasks) = std::fs::read_dir(entry.path().join("task")) {
-            for task in tasks.flatten().take(100_000) {
-                consider(task.path().join("ns/net"));
-            }
-        }
-    }
-    found
-}
-
-/// `ss -Htan state time-wait` (plus `filter`) in the namespace at `path` (`None`: this one);
-/// an error when it cannot be listed (for example the namespace went away meanwhile).
+/// `ss -Htan state time-wait` (plus `filter`) in the namespace at `path` (`None`: this one).
 fn ss_time_wait(
     path: Option<&PathBuf>,
     filter: &[&str],
 ) -> Result<BTreeSet<(String, String)>, String> {
-    let mut args: Vec<String> = Vec::new();
-    let program = match path {
-        None => "ss",
-        Some(p) => {
-            args.push(format!("--net={}", p.display()));
-            args.push("ss".into());
-            "nsenter"
-        }
-    };
-    args.extend(["-Htan", "state", "time-wait"].map(String::from));
-    args.extend(filter.iter().map(|s| (*s).to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_cmd(program, &args);
-    if !out.status.success() {
-        return Err(format!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut sockets = BTreeSet::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert!(
-            f.len() >= 4,
-            "unexpected `ss -Htan state time-wait` line: {line:?}"
-        );
-        sockets.insert((f[2].to_string(), f[3].to_string()));
-    }
-    Ok(sockets)
+    ss_state_in(path, "time-wait", filter)
 }
 
 /// TIME_WAIT sockets in every network namespace; an error when one could not be listed.

@@ -6,13 +6,14 @@
 //! Every wait is bounded in time, every loop in count.
 #![allow(dead_code, reason = "each test binary uses a part of the harness")]
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -1200,4 +1201,90 @@ fn remove_stale_namespaces() {
             let _ = run_cmd("ip", &["netns", "del", &name]);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel's view across network namespaces
+// ---------------------------------------------------------------------------------------------
+
+/// Every network namespace that can be entered, with the paths that lead into it: those named
+/// by `ip netns add`, and those of every process and thread.
+pub fn namespaces() -> BTreeMap<u64, Vec<PathBuf>> {
+    let mut found: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
+    let mut consider = |path: PathBuf| {
+        if let Ok(meta) = std::fs::metadata(&path) {
+            let paths = found.entry(meta.ino()).or_default();
+            // A few ways in are enough in case one disappears while listing.
+            if paths.len() < 4 {
+                paths.push(path);
+            }
+        }
+    };
+    for dir in ["/run/netns", "/var/run/netns"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten().take(10_000) {
+                consider(entry.path());
+            }
+        }
+    }
+    let procs = std::fs::read_dir("/proc").expect("read /proc");
+    for entry in procs.flatten().take(1_000_000) {
+        let is_pid = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        if !is_pid {
+            continue;
+        }
+        consider(entry.path().join("ns/net"));
+        // Threads can be elsewhere (the test servers enter namespaces per thread).
+        if let Ok(tasks) = std::fs::read_dir(entry.path().join("task")) {
+            for task in tasks.flatten().take(100_000) {
+                consider(task.path().join("ns/net"));
+            }
+        }
+    }
+    found
+}
+
+/// `ss -Htan state STATE` (plus `filter`) in the namespace at `path` (`None`: this one), as
+/// (local, peer) pairs;
+/// an error when it cannot be listed (for example the namespace went away meanwhile).
+pub fn ss_state_in(
+    path: Option<&PathBuf>,
+    state: &str,
+    filter: &[&str],
+) -> Result<BTreeSet<(String, String)>, String> {
+    let mut args: Vec<String> = Vec::new();
+    let program = match path {
+        None => "ss",
+        Some(p) => {
+            args.push(format!("--net={}", p.display()));
+            args.push("ss".into());
+            "nsenter"
+        }
+    };
+    args.extend(["-Htan", "state", state].map(String::from));
+    args.extend(filter.iter().map(|s| (*s).to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_cmd(program, &args);
+    if !out.status.success() {
+        return Err(format!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut sockets = BTreeSet::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            f.len() >= 4,
+            "unexpected `ss -Htan state {state}` line: {line:?}"
+        );
+        sockets.insert((f[2].to_string(), f[3].to_string()));
+    }
+    Ok(sockets)
 }
