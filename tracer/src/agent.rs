@@ -459,16 +459,9 @@ pub async fn pump(
                     }
                     Err(e) => warn!("{e}"),
                 }
-                metrics.set_active(session.tracker.active());
-                metrics.latency.set_close_wait(session.tracker.close_wait());
+                // The gauges and what this settled (leaks, TIME_WAIT exits) go out with the
+                // next drain tick, within `DRAIN_EVERY`.
                 consumer.refresh(&mut session.tracker, &metrics);
-                // What the refresh settled (leaks, TIME_WAIT exits) goes out now, not with
-                // the next batch of events, which on an idle host may be long in coming.
-                match consumer.batch_done() {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => { outcome = Err(e); break; }
-                }
             }
             _ = &mut until => break,
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
