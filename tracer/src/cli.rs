@@ -166,6 +166,12 @@ fn report_usage(err: clap::Error) -> ExitCode {
         let _ = err.print();
         return ExitCode::SUCCESS;
     }
+    if err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        eprintln!(
+            "tracer: error: a command is required: `run` or `diagnose` (see `tracer --help`)"
+        );
+        return ExitCode::from(2);
+    }
     let rendered = err.render().to_string();
     let first = rendered.lines().next().unwrap_or("invalid arguments");
     let first = first.strip_prefix("error: ").unwrap_or(first);
