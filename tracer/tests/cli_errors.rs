@@ -83,6 +83,26 @@ fn unknown_flag_is_a_one_line_error() {
 }
 
 #[test]
+fn missing_command_is_a_one_line_error() {
+    require_root();
+    let args: [&str; 0] = [];
+    let out = run_agent(&args);
+    assert_clean_failure(&args, &out);
+    assert_one_line(&args, &out);
+    assert!(out.stderr.contains("run"), "{}", out.stderr);
+}
+
+#[test]
+fn unparsable_diagnose_duration_is_a_one_line_error() {
+    require_root();
+    let args = ["diagnose", "--duration", "forever"];
+    let out = run_agent(&args);
+    assert_clean_failure(&args, &out);
+    assert_one_line(&args, &out);
+    assert!(out.stderr.contains("forever"), "{}", out.stderr);
+}
+
+#[test]
 fn unparsable_listen_address_is_a_one_line_error() {
     require_root();
     let args = ["run", "--listen", "not-an-address"];
