@@ -102,6 +102,45 @@ fn unparsable_diagnose_duration_is_a_one_line_error() {
     assert!(out.stderr.contains("forever"), "{}", out.stderr);
 }
 
+/// Run as an unprivileged user (through `setpriv`), both commands refuse with one line before
+/// touching the kernel.
+#[test]
+fn not_root_is_a_one_line_error() {
+    require_root();
+    require_tool("setpriv");
+    // The build directory may not be reachable for an unprivileged user (under /root, say):
+    // run a world-readable copy.
+    let copy = std::env::temp_dir().join(format!("tracer-not-root-{}", std::process::id()));
+    std::fs::copy(AGENT_BIN, &copy).expect("copy the agent binary");
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make the copy executable");
+    let binary = copy.to_str().expect("temp path is UTF-8").to_owned();
+    for command in [&["run"][..], &["diagnose", "--duration", "1s"][..]] {
+        let mut args = vec![
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            binary.as_str(),
+        ];
+        args.extend_from_slice(command);
+        let out = Command::new("setpriv")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run setpriv");
+        let out = Outcome {
+            code: out.status.code(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert_clean_failure(command, &out);
+        assert_one_line(command, &out);
+        assert!(out.stderr.contains("root"), "{}", out.stderr);
+    }
+    let _ = std::fs::remove_file(&copy);
+}
+
 #[test]
 fn unparsable_listen_address_is_a_one_line_error() {
     require_root();
