@@ -447,6 +447,19 @@ mod tests {
     }
 
     #[test]
+    fn missing_or_corrupt_btf_is_a_clear_error() {
+        let missing = KernelBtf::from_file(Path::new("/nonexistent/vmlinux"));
+        assert!(matches!(missing, Err(KernelError::NoBtf)));
+        let garbage = std::env::temp_dir().join(format!("tracer-bad-btf-{}", std::process::id()));
+        std::fs::write(&garbage, b"not BTF at all").expect("write");
+        let corrupt = KernelBtf::from_file(&garbage);
+        let _ = std::fs::remove_file(&garbage);
+        let err = corrupt.err().expect("garbage is not BTF");
+        assert!(matches!(err, KernelError::BadBtf(_)), "{err}");
+        assert!(!err.to_string().contains('\n'));
+    }
+
+    #[test]
     fn unknown_members_are_a_clear_error() {
         let err = kernel()
             .member_offset("sock", "no_such_member")
