@@ -14,8 +14,8 @@ use serde::Serialize;
 use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
 use crate::conntrack::CloseWaitLeak;
-use crate::conntrack::{Connection, Observer, StateStamp};
-use crate::model::CloseCause;
+use crate::conntrack::{Connection, Observer, Owner, StateStamp};
+use crate::model::{CloseCause, Tuple};
 use crate::timewait::TimeWaitRecord;
 
 /// How per-connection events are written.
@@ -373,14 +373,8 @@ impl<W: Write> Observer for EventSink<W> {
         let line = NagleStallLine {
             ts: self.clock.rfc3339(conn.acks.reported_ns.unwrap_or(0)),
             event: "nagle_delack_stall",
-            family: conn.tuple.family().as_str(),
-            saddr: conn.tuple.src,
-            sport: conn.tuple.sport,
-            daddr: conn.tuple.dst,
-            dport: conn.tuple.dport,
-            netns: conn.netns,
-            pid: writer.map(|w| w.pid),
-            comm: writer.as_ref().map(|w| w.comm.as_str().into_owned()),
+            address: Addressing::of(&conn.tuple, conn.netns),
+            process: Process(writer.as_ref()),
             stalls: conn.acks.nagle_stalls,
             lost_us: micros(conn.acks.nagle_lost_ns),
             held_writes: conn.acks.nagle_held_writes,
@@ -420,15 +414,9 @@ impl<W: Write> Observer for EventSink<W> {
         let line = CloseWaitLine {
             ts: self.clock.rfc3339(leak.detected_ns),
             event: "close_wait_leak",
-            family: leak.tuple.family().as_str(),
-            saddr: leak.tuple.src,
-            sport: leak.tuple.sport,
-            daddr: leak.tuple.dst,
-            dport: leak.tuple.dport,
-            netns: leak.netns,
+            address: Addressing::of(&leak.tuple, leak.netns),
             direction: leak.direction.as_str(),
-            pid: owner.map(|o| o.pid),
-            comm: owner.as_ref().map(|o| o.comm.as_str().into_owned()),
+            process: Process(owner.as_ref()),
             close_wait_us: micros(leak.detected_ns.saturating_sub(leak.since_ns)),
             seeded: leak.seeded,
             fix: CLOSE_WAIT_FIX,
@@ -442,18 +430,64 @@ pub const NAGLE_FIX: &str = "set TCP_NODELAY on the sender, or write each reques
 /// What to do about a CLOSE_WAIT leak.
 pub const CLOSE_WAIT_FIX: &str = "the application does not close sockets after the peer closes: make sure every code path (errors and EOF included) closes the socket";
 
+/// The fields every event starts with: the 4-tuple (local side first) and its namespace.
+struct Addressing<'a> {
+    tuple: &'a Tuple,
+    netns: u32,
+}
+
+impl<'a> Addressing<'a> {
+    fn of(tuple: &'a Tuple, netns: u32) -> Addressing<'a> {
+        Addressing { tuple, netns }
+    }
+
+    /// Writes the fields into an object being serialized.
+    fn write<S: SerializeStruct>(&self, s: &mut S) -> Result<(), S::Error> {
+        s.serialize_field("family", self.tuple.family().as_str())?;
+        s.serialize_field("saddr", &self.tuple.src)?;
+        s.serialize_field("sport", &self.tuple.sport)?;
+        s.serialize_field("daddr", &self.tuple.dst)?;
+        s.serialize_field("dport", &self.tuple.dport)?;
+        s.serialize_field("netns", &self.netns)
+    }
+}
+
+/// For `#[serde(flatten)]` in derived event structs.
+impl Serialize for Addressing<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("Addressing", 6)?;
+        self.write(&mut s)?;
+        s.end()
+    }
+}
+
+/// `pid` and `comm` of a socket's process, both `null` when unknown.
+struct Process<'a>(Option<&'a Owner>);
+
+impl Process<'_> {
+    fn write<S: SerializeStruct>(&self, s: &mut S) -> Result<(), S::Error> {
+        s.serialize_field("pid", &self.0.map(|o| o.pid))?;
+        let comm: Option<Cow<'_, str>> = self.0.map(|o| o.comm.as_str());
+        s.serialize_field("comm", &comm)
+    }
+}
+
+impl Serialize for Process<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("Process", 2)?;
+        self.write(&mut s)?;
+        s.end()
+    }
+}
+
 #[derive(Serialize)]
-struct NagleStallLine {
+struct NagleStallLine<'a> {
     ts: Rfc3339,
     event: &'static str,
-    family: &'static str,
-    saddr: IpAddr,
-    sport: u16,
-    daddr: IpAddr,
-    dport: u16,
-    netns: u32,
-    pid: Option<u32>,
-    comm: Option<String>,
+    #[serde(flatten)]
+    address: Addressing<'a>,
+    #[serde(flatten)]
+    process: Process<'a>,
     stalls: u32,
     lost_us: u64,
     held_writes: u32,
@@ -461,18 +495,14 @@ struct NagleStallLine {
 }
 
 #[derive(Serialize)]
-struct CloseWaitLine {
+struct CloseWaitLine<'a> {
     ts: Rfc3339,
     event: &'static str,
-    family: &'static str,
-    saddr: IpAddr,
-    sport: u16,
-    daddr: IpAddr,
-    dport: u16,
-    netns: u32,
+    #[serde(flatten)]
+    address: Addressing<'a>,
     direction: &'static str,
-    pid: Option<u32>,
-    comm: Option<String>,
+    #[serde(flatten)]
+    process: Process<'a>,
     close_wait_us: u64,
     seeded: bool,
     fix: &'static str,
@@ -518,16 +548,9 @@ impl Serialize for JsonTimeWait<'_> {
         let mut s = serializer.serialize_struct("TimeWaitEnded", 14)?;
         s.serialize_field("ts", &self.clock.rfc3339(r.exited_ns))?;
         s.serialize_field("event", "time_wait_ended")?;
-        s.serialize_field("family", r.tuple.family().as_str())?;
-        s.serialize_field("saddr", &r.tuple.src)?;
-        s.serialize_field("sport", &r.tuple.sport)?;
-        s.serialize_field("daddr", &r.tuple.dst)?;
-        s.serialize_field("dport", &r.tuple.dport)?;
-        s.serialize_field("netns", &r.netns)?;
+        Addressing::of(&r.tuple, r.netns).write(&mut s)?;
         s.serialize_field("direction", &r.direction.map(|d| d.as_str()))?;
-        s.serialize_field("pid", &r.owner.map(|o| o.pid))?;
-        let comm: Option<Cow<'_, str>> = r.owner.as_ref().map(|o| o.comm.as_str());
-        s.serialize_field("comm", &comm)?;
+        Process(r.owner.as_ref()).write(&mut s)?;
         s.serialize_field("time_wait_us", &r.duration_ns().map(micros))?;
         s.serialize_field("exit", r.exit.as_str())?;
         s.serialize_field("seeded", &r.entered_ns.is_none())?;
@@ -562,16 +585,9 @@ impl Serialize for JsonRecord<'_> {
         let mut s = serializer.serialize_struct("ConnectionClosed", 25)?;
         s.serialize_field("ts", &self.clock.rfc3339(close_ns(conn)))?;
         s.serialize_field("event", "connection_closed")?;
-        s.serialize_field("family", conn.tuple.family().as_str())?;
-        s.serialize_field("saddr", &conn.tuple.src)?;
-        s.serialize_field("sport", &conn.tuple.sport)?;
-        s.serialize_field("daddr", &conn.tuple.dst)?;
-        s.serialize_field("dport", &conn.tuple.dport)?;
-        s.serialize_field("netns", &conn.netns)?;
+        Addressing::of(&conn.tuple, conn.netns).write(&mut s)?;
         s.serialize_field("direction", conn.direction.as_str())?;
-        s.serialize_field("pid", &conn.owner.map(|o| o.pid))?;
-        let comm: Option<Cow<'_, str>> = conn.owner.as_ref().map(|o| o.comm.as_str());
-        s.serialize_field("comm", &comm)?;
+        Process(conn.owner.as_ref()).write(&mut s)?;
         s.serialize_field("states", &JsonStates(&conn.states))?;
         s.serialize_field("duration_us", &conn.duration_ns().map(micros))?;
         s.serialize_field("handshake_us", &conn.handshake_ns().map(micros))?;
