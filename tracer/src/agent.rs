@@ -207,7 +207,7 @@ fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
         tracker.seed(seeds, monotonic_ns());
         let waiting: Vec<_> = sockets
             .iter()
-            .filter(|s| s.state == TcpState::TimeWait)
+            .filter(|s| s.timewait)
             .map(|s| (*netns, s.tuple))
             .collect();
         time_wait += waiting.len();
@@ -252,7 +252,7 @@ fn resync_time_wait(tracker: &mut Tracker) {
             let waiting = dumps.iter().flat_map(|(netns, sockets)| {
                 sockets
                     .iter()
-                    .filter(|s| s.state == TcpState::TimeWait)
+                    .filter(|s| s.timewait)
                     .map(move |s| (*netns, s.tuple))
             });
             tracker.time_wait_mut().resync(waiting);

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::conntrack::{CloseWaitLeak, Connection, Observer, Owner, Tracker};
 use crate::kernel::TcpSysctls;
-use crate::model::{Comm, Direction, ResetDirection, RetransmitKind, Tuple};
+use crate::model::{Comm, Direction, ResetDirection, RetransmitKind, TcpState, Tuple};
 use crate::sinks::{CLOSE_WAIT_FIX, NAGLE_FIX};
 use crate::timewait::{TimeWaitExit, TimeWaitRecord};
 
@@ -164,6 +164,8 @@ pub struct Diagnosis {
     closed: u64,
     tw_entered: u64,
     tw_exited: [u64; TimeWaitExit::ALL.len()],
+    /// Of those exits, the ones still in FIN_WAIT2: the peer never sent its FIN.
+    tw_fin_wait2_exits: u64,
     /// Processes whose connections closed first and went into TIME_WAIT.
     tw_closers: Capped<ProcKey, u64>,
     stalls: Stalls,
@@ -194,6 +196,7 @@ impl Diagnosis {
             closed: 0,
             tw_entered: 0,
             tw_exited: [0; TimeWaitExit::ALL.len()],
+            tw_fin_wait2_exits: 0,
             tw_closers: Capped::new(cap),
             stalls: Stalls::default(),
             stall_writers: Capped::new(cap),
@@ -308,9 +311,17 @@ impl Diagnosis {
         } else {
             format!(": {exit_counts}")
         };
+        let fin_wait2 = if self.tw_fin_wait2_exits > 0 {
+            format!(
+                " ({} of them still in FIN_WAIT2: the peer never sent its FIN)",
+                grouped(self.tw_fin_wait2_exits)
+            )
+        } else {
+            String::new()
+        };
         let mut measured = format!(
-            "{} in TIME_WAIT now; during the run {} entered it, {} left it{exit_counts}. \
-             Settings: {}.",
+            "{} in TIME_WAIT now (as /proc/net/sockstat counts `tw`); during the run {} \
+             entered it, {} left it{exit_counts}{fin_wait2}. Settings: {}.",
             plural(count as u64, "socket", "sockets"),
             grouped(self.tw_entered),
             grouped(exited),
@@ -458,6 +469,7 @@ impl Diagnosis {
                 .zip(self.tw_exited)
                 .map(|(exit, n)| (exit.as_str().to_owned(), json!(n)))
                 .collect::<serde_json::Map<String, Value>>(),
+            "exited_in_fin_wait2": self.tw_fin_wait2_exits,
             "untracked": table.dropped(),
             "top_peers": peer_rows,
             "other_peers_sockets": other_sockets,
@@ -1062,6 +1074,9 @@ impl Observer for Diagnosis {
     fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
         if let Some(i) = TimeWaitExit::ALL.iter().position(|e| *e == record.exit) {
             self.tw_exited[i] += 1;
+        }
+        if record.substate == TcpState::FinWait2 {
+            self.tw_fin_wait2_exits += 1;
         }
     }
 

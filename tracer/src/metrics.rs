@@ -519,7 +519,7 @@ impl Observer for &Metrics {
     }
 
     fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
-        self.time_wait.exited(record.exit);
+        self.time_wait.exited(record.exit, record.substate);
     }
 
     fn delayed_ack(&mut self, _conn: &Connection, held_ns: Option<u64>, pingpong: bool) {

@@ -16,7 +16,7 @@ use netlink_packet_core::{
     NLMSG_OVERRUN, NetlinkBuffer, NetlinkHeader, NetlinkMessage, Parseable,
 };
 use netlink_packet_sock_diag::inet::{
-    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags,
+    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags, Timer,
 };
 use netlink_packet_sock_diag::{
     AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY, SockDiagMessage,
@@ -112,6 +112,8 @@ pub struct SocketEntry {
     pub uid: u32,
     /// The kernel's socket cookie (`SO_COOKIE`).
     pub cookie: u64,
+    /// A timewait mini socket (its timer is the TIME_WAIT timer), in either substate.
+    pub timewait: bool,
 }
 
 /// Every TCP socket of both address families, in all states, in the calling thread's network
@@ -259,7 +261,7 @@ fn is_connection(entry: &SocketEntry) -> bool {
         // A TIME_WAIT socket in its FIN_WAIT2 sub-state has no file (inode 0). A full orphaned
         // FIN_WAIT2 socket (only when tcp_fin_timeout exceeds 60 s) looks the same and is left
         // out too: its events start a partial record instead.
-        TcpState::FinWait2 if entry.inode == 0 => false,
+        TcpState::FinWait2 if entry.timewait || entry.inode == 0 => false,
         _ => entry.tuple.is_complete(),
     }
 }
@@ -452,6 +454,7 @@ fn parse_datagram(
                     inode: header.inode,
                     uid: header.uid,
                     cookie: cookie(id.cookie),
+                    timewait: matches!(header.timer, Some(Timer::TimeWait)),
                 });
             }
             NLMSG_DONE => {
@@ -507,7 +510,7 @@ mod tests {
     use std::time::Instant;
 
     use netlink_packet_core::{DoneMessage, ErrorMessage, NetlinkPayload};
-    use netlink_packet_sock_diag::inet::{InetResponse, Timer};
+    use netlink_packet_sock_diag::inet::InetResponse;
 
     // ---- seeds(): pure ----
 
@@ -525,6 +528,7 @@ mod tests {
             inode: 1000,
             uid: 0,
             cookie: 1,
+            timewait: state == TcpState::TimeWait,
         }
     }
 
@@ -626,6 +630,7 @@ mod tests {
     fn seeds_skips_non_connections() {
         let mut orphan_fin_wait2 = entry("10.0.0.1:41003", "10.0.0.3:80", TcpState::FinWait2);
         orphan_fin_wait2.inode = 0;
+        orphan_fin_wait2.timewait = true;
         let mut orphan_fin_wait1 = entry("10.0.0.1:41004", "10.0.0.3:80", TcpState::FinWait1);
         orphan_fin_wait1.inode = 0;
         let entries = [
@@ -670,7 +675,12 @@ mod tests {
             header: InetResponseHeader {
                 family,
                 state,
-                timer: Some(Timer::KeepAlive(Duration::from_millis(1000))),
+                // As the kernel fills it: a timewait socket reports the TIME_WAIT timer.
+                timer: Some(if state == 6 {
+                    Timer::TimeWait
+                } else {
+                    Timer::KeepAlive(Duration::from_millis(1000))
+                }),
                 socket_id,
                 recv_queue: 0,
                 send_queue: 0,
@@ -750,10 +760,12 @@ mod tests {
                 inode: 42,
                 uid: 1000,
                 cookie: 0x1234_5678_9abc_def0,
+                timewait: false,
             }
         );
         assert_eq!(entries[1].state, TcpState::Listen);
         assert_eq!(entries[2].state, TcpState::TimeWait);
+        assert!(entries[2].timewait && !entries[1].timewait);
         assert_eq!(
             entries[2].tuple.dst,
             "::ffff:192.0.2.9".parse::<IpAddr>().unwrap()
@@ -997,6 +1009,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert_eq!(entry.inode, 0, "a TIME_WAIT socket has no file");
+        assert!(entry.timewait, "its timer is the TIME_WAIT timer");
         assert!(seeds(&[entry], 1).is_empty());
     }
 

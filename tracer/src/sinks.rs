@@ -545,7 +545,7 @@ struct JsonTimeWait<'a> {
 impl Serialize for JsonTimeWait<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let r = self.record;
-        let mut s = serializer.serialize_struct("TimeWaitEnded", 14)?;
+        let mut s = serializer.serialize_struct("TimeWaitEnded", 15)?;
         s.serialize_field("ts", &self.clock.rfc3339(r.exited_ns))?;
         s.serialize_field("event", "time_wait_ended")?;
         Addressing::of(&r.tuple, r.netns).write(&mut s)?;
@@ -553,6 +553,7 @@ impl Serialize for JsonTimeWait<'_> {
         Process(r.owner.as_ref()).write(&mut s)?;
         s.serialize_field("time_wait_us", &r.duration_ns().map(micros))?;
         s.serialize_field("exit", r.exit.as_str())?;
+        s.serialize_field("substate", r.substate.as_str())?;
         s.serialize_field("seeded", &r.entered_ns.is_none())?;
         s.end()
     }

@@ -2,11 +2,17 @@
 //! from `tick`.
 //!
 //! The state tracepoint never shows TIME_WAIT: the full socket reports FIN_WAIT2 -> CLOSE and a
-//! timewait mini socket takes its place. That mini socket's timer is armed when it is created
-//! (`Start`), detached on every way out (`Cancel`, including a normal expiry, which `Expire`
-//! then follows) and re-armed as cancel + start (for example FIN_WAIT2 -> TIME_WAIT when the
-//! peer's FIN arrives). So a cancel is only an exit once no start or expiry of the same timer
-//! followed it: it is settled after `settle_ns`.
+//! timewait mini socket takes its place. That mini socket's timer is armed once when it is
+//! created (`Start`) and detached once on every way out (`Cancel`, including a normal expiry,
+//! which `Expire` then follows). A re-arm may show as cancel + start, so a cancel is only an exit
+//! once no start or expiry of the same timer followed it: it is settled after `settle_ns`.
+//!
+//! Every timewait socket is counted, whatever its substate. One born in FIN_WAIT2 (this side's
+//! FIN was acknowledged before the peer's FIN arrived) moves to TIME_WAIT when that FIN comes,
+//! and the kernel re-arms its timer without any tracepoint when the new expiry falls in the same
+//! timer-wheel bucket: waiting for that re-arm undercounts. Both substates hold the local port
+//! and the 4-tuple until the timer ends them, and `/proc/net/sockstat`'s `tw` counts both too.
+//! The substate is known again at the exit (the cancel reads it), and reported then.
 //!
 //! An early exit is `Reused` when a connection with the same 4-tuple shows up within
 //! `reuse_window_ns` (a new SYN taking over the 4-tuple, or `tcp_tw_reuse` on connect), and
@@ -67,6 +73,8 @@ pub struct TimeWaitRecord {
     pub entered_ns: Option<u64>,
     pub exited_ns: u64,
     pub exit: TimeWaitExit,
+    /// The substate it left in: TIME_WAIT, or FIN_WAIT2 when the peer's FIN never came.
+    pub substate: TcpState,
     /// From the connection that entered TIME_WAIT, when the agent saw it.
     pub direction: Option<Direction>,
     pub owner: Option<Owner>,
@@ -127,7 +135,7 @@ pub struct TimeWaitTable {
     /// Early exits waiting to learn whether a new connection reuses the 4-tuple.
     early_exits: HashMap<(u32, Tuple), TimeWaitRecord>,
     early_order: VecDeque<(u64, (u32, Tuple))>,
-    /// Sockets in the TIME_WAIT substate right now, by peer.
+    /// Timewait sockets right now, by peer.
     peers: HashMap<PeerKey, u32>,
     in_time_wait: usize,
     dropped: u64,
@@ -170,8 +178,9 @@ impl TimeWaitTable {
         self.config.ephemeral_ports = range;
     }
 
-    /// Sockets in TIME_WAIT now, as `ss -tan state time-wait` counts them (summed over
-    /// network namespaces).
+    /// Timewait sockets now, in either substate, summed over network namespaces: what
+    /// `/proc/net/sockstat` counts as `tw`, and what `ss` lists as TIME-WAIT plus the FIN-WAIT-2
+    /// sockets whose timer is `timewait`.
     pub fn count(&self) -> usize {
         self.in_time_wait
     }
@@ -232,7 +241,7 @@ impl TimeWaitTable {
     ) {
         match phase {
             TimerPhase::Start => self.on_start(ts_ns, tw, netns, tuple, substate, obs),
-            TimerPhase::Cancel => self.on_cancel(ts_ns, tw, netns, tuple),
+            TimerPhase::Cancel => self.on_cancel(ts_ns, tw, netns, tuple, substate),
             TimerPhase::Expire => {
                 if self.entries.contains_key(&tw) {
                     self.exit(tw, ts_ns, Some(TimeWaitExit::Expired), obs);
@@ -260,14 +269,7 @@ impl TimeWaitTable {
         if let Some(entry) = self.entries.get_mut(&tw) {
             // A re-arm: the cancel before it was not an exit.
             entry.pending_cancel = None;
-            if entry.substate != TcpState::TimeWait && substate == TcpState::TimeWait {
-                entry.substate = substate;
-                entry.entered_ns = Some(ts_ns);
-                let (tuple, peer) = (entry.tuple, entry.peer);
-                self.in_time_wait += 1;
-                self.add_peer(peer);
-                obs.time_wait_entered(netns, &tuple);
-            }
+            entry.substate = substate;
             return;
         }
         let key = (netns, tuple);
@@ -289,23 +291,21 @@ impl TimeWaitTable {
                 tuple,
                 peer,
                 substate,
-                entered_ns: (substate == TcpState::TimeWait).then_some(ts_ns),
+                entered_ns: Some(ts_ns),
                 pending_cancel: None,
                 direction: None,
                 owner: None,
             },
         );
         self.by_tuple.insert(key, tw);
-        if substate == TcpState::TimeWait {
-            self.in_time_wait += 1;
-            self.add_peer(peer);
-            if seeded.is_none() {
-                obs.time_wait_entered(netns, &tuple);
-            }
+        self.in_time_wait += 1;
+        self.add_peer(peer);
+        if seeded.is_none() {
+            obs.time_wait_entered(netns, &tuple);
         }
     }
 
-    fn on_cancel(&mut self, ts_ns: u64, tw: SockId, netns: u32, tuple: Tuple) {
+    fn on_cancel(&mut self, ts_ns: u64, tw: SockId, netns: u32, tuple: Tuple, substate: TcpState) {
         if !self.entries.contains_key(&tw) {
             // A socket that was in TIME_WAIT before we started is leaving: track it from now.
             let key = (netns, tuple);
@@ -318,7 +318,7 @@ impl TimeWaitTable {
                     netns,
                     tuple,
                     peer,
-                    substate: TcpState::TimeWait,
+                    substate,
                     entered_ns: None,
                     pending_cancel: None,
                     direction: None,
@@ -329,6 +329,7 @@ impl TimeWaitTable {
         }
         if let Some(entry) = self.entries.get_mut(&tw) {
             entry.pending_cancel = Some(ts_ns);
+            entry.substate = substate;
             self.cancels.push_back((ts_ns, tw));
         }
     }
@@ -339,14 +340,37 @@ impl TimeWaitTable {
         let Some(tw) = self.by_tuple.get(&(conn.netns, conn.tuple)) else {
             return false;
         };
-        match self.entries.get_mut(tw) {
-            Some(entry) if entry.pending_cancel.is_none() && entry.direction.is_none() => {
-                entry.direction = Some(conn.direction);
-                entry.owner = conn.owner;
-                true
-            }
-            _ => false,
+        let Some(entry) = self.entries.get_mut(tw) else {
+            return false;
+        };
+        if entry.pending_cancel.is_some() || entry.direction.is_some() {
+            return false;
         }
+        entry.direction = Some(conn.direction);
+        entry.owner = conn.owner;
+        // The connection's direction says the role better than the port guess made at the
+        // start (the listener may have closed before its last connection did).
+        let client = match conn.direction {
+            Direction::Active => true,
+            Direction::Passive => false,
+            Direction::Unknown => return true,
+        };
+        let old = entry.peer;
+        if old.client != client {
+            let peer = PeerKey {
+                peer: entry.tuple.dst,
+                port: if client {
+                    entry.tuple.dport
+                } else {
+                    entry.tuple.sport
+                },
+                client,
+            };
+            entry.peer = peer;
+            self.remove_peer(old);
+            self.add_peer(peer);
+        }
+        true
     }
 
     /// A connection with a complete 4-tuple appeared: if a timewait socket on that 4-tuple just
@@ -410,23 +434,18 @@ impl TimeWaitTable {
         if self.by_tuple.get(&key) == Some(&tw) {
             self.by_tuple.remove(&key);
         }
-        if entry.substate == TcpState::TimeWait {
-            self.in_time_wait = self.in_time_wait.saturating_sub(1);
-            self.remove_peer(entry.peer);
-        }
+        self.in_time_wait = self.in_time_wait.saturating_sub(1);
+        self.remove_peer(entry.peer);
         let record = TimeWaitRecord {
             netns: entry.netns,
             tuple: entry.tuple,
             entered_ns: entry.entered_ns,
             exited_ns: entry.pending_cancel.unwrap_or(ts_ns),
             exit: exit.unwrap_or(TimeWaitExit::Killed),
+            substate: entry.substate,
             direction: entry.direction,
             owner: entry.owner,
         };
-        if entry.substate != TcpState::TimeWait {
-            // An orphaned FIN_WAIT2 socket never reached TIME_WAIT: nothing to report.
-            return;
-        }
         match exit {
             Some(_) => obs.time_wait_exited(&record),
             None => {
@@ -539,38 +558,62 @@ mod tests {
         assert_eq!(rec.exited[0].duration_ns(), Some(60_000 * MS));
     }
 
+    /// The common close: this side's FIN is acknowledged before the peer's FIN arrives, so the
+    /// timewait socket is born in FIN_WAIT2 and moves to TIME_WAIT with no timer event at all
+    /// (the kernel only updates the expiry). It is counted from its birth, once.
     #[test]
-    fn rearm_from_fin_wait2_enters_time_wait_once() {
+    fn born_in_fin_wait2_counts_at_once_and_leaves_as_time_wait() {
         let (mut t, mut rec) = (table(), Recorder::default());
         let tp = tuple(40000, 80);
         t.on_timer(0, TW, NS, tp, FinWait2, TimerPhase::Start, &mut rec);
-        assert_eq!(
-            t.count(),
-            0,
-            "an orphaned FIN_WAIT2 socket is not in TIME_WAIT"
-        );
+        assert_eq!((t.count(), rec.entered.len()), (1, 1));
+        assert_eq!(t.top_peers(1)[0].1, 1, "it holds its port toward the peer");
+        t.tick(100 * MS, &mut rec);
+        assert_eq!(t.count(), 1);
+        // The silent move to TIME_WAIT shows only in the substate read at the exit.
+        for phase in [TimerPhase::Cancel, TimerPhase::Expire] {
+            t.on_timer(60_000 * MS, TW, NS, tp, TimeWait, phase, &mut rec);
+        }
+        assert_eq!(t.count(), 0);
+        assert_eq!(rec.exited.len(), 1);
+        assert_eq!(rec.exited[0].substate, TimeWait);
+        assert_eq!(rec.exited[0].exit, TimeWaitExit::Expired);
+        assert_eq!(rec.exited[0].duration_ns(), Some(60_000 * MS));
+    }
+
+    /// Where the re-arm does show (the new expiry lands in another wheel bucket), cancel + start
+    /// nets to nothing.
+    #[test]
+    fn a_visible_rearm_is_neither_an_exit_nor_an_entry() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(40000, 80);
+        t.on_timer(0, TW, NS, tp, FinWait2, TimerPhase::Start, &mut rec);
         t.on_timer(5 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
         t.on_timer(5 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
         t.tick(100 * MS, &mut rec);
-        assert_eq!(t.count(), 1);
-        assert_eq!(rec.entered.len(), 1);
-        assert!(rec.exited.is_empty(), "a re-arm is not an exit");
-        // A re-arm within TIME_WAIT (a retransmitted FIN) changes nothing either.
         t.on_timer(6 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
         t.on_timer(6 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
         t.tick(200 * MS, &mut rec);
         assert_eq!((t.count(), rec.entered.len(), rec.exited.len()), (1, 1, 0));
     }
 
+    /// A peer that never sends its FIN: the socket stays in FIN_WAIT2 until its timer ends it,
+    /// holding the port all along, and says so when it leaves.
     #[test]
-    fn orphaned_fin_wait2_that_times_out_reports_nothing() {
+    fn orphaned_fin_wait2_counts_until_it_times_out() {
         let (mut t, mut rec) = (table(), Recorder::default());
         let tp = tuple(40000, 80);
         t.on_timer(0, TW, NS, tp, FinWait2, TimerPhase::Start, &mut rec);
+        assert_eq!(t.count(), 1);
         t.on_timer(60 * MS, TW, NS, tp, FinWait2, TimerPhase::Cancel, &mut rec);
         t.on_timer(60 * MS, TW, NS, tp, FinWait2, TimerPhase::Expire, &mut rec);
         assert_eq!(t.count(), 0);
-        assert!(rec.exited.is_empty() && rec.entered.is_empty());
+        assert_eq!(rec.entered.len(), 1);
+        assert_eq!(rec.exited.len(), 1);
+        assert_eq!(
+            (rec.exited[0].substate, rec.exited[0].exit),
+            (FinWait2, TimeWaitExit::Expired)
+        );
     }
 
     #[test]
@@ -854,6 +897,47 @@ mod tests {
         assert_eq!(ended.direction, Some(Direction::Active));
         assert_eq!(ended.owner.map(|o| o.pid), Some(42));
         assert_eq!(tracker.time_wait().count(), 0);
+    }
+
+    /// A server whose listener closed before its last connection did: the local port is in
+    /// the ephemeral range and no longer listening, yet the accepted connection says "server".
+    #[test]
+    fn the_connections_direction_decides_the_role() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        let tp = tuple(40000, 50000);
+        for e in [
+            state(0, 0x20, tp, Listen, SynRecv),
+            state(1, 0x20, tp, SynRecv, Established),
+            state(2, 0x20, tp, Established, FinWait1),
+            state(3, 0x20, tp, FinWait1, FinWait2),
+        ] {
+            tracker.on_event(&e, &mut rec);
+        }
+        tracker.on_event(
+            &Event::TimeWait {
+                ts_ns: 4,
+                tw: TW,
+                netns: NS,
+                tuple: tp,
+                substate: FinWait2,
+                timer: TimerPhase::Start,
+            },
+            &mut rec,
+        );
+        let guessed = tracker.time_wait().top_peers(1)[0].0;
+        assert_eq!(
+            (guessed.port, guessed.client),
+            (50000, true),
+            "a guess from the port"
+        );
+        tracker.on_event(&state(4, 0x20, tp, FinWait2, Close), &mut rec);
+        let peers = tracker.time_wait().top_peers(5);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(
+            (peers[0].0.port, peers[0].0.client, peers[0].1),
+            (40000, false, 1)
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use prometheus::{GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::kernel::TcpSysctls;
+use crate::model::TcpState;
 use crate::timewait::{PeerKey, TimeWaitExit, TimeWaitTable};
 
 /// Label value for every peer outside the top N.
@@ -23,6 +24,7 @@ pub struct TimeWaitMetrics {
     sockets: IntGauge,
     entered: IntCounter,
     exited: [IntCounter; TimeWaitExit::ALL.len()],
+    fin_wait2_exits: IntCounter,
     by_peer: IntGaugeVec,
     exhaustion: GaugeVec,
     untracked: IntCounter,
@@ -47,14 +49,19 @@ impl TimeWaitMetrics {
     pub fn register(registry: &Registry) -> Result<TimeWaitMetrics, prometheus::Error> {
         let sockets = IntGauge::with_opts(Opts::new(
             "tracer_time_wait_sockets",
-            "Sockets in TIME_WAIT now, host-wide (all network namespaces); `ss -tan state time-wait` per namespace.",
+            "Timewait sockets now, host-wide (all network namespaces), in either substate: /proc/net/sockstat `tw` summed over namespaces; `ss` shows them as TIME-WAIT, or FIN-WAIT-2 with a timewait timer while the peer's FIN is outstanding.",
         ))?;
         registry.register(Box::new(sockets.clone()))?;
         let entered = IntCounter::with_opts(Opts::new(
             "tracer_time_wait_entered_total",
-            "Sockets that entered TIME_WAIT.",
+            "Timewait sockets created (a closed connection's TIME_WAIT, or FIN_WAIT2 that becomes TIME_WAIT when the peer's FIN arrives).",
         ))?;
         registry.register(Box::new(entered.clone()))?;
+        let fin_wait2_exits = IntCounter::with_opts(Opts::new(
+            "tracer_time_wait_fin_wait2_exits_total",
+            "Timewait sockets that left while still in FIN_WAIT2: the peer never sent its FIN (also counted in tracer_time_wait_exited_total).",
+        ))?;
+        registry.register(Box::new(fin_wait2_exits.clone()))?;
         let exited_vec = prometheus::IntCounterVec::new(
             Opts::new(
                 "tracer_time_wait_exited_total",
@@ -71,7 +78,7 @@ impl TimeWaitMetrics {
         let by_peer = IntGaugeVec::new(
             Opts::new(
                 "tracer_time_wait_sockets_by_peer",
-                "Sockets in TIME_WAIT for the top peers (remote address and service port); the rest under peer=\"other\".",
+                "Timewait sockets for the top peers (remote address and service port); the rest under peer=\"other\".",
             ),
             &["peer", "port"],
         )?;
@@ -111,6 +118,7 @@ impl TimeWaitMetrics {
             sockets,
             entered,
             exited,
+            fin_wait2_exits,
             by_peer,
             exhaustion,
             untracked,
@@ -132,8 +140,11 @@ impl TimeWaitMetrics {
         self.entered.inc();
     }
 
-    pub fn exited(&self, exit: TimeWaitExit) {
+    pub fn exited(&self, exit: TimeWaitExit, substate: TcpState) {
         self.exited[exit_index(exit)].inc();
+        if substate == TcpState::FinWait2 {
+            self.fin_wait2_exits.inc();
+        }
     }
 
     /// Refreshes the gauges from the table; returns the port pressure of the top client-side
