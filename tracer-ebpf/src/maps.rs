@@ -102,12 +102,12 @@ pub fn submit_flags() -> u64 {
 #[inline(always)]
 pub fn reserve() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<RawEvent>> {
     let entry = EVENTS.reserve::<RawEvent>(0);
-    if entry.is_none() {
-        if let Some(lost) = LOST.get_ptr_mut(0) {
-            // SAFETY: the pointer comes from the map lookup for index 0, which exists; the slot is
-            // private to this CPU and programs do not nest on one CPU for these hooks.
-            unsafe { *lost += 1 };
-        }
+    if entry.is_none()
+        && let Some(lost) = LOST.get_ptr_mut(0)
+    {
+        // SAFETY: the pointer comes from the map lookup for index 0, which exists; the slot is
+        // private to this CPU and programs do not nest on one CPU for these hooks.
+        unsafe { *lost += 1 };
     }
     entry
 }

@@ -89,7 +89,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
 fn delack_armed(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
     let sk = timer.wrapping_sub(off.icsk_delack_timer as usize) as u64;
     let expires: u64 = sock::read(timer, off.timer_expires).unwrap_or(0);
-    if let Some(armed) = maps::DELACK_ARMED.get_ptr(&sk) {
+    if let Some(armed) = maps::DELACK_ARMED.get_ptr(sk) {
         // SAFETY: the pointer comes from a lookup in this map and stays valid for the program's
         // run; a concurrent update can only change the value, never free it under us.
         if unsafe { (*armed)[1] } == expires {
@@ -98,7 +98,7 @@ fn delack_armed(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
     }
     // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = maps::DELACK_ARMED.insert(&sk, &[now, expires], 0);
+    let _ = maps::DELACK_ARMED.insert(sk, [now, expires], 0);
     0
 }
 
@@ -106,11 +106,11 @@ fn delack_armed(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
 fn delack_fired(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
     let sk_addr = timer.wrapping_sub(off.icsk_delack_timer as usize);
     let key = sk_addr as u64;
-    let armed = maps::DELACK_ARMED.get_ptr(&key).map(|armed| {
+    let armed = maps::DELACK_ARMED.get_ptr(key).map(|armed| {
         // SAFETY: as in `delack_armed`: a pointer from a lookup in this map.
         unsafe { (*armed)[0] }
     });
-    let _ = maps::DELACK_ARMED.remove(&key);
+    let _ = maps::DELACK_ARMED.remove(key);
     let pending: u8 = sock::read(sk_addr, off.icsk_ack_pending).unwrap_or(0);
     if pending & 3 != 3 {
         return 0;

@@ -15,16 +15,17 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::{DiagnoseArgs, RunArgs};
-use crate::conntrack::{Observer, Tracker, TrackerConfig};
 use crate::diagnose::{DiagnoseConfig, Diagnosis, ReportContext};
 use crate::events;
 use crate::kernel::{self, KernelBtf, TcpSysctls};
 use crate::metrics::{self, Metrics};
-use crate::model::TcpState;
 use crate::probes::{KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::seed;
 use crate::sinks::{EventSink, WallClock, monotonic_ns};
-use crate::timewait::PeerKey;
+use tracer_core::model::TcpState;
+use tracer_core::observer::Observer;
+use tracer_core::record::PeerKey;
+use tracer_core::tracker::{Tracker, TrackerConfig};
 
 /// How often the ring buffer is drained when the kernel does not wake the agent: the kernel
 /// wakes it only once `ProbeConfig::wakeup_bytes` are pending, not per event.

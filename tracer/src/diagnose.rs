@@ -15,11 +15,17 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::conntrack::{CloseWaitLeak, Connection, Observer, Owner, Tracker};
+use tracer_core::model::Owner;
+
+use tracer_core::observer::Observer;
+
+use tracer_core::record::{CloseWaitLeak, Connection};
+
 use crate::kernel::TcpSysctls;
-use crate::model::{Comm, Direction, ResetDirection, RetransmitKind, TcpState, Tuple};
 use crate::sinks::{CLOSE_WAIT_FIX, NAGLE_FIX};
-use crate::timewait::{TimeWaitExit, TimeWaitRecord};
+use tracer_core::model::{Comm, Direction, ResetDirection, RetransmitKind, TcpState, Tuple};
+use tracer_core::record::{TimeWaitExit, TimeWaitRecord};
+use tracer_core::tracker::Tracker;
 
 /// Topics of the findings, as they appear in `Finding::topic`.
 pub const TOPIC_TIME_WAIT: &str = "time_wait";
@@ -1668,8 +1674,8 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::conntrack::TrackerConfig;
-    use crate::model::{Event, SockId, Task, TcpState, TcpState::*, TimerPhase};
+    use tracer_core::model::{Event, SockId, Task, TcpState, TcpState::*, TimerPhase};
+    use tracer_core::tracker::TrackerConfig;
 
     const NS: u32 = 4_026_531_840;
     const MS: u64 = 1_000_000;

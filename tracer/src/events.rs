@@ -7,7 +7,7 @@ use tracer_common::{
     EVENT_TW_START, RawEvent,
 };
 
-use crate::model::{
+use tracer_core::model::{
     Comm, Event, ResetDirection, RetransmitKind, Task, TcpState, TimerPhase, Tuple,
 };
 

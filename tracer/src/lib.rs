@@ -3,17 +3,13 @@
 //!
 //! Data flows one way: `probes` (kernel hooks) -> `events` (ring buffer, decoding) ->
 //! `conntrack` (pure lifecycle reconstruction) -> exporters (`metrics`, `sinks`).
-pub mod acks;
 pub mod agent;
 pub mod cli;
-pub mod conntrack;
 pub mod diagnose;
 pub mod events;
 pub mod kernel;
 pub mod metrics;
-pub mod model;
 pub mod probes;
 pub mod procfs;
 pub mod seed;
 pub mod sinks;
-pub mod timewait;

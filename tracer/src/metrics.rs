@@ -36,10 +36,12 @@ mod timewait;
 pub use latency::LatencyMetrics;
 pub use timewait::{PortPressure, TimeWaitMetrics};
 
-use crate::conntrack::{CloseWaitLeak, Connection, Observer};
-use crate::model::Tuple;
-use crate::model::{CloseCause, Direction, Event, ResetDirection, RetransmitKind, TcpState};
-use crate::timewait::TimeWaitRecord;
+use tracer_core::observer::Observer;
+
+use tracer_core::model::Tuple;
+use tracer_core::model::{CloseCause, Direction, Event, ResetDirection, RetransmitKind, TcpState};
+use tracer_core::record::TimeWaitRecord;
+use tracer_core::record::{CloseWaitLeak, Connection};
 
 /// The content type of the Prometheus text exposition format.
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -652,8 +654,8 @@ mod tests {
     use std::process::{Command, Stdio};
 
     use super::*;
-    use crate::conntrack::{Tracker, TrackerConfig};
-    use crate::model::{Comm, Task, Tuple};
+    use tracer_core::model::{Comm, Task, Tuple};
+    use tracer_core::tracker::{Tracker, TrackerConfig};
 
     const SOCK: u64 = 0xffff_0000_1234;
 

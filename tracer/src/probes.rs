@@ -210,7 +210,7 @@ mod tests {
 
     use super::*;
     use crate::events;
-    use crate::model::{Event, TcpState};
+    use tracer_core::model::{Event, TcpState};
 
     /// Loads and attaches the real programs, makes one loopback connection, and finds its
     /// client-side transitions in the ring buffer with the right ports and states.

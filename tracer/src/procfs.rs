@@ -4,9 +4,9 @@
 //! name (the transition into CLOSE_WAIT runs in softirq context).
 use std::path::Path;
 
-use crate::conntrack::Owner;
-use crate::model::{Comm, Tuple};
 use crate::seed;
+use tracer_core::model::Owner;
+use tracer_core::model::{Comm, Tuple};
 
 /// The process holding the socket with `tuple` in network namespace `netns`, if any.
 pub fn socket_owner(netns: u32, tuple: &Tuple) -> Option<Owner> {

@@ -24,8 +24,8 @@ use netlink_packet_sock_diag::{
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr};
 
-use crate::conntrack::Seed;
-use crate::model::{Direction, TcpState, Tuple};
+use tracer_core::model::{Direction, TcpState, Tuple};
+use tracer_core::record::Seed;
 
 /// The most sockets one dump returns before it is abandoned as runaway.
 pub const MAX_ENTRIES: usize = 4_000_000;

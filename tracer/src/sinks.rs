@@ -13,10 +13,12 @@ use std::net::IpAddr;
 use serde::Serialize;
 use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
-use crate::conntrack::CloseWaitLeak;
-use crate::conntrack::{Connection, Observer, Owner, StateStamp};
-use crate::model::{CloseCause, Tuple};
-use crate::timewait::TimeWaitRecord;
+use tracer_core::model::Owner;
+use tracer_core::model::{CloseCause, Tuple};
+use tracer_core::observer::Observer;
+use tracer_core::record::CloseWaitLeak;
+use tracer_core::record::TimeWaitRecord;
+use tracer_core::record::{Connection, StateStamp};
 
 /// How per-connection events are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -637,8 +639,8 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::conntrack::{Tracker, TrackerConfig};
-    use crate::model::{Comm, Event, ResetDirection, Task, TcpState, Tuple};
+    use tracer_core::model::{Comm, Event, ResetDirection, Task, TcpState, Tuple};
+    use tracer_core::tracker::{Tracker, TrackerConfig};
 
     const NETNS: u32 = 4026531840;
     /// 2026-11-23T12:00:00Z.
@@ -896,7 +898,7 @@ mod tests {
                 netns: NETNS,
                 tuple,
                 state: Established,
-                kind: crate::model::RetransmitKind::Timeout,
+                kind: tracer_core::model::RetransmitKind::Timeout,
                 segs: 2,
             },
             change(T0, tuple, Established, Close, task(0, "swapper/1")),

@@ -1,7 +1,25 @@
 //! `cargo xtask test`: the whole suite, as CI runs it.
-use anyhow::Result;
+use std::process::Command;
 
-use crate::{cargo, require_root, run_cmd, setup, step};
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cargo, require_root, run_cmd, setup, step, workspace_root};
+
+/// Crates that would bring I/O, a runtime or the kernel into the pure core.
+const NOT_IN_CORE: &[&str] = &[
+    "aya",
+    "aya-obj",
+    "tokio",
+    "mio",
+    "libc",
+    "clap",
+    "hyper",
+    "prometheus",
+    "netlink-sys",
+    "netlink-packet-core",
+    "netlink-packet-sock-diag",
+    "btf-rs",
+];
 
 pub fn run() -> Result<()> {
     require_root(
@@ -13,13 +31,33 @@ pub fn run() -> Result<()> {
     step("checking formatting (cargo fmt)");
     run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
 
-    // Default members only: tracer-ebpf targets the BPF machine and is built (for the kernel) by
-    // tracer's build script.
+    step("checking that tracer-core stays pure (cargo tree)");
+    core_is_pure()?;
+
     step("linting (cargo clippy -D warnings)");
     run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
 
-    step("running unit tests");
+    // tracer-ebpf targets the BPF machine: lint it there, with the nightly toolchain that builds
+    // it, under the same workspace lints.
+    step("linting the kernel programs (cargo +nightly clippy, bpfel-unknown-none)");
+    run_cmd(Command::new("cargo").current_dir(workspace_root()).args([
+        "+nightly",
+        "clippy",
+        "--package",
+        "tracer-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    step("running unit tests (no root needed)");
     run_cmd(cargo().args(["test", "--lib", "--bins"]))?;
+    run_cmd(cargo().args(["test", "--package", "tracer-core", "--tests"]))?;
 
     // Serial: they attach to the kernel and read host-wide counters.
     step("running integration tests (serially)");
@@ -34,5 +72,42 @@ pub fn run() -> Result<()> {
     ]))?;
 
     step("all tests passed");
+    Ok(())
+}
+
+/// Fails when a crate that does I/O or touches the kernel is in tracer-core's dependency tree.
+fn core_is_pure() -> Result<()> {
+    let out = cargo()
+        .args([
+            "tree",
+            "--package",
+            "tracer-core",
+            "--edges",
+            "normal",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .output()
+        .context("cannot run `cargo tree`")?;
+    if !out.status.success() {
+        bail!(
+            "`cargo tree --package tracer-core` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let found: Vec<&str> = tree
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| NOT_IN_CORE.contains(name))
+        .collect();
+    if !found.is_empty() {
+        bail!(
+            "tracer-core must stay pure (no I/O, no kernel crates) but depends on {}",
+            found.join(", ")
+        );
+    }
     Ok(())
 }

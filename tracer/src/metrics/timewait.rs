@@ -5,8 +5,9 @@ use std::sync::Mutex;
 use prometheus::{GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::kernel::TcpSysctls;
-use crate::model::TcpState;
-use crate::timewait::{PeerKey, TimeWaitExit, TimeWaitTable};
+use tracer_core::model::TcpState;
+use tracer_core::record::{PeerKey, TimeWaitExit};
+use tracer_core::tracker::TimeWaitTable;
 
 /// Label value for every peer outside the top N.
 pub const OTHER_PEER: &str = "other";

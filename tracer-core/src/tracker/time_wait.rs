@@ -17,74 +17,12 @@
 //! An early exit is `Reused` when a connection with the same 4-tuple shows up within
 //! `reuse_window_ns` (a new SYN taking over the 4-tuple, or `tcp_tw_reuse` on connect), and
 //! `Killed` otherwise (RST, namespace teardown, `tcp_max_tw_buckets` pressure...).
-use std::collections::VecDeque;
-use std::net::IpAddr;
-
 use foldhash::HashMap;
-use serde::Serialize;
+use std::collections::VecDeque;
 
-use crate::conntrack::{Connection, Observer, Owner};
-use crate::model::{Direction, SockId, TcpState, TimerPhase, Tuple};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TimeWaitExit {
-    /// The 2MSL wait ran out.
-    Expired,
-    /// A new connection took over the 4-tuple.
-    Reused,
-    /// Ended early otherwise: RST, namespace teardown, timewait bucket pressure.
-    Killed,
-}
-
-impl TimeWaitExit {
-    pub const ALL: [TimeWaitExit; 3] = [
-        TimeWaitExit::Expired,
-        TimeWaitExit::Reused,
-        TimeWaitExit::Killed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TimeWaitExit::Expired => "expired",
-            TimeWaitExit::Reused => "reused",
-            TimeWaitExit::Killed => "killed",
-        }
-    }
-}
-
-/// Who a TIME_WAIT socket is about: the remote address and the service port. When the local
-/// port is ephemeral this host was the client and `port` is the remote (service) port;
-/// otherwise this host was the server and `port` is its own listening port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PeerKey {
-    pub peer: IpAddr,
-    pub port: u16,
-    /// This host was the client: its TIME_WAIT sockets hold ephemeral ports toward the peer.
-    pub client: bool,
-}
-
-/// A socket's whole stay in TIME_WAIT, reported when it ends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TimeWaitRecord {
-    pub netns: u32,
-    pub tuple: Tuple,
-    /// When it entered TIME_WAIT; `None` when it was already there at start-up.
-    pub entered_ns: Option<u64>,
-    pub exited_ns: u64,
-    pub exit: TimeWaitExit,
-    /// The substate it left in: TIME_WAIT, or FIN_WAIT2 when the peer's FIN never came.
-    pub substate: TcpState,
-    /// From the connection that entered TIME_WAIT, when the agent saw it.
-    pub direction: Option<Direction>,
-    pub owner: Option<Owner>,
-}
-
-impl TimeWaitRecord {
-    pub fn duration_ns(&self) -> Option<u64> {
-        Some(self.exited_ns.saturating_sub(self.entered_ns?))
-    }
-}
+use crate::model::{Direction, Owner, SockId, TcpState, TimerPhase, Tuple};
+use crate::observer::Observer;
+use crate::record::{Connection, PeerKey, TimeWaitExit, TimeWaitRecord};
 
 #[derive(Clone, Copy, Debug)]
 pub struct TimeWaitConfig {
@@ -487,30 +425,11 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::conntrack::{Tracker, TrackerConfig};
-    use crate::model::{Comm, Event, Task, TcpState::*};
+    use crate::model::TcpState::*;
+    use crate::testkit::Recorder;
 
     const NS: u32 = 4_026_531_840;
     const MS: u64 = 1_000_000;
-
-    #[derive(Default)]
-    struct Recorder {
-        entered: Vec<Tuple>,
-        exited: Vec<TimeWaitRecord>,
-        closed: Vec<Connection>,
-    }
-
-    impl Observer for Recorder {
-        fn closed(&mut self, conn: &Connection) {
-            self.closed.push(conn.clone());
-        }
-        fn time_wait_entered(&mut self, _netns: u32, tuple: &Tuple) {
-            self.entered.push(*tuple);
-        }
-        fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
-            self.exited.push(record.clone());
-        }
-    }
 
     fn tuple(sport: u16, dport: u16) -> Tuple {
         Tuple {
@@ -532,7 +451,7 @@ mod tests {
         let (mut t, mut rec) = (table(), Recorder::default());
         let tp = tuple(40000, 80);
         t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
-        assert_eq!((t.count(), rec.entered.len()), (1, 1));
+        assert_eq!((t.count(), rec.time_wait_entered.len()), (1, 1));
         t.on_timer(
             60_000 * MS,
             TW,
@@ -553,9 +472,9 @@ mod tests {
             &mut rec,
         );
         assert_eq!(t.count(), 0);
-        assert_eq!(rec.exited.len(), 1);
-        assert_eq!(rec.exited[0].exit, TimeWaitExit::Expired);
-        assert_eq!(rec.exited[0].duration_ns(), Some(60_000 * MS));
+        assert_eq!(rec.time_wait_exited.len(), 1);
+        assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Expired);
+        assert_eq!(rec.time_wait_exited[0].duration_ns(), Some(60_000 * MS));
     }
 
     /// The common close: this side's FIN is acknowledged before the peer's FIN arrives, so the
@@ -566,7 +485,7 @@ mod tests {
         let (mut t, mut rec) = (table(), Recorder::default());
         let tp = tuple(40000, 80);
         t.on_timer(0, TW, NS, tp, FinWait2, TimerPhase::Start, &mut rec);
-        assert_eq!((t.count(), rec.entered.len()), (1, 1));
+        assert_eq!((t.count(), rec.time_wait_entered.len()), (1, 1));
         assert_eq!(t.top_peers(1)[0].1, 1, "it holds its port toward the peer");
         t.tick(100 * MS, &mut rec);
         assert_eq!(t.count(), 1);
@@ -575,10 +494,10 @@ mod tests {
             t.on_timer(60_000 * MS, TW, NS, tp, TimeWait, phase, &mut rec);
         }
         assert_eq!(t.count(), 0);
-        assert_eq!(rec.exited.len(), 1);
-        assert_eq!(rec.exited[0].substate, TimeWait);
-        assert_eq!(rec.exited[0].exit, TimeWaitExit::Expired);
-        assert_eq!(rec.exited[0].duration_ns(), Some(60_000 * MS));
+        assert_eq!(rec.time_wait_exited.len(), 1);
+        assert_eq!(rec.time_wait_exited[0].substate, TimeWait);
+        assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Expired);
+        assert_eq!(rec.time_wait_exited[0].duration_ns(), Some(60_000 * MS));
     }
 
     /// Where the re-arm does show (the new expiry lands in another wheel bucket), cancel + start
@@ -594,7 +513,14 @@ mod tests {
         t.on_timer(6 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
         t.on_timer(6 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
         t.tick(200 * MS, &mut rec);
-        assert_eq!((t.count(), rec.entered.len(), rec.exited.len()), (1, 1, 0));
+        assert_eq!(
+            (
+                t.count(),
+                rec.time_wait_entered.len(),
+                rec.time_wait_exited.len()
+            ),
+            (1, 1, 0)
+        );
     }
 
     /// A peer that never sends its FIN: the socket stays in FIN_WAIT2 until its timer ends it,
@@ -608,10 +534,13 @@ mod tests {
         t.on_timer(60 * MS, TW, NS, tp, FinWait2, TimerPhase::Cancel, &mut rec);
         t.on_timer(60 * MS, TW, NS, tp, FinWait2, TimerPhase::Expire, &mut rec);
         assert_eq!(t.count(), 0);
-        assert_eq!(rec.entered.len(), 1);
-        assert_eq!(rec.exited.len(), 1);
+        assert_eq!(rec.time_wait_entered.len(), 1);
+        assert_eq!(rec.time_wait_exited.len(), 1);
         assert_eq!(
-            (rec.exited[0].substate, rec.exited[0].exit),
+            (
+                rec.time_wait_exited[0].substate,
+                rec.time_wait_exited[0].exit
+            ),
             (FinWait2, TimeWaitExit::Expired)
         );
     }
@@ -624,11 +553,18 @@ mod tests {
         t.on_timer(10 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
         t.tick(30 * MS, &mut rec);
         assert_eq!(t.count(), 0, "gone once the cancel settled");
-        assert!(rec.exited.is_empty(), "reason waits for a possible reuse");
+        assert!(
+            rec.time_wait_exited.is_empty(),
+            "reason waits for a possible reuse"
+        );
         t.tick(2_000 * MS, &mut rec);
-        assert_eq!(rec.exited.len(), 1);
-        assert_eq!(rec.exited[0].exit, TimeWaitExit::Killed);
-        assert_eq!(rec.exited[0].exited_ns, 10 * MS, "exit time is the cancel");
+        assert_eq!(rec.time_wait_exited.len(), 1);
+        assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Killed);
+        assert_eq!(
+            rec.time_wait_exited[0].exited_ns,
+            10 * MS,
+            "exit time is the cancel"
+        );
     }
 
     #[test]
@@ -639,10 +575,10 @@ mod tests {
         t.on_timer(10 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
         t.tick(30 * MS, &mut rec);
         t.connection_seen(NS, &tp, &mut rec);
-        assert_eq!(rec.exited.len(), 1);
-        assert_eq!(rec.exited[0].exit, TimeWaitExit::Reused);
+        assert_eq!(rec.time_wait_exited.len(), 1);
+        assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Reused);
         t.tick(5_000 * MS, &mut rec);
-        assert_eq!(rec.exited.len(), 1, "reported once");
+        assert_eq!(rec.time_wait_exited.len(), 1, "reported once");
     }
 
     #[test]
@@ -653,15 +589,15 @@ mod tests {
         // A SYN takes the 4-tuple over: cancel, then the new connection, within microseconds.
         t.on_timer(100 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
         t.connection_seen(NS, &tp, &mut rec);
-        assert_eq!(rec.exited.len(), 1);
-        assert_eq!(rec.exited[0].exit, TimeWaitExit::Reused);
-        assert_eq!(rec.exited[0].exited_ns, 100 * MS);
+        assert_eq!(rec.time_wait_exited.len(), 1);
+        assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Reused);
+        assert_eq!(rec.time_wait_exited[0].exited_ns, 100 * MS);
         assert_eq!(t.count(), 0);
         // That connection closes first too: a second stay, possibly at the same address.
         t.on_timer(200 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
-        assert_eq!((t.count(), rec.entered.len()), (1, 2));
+        assert_eq!((t.count(), rec.time_wait_entered.len()), (1, 2));
         t.tick(1_000 * MS, &mut rec);
-        assert_eq!(rec.exited.len(), 1, "the second stay is still on");
+        assert_eq!(rec.time_wait_exited.len(), 1, "the second stay is still on");
     }
 
     #[test]
@@ -674,15 +610,15 @@ mod tests {
         t.on_timer(1, TW, NS, a, TimeWait, TimerPhase::Start, &mut rec);
         assert_eq!(t.count(), 2);
         assert!(
-            rec.entered.is_empty(),
+            rec.time_wait_entered.is_empty(),
             "it entered before the agent could see it"
         );
         // `b` expires: its timewait socket was never seen starting.
         t.on_timer(9, 0xbb00, NS, b, TimeWait, TimerPhase::Cancel, &mut rec);
         t.on_timer(9, 0xbb00, NS, b, TimeWait, TimerPhase::Expire, &mut rec);
         assert_eq!(t.count(), 1);
-        assert_eq!(rec.exited[0].entered_ns, None);
-        assert_eq!(rec.exited[0].exit, TimeWaitExit::Expired);
+        assert_eq!(rec.time_wait_exited[0].entered_ns, None);
+        assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Expired);
     }
 
     #[test]
@@ -716,7 +652,7 @@ mod tests {
             &mut rec,
         );
         assert_eq!(t.count(), 1);
-        assert_eq!(rec.entered.len(), 2);
+        assert_eq!(rec.time_wait_entered.len(), 2);
     }
 
     #[test]
@@ -836,124 +772,5 @@ mod tests {
             );
         }
         assert_eq!((t.count(), t.dropped()), (2, 1));
-    }
-
-    fn state(ts: u64, sock: SockId, tp: Tuple, old: TcpState, new: TcpState) -> Event {
-        Event::StateChange {
-            ts_ns: ts,
-            sock,
-            netns: NS,
-            tuple: tp,
-            old,
-            new,
-            task: Task {
-                pid: 42,
-                tid: 42,
-                comm: Comm::from("curl"),
-            },
-        }
-    }
-
-    /// Through the tracker: the connection that closes right after its timewait socket starts
-    /// is marked, and the TIME_WAIT record names its owner when it ends.
-    #[test]
-    fn closing_connection_is_attached_to_its_timewait_socket() {
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        let mut rec = Recorder::default();
-        let tp = tuple(40000, 80);
-        let events = [
-            state(0, 0x10, tuple(0, 80), Close, SynSent),
-            state(1, 0x10, tp, SynSent, Established),
-            state(2, 0x10, tp, Established, FinWait1),
-            state(3, 0x10, tp, FinWait1, FinWait2),
-            Event::TimeWait {
-                ts_ns: 4,
-                tw: TW,
-                netns: NS,
-                tuple: tp,
-                substate: TimeWait,
-                timer: TimerPhase::Start,
-            },
-            // The kernel clears the local port before the final CLOSE.
-            state(4, 0x10, tuple(0, 80), FinWait2, Close),
-        ];
-        for e in &events {
-            tracker.on_event(e, &mut rec);
-        }
-        assert!(rec.closed[0].time_wait);
-        assert_eq!(tracker.time_wait().count(), 1);
-        for phase in [TimerPhase::Cancel, TimerPhase::Expire] {
-            let e = Event::TimeWait {
-                ts_ns: 60_000 * MS,
-                tw: TW,
-                netns: NS,
-                tuple: tp,
-                substate: TimeWait,
-                timer: phase,
-            };
-            tracker.on_event(&e, &mut rec);
-        }
-        let ended = &rec.exited[0];
-        assert_eq!(ended.direction, Some(Direction::Active));
-        assert_eq!(ended.owner.map(|o| o.pid), Some(42));
-        assert_eq!(tracker.time_wait().count(), 0);
-    }
-
-    /// A server whose listener closed before its last connection did: the local port is in
-    /// the ephemeral range and no longer listening, yet the accepted connection says "server".
-    #[test]
-    fn the_connections_direction_decides_the_role() {
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        let mut rec = Recorder::default();
-        let tp = tuple(40000, 50000);
-        for e in [
-            state(0, 0x20, tp, Listen, SynRecv),
-            state(1, 0x20, tp, SynRecv, Established),
-            state(2, 0x20, tp, Established, FinWait1),
-            state(3, 0x20, tp, FinWait1, FinWait2),
-        ] {
-            tracker.on_event(&e, &mut rec);
-        }
-        tracker.on_event(
-            &Event::TimeWait {
-                ts_ns: 4,
-                tw: TW,
-                netns: NS,
-                tuple: tp,
-                substate: FinWait2,
-                timer: TimerPhase::Start,
-            },
-            &mut rec,
-        );
-        let guessed = tracker.time_wait().top_peers(1)[0].0;
-        assert_eq!(
-            (guessed.port, guessed.client),
-            (50000, true),
-            "a guess from the port"
-        );
-        tracker.on_event(&state(4, 0x20, tp, FinWait2, Close), &mut rec);
-        let peers = tracker.time_wait().top_peers(5);
-        assert_eq!(peers.len(), 1);
-        assert_eq!(
-            (peers[0].0.port, peers[0].0.client, peers[0].1),
-            (40000, false, 1)
-        );
-    }
-
-    #[test]
-    fn connection_closed_without_time_wait_is_not_marked() {
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        let mut rec = Recorder::default();
-        let tp = tuple(8080, 40000);
-        for e in [
-            state(0, 0x20, tp, Listen, SynRecv),
-            state(1, 0x20, tp, SynRecv, Established),
-            state(2, 0x20, tp, Established, CloseWait),
-            state(3, 0x20, tp, CloseWait, LastAck),
-            state(4, 0x20, tp, LastAck, Close),
-        ] {
-            tracker.on_event(&e, &mut rec);
-        }
-        assert!(!rec.closed[0].time_wait);
     }
 }

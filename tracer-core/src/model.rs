@@ -1,5 +1,5 @@
-//! Domain types shared by the decoder, the connection tracker and the exporters. Pure data: no
-//! I/O, no kernel types.
+//! Domain types shared by the decoder, the trackers and the exporters. Pure data: no I/O, no
+//! kernel types.
 use std::fmt;
 use std::net::IpAddr;
 
@@ -379,4 +379,11 @@ impl CloseCause {
             CloseCause::Unknown => "unknown",
         }
     }
+}
+
+/// The process that owns a connection, learnt from a transition made in its system call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: Comm,
 }

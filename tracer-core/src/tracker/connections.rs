@@ -11,247 +11,16 @@ use std::collections::VecDeque;
 // A fast seeded hash: these tables are touched on every kernel event, and their keys (ports,
 // addresses) come from the network, so a per-process random seed keeps them flood-resistant.
 use foldhash::{HashMap, HashSet};
-use serde::Serialize;
 use smallvec::SmallVec;
 
 use crate::acks::AckStats;
 use crate::model::{
-    CloseCause, Comm, Direction, Event, ResetDirection, RetransmitKind, SockId, Task, TcpState,
+    CloseCause, Direction, Event, Owner, ResetDirection, RetransmitKind, SockId, Task, TcpState,
     Tuple,
 };
-use crate::timewait::{TimeWaitConfig, TimeWaitRecord, TimeWaitTable};
-
-/// The most state stamps kept per connection. A TCP lifecycle has at most about six states;
-/// the bound keeps a misbehaving socket from growing without limit.
-pub const MAX_STATES: usize = 16;
-
-/// Receives what the tracker derives, as it happens. Every method has an empty default so that
-/// each exporter implements only what it needs.
-pub trait Observer {
-    /// Every state change of a TCP socket (listeners included).
-    fn transition(&mut self, _from: TcpState, _to: TcpState) {}
-    /// A connection was opened while the agent watched.
-    fn opened(&mut self, _direction: Direction) {}
-    /// The handshake of an actively opened connection completed.
-    fn established(&mut self, _conn: &Connection) {}
-    /// A connection reached CLOSE; its record is final.
-    fn closed(&mut self, _conn: &Connection) {}
-    /// Segments retransmitted, on any TCP socket.
-    fn retransmit(&mut self, _tuple: &Tuple, _kind: RetransmitKind, _segs: u32) {}
-    /// A RST sent (with the kernel's reason code) or received on a TCP socket.
-    fn reset(&mut self, _tuple: &Tuple, _direction: ResetDirection, _reason: Option<u16>) {}
-    /// A live connection was dropped from the table because it was full.
-    fn evicted(&mut self, _conn: &Connection) {}
-    /// A socket entered the TIME_WAIT state.
-    fn time_wait_entered(&mut self, _netns: u32, _tuple: &Tuple) {}
-    /// A socket left TIME_WAIT; reported once its exit reason is known.
-    fn time_wait_exited(&mut self, _record: &TimeWaitRecord) {}
-    /// `conn` sent a delayed ACK held for `held_ns` (when its arming was seen).
-    fn delayed_ack(&mut self, _conn: &Connection, _held_ns: Option<u64>, _pingpong: bool) {}
-    /// A small write on `conn` waited `lost_ns` for the peer's delayed ACK.
-    fn nagle_stall(&mut self, _conn: &Connection, _lost_ns: u64) {}
-    /// Time to tell about `conn`'s stalls so far (first stall, then rate limited, and at close).
-    fn nagle_stall_report(&mut self, _conn: &Connection) {}
-    /// A connection has stayed in CLOSE_WAIT past the threshold: the application never closed
-    /// its socket after the peer did.
-    fn close_wait_leak(&mut self, _leak: &CloseWaitLeak) {}
-}
-
-/// Lets several exporters observe one tracker: `(&mut metrics, &mut sink)`.
-impl<A: Observer, B: Observer> Observer for (A, B) {
-    fn transition(&mut self, from: TcpState, to: TcpState) {
-        self.0.transition(from, to);
-        self.1.transition(from, to);
-    }
-    fn opened(&mut self, direction: Direction) {
-        self.0.opened(direction);
-        self.1.opened(direction);
-    }
-    fn established(&mut self, conn: &Connection) {
-        self.0.established(conn);
-        self.1.established(conn);
-    }
-    fn closed(&mut self, conn: &Connection) {
-        self.0.closed(conn);
-        self.1.closed(conn);
-    }
-    fn retransmit(&mut self, tuple: &Tuple, kind: RetransmitKind, segs: u32) {
-        self.0.retransmit(tuple, kind, segs);
-        self.1.retransmit(tuple, kind, segs);
-    }
-    fn reset(&mut self, tuple: &Tuple, direction: ResetDirection, reason: Option<u16>) {
-        self.0.reset(tuple, direction, reason);
-        self.1.reset(tuple, direction, reason);
-    }
-    fn evicted(&mut self, conn: &Connection) {
-        self.0.evicted(conn);
-        self.1.evicted(conn);
-    }
-    fn time_wait_entered(&mut self, netns: u32, tuple: &Tuple) {
-        self.0.time_wait_entered(netns, tuple);
-        self.1.time_wait_entered(netns, tuple);
-    }
-    fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
-        self.0.time_wait_exited(record);
-        self.1.time_wait_exited(record);
-    }
-    fn delayed_ack(&mut self, conn: &Connection, held_ns: Option<u64>, pingpong: bool) {
-        self.0.delayed_ack(conn, held_ns, pingpong);
-        self.1.delayed_ack(conn, held_ns, pingpong);
-    }
-    fn nagle_stall(&mut self, conn: &Connection, lost_ns: u64) {
-        self.0.nagle_stall(conn, lost_ns);
-        self.1.nagle_stall(conn, lost_ns);
-    }
-    fn nagle_stall_report(&mut self, conn: &Connection) {
-        self.0.nagle_stall_report(conn);
-        self.1.nagle_stall_report(conn);
-    }
-    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
-        self.0.close_wait_leak(leak);
-        self.1.close_wait_leak(leak);
-    }
-}
-
-impl<T: Observer + ?Sized> Observer for &mut T {
-    fn transition(&mut self, from: TcpState, to: TcpState) {
-        (**self).transition(from, to);
-    }
-    fn opened(&mut self, direction: Direction) {
-        (**self).opened(direction);
-    }
-    fn established(&mut self, conn: &Connection) {
-        (**self).established(conn);
-    }
-    fn closed(&mut self, conn: &Connection) {
-        (**self).closed(conn);
-    }
-    fn retransmit(&mut self, tuple: &Tuple, kind: RetransmitKind, segs: u32) {
-        (**self).retransmit(tuple, kind, segs);
-    }
-    fn reset(&mut self, tuple: &Tuple, direction: ResetDirection, reason: Option<u16>) {
-        (**self).reset(tuple, direction, reason);
-    }
-    fn evicted(&mut self, conn: &Connection) {
-        (**self).evicted(conn);
-    }
-    fn time_wait_entered(&mut self, netns: u32, tuple: &Tuple) {
-        (**self).time_wait_entered(netns, tuple);
-    }
-    fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
-        (**self).time_wait_exited(record);
-    }
-    fn delayed_ack(&mut self, conn: &Connection, held_ns: Option<u64>, pingpong: bool) {
-        (**self).delayed_ack(conn, held_ns, pingpong);
-    }
-    fn nagle_stall(&mut self, conn: &Connection, lost_ns: u64) {
-        (**self).nagle_stall(conn, lost_ns);
-    }
-    fn nagle_stall_report(&mut self, conn: &Connection) {
-        (**self).nagle_stall_report(conn);
-    }
-    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
-        (**self).close_wait_leak(leak);
-    }
-}
-
-/// The process that owns a connection, learnt from a transition made in its system call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: Comm,
-}
-
-/// When the connection entered a state (CLOCK_MONOTONIC nanoseconds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct StateStamp {
-    pub state: TcpState,
-    pub ts_ns: u64,
-}
-
-/// A connection that existed before the agent started, from sock_diag.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seed {
-    pub netns: u32,
-    pub tuple: Tuple,
-    pub state: TcpState,
-    /// Inferred from whether the local port is listening.
-    pub direction: Direction,
-}
-
-/// One connection's lifecycle as rebuilt so far (final once `closed`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Connection {
-    pub sock: SockId,
-    pub netns: u32,
-    pub tuple: Tuple,
-    pub direction: Direction,
-    pub owner: Option<Owner>,
-    /// States in the order entered; the first is the state the agent first saw it in. Inline:
-    /// no allocation per connection for the usual handful of states.
-    pub states: SmallVec<[StateStamp; 8]>,
-    /// When it was opened; `None` when it was opened before the agent saw it.
-    pub opened_ns: Option<u64>,
-    pub established_ns: Option<u64>,
-    pub closed_ns: Option<u64>,
-    pub close: Option<CloseCause>,
-    /// Retransmitted segments.
-    pub retransmits: u32,
-    /// The same by kind, indexed in `RetransmitKind::ALL` order.
-    pub retransmit_kinds: [u32; RetransmitKind::ALL.len()],
-    pub resets_sent: u32,
-    pub resets_received: u32,
-    /// Known from sock_diag rather than from its opening event.
-    pub seeded: bool,
-    /// Every state change from open to close was seen in order.
-    pub complete: bool,
-    /// It went on into TIME_WAIT (as a timewait socket) after CLOSE.
-    pub time_wait: bool,
-    /// Delayed ACKs sent and Nagle stalls suffered.
-    pub acks: AckStats,
-    /// When it entered CLOSE_WAIT, while it is there.
-    pub close_wait_since: Option<u64>,
-    /// Reported as a CLOSE_WAIT leak.
-    pub close_wait_leaked: bool,
-    /// Who sent the first FIN, once known.
-    first_fin: Option<CloseCause>,
-    last_seen_ns: u64,
-    /// State changes seen since the last update of the tuple (for the seed match).
-    tuple_matched: bool,
-}
-
-impl Connection {
-    /// Time from opening to close, when both were seen.
-    pub fn duration_ns(&self) -> Option<u64> {
-        Some(self.closed_ns?.saturating_sub(self.opened_ns?))
-    }
-
-    /// Time from `connect()` (SYN_SENT) to ESTABLISHED, for active opens.
-    pub fn handshake_ns(&self) -> Option<u64> {
-        if self.direction != Direction::Active {
-            return None;
-        }
-        Some(self.established_ns?.saturating_sub(self.opened_ns?))
-    }
-
-    pub fn state(&self) -> Option<TcpState> {
-        self.states.last().map(|s| s.state)
-    }
-}
-
-/// A connection stuck in CLOSE_WAIT: the peer closed, the local application has not.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CloseWaitLeak {
-    pub netns: u32,
-    pub tuple: Tuple,
-    /// When it entered CLOSE_WAIT, or when the agent started for one found there.
-    pub since_ns: u64,
-    pub detected_ns: u64,
-    pub direction: Direction,
-    pub owner: Option<Owner>,
-    /// Already in CLOSE_WAIT when the agent started.
-    pub seeded: bool,
-}
+use crate::observer::Observer;
+use crate::record::{CloseWaitLeak, Connection, MAX_STATES, Seed, StateStamp};
+use crate::tracker::time_wait::{TimeWaitConfig, TimeWaitTable};
 
 #[derive(Clone, Copy, Debug)]
 pub struct TrackerConfig {
@@ -822,89 +591,12 @@ fn close_cause(conn: &Connection, old: TcpState) -> CloseCause {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
-
     use super::*;
+    use crate::model::Comm;
     use crate::model::TcpState::*;
+    use crate::testkit::{Recorder, loopback, state, task};
 
     const NS: u32 = 4_026_531_840;
-
-    /// Everything the tracker told its observer, in order.
-    #[derive(Default)]
-    struct Recorder {
-        transitions: Vec<(TcpState, TcpState)>,
-        opened: Vec<Direction>,
-        established: Vec<Connection>,
-        closed: Vec<Connection>,
-        retransmits: Vec<(RetransmitKind, u32)>,
-        resets: Vec<ResetDirection>,
-        evicted: Vec<Connection>,
-        stalls: Vec<(Connection, u64)>,
-        stall_reports: Vec<Connection>,
-        leaks: Vec<CloseWaitLeak>,
-    }
-
-    impl Observer for Recorder {
-        fn transition(&mut self, from: TcpState, to: TcpState) {
-            self.transitions.push((from, to));
-        }
-        fn opened(&mut self, direction: Direction) {
-            self.opened.push(direction);
-        }
-        fn established(&mut self, conn: &Connection) {
-            self.established.push(conn.clone());
-        }
-        fn closed(&mut self, conn: &Connection) {
-            self.closed.push(conn.clone());
-        }
-        fn retransmit(&mut self, _tuple: &Tuple, kind: RetransmitKind, segs: u32) {
-            self.retransmits.push((kind, segs));
-        }
-        fn reset(&mut self, _tuple: &Tuple, direction: ResetDirection, _reason: Option<u16>) {
-            self.resets.push(direction);
-        }
-        fn evicted(&mut self, conn: &Connection) {
-            self.evicted.push(conn.clone());
-        }
-        fn nagle_stall(&mut self, conn: &Connection, lost_ns: u64) {
-            self.stalls.push((conn.clone(), lost_ns));
-        }
-        fn nagle_stall_report(&mut self, conn: &Connection) {
-            self.stall_reports.push(conn.clone());
-        }
-        fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
-            self.leaks.push(*leak);
-        }
-    }
-
-    fn tuple(sport: u16, dport: u16) -> Tuple {
-        Tuple {
-            src: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            sport,
-            dst: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            dport,
-        }
-    }
-
-    fn task(pid: u32, comm: &str) -> Task {
-        Task {
-            pid,
-            tid: pid,
-            comm: Comm::from(comm),
-        }
-    }
-
-    fn state(ts_ns: u64, sock: SockId, t: Tuple, old: TcpState, new: TcpState, who: Task) -> Event {
-        Event::StateChange {
-            ts_ns,
-            sock,
-            netns: NS,
-            tuple: t,
-            old,
-            new,
-            task: who,
-        }
-    }
 
     fn run(events: &[Event]) -> (Tracker, Recorder) {
         let mut tracker = Tracker::new(TrackerConfig::default());
@@ -926,8 +618,8 @@ mod tests {
     fn active_open_and_local_close_gives_one_complete_record() {
         let curl = task(42, "curl");
         let softirq = task(7, "nginx");
-        let unbound = tuple(0, 8080);
-        let t = tuple(40000, 8080);
+        let unbound = loopback(0, 8080);
+        let t = loopback(40000, 8080);
         let (tracker, rec) = run(&[
             state(1_000, CLIENT, unbound, Close, SynSent, curl),
             state(1_500, CLIENT, t, SynSent, Established, softirq),
@@ -964,9 +656,9 @@ mod tests {
     fn passive_open_closed_by_peer_has_owner_only_from_its_own_close() {
         let client = task(42, "curl");
         let server = task(77, "nginx");
-        let t = tuple(8080, 40000);
+        let t = loopback(8080, 40000);
         let (_, rec) = run(&[
-            state(1_000, SERVER, tuple(8080, 0), Listen, SynRecv, client),
+            state(1_000, SERVER, loopback(8080, 0), Listen, SynRecv, client),
             state(1_001, SERVER, t, SynRecv, Established, client),
             state(5_000, SERVER, t, Established, CloseWait, client),
             state(5_100, SERVER, t, CloseWait, LastAck, server),
@@ -987,7 +679,7 @@ mod tests {
     #[test]
     fn passive_open_without_own_close_has_unknown_owner() {
         let client = task(42, "curl");
-        let t = tuple(8080, 40000);
+        let t = loopback(8080, 40000);
         let (_, rec) = run(&[
             state(1, SERVER, t, Listen, SynRecv, client),
             state(2, SERVER, t, SynRecv, Established, client),
@@ -999,8 +691,8 @@ mod tests {
     #[test]
     fn listeners_are_not_connections() {
         let (tracker, rec) = run(&[
-            state(1, SERVER, tuple(8080, 0), Close, Listen, task(1, "srv")),
-            state(2, SERVER, tuple(8080, 0), Listen, Close, task(1, "srv")),
+            state(1, SERVER, loopback(8080, 0), Close, Listen, task(1, "srv")),
+            state(2, SERVER, loopback(8080, 0), Listen, Close, task(1, "srv")),
         ]);
         assert!(rec.opened.is_empty() && rec.closed.is_empty());
         assert_eq!(rec.transitions.len(), 2, "still counted as transitions");
@@ -1022,9 +714,9 @@ mod tests {
 
     #[test]
     fn refused_connect_is_syn_sent_then_reset_then_close() {
-        let t = tuple(40000, 9);
+        let t = loopback(40000, 9);
         let (_, rec) = run(&[
-            state(1, CLIENT, tuple(0, 9), Close, SynSent, task(5, "nc")),
+            state(1, CLIENT, loopback(0, 9), Close, SynSent, task(5, "nc")),
             reset(2, CLIENT, t, SynSent, ResetDirection::Received),
             state(3, CLIENT, t, SynSent, Close, task(5, "nc")),
         ]);
@@ -1038,15 +730,15 @@ mod tests {
     #[test]
     fn connect_that_times_out_failed() {
         let (_, rec) = run(&[
-            state(1, CLIENT, tuple(0, 9), Close, SynSent, task(5, "nc")),
-            state(3, CLIENT, tuple(40000, 9), SynSent, Close, task(5, "nc")),
+            state(1, CLIENT, loopback(0, 9), Close, SynSent, task(5, "nc")),
+            state(3, CLIENT, loopback(40000, 9), SynSent, Close, task(5, "nc")),
         ]);
         assert_eq!(rec.closed[0].close, Some(CloseCause::Failed));
     }
 
     #[test]
     fn reset_on_established_connection() {
-        let t = tuple(40000, 80);
+        let t = loopback(40000, 80);
         let (_, rec) = run(&[
             state(1, CLIENT, t, Close, SynSent, task(5, "nc")),
             state(2, CLIENT, t, SynSent, Established, task(5, "nc")),
@@ -1058,7 +750,7 @@ mod tests {
 
     #[test]
     fn close_without_fin_or_reset_received_is_a_local_abort() {
-        let t = tuple(8080, 40000);
+        let t = loopback(8080, 40000);
         let (_, rec) = run(&[
             state(1, SERVER, t, Listen, SynRecv, task(1, "a")),
             state(2, SERVER, t, SynRecv, Established, task(1, "a")),
@@ -1073,7 +765,7 @@ mod tests {
 
     #[test]
     fn retransmits_are_summed_in_segments() {
-        let t = tuple(40000, 80);
+        let t = loopback(40000, 80);
         let retx = |ts, segs, kind| Event::Retransmit {
             ts_ns: ts,
             sock: CLIENT,
@@ -1100,7 +792,7 @@ mod tests {
 
     #[test]
     fn missing_middle_event_marks_record_incomplete() {
-        let t = tuple(40000, 80);
+        let t = loopback(40000, 80);
         let (_, rec) = run(&[
             state(1, CLIENT, t, Close, SynSent, task(5, "nc")),
             // SYN_SENT -> ESTABLISHED lost.
@@ -1116,17 +808,24 @@ mod tests {
     #[test]
     fn missing_close_is_finished_when_the_socket_address_is_reused() {
         let (tracker, rec) = run(&[
-            state(1, CLIENT, tuple(40000, 80), Close, SynSent, task(5, "nc")),
+            state(
+                1,
+                CLIENT,
+                loopback(40000, 80),
+                Close,
+                SynSent,
+                task(5, "nc"),
+            ),
             state(
                 2,
                 CLIENT,
-                tuple(40000, 80),
+                loopback(40000, 80),
                 SynSent,
                 Established,
                 task(5, "nc"),
             ),
             // CLOSE lost; the same struct sock is reused for a new connection.
-            state(9, CLIENT, tuple(0, 81), Close, SynSent, task(5, "nc")),
+            state(9, CLIENT, loopback(0, 81), Close, SynSent, task(5, "nc")),
         ]);
         assert_eq!(rec.closed.len(), 1);
         assert_eq!(rec.closed[0].close, Some(CloseCause::Unknown));
@@ -1137,7 +836,7 @@ mod tests {
 
     #[test]
     fn events_for_a_socket_seen_mid_life_start_a_partial_record() {
-        let t = tuple(40000, 80);
+        let t = loopback(40000, 80);
         let (_, rec) = run(&[
             state(5, CLIENT, t, Established, FinWait1, task(5, "nc")),
             state(6, CLIENT, t, FinWait1, FinWait2, task(0, "swapper/1")),
@@ -1155,7 +854,14 @@ mod tests {
     #[test]
     fn out_of_order_close_before_open_does_not_invent_a_connection() {
         // A CLOSE for a socket never seen, from a state that is not a connection state.
-        let (tracker, rec) = run(&[state(1, CLIENT, tuple(1, 2), Listen, Close, task(1, "x"))]);
+        let (tracker, rec) = run(&[state(
+            1,
+            CLIENT,
+            loopback(1, 2),
+            Listen,
+            Close,
+            task(1, "x"),
+        )]);
         assert!(rec.closed.is_empty());
         assert_eq!(tracker.active(), 0);
     }
@@ -1172,17 +878,17 @@ mod tests {
     #[test]
     fn seeded_connection_is_adopted_when_it_closes() {
         let mut tracker = Tracker::new(TrackerConfig::default());
-        let t = tuple(8080, 40000);
+        let t = loopback(8080, 40000);
         tracker.seed(
             [
                 seed(t, Direction::Passive),
                 Seed {
                     state: Listen,
-                    ..seed(tuple(8080, 0), Direction::Unknown)
+                    ..seed(loopback(8080, 0), Direction::Unknown)
                 },
                 Seed {
                     state: TimeWait,
-                    ..seed(tuple(8080, 40001), Direction::Passive)
+                    ..seed(loopback(8080, 40001), Direction::Passive)
                 },
             ],
             0,
@@ -1214,12 +920,12 @@ mod tests {
     #[test]
     fn connection_opened_between_attach_and_dump_is_not_counted_twice() {
         let mut tracker = Tracker::new(TrackerConfig::default());
-        let t = tuple(40000, 80);
+        let t = loopback(40000, 80);
         let mut rec = Recorder::default();
         // The dump saw it; its opening events were queued before the dump was applied.
         tracker.seed([seed(t, Direction::Active)], 0);
         tracker.on_event(
-            &state(1, CLIENT, tuple(0, 80), Close, SynSent, task(5, "nc")),
+            &state(1, CLIENT, loopback(0, 80), Close, SynSent, task(5, "nc")),
             &mut rec,
         );
         assert_eq!(
@@ -1256,7 +962,7 @@ mod tests {
         for (i, sock) in [0x10u64, 0x20, 0x30].into_iter().enumerate() {
             let ts = i as u64 * 10;
             tracker.on_event(
-                &state(ts, sock, tuple(0, 80), Close, SynSent, task(1, "c")),
+                &state(ts, sock, loopback(0, 80), Close, SynSent, task(1, "c")),
                 &mut rec,
             );
         }
@@ -1268,7 +974,7 @@ mod tests {
 
     #[test]
     fn state_list_is_bounded() {
-        let t = tuple(40000, 80);
+        let t = loopback(40000, 80);
         let mut events = vec![state(0, CLIENT, t, Close, SynSent, task(1, "c"))];
         // A pathological flip-flop: far more transitions than any real lifecycle.
         for i in 0..40u64 {
@@ -1302,7 +1008,7 @@ mod tests {
             ..TrackerConfig::default()
         });
         let mut rec = Recorder::default();
-        let t = tuple(8080, 40000);
+        let t = loopback(8080, 40000);
         for e in passive_until_close_wait(SERVER, t, 0) {
             tracker.on_event(&e, &mut rec);
         }
@@ -1331,7 +1037,7 @@ mod tests {
             ..TrackerConfig::default()
         });
         let mut rec = Recorder::default();
-        let t = tuple(8080, 40000);
+        let t = loopback(8080, 40000);
         for e in passive_until_close_wait(SERVER, t, 0) {
             tracker.on_event(&e, &mut rec);
         }
@@ -1355,7 +1061,7 @@ mod tests {
             ..TrackerConfig::default()
         });
         let mut rec = Recorder::default();
-        let t = tuple(8080, 40000);
+        let t = loopback(8080, 40000);
         tracker.seed(
             [Seed {
                 state: CloseWait,
@@ -1379,8 +1085,8 @@ mod tests {
     #[test]
     fn held_write_and_peer_delayed_ack_on_this_host_make_a_stall() {
         let ms = 1_000_000;
-        let client_t = tuple(40000, 8080);
-        let server_t = tuple(8080, 40000);
+        let client_t = loopback(40000, 8080);
+        let server_t = loopback(8080, 40000);
         let mut events = vec![
             state(0, CLIENT, client_t, Close, SynSent, task(5, "client")),
             state(1, CLIENT, client_t, SynSent, Established, task(0, "x")),
@@ -1423,7 +1129,7 @@ mod tests {
 
     #[test]
     fn delayed_ack_without_held_write_is_no_stall() {
-        let server_t = tuple(8080, 40000);
+        let server_t = loopback(8080, 40000);
         let (_, rec) = run(&[
             state(1, SERVER, server_t, Listen, SynRecv, task(0, "x")),
             state(2, SERVER, server_t, SynRecv, Established, task(0, "x")),

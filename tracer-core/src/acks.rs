@@ -5,7 +5,7 @@
 //! ACK (about 40 ms on Linux). When both ends are on this host (loopback, containers), the
 //! receiver's delayed ACK on the reverse 4-tuple, fired while the held write waited, closes the
 //! loop: the time lost is from the held write to that ACK.
-use crate::conntrack::Owner;
+use crate::model::Owner;
 
 /// A held write older than this when a delayed ACK fires is not what that ACK released (the
 /// longest delayed-ACK timeouts elsewhere are 500 ms).
