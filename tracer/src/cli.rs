@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::agent;
-use crate::sinks::EventFormat;
+use crate::app::diagnose::{DiagnoseOptions, diagnose};
+use crate::app::run::{RunConfig, run};
+use crate::export::events::EventFormat;
 
 /// Default metrics port (Prometheus exporters conventionally take one in the 9xxx range).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9645";
@@ -65,7 +66,7 @@ pub struct RunArgs {
 
     /// Per-connection events on stdout: one JSON object per line, a human line, or nothing.
     #[arg(long, value_enum, default_value = "text")]
-    pub events: EventFormat,
+    pub events: EventsFlag,
 
     /// Size of the kernel-to-agent ring buffer: a power of two, at least 64 KiB.
     #[arg(long, default_value_t = 8 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
@@ -91,6 +92,48 @@ pub struct RunArgs {
     /// Diagnostics on stderr: error, warn, info, debug or trace.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
+}
+
+/// `--events`: how per-connection events are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventsFlag {
+    /// One JSON object per line.
+    Json,
+    /// Aligned columns with a header line, like `tcplife`.
+    Text,
+    /// No per-connection output.
+    None,
+}
+
+impl RunArgs {
+    pub fn config(&self) -> RunConfig {
+        RunConfig {
+            listen: self.listen,
+            events: match self.events {
+                EventsFlag::Json => EventFormat::Json,
+                EventsFlag::Text => EventFormat::Text,
+                EventsFlag::None => EventFormat::None,
+            },
+            ring_buffer_bytes: self.ring_buffer_bytes,
+            max_connections: self.max_connections,
+            time_wait_top_peers: self.time_wait_top_peers,
+            port_exhaustion_warning: self.port_exhaustion_warning,
+            close_wait_threshold: self.close_wait_threshold,
+        }
+    }
+}
+
+impl DiagnoseArgs {
+    pub fn options(&self) -> DiagnoseOptions {
+        DiagnoseOptions {
+            duration: self.duration,
+            json: self.json,
+            top: self.top,
+            port_exhaustion_warning: self.port_exhaustion_warning,
+            close_wait_threshold: self.close_wait_threshold,
+            ring_buffer_bytes: self.ring_buffer_bytes,
+        }
+    }
 }
 
 fn parse_ring_size(text: &str) -> Result<u32, String> {
@@ -143,11 +186,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => {
             init_logging(args.log_level);
-            agent::run(args)
+            run(args.config())
         }
         Command::Diagnose(args) => {
             init_logging(args.log_level);
-            agent::diagnose(args)
+            diagnose(args.options())
         }
     };
     match result {
@@ -201,7 +244,7 @@ mod tests {
             panic!("not run");
         };
         assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(args.events, EventFormat::Text);
+        assert_eq!(args.events, EventsFlag::Text);
         assert_eq!(args.ring_buffer_bytes, 8 << 20);
     }
 

@@ -6,22 +6,32 @@
 //! went away, as with `| head`) never panics: the first one is kept, later lines are dropped,
 //! and `flush` / `take_error` hand it to the event loop so that it can stop cleanly.
 use std::borrow::Cow;
+
 use std::fmt;
+
 use std::io::{self, Write};
+
 use std::net::IpAddr;
 
 use serde::Serialize;
+
 use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
+use crate::kernel::clock::{Rfc3339, TimeOfDay, WallClock};
 use tracer_core::model::Owner;
+
 use tracer_core::model::{CloseCause, Tuple};
+
 use tracer_core::observer::Observer;
+
 use tracer_core::record::CloseWaitLeak;
+
 use tracer_core::record::TimeWaitRecord;
+
 use tracer_core::record::{Connection, StateStamp};
 
 /// How per-connection events are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventFormat {
     /// One JSON object per line.
     Json,
@@ -29,156 +39,6 @@ pub enum EventFormat {
     Text,
     /// No per-connection output.
     None,
-}
-
-const NS_PER_SEC: i64 = 1_000_000_000;
-const SECS_PER_DAY: i64 = 86_400;
-
-/// Converts kernel timestamps (CLOCK_MONOTONIC nanoseconds, as from `bpf_ktime_get_ns`) to wall
-/// clock time. The offset between the clocks is read once: a later step of the wall clock (NTP,
-/// `date -s`) is not followed, which keeps the events of one run consistently spaced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WallClock {
-    /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in nanoseconds.
-    offset_ns: i64,
-}
-
-impl WallClock {
-    /// Reads both clocks now.
-    pub fn new() -> io::Result<WallClock> {
-        // Monotonic on both sides of the real time read: their midpoint is the best estimate of
-        // the monotonic time at that read.
-        let before = clock_ns(libc::CLOCK_MONOTONIC)?;
-        let real = clock_ns(libc::CLOCK_REALTIME)?;
-        let after = clock_ns(libc::CLOCK_MONOTONIC)?;
-        let mono = before + (after - before) / 2;
-        Ok(WallClock {
-            offset_ns: real.saturating_sub(mono),
-        })
-    }
-
-    /// A clock with a fixed offset (realtime minus monotonic, in nanoseconds).
-    pub fn with_offset(offset_ns: i64) -> WallClock {
-        WallClock { offset_ns }
-    }
-
-    pub fn offset_ns(&self) -> i64 {
-        self.offset_ns
-    }
-
-    /// Nanoseconds since the Unix epoch for a CLOCK_MONOTONIC timestamp.
-    pub fn unix_ns(&self, monotonic_ns: u64) -> i64 {
-        i64::try_from(monotonic_ns)
-            .unwrap_or(i64::MAX)
-            .saturating_add(self.offset_ns)
-    }
-
-    /// The wall clock time of a CLOCK_MONOTONIC timestamp, displayed as RFC 3339.
-    pub fn rfc3339(&self, monotonic_ns: u64) -> Rfc3339 {
-        Rfc3339(self.unix_ns(monotonic_ns))
-    }
-}
-
-#[allow(
-    clippy::useless_conversion,
-    reason = "time_t and c_long are 32 bits on some targets"
-)]
-/// CLOCK_MONOTONIC now, in nanoseconds: the clock of the kernel's event timestamps
-/// (`bpf_ktime_get_ns`).
-pub fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC).map_or(0, |ns| u64::try_from(ns).unwrap_or(0))
-}
-
-#[allow(
-    clippy::useless_conversion,
-    reason = "time_t and c_long are i64 on 64-bit targets only"
-)]
-fn clock_ns(clock: libc::clockid_t) -> io::Result<i64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec that outlives the call; clock_gettime only
-    // writes to it.
-    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(i64::from(ts.tv_sec)
-        .saturating_mul(NS_PER_SEC)
-        .saturating_add(i64::from(ts.tv_nsec)))
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard Hinnant's
-/// `civil_from_days`.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097); // [0, 146096]
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
-    let mp = (5 * doy + 2) / 153; // [0, 11], March based
-    let day = doy - (153 * mp + 2) / 5 + 1; // [1, 31]
-    let month = if mp < 10 { mp + 3 } else { mp - 9 }; // [1, 12]
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    // Both are in range by construction.
-    (year, month as u32, day as u32)
-}
-
-/// Splits Unix nanoseconds into days since the epoch, seconds of the day and nanoseconds.
-fn split_unix_ns(unix_ns: i64) -> (i64, i64, i64) {
-    let secs = unix_ns.div_euclid(NS_PER_SEC);
-    let nanos = unix_ns.rem_euclid(NS_PER_SEC);
-    (
-        secs.div_euclid(SECS_PER_DAY),
-        secs.rem_euclid(SECS_PER_DAY),
-        nanos,
-    )
-}
-
-/// Unix time in nanoseconds, displayed as RFC 3339 UTC with microseconds
-/// (`2026-11-23T12:00:00.123456Z`; truncated, not rounded).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rfc3339(pub i64);
-
-impl fmt::Display for Rfc3339 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (days, sod, nanos) = split_unix_ns(self.0);
-        let (year, month, day) = civil_from_days(days);
-        write!(
-            f,
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-            sod / 3600,
-            sod / 60 % 60,
-            sod % 60,
-            nanos / 1_000
-        )
-    }
-}
-
-impl Serialize for Rfc3339 {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-/// Unix time in nanoseconds, displayed as the UTC time of day with milliseconds
-/// (`12:00:00.123`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TimeOfDay(pub i64);
-
-impl fmt::Display for TimeOfDay {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (_, sod, nanos) = split_unix_ns(self.0);
-        write!(
-            f,
-            "{:02}:{:02}:{:02}.{:03}",
-            sod / 3600,
-            sod / 60 % 60,
-            sod % 60,
-            nanos / 1_000_000
-        )
-    }
 }
 
 /// Writes finished connections to `W`, one line each, in the chosen format.
@@ -195,12 +55,19 @@ pub struct EventSink<W: Write> {
 
 // Text columns: widths of TIME, PID, COMM, LADDR:LPORT, RADDR:RPORT, DIR, CLOSE, RETX, MS.
 const W_TIME: usize = 12;
+
 const W_PID: usize = 7;
+
 const W_COMM: usize = 15;
+
 const W_ADDR: usize = 21;
+
 const W_DIR: usize = 7;
+
 const W_CLOSE: usize = 14;
+
 const W_RETX: usize = 5;
+
 const W_MS: usize = 11;
 
 impl<W: Write> EventSink<W> {
@@ -392,7 +259,7 @@ impl<W: Write> Observer for EventSink<W> {
         // The kernel events cannot name the owner of a passively closed socket: ask /proc.
         let owner = leak
             .owner
-            .or_else(|| crate::procfs::socket_owner(leak.netns, &leak.tuple));
+            .or_else(|| crate::host::proc_owners::socket_owner(leak.netns, &leak.tuple));
         if self.format == EventFormat::Text {
             self.line.clear();
             let owner = owner.map_or_else(
@@ -429,6 +296,7 @@ impl<W: Write> Observer for EventSink<W> {
 
 /// What to do about a Nagle + delayed-ACK stall.
 pub const NAGLE_FIX: &str = "set TCP_NODELAY on the sender, or write each request in one call (writev / buffering), or set TCP_QUICKACK on the receiver";
+
 /// What to do about a CLOSE_WAIT leak.
 pub const CLOSE_WAIT_FIX: &str = "the application does not close sockets after the peer closes: make sure every code path (errors and EOF included) closes the socket";
 
@@ -644,7 +512,7 @@ mod tests {
 
     const NETNS: u32 = 4026531840;
     /// 2026-11-23T12:00:00Z.
-    const WALL: i64 = 1_795_435_200 * NS_PER_SEC;
+    const WALL: i64 = 1_795_435_200 * 1_000_000_000;
     /// A monotonic time (the machine's uptime, say).
     const T0: u64 = 5_000_000_000_000;
 
@@ -732,62 +600,6 @@ mod tests {
         sink.closed(conn);
         sink.flush().unwrap();
         String::from_utf8(sink.into_inner()).unwrap()
-    }
-
-    #[test]
-    fn rfc3339_known_timestamps() {
-        let cases: [(i64, &str); 8] = [
-            (0, "1970-01-01T00:00:00.000000Z"),
-            (951_782_400_123_456_789, "2000-02-29T00:00:00.123456Z"),
-            (WALL + 123_456_789, "2026-11-23T12:00:00.123456Z"),
-            (951_868_799_999_999_999, "2000-02-29T23:59:59.999999Z"),
-            (951_868_800_000_000_000, "2000-03-01T00:00:00.000000Z"),
-            (1_704_067_199_000_001_000, "2023-12-31T23:59:59.000001Z"),
-            (4_107_542_400 * NS_PER_SEC, "2100-03-01T00:00:00.000000Z"),
-            (-1_000, "1969-12-31T23:59:59.999999Z"),
-        ];
-        for (ns, expected) in cases {
-            assert_eq!(Rfc3339(ns).to_string(), expected, "{ns}");
-        }
-        assert_eq!(TimeOfDay(WALL + 123_456_789).to_string(), "12:00:00.123");
-        assert_eq!(TimeOfDay(-1_000_000).to_string(), "23:59:59.999");
-    }
-
-    /// Howard Hinnant's `days_from_civil`, the inverse of `civil_from_days`.
-    fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-        let (m, d) = (i64::from(m), i64::from(d));
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y.rem_euclid(400);
-        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
-    }
-
-    #[test]
-    fn civil_dates_round_trip_and_advance_by_one_day() {
-        let mut previous = civil_from_days(-200_000);
-        for days in -199_999..200_000 {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-            assert!((1..=12).contains(&m) && (1..=31).contains(&d));
-            let next_day = (y, m, d) > previous && (d == previous.2 + 1 || d == 1);
-            assert!(next_day, "{previous:?} -> {:?}", (y, m, d));
-            previous = (y, m, d);
-        }
-    }
-
-    #[test]
-    fn wall_clock_from_the_system_is_close_to_system_time() {
-        let clock = WallClock::new().unwrap();
-        let mono = clock_ns(libc::CLOCK_MONOTONIC).unwrap();
-        let wall = clock.unix_ns(mono as u64);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as i64;
-        assert!((now - wall).abs() < NS_PER_SEC, "{now} vs {wall}");
-        assert_eq!(clock.rfc3339(mono as u64), Rfc3339(wall));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use prometheus::{GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::kernel::TcpSysctls;
+use crate::kernel::system::TcpSysctls;
 use tracer_core::model::TcpState;
 use tracer_core::record::{PeerKey, TimeWaitExit};
 use tracer_core::tracker::TimeWaitTable;

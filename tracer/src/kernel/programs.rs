@@ -6,7 +6,8 @@ use aya::{Btf, Ebpf, EbpfLoader};
 use thiserror::Error;
 use tracer_common::{KernelOffsets, KernelSymbols};
 
-use crate::kernel::{KernelBtf, KernelError};
+use crate::kernel::btf::KernelBtf;
+use crate::kernel::system::KernelError;
 
 /// The kernel programs, built by `build.rs` from `tracer-ebpf`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -209,7 +210,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::events;
+    use crate::kernel::decode as events;
     use tracer_core::model::{Event, TcpState};
 
     /// Loads and attaches the real programs, makes one loopback connection, and finds its
@@ -218,7 +219,7 @@ mod tests {
     fn programs_load_attach_and_report_a_loopback_connection() {
         let kernel = KernelBtf::load().expect("kernel BTF");
         let offsets = kernel.offsets().expect("offsets");
-        let symbols = crate::kernel::symbols().expect("kallsyms");
+        let symbols = crate::kernel::system::symbols().expect("kallsyms");
         let mut probes = Probes::attach(
             &kernel,
             &offsets,

@@ -21,8 +21,8 @@ use tracer_core::observer::Observer;
 
 use tracer_core::record::{CloseWaitLeak, Connection};
 
-use crate::kernel::TcpSysctls;
-use crate::sinks::{CLOSE_WAIT_FIX, NAGLE_FIX};
+use crate::export::events::{CLOSE_WAIT_FIX, NAGLE_FIX};
+use crate::kernel::system::TcpSysctls;
 use tracer_core::model::{Comm, Direction, ResetDirection, RetransmitKind, TcpState, Tuple};
 use tracer_core::record::{TimeWaitExit, TimeWaitRecord};
 use tracer_core::tracker::Tracker;
@@ -224,7 +224,7 @@ impl Diagnosis {
     /// The report as of now. Owners of leaked CLOSE_WAIT sockets that the events could not
     /// name are looked up in /proc (at most `MAX_OWNER_LOOKUPS`).
     pub fn report(&self, tracker: &Tracker, context: &ReportContext) -> Report {
-        self.report_with_owners(tracker, context, crate::procfs::socket_owner)
+        self.report_with_owners(tracker, context, crate::host::proc_owners::socket_owner)
     }
 
     /// `report` with the owner lookup of leaked CLOSE_WAIT sockets given by the caller.

@@ -4,7 +4,7 @@
 //! name (the transition into CLOSE_WAIT runs in softirq context).
 use std::path::Path;
 
-use crate::seed;
+use crate::host::{namespaces, sock_diag};
 use tracer_core::model::Owner;
 use tracer_core::model::{Comm, Tuple};
 
@@ -33,14 +33,14 @@ pub fn socket_owner(netns: u32, tuple: &Tuple) -> Option<Owner> {
 }
 
 fn socket_inode(netns: u32, tuple: &Tuple) -> Option<u32> {
-    let own = seed::current_netns_inode().ok()?;
+    let own = namespaces::current_netns_inode().ok()?;
     let sockets = if netns == own || netns == 0 {
-        seed::dump_tcp().ok()?
+        sock_diag::dump_tcp().ok()?
     } else {
-        let namespace = seed::other_namespaces(own)
+        let namespace = namespaces::other_namespaces(own)
             .into_iter()
             .find(|ns| ns.inode == netns)?;
-        seed::dump_tcp_in(&namespace).ok()?
+        namespaces::dump_tcp_in(&namespace).ok()?
     };
     sockets
         .iter()
@@ -70,7 +70,7 @@ mod tests {
             dst: client.peer_addr().expect("addr").ip(),
             dport: client.peer_addr().expect("addr").port(),
         };
-        let netns = seed::current_netns_inode().expect("netns");
+        let netns = namespaces::current_netns_inode().expect("netns");
         let owner = socket_owner(netns, &tuple).expect("owner found");
         assert_eq!(owner.pid, std::process::id());
         let unknown = Tuple { sport: 1, ..tuple };

@@ -31,10 +31,10 @@ use prometheus::{
 use tokio::net::TcpListener;
 
 mod latency;
-mod timewait;
+mod time_wait;
 
 pub use latency::LatencyMetrics;
-pub use timewait::{PortPressure, TimeWaitMetrics};
+pub use time_wait::{PortPressure, TimeWaitMetrics};
 
 use tracer_core::observer::Observer;
 

@@ -1,0 +1,76 @@
+//! `tracer diagnose`: watch for a while, then print the findings.
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::app::pump::{Consumer, block_on, pump};
+use crate::app::session::{Session, SessionConfig};
+use crate::diagnose::{DiagnoseConfig, Diagnosis, ReportContext};
+use tracer_core::observer::Observer;
+use tracer_core::tracker::TrackerConfig;
+
+/// `tracer diagnose`: watch for a while, then report findings.
+/// What `tracer diagnose` needs; the command line builds it.
+#[derive(Clone, Debug)]
+pub struct DiagnoseOptions {
+    /// How long to watch.
+    pub duration: Duration,
+    /// The report as JSON instead of text.
+    pub json: bool,
+    /// Peers, processes and connections listed per finding.
+    pub top: u32,
+    pub port_exhaustion_warning: f64,
+    pub close_wait_threshold: Duration,
+    pub ring_buffer_bytes: u32,
+}
+
+pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
+    let mut session = Session::start(&SessionConfig {
+        ring_buffer_bytes: args.ring_buffer_bytes,
+        max_connections: TrackerConfig::default().max_connections,
+        close_wait_threshold: args.close_wait_threshold,
+    })?;
+    let mut consumer = DiagnoseConsumer {
+        diagnosis: Diagnosis::new(
+            DiagnoseConfig {
+                top: args.top as usize,
+                port_exhaustion_warning: args.port_exhaustion_warning,
+                ..DiagnoseConfig::default()
+            },
+            session.rst_reasons.clone(),
+        ),
+    };
+    eprintln!(
+        "tracer: watching TCP for {:.0} s (SIGINT to stop early)...",
+        args.duration.as_secs_f64()
+    );
+    let started = Instant::now();
+    block_on(pump(
+        &mut session,
+        &mut consumer,
+        Some(started + args.duration),
+    ))??;
+    let context = ReportContext {
+        duration: started.elapsed(),
+        sysctls: session.sysctls,
+        events_lost: session.events_lost(),
+    };
+    let report = consumer.diagnosis.report(&session.tracker, &context);
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
+        println!("{text}");
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+struct DiagnoseConsumer {
+    diagnosis: Diagnosis,
+}
+
+impl Consumer for DiagnoseConsumer {
+    fn observer(&mut self) -> &mut dyn Observer {
+        &mut self.diagnosis
+    }
+}

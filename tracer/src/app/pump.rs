@@ -1,0 +1,196 @@
+//! The event loop: one task drains the ring buffer in batches into the tracker, the metrics and
+//! the command's consumer, refreshes the gauges once a second, and stops on a signal, a
+//! deadline or the consumer's word.
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use log::{debug, info, warn};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::app::session::{Session, resync_time_wait};
+use crate::export::metrics::Metrics;
+use crate::kernel::clock::monotonic_ns;
+use crate::kernel::decode;
+use tracer_core::observer::Observer;
+use tracer_core::tracker::Tracker;
+
+/// How often the ring buffer is drained when the kernel does not wake the agent: the kernel
+/// wakes it only once `ProbeConfig::wakeup_bytes` are pending, not per event.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
+/// How often the kernel's lost-event counter and the gauges are refreshed.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// After lost events, the TIME_WAIT count is re-read from sock_diag at most this often.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+
+/// What a command does with the events, besides the tracker and metrics every command keeps.
+pub trait Consumer {
+    fn observer(&mut self) -> &mut dyn Observer;
+    /// After each batch of events; `Ok(false)` ends the run.
+    fn batch_done(&mut self) -> anyhow::Result<bool> {
+        Ok(true)
+    }
+    /// Once per `REFRESH`, after time-based settling.
+    fn refresh(&mut self, _tracker: &mut Tracker, _metrics: &Metrics) {}
+}
+
+/// Runs `work` on a single-threaded runtime: the agent's whole event loop is one task.
+pub fn block_on<F: std::future::Future>(work: F) -> anyhow::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(runtime.block_on(work))
+}
+
+/// Drains the ring buffer into the tracker, the metrics and `consumer` until SIGINT, SIGTERM,
+/// `deadline`, or the consumer asks to stop; then detaches and takes what is still queued.
+pub async fn pump(
+    session: &mut Session,
+    consumer: &mut impl Consumer,
+    deadline: Option<Instant>,
+) -> anyhow::Result<()> {
+    let ring = session
+        .ring
+        .take()
+        .context("the ring buffer was already consumed")?;
+    let mut ring = register(ring).context("polling the ring buffer")?;
+    let mut logger = match session.logger.take() {
+        Some(logger) => Some(register(logger).context("polling the kernel log buffer")?),
+        None => None,
+    };
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut refresh = tokio::time::interval(REFRESH);
+    let mut drain_timer = tokio::time::interval(DRAIN_EVERY);
+    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let until = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until);
+    let metrics = session.metrics.clone();
+
+    let mut outcome = Ok(());
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                drain(guard.get_inner_mut(), &mut session.tracker, &metrics, consumer.observer());
+                guard.clear_ready();
+                match consumer.batch_done() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => { outcome = Err(e); break; }
+                }
+            }
+            _ = drain_timer.tick() => {
+                drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
+                match consumer.batch_done() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => { outcome = Err(e); break; }
+                }
+            }
+            guard = readable(&mut logger) => {
+                if let Ok(mut guard) = guard {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            }
+            _ = refresh.tick() => {
+                session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
+                match session.lost.total() {
+                    Ok(total) => {
+                        metrics.set_events_lost(total);
+                        if total > session.lost_at_resync
+                            && session.resynced.is_none_or(|at| at.elapsed() >= RESYNC_EVERY)
+                        {
+                            resync_time_wait(&mut session.tracker);
+                            session.lost_at_resync = total;
+                            session.resynced = Some(Instant::now());
+                        }
+                    }
+                    Err(e) => warn!("{e}"),
+                }
+                // The gauges and what this settled (leaks, TIME_WAIT exits) go out with the
+                // next drain tick, within `DRAIN_EVERY`.
+                consumer.refresh(&mut session.tracker, &metrics);
+            }
+            _ = &mut until => break,
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+        }
+    }
+
+    // Detach first, then take what is still queued so that nothing seen is dropped.
+    drop(session.probes.take());
+    drain(
+        ring.get_mut(),
+        &mut session.tracker,
+        &metrics,
+        consumer.observer(),
+    );
+    session
+        .tracker
+        .tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
+    if outcome.is_ok() {
+        consumer.batch_done()?;
+    }
+    outcome
+}
+
+/// Registers a map's descriptor with the runtime for readiness.
+fn register<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` is an aya ring buffer that owns its map descriptor: the descriptor stays
+    // open and the same for as long as the AsyncFd owns `inner`.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+async fn readable<T: AsRawFd>(
+    fd: &mut Option<AsyncFd<T>>,
+) -> io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, T>> {
+    match fd {
+        Some(fd) => fd.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes every queued record: one wake-up, many events, no allocation per event.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    tracker: &mut Tracker,
+    metrics: &Metrics,
+    consumer: &mut dyn Observer,
+) {
+    let mut last_ts = None;
+    while let Some(record) = ring.next() {
+        match decode::parse(&record).and_then(|raw| decode::decode(&raw)) {
+            Ok(event) => {
+                metrics.event(&event);
+                last_ts = Some(event.ts_ns());
+                tracker.on_event(&event, &mut (metrics, &mut *consumer));
+            }
+            Err(e) => {
+                metrics.event_malformed();
+                debug!("undecodable event: {e:?}");
+            }
+        }
+    }
+    // Settle by event time, not the clock: events still queued must not be judged missing.
+    if let Some(ts) = last_ts {
+        tracker.tick(ts, &mut (metrics, &mut *consumer));
+    }
+    metrics.set_active(tracker.active());
+    metrics.set_evictions(tracker.evictions());
+    metrics.time_wait.set_sockets(tracker.time_wait().count());
+    metrics.latency.set_close_wait(tracker.close_wait());
+}

@@ -1,0 +1,174 @@
+//! A session: set-up in an order that fails before anything is attached where it can (root,
+//! tracefs, BTF offsets, symbols, then the programs), and the tracker seeded with what already
+//! existed, in every network namespace that can be entered.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use log::{debug, info, warn};
+
+use crate::export::metrics::Metrics;
+use crate::host::{namespaces, seeds, sock_diag};
+use crate::kernel::btf::KernelBtf;
+use crate::kernel::clock::monotonic_ns;
+use crate::kernel::programs::{KernelLogger, LostCounter, ProbeConfig, Probes};
+use crate::kernel::system::{self, TcpSysctls};
+use tracer_core::model::TcpState;
+use tracer_core::tracker::{Tracker, TrackerConfig};
+
+/// What every command that watches the kernel needs, set up in order.
+pub struct SessionConfig {
+    pub ring_buffer_bytes: u32,
+    pub max_connections: usize,
+    pub close_wait_threshold: Duration,
+}
+
+/// Attached programs, their maps, and the tracker seeded with what already existed.
+pub struct Session {
+    /// Held until the end; dropping it detaches the programs.
+    pub(super) probes: Option<Probes>,
+    pub(super) ring: Option<RingBuf<MapData>>,
+    pub(super) lost: LostCounter,
+    pub(super) logger: Option<KernelLogger>,
+    pub tracker: Tracker,
+    pub sysctls: TcpSysctls,
+    pub rst_reasons: HashMap<u16, String>,
+    pub metrics: Arc<Metrics>,
+    /// Lost-event total when the TIME_WAIT count was last re-read, and when.
+    pub(super) lost_at_resync: u64,
+    pub(super) resynced: Option<Instant>,
+}
+
+impl Session {
+    pub fn start(config: &SessionConfig) -> anyhow::Result<Session> {
+        system::require_root()?;
+        match system::ensure_tracefs() {
+            Ok(true) => info!("mounted tracefs at {}", system::TRACEFS),
+            Ok(false) => {}
+            Err(e) => warn!("{e} (continuing: the tp_btf programs do not need it)"),
+        }
+        let btf = KernelBtf::load()?;
+        let offsets = btf.offsets()?;
+        debug!("kernel offsets from BTF: {offsets:?}");
+        let symbols = system::symbols()?;
+        debug!("kernel symbols: {symbols:x?}");
+
+        let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+        let mut probes = Probes::attach(
+            &btf,
+            &offsets,
+            &symbols,
+            &ProbeConfig {
+                ring_buffer_bytes: config.ring_buffer_bytes,
+            },
+        )?;
+        info!("attached to {}", probes.attached().join(", "));
+        let ring = probes.take_events()?;
+        let lost = probes.take_lost_counter()?;
+        let logger = probes.logger();
+
+        // Seed after attaching: a connection opened in between shows up in both the dump and
+        // the events, and the tracker merges the two by 4-tuple; the other order would lose it.
+        let mut tracker = Tracker::new(TrackerConfig {
+            max_connections: config.max_connections,
+            close_wait_threshold_ns: u64::try_from(config.close_wait_threshold.as_nanos())
+                .unwrap_or(u64::MAX),
+            ..TrackerConfig::default()
+        });
+        let sysctls = TcpSysctls::read();
+        if let Some(range) = sysctls.ip_local_port_range {
+            tracker.time_wait_mut().set_ephemeral_ports(range);
+        }
+        metrics.time_wait.set_settings(&sysctls);
+        seed_existing(&mut tracker)?;
+        metrics.set_active(tracker.active());
+        Ok(Session {
+            probes: Some(probes),
+            ring: Some(ring),
+            lost,
+            logger,
+            tracker,
+            sysctls,
+            rst_reasons: btf.rst_reasons(),
+            metrics,
+            lost_at_resync: 0,
+            resynced: None,
+        })
+    }
+
+    /// Events the kernel dropped because the ring buffer was full, so far.
+    pub fn events_lost(&self) -> u64 {
+        self.lost.total().unwrap_or(0)
+    }
+}
+
+/// Connections and TIME_WAIT sockets that exist already, in this and every other network
+/// namespace that can be entered. Only this namespace is required; others are best effort.
+fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
+    let dumps = dump_namespaces()?;
+    let (mut connections, mut time_wait) = (0, 0);
+    for (netns, sockets) in &dumps {
+        let seeds = seeds::seeds(sockets, *netns);
+        connections += seeds.len();
+        tracker.seed(seeds, monotonic_ns());
+        let waiting: Vec<_> = sockets
+            .iter()
+            .filter(|s| s.timewait)
+            .map(|s| (*netns, s.tuple))
+            .collect();
+        time_wait += waiting.len();
+        // Listening ports first, so that TIME_WAIT sockets of servers on ephemeral-range
+        // ports are attributed to the server role.
+        for listener in sockets.iter().filter(|s| s.state == TcpState::Listen) {
+            tracker
+                .time_wait_mut()
+                .listener(*netns, listener.tuple.sport, true);
+        }
+        tracker.time_wait_mut().seed(waiting);
+    }
+    info!(
+        "seeded {connections} connections and {time_wait} TIME_WAIT sockets open before start, in {} network namespaces",
+        dumps.len()
+    );
+    Ok(())
+}
+
+/// The TCP sockets of this network namespace (required) and of every other one that can be
+/// entered (best effort), by namespace inode.
+fn dump_namespaces() -> anyhow::Result<Vec<(u32, Vec<sock_diag::SocketEntry>)>> {
+    let own = namespaces::current_netns_inode().context("reading this network namespace")?;
+    let sockets = sock_diag::dump_tcp().context("listing existing TCP sockets (sock_diag)")?;
+    let mut dumps = vec![(own, sockets)];
+    for namespace in namespaces::other_namespaces(own) {
+        match namespaces::dump_tcp_in(&namespace) {
+            Ok(sockets) => dumps.push((namespace.inode, sockets)),
+            Err(e) => warn!(
+                "cannot list sockets of network namespace {}: {e}",
+                namespace.inode
+            ),
+        }
+    }
+    Ok(dumps)
+}
+
+/// After lost events the TIME_WAIT count may be off: start it over from sock_diag.
+pub(super) fn resync_time_wait(tracker: &mut Tracker) {
+    match dump_namespaces() {
+        Ok(dumps) => {
+            let waiting = dumps.iter().flat_map(|(netns, sockets)| {
+                sockets
+                    .iter()
+                    .filter(|s| s.timewait)
+                    .map(move |s| (*netns, s.tuple))
+            });
+            tracker.time_wait_mut().resync(waiting);
+            warn!(
+                "kernel events were lost: TIME_WAIT count re-read from sock_diag ({} sockets)",
+                tracker.time_wait().count()
+            );
+        }
+        Err(e) => warn!("kernel events were lost and re-reading TIME_WAIT failed: {e:#}"),
+    }
+}
