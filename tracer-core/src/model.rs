@@ -4,10 +4,25 @@ use std::fmt;
 use std::net::IpAddr;
 
 use serde::Serialize;
+use strum::{EnumCount, IntoStaticStr, VariantArray};
 
 /// Kernel TCP states, numbered as in `include/net/tcp_states.h`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    IntoStaticStr,
+    VariantArray,
+    EnumCount,
+)]
+#[serde(into = "&'static str")]
+#[strum(serialize_all = "SCREAMING_SNAKE_CASE")]
 pub enum TcpState {
     Established = 1,
     SynSent = 2,
@@ -24,20 +39,11 @@ pub enum TcpState {
 }
 
 impl TcpState {
-    pub const ALL: [TcpState; 12] = [
-        TcpState::Established,
-        TcpState::SynSent,
-        TcpState::SynRecv,
-        TcpState::FinWait1,
-        TcpState::FinWait2,
-        TcpState::TimeWait,
-        TcpState::Close,
-        TcpState::CloseWait,
-        TcpState::LastAck,
-        TcpState::Listen,
-        TcpState::Closing,
-        TcpState::NewSynRecv,
-    ];
+    /// Every variant, in declaration order (which is also the discriminant order).
+    pub const ALL: [TcpState; TcpState::COUNT] = match TcpState::VARIANTS.first_chunk() {
+        Some(all) => *all,
+        None => panic!("VARIANTS lists every variant"),
+    };
 
     pub fn from_kernel(value: u8) -> Option<TcpState> {
         TcpState::ALL
@@ -47,20 +53,7 @@ impl TcpState {
 
     /// The name `ss` and the kernel use, e.g. `SYN_SENT`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            TcpState::Established => "ESTABLISHED",
-            TcpState::SynSent => "SYN_SENT",
-            TcpState::SynRecv => "SYN_RECV",
-            TcpState::FinWait1 => "FIN_WAIT1",
-            TcpState::FinWait2 => "FIN_WAIT2",
-            TcpState::TimeWait => "TIME_WAIT",
-            TcpState::Close => "CLOSE",
-            TcpState::CloseWait => "CLOSE_WAIT",
-            TcpState::LastAck => "LAST_ACK",
-            TcpState::Listen => "LISTEN",
-            TcpState::Closing => "CLOSING",
-            TcpState::NewSynRecv => "NEW_SYN_RECV",
-        }
+        self.into()
     }
 }
 
@@ -94,8 +87,9 @@ impl Tuple {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, IntoStaticStr)]
+#[serde(into = "&'static str")]
+#[strum(serialize_all = "lowercase")]
 pub enum Family {
     Ipv4,
     Ipv6,
@@ -103,10 +97,7 @@ pub enum Family {
 
 impl Family {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Family::Ipv4 => "ipv4",
-            Family::Ipv6 => "ipv6",
-        }
+        self.into()
     }
 }
 
@@ -250,8 +241,11 @@ impl Event {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, IntoStaticStr, VariantArray, EnumCount,
+)]
+#[serde(into = "&'static str")]
+#[strum(serialize_all = "lowercase")]
 pub enum ResetDirection {
     Sent,
     Received,
@@ -259,16 +253,16 @@ pub enum ResetDirection {
 
 impl ResetDirection {
     pub fn as_str(self) -> &'static str {
-        match self {
-            ResetDirection::Sent => "sent",
-            ResetDirection::Received => "received",
-        }
+        self.into()
     }
 }
 
 /// Why a segment was retransmitted, from the socket's state and congestion state at the event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, IntoStaticStr, VariantArray, EnumCount,
+)]
+#[serde(into = "&'static str")]
+#[strum(serialize_all = "snake_case")]
 pub enum RetransmitKind {
     /// SYN retransmitted by a connecting socket.
     Syn,
@@ -279,17 +273,17 @@ pub enum RetransmitKind {
     /// Open / disorder / CWR: tail-loss probes and the like.
     Other,
     /// A listener's SYN-ACK retransmitted (the client's ACK did not come).
+    #[strum(serialize = "synack")]
     SynAck,
 }
 
 impl RetransmitKind {
-    pub const ALL: [RetransmitKind; 5] = [
-        RetransmitKind::Syn,
-        RetransmitKind::Fast,
-        RetransmitKind::Timeout,
-        RetransmitKind::Other,
-        RetransmitKind::SynAck,
-    ];
+    /// Every variant, in declaration order (which is also the discriminant order).
+    pub const ALL: [RetransmitKind; RetransmitKind::COUNT] =
+        match RetransmitKind::VARIANTS.first_chunk() {
+            Some(all) => *all,
+            None => panic!("VARIANTS lists every variant"),
+        };
 
     pub fn classify(state: TcpState, ca_state: u8) -> RetransmitKind {
         match (state, ca_state) {
@@ -301,19 +295,16 @@ impl RetransmitKind {
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            RetransmitKind::Syn => "syn",
-            RetransmitKind::Fast => "fast",
-            RetransmitKind::Timeout => "timeout",
-            RetransmitKind::Other => "other",
-            RetransmitKind::SynAck => "synack",
-        }
+        self.into()
     }
 }
 
 /// Who opened the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, IntoStaticStr, VariantArray, EnumCount,
+)]
+#[serde(into = "&'static str")]
+#[strum(serialize_all = "lowercase")]
 pub enum Direction {
     /// This host called `connect()`.
     Active,
@@ -324,20 +315,23 @@ pub enum Direction {
 }
 
 impl Direction {
-    pub const ALL: [Direction; 3] = [Direction::Active, Direction::Passive, Direction::Unknown];
+    /// Every variant, in declaration order (which is also the discriminant order).
+    pub const ALL: [Direction; Direction::COUNT] = match Direction::VARIANTS.first_chunk() {
+        Some(all) => *all,
+        None => panic!("VARIANTS lists every variant"),
+    };
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Active => "active",
-            Direction::Passive => "passive",
-            Direction::Unknown => "unknown",
-        }
+        self.into()
     }
 }
 
 /// How a connection ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, IntoStaticStr, VariantArray, EnumCount,
+)]
+#[serde(into = "&'static str")]
+#[strum(serialize_all = "snake_case")]
 pub enum CloseCause {
     /// This host sent the first FIN (it will hold TIME_WAIT).
     Local,
@@ -358,26 +352,14 @@ pub enum CloseCause {
 }
 
 impl CloseCause {
-    pub const ALL: [CloseCause; 7] = [
-        CloseCause::Local,
-        CloseCause::Remote,
-        CloseCause::ResetReceived,
-        CloseCause::Aborted,
-        CloseCause::Refused,
-        CloseCause::Failed,
-        CloseCause::Unknown,
-    ];
+    /// Every variant, in declaration order (which is also the discriminant order).
+    pub const ALL: [CloseCause; CloseCause::COUNT] = match CloseCause::VARIANTS.first_chunk() {
+        Some(all) => *all,
+        None => panic!("VARIANTS lists every variant"),
+    };
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            CloseCause::Local => "local",
-            CloseCause::Remote => "remote",
-            CloseCause::ResetReceived => "reset_received",
-            CloseCause::Aborted => "aborted",
-            CloseCause::Refused => "refused",
-            CloseCause::Failed => "failed",
-            CloseCause::Unknown => "unknown",
-        }
+        self.into()
     }
 }
 
@@ -386,4 +368,67 @@ impl CloseCause {
 pub struct Owner {
     pub pid: u32,
     pub comm: Comm,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names are part of the output (events, metric labels): they must not drift.
+    #[test]
+    fn names_are_the_documented_ones() {
+        let states: Vec<&str> = TcpState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            states,
+            [
+                "ESTABLISHED",
+                "SYN_SENT",
+                "SYN_RECV",
+                "FIN_WAIT1",
+                "FIN_WAIT2",
+                "TIME_WAIT",
+                "CLOSE",
+                "CLOSE_WAIT",
+                "LAST_ACK",
+                "LISTEN",
+                "CLOSING",
+                "NEW_SYN_RECV"
+            ]
+        );
+        for (i, state) in TcpState::ALL.iter().enumerate() {
+            assert_eq!(TcpState::from_kernel(i as u8 + 1), Some(*state));
+        }
+        let kinds: Vec<&str> = RetransmitKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(kinds, ["syn", "fast", "timeout", "other", "synack"]);
+        let causes: Vec<&str> = CloseCause::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            causes,
+            [
+                "local",
+                "remote",
+                "reset_received",
+                "aborted",
+                "refused",
+                "failed",
+                "unknown"
+            ]
+        );
+        let directions: Vec<&str> = Direction::ALL.iter().map(|d| d.as_str()).collect();
+        assert_eq!(directions, ["active", "passive", "unknown"]);
+        assert_eq!(
+            [
+                ResetDirection::Sent.as_str(),
+                ResetDirection::Received.as_str()
+            ],
+            ["sent", "received"]
+        );
+        assert_eq!(
+            [Family::Ipv4.as_str(), Family::Ipv6.as_str()],
+            ["ipv4", "ipv6"]
+        );
+        assert_eq!(
+            serde_json::to_string(&[TcpState::FinWait1, TcpState::NewSynRecv]).unwrap(),
+            r#"["FIN_WAIT1","NEW_SYN_RECV"]"#
+        );
+    }
 }

@@ -3,6 +3,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 use smallvec::SmallVec;
+use strum::{EnumCount, IntoStaticStr, VariantArray};
 
 use crate::acks::AckStats;
 use crate::model::{CloseCause, Direction, Owner, RetransmitKind, SockId, TcpState, Tuple};
@@ -102,8 +103,11 @@ pub struct CloseWaitLeak {
     pub seeded: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, IntoStaticStr, VariantArray, EnumCount,
+)]
+#[serde(into = "&'static str")]
+#[strum(serialize_all = "lowercase")]
 pub enum TimeWaitExit {
     /// The 2MSL wait ran out.
     Expired,
@@ -114,18 +118,15 @@ pub enum TimeWaitExit {
 }
 
 impl TimeWaitExit {
-    pub const ALL: [TimeWaitExit; 3] = [
-        TimeWaitExit::Expired,
-        TimeWaitExit::Reused,
-        TimeWaitExit::Killed,
-    ];
+    /// Every variant, in declaration order (which is also the discriminant order).
+    pub const ALL: [TimeWaitExit; TimeWaitExit::COUNT] = match TimeWaitExit::VARIANTS.first_chunk()
+    {
+        Some(all) => *all,
+        None => panic!("VARIANTS lists every variant"),
+    };
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            TimeWaitExit::Expired => "expired",
-            TimeWaitExit::Reused => "reused",
-            TimeWaitExit::Killed => "killed",
-        }
+        self.into()
     }
 }
 

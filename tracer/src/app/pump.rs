@@ -192,5 +192,5 @@ fn drain(
     metrics.set_active(tracker.active());
     metrics.set_evictions(tracker.evictions());
     metrics.time_wait.set_sockets(tracker.time_wait().count());
-    metrics.latency.set_close_wait(tracker.close_wait());
+    metrics.close_wait.set_close_wait(tracker.close_wait());
 }

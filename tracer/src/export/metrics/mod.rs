@@ -8,39 +8,38 @@
 //!
 //! No metric carries an address, port or pid label: those are per-connection data, exported by
 //! the event sinks, and would make the series count unbounded.
-use std::convert::Infallible;
-use std::future::Future;
-use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use std::io;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use std::sync::OnceLock;
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tokio::net::TcpListener;
 
-mod latency;
+mod acks;
+mod close_wait;
+
+mod http;
 mod time_wait;
 
-pub use latency::LatencyMetrics;
-pub use time_wait::{PortPressure, TimeWaitMetrics};
+pub use acks::AckMetrics;
+pub use close_wait::CloseWaitMetrics;
+
+pub use http::serve;
+use time_wait::TimeWaitMetrics;
 
 use tracer_core::observer::Observer;
 
 use tracer_core::model::Tuple;
+
 use tracer_core::model::{CloseCause, Direction, Event, ResetDirection, RetransmitKind, TcpState};
+
 use tracer_core::record::TimeWaitRecord;
+
 use tracer_core::record::{CloseWaitLeak, Connection};
 
 /// The content type of the Prometheus text exposition format.
@@ -58,11 +57,6 @@ pub const HANDSHAKE_DURATION_BUCKETS: [f64; 16] = [
     0.5, 1.0, 5.0,
 ];
 
-/// How long `serve` waits for in-flight requests once shutdown is asked for.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error("creating metric: {0}")]
@@ -73,36 +67,29 @@ pub enum MetricsError {
     Accept(#[source] io::Error),
 }
 
-/// The kinds of kernel events, as counted by `tracer_events_total{kind}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The kinds of kernel events, as counted by `tracer_events_total{kind}`. Metric children are
+/// indexed by the discriminant, in declaration order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum EventKind {
     State,
     Retransmit,
     Reset,
     TimeWaitTimer,
     DelayedAck,
+    #[strum(serialize = "nagle_held_write")]
     NagleHeld,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
-        EventKind::State,
-        EventKind::Retransmit,
-        EventKind::Reset,
-        EventKind::TimeWaitTimer,
-        EventKind::DelayedAck,
-        EventKind::NagleHeld,
-    ];
+    pub const ALL: [EventKind; 6] = match <EventKind as strum::VariantArray>::VARIANTS.first_chunk()
+    {
+        Some(all) => *all,
+        None => panic!("VARIANTS lists every variant"),
+    };
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::State => "state",
-            EventKind::Retransmit => "retransmit",
-            EventKind::Reset => "reset",
-            EventKind::TimeWaitTimer => "time_wait_timer",
-            EventKind::DelayedAck => "delayed_ack",
-            EventKind::NagleHeld => "nagle_held_write",
-        }
+        self.into()
     }
 }
 
@@ -127,7 +114,7 @@ pub struct Metrics {
     transitions_vec: IntCounterVec,
     /// `[from][to]` by `state as usize - 1`, created on first use.
     transitions: [[OnceLock<IntCounter>; N_STATES]; N_STATES],
-    /// By `direction_index`; `None` for `Unknown` (a connection seen opening has a direction).
+    /// Indexed by `Direction as usize`; `None` for `Unknown` (a connection seen opening has a direction).
     opened: [Option<IntCounter>; 3],
     /// `[direction][cause]`.
     closed: [[IntCounter; CloseCause::ALL.len()]; 3],
@@ -143,55 +130,8 @@ pub struct Metrics {
     evicted: IntCounter,
     evicted_seen: AtomicU64,
     pub time_wait: TimeWaitMetrics,
-    pub latency: LatencyMetrics,
-}
-
-fn direction_index(direction: Direction) -> usize {
-    match direction {
-        Direction::Active => 0,
-        Direction::Passive => 1,
-        Direction::Unknown => 2,
-    }
-}
-
-fn cause_index(cause: CloseCause) -> usize {
-    match cause {
-        CloseCause::Local => 0,
-        CloseCause::Remote => 1,
-        CloseCause::ResetReceived => 2,
-        CloseCause::Aborted => 3,
-        CloseCause::Refused => 4,
-        CloseCause::Failed => 5,
-        CloseCause::Unknown => 6,
-    }
-}
-
-fn retransmit_index(kind: RetransmitKind) -> usize {
-    match kind {
-        RetransmitKind::Syn => 0,
-        RetransmitKind::Fast => 1,
-        RetransmitKind::Timeout => 2,
-        RetransmitKind::Other => 3,
-        RetransmitKind::SynAck => 4,
-    }
-}
-
-fn reset_index(direction: ResetDirection) -> usize {
-    match direction {
-        ResetDirection::Sent => 0,
-        ResetDirection::Received => 1,
-    }
-}
-
-fn event_index(kind: EventKind) -> usize {
-    match kind {
-        EventKind::State => 0,
-        EventKind::Retransmit => 1,
-        EventKind::Reset => 2,
-        EventKind::TimeWaitTimer => 3,
-        EventKind::DelayedAck => 4,
-        EventKind::NagleHeld => 5,
-    }
+    pub acks: AckMetrics,
+    pub close_wait: CloseWaitMetrics,
 }
 
 /// TcpState discriminants run from 1 to 12.
@@ -388,7 +328,8 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let time_wait = TimeWaitMetrics::register(&registry)?;
-        let latency = LatencyMetrics::register(&registry)?;
+        let acks = AckMetrics::register(&registry)?;
+        let close_wait = CloseWaitMetrics::register(&registry)?;
 
         Ok(Metrics {
             registry,
@@ -408,7 +349,8 @@ impl Metrics {
             evicted,
             evicted_seen: AtomicU64::new(0),
             time_wait,
-            latency,
+            acks,
+            close_wait,
         })
     }
 
@@ -419,7 +361,7 @@ impl Metrics {
 
     /// Counts one kernel event received.
     pub fn event_received(&self, kind: EventKind) {
-        self.events[event_index(kind)].inc();
+        self.events[kind as usize].inc();
     }
 
     /// Counts one kernel event received; same as `event_received(EventKind::from(event))`.
@@ -483,7 +425,7 @@ impl Observer for &Metrics {
     }
 
     fn opened(&mut self, direction: Direction) {
-        if let Some(counter) = &self.opened[direction_index(direction)] {
+        if let Some(counter) = &self.opened[direction as usize] {
             counter.inc();
         }
     }
@@ -495,8 +437,8 @@ impl Observer for &Metrics {
     }
 
     fn closed(&mut self, conn: &Connection) {
-        let direction = direction_index(conn.direction);
-        let cause = cause_index(conn.close.unwrap_or(CloseCause::Unknown));
+        let direction = conn.direction as usize;
+        let cause = conn.close.unwrap_or(CloseCause::Unknown) as usize;
         self.closed[direction][cause].inc();
         if let (Some(ns), Some(histogram)) = (conn.duration_ns(), &self.duration[direction]) {
             histogram.observe(seconds(ns));
@@ -504,11 +446,11 @@ impl Observer for &Metrics {
     }
 
     fn retransmit(&mut self, _tuple: &Tuple, kind: RetransmitKind, segs: u32) {
-        self.retransmits[retransmit_index(kind)].inc_by(u64::from(segs));
+        self.retransmits[kind as usize].inc_by(u64::from(segs));
     }
 
     fn reset(&mut self, _tuple: &Tuple, direction: ResetDirection, _reason: Option<u16>) {
-        self.resets[reset_index(direction)].inc();
+        self.resets[direction as usize].inc();
     }
 
     fn evicted(&mut self, _conn: &Connection) {
@@ -525,133 +467,21 @@ impl Observer for &Metrics {
     }
 
     fn delayed_ack(&mut self, _conn: &Connection, held_ns: Option<u64>, pingpong: bool) {
-        self.latency.delayed_ack(held_ns, pingpong);
+        self.acks.delayed_ack(held_ns, pingpong);
     }
 
     fn nagle_stall(&mut self, _conn: &Connection, lost_ns: u64) {
-        self.latency.nagle_stall(lost_ns);
+        self.acks.nagle_stall(lost_ns);
     }
 
     fn close_wait_leak(&mut self, _leak: &CloseWaitLeak) {
-        self.latency.close_wait_leak();
+        self.close_wait.close_wait_leak();
     }
-}
-
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves, then lets in-flight requests
-/// finish (for a few seconds at most). Binding is left to the caller so that it can report an
-/// address already in use.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), MetricsError> {
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) if is_transient(&err) => {
-                    log::warn!("metrics endpoint: accepting a connection: {err}");
-                    // Out of descriptors or memory: give the process a moment to recover.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                Err(err) => return Err(MetricsError::Accept(err)),
-            },
-        };
-        let metrics = Arc::clone(&metrics);
-        let service = service_fn(move |request: Request<Incoming>| {
-            let response = respond(&metrics, &request);
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                log::debug!("metrics endpoint: connection from {peer}: {err}");
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
-            log::debug!("metrics endpoint: gave up waiting for open connections");
-        }
-    }
-    Ok(())
-}
-
-/// Accept errors that concern one connection or a passing shortage, not the listener.
-fn is_transient(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-            | io::ErrorKind::TimedOut
-            | io::ErrorKind::OutOfMemory
-    ) || matches!(
-        err.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
-    )
-}
-
-const INDEX_PAGE: &str = "tracer: eBPF TCP connection tracer\n\nMetrics: /metrics\n";
-
-fn respond<B>(metrics: &Metrics, request: &Request<B>) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    if path != "/metrics" && path != "/" {
-        return text(StatusCode::NOT_FOUND, "not found\n".into());
-    }
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        let mut response = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n".into(),
-        );
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
-    }
-    if path == "/" {
-        return text(StatusCode::OK, INDEX_PAGE.into());
-    }
-    match metrics.render() {
-        Ok(body) => {
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_TEXT));
-            response
-        }
-        Err(err) => {
-            log::warn!("{err}");
-            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n"))
-        }
-    }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
     use std::net::{IpAddr, Ipv4Addr};
-    use std::process::{Command, Stdio};
 
     use super::*;
     use tracer_core::model::{Comm, Task, Tuple};
@@ -1003,126 +833,6 @@ mod tests {
         assert_eq!(
             value(&out, r#"tracer_events_total{kind="retransmit"}"#),
             Some(1.0)
-        );
-    }
-
-    /// A one-shot HTTP/1.1 client: the status code, the headers and the body.
-    fn http(addr: std::net::SocketAddr, request: &str) -> (u16, String, String) {
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").unwrap();
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap();
-        (status, head.to_owned(), body.to_owned())
-    }
-
-    fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
-        http(
-            addr,
-            &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
-        )
-    }
-
-    #[tokio::test]
-    async fn serves_metrics_over_http_and_shuts_down() {
-        let metrics = Arc::new(Metrics::new().unwrap());
-        feed(&metrics, &active_lifecycle());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, Arc::clone(&metrics), async {
-            let _ = stopped.await;
-        }));
-
-        let client = tokio::task::spawn_blocking(move || {
-            (
-                get(addr, "/metrics"),
-                get(addr, "/"),
-                get(addr, "/nope"),
-                http(
-                    addr,
-                    "POST /metrics HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\
-                     Connection: close\r\n\r\n",
-                ),
-            )
-        });
-        let (metrics_page, index, missing, post) =
-            tokio::time::timeout(Duration::from_secs(30), client)
-                .await
-                .unwrap()
-                .unwrap();
-
-        let (status, head, body) = metrics_page;
-        assert_eq!(status, 200, "{head}");
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
-            "{head}"
-        );
-        assert_eq!(
-            value(
-                &body,
-                r#"tracer_connections_opened_total{direction="active"}"#
-            ),
-            Some(1.0),
-            "{body}"
-        );
-        let (status, _, body) = index;
-        assert_eq!(status, 200);
-        assert!(body.contains("/metrics"), "{body}");
-        assert_eq!(missing.0, 404);
-        assert_eq!(post.0, 405);
-        assert!(post.1.to_ascii_lowercase().contains("allow: get, head"));
-
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        // The listener is closed once serve returns.
-        assert!(std::net::TcpStream::connect(addr).is_err());
-    }
-
-    #[test]
-    fn promtool_accepts_the_exposition() {
-        let metrics = Metrics::new().unwrap();
-        feed(&metrics, &active_lifecycle());
-        metrics.set_events_lost(1);
-        let out = metrics.render().unwrap();
-        let mut child = match Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-        {
-            Ok(child) => child,
-            Err(err) => panic!(
-                "promtool is needed to check the metrics exposition but could not be run \
-                 ({err}); install it (Debian package `prometheus`, see the xtask setup)"
-            ),
-        };
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(out.as_bytes())
-            .unwrap();
-        let result = child.wait_with_output().unwrap();
-        assert!(
-            result.status.success(),
-            "promtool check metrics failed:\n{}{}\n--- exposition ---\n{out}",
-            String::from_utf8_lossy(&result.stdout),
-            String::from_utf8_lossy(&result.stderr),
         );
     }
 }

@@ -38,14 +38,6 @@ pub struct TimeWaitMetrics {
     shown_settings: Mutex<Option<[String; 3]>>,
 }
 
-fn exit_index(exit: TimeWaitExit) -> usize {
-    match exit {
-        TimeWaitExit::Expired => 0,
-        TimeWaitExit::Reused => 1,
-        TimeWaitExit::Killed => 2,
-    }
-}
-
 impl TimeWaitMetrics {
     pub fn register(registry: &Registry) -> Result<TimeWaitMetrics, prometheus::Error> {
         let sockets = IntGauge::with_opts(Opts::new(
@@ -142,7 +134,7 @@ impl TimeWaitMetrics {
     }
 
     pub fn exited(&self, exit: TimeWaitExit, substate: TcpState) {
-        self.exited[exit_index(exit)].inc();
+        self.exited[exit as usize].inc();
         if substate == TcpState::FinWait2 {
             self.fin_wait2_exits.inc();
         }

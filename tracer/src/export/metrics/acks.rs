@@ -1,23 +1,20 @@
-//! Delayed-ACK, Nagle-stall and CLOSE_WAIT metrics.
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+//! Delayed-ACK and Nagle-stall metrics.
+use prometheus::{Histogram, HistogramOpts, IntCounter, Opts, Registry};
 
 /// Delayed ACKs are held up to 200 ms on Linux (40 ms typical), 500 ms on some stacks.
 pub const DELAYED_ACK_BUCKETS: [f64; 10] =
     [0.001, 0.004, 0.01, 0.02, 0.04, 0.05, 0.1, 0.2, 0.3, 0.5];
 
-pub struct LatencyMetrics {
+pub struct AckMetrics {
     delayed_acks: IntCounter,
     delayed_ack_delay: Histogram,
     pingpong_exits: IntCounter,
     nagle_stalls: IntCounter,
     nagle_lost: prometheus::Counter,
-    close_wait: IntGauge,
-    close_wait_leaked: IntGauge,
-    close_wait_leaks: IntCounter,
 }
 
-impl LatencyMetrics {
-    pub fn register(registry: &Registry) -> Result<LatencyMetrics, prometheus::Error> {
+impl AckMetrics {
+    pub fn register(registry: &Registry) -> Result<AckMetrics, prometheus::Error> {
         let delayed_acks = IntCounter::with_opts(Opts::new(
             "tracer_delayed_acks_total",
             "Delayed ACKs sent: the delayed-ACK timer fired with an ACK pending (the kernel's TcpExtDelayedACKs).",
@@ -46,30 +43,12 @@ impl LatencyMetrics {
             "Time writes waited in Nagle + delayed-ACK stalls.",
         ))?;
         registry.register(Box::new(nagle_lost.clone()))?;
-        let close_wait = IntGauge::with_opts(Opts::new(
-            "tracer_close_wait_sockets",
-            "Connections in CLOSE_WAIT now: the peer closed and the local application has not yet.",
-        ))?;
-        registry.register(Box::new(close_wait.clone()))?;
-        let close_wait_leaked = IntGauge::with_opts(Opts::new(
-            "tracer_close_wait_leaked_sockets",
-            "Connections in CLOSE_WAIT for longer than the leak threshold now.",
-        ))?;
-        registry.register(Box::new(close_wait_leaked.clone()))?;
-        let close_wait_leaks = IntCounter::with_opts(Opts::new(
-            "tracer_close_wait_leaks_total",
-            "Connections that stayed in CLOSE_WAIT past the leak threshold.",
-        ))?;
-        registry.register(Box::new(close_wait_leaks.clone()))?;
-        Ok(LatencyMetrics {
+        Ok(AckMetrics {
             delayed_acks,
             delayed_ack_delay,
             pingpong_exits,
             nagle_stalls,
             nagle_lost,
-            close_wait,
-            close_wait_leaked,
-            close_wait_leaks,
         })
     }
 
@@ -86,15 +65,5 @@ impl LatencyMetrics {
     pub fn nagle_stall(&self, lost_ns: u64) {
         self.nagle_stalls.inc();
         self.nagle_lost.inc_by(lost_ns as f64 / 1e9);
-    }
-
-    pub fn close_wait_leak(&self) {
-        self.close_wait_leaks.inc();
-    }
-
-    /// `(in CLOSE_WAIT, of which past the threshold)`.
-    pub fn set_close_wait(&self, (now, leaked): (usize, usize)) {
-        self.close_wait.set(now as i64);
-        self.close_wait_leaked.set(leaked as i64);
     }
 }
