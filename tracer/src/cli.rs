@@ -148,20 +148,16 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
     Ok(bytes)
 }
 
-/// `250ms`, `30s`, `5m`, `1h`, or plain seconds.
+/// `250ms`, `30s`, `5m`, `1h`, `2m30s` (jiff's friendly format), or plain seconds; at most a
+/// year.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let bad = || format!("{text:?} is not a duration such as 500ms, 30s, 5m or 1h");
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(bad()),
+    let seconds = match text.parse::<f64>() {
+        Ok(plain) => plain,
+        Err(_) => text
+            .parse::<jiff::SignedDuration>()
+            .map_err(|_| bad())?
+            .as_secs_f64(),
     };
     if !seconds.is_finite() || seconds <= 0.0 || seconds > 366.0 * 86400.0 {
         return Err(bad());
@@ -280,6 +276,7 @@ mod tests {
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2m30s"), Ok(Duration::from_secs(150)));
         assert!(parse_duration("-1s").is_err() && parse_duration("1d").is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! Every step prints one line on stderr (stdout stays the agent's); a failing step stops with a
 //! one-line error and a non-zero exit.
 mod bench;
+mod layout;
 mod setup;
 mod test;
 
@@ -40,6 +41,12 @@ enum Cmd {
     },
     /// The whole suite, as CI runs it: setup, fmt, clippy, unit and integration tests (as root).
     Test,
+    /// Check the layout rules: file sizes and no import cycles between modules (no root needed).
+    Layout {
+        /// A checkout to check instead of this one.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+    },
     /// Measure what tracing costs (as root): throughput with and without the agent and peers.
     Bench(bench::Args),
 }
@@ -52,6 +59,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => run(&args),
         Cmd::Test => test::run(),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Layout { root } => layout::check(root.as_deref().unwrap_or(workspace_root())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,8 @@
 //! Finding the process that holds a socket, the way `ss -p` does: the socket's inode from
-//! sock_diag, then the `/proc/<pid>/fd` link that points at it. Slow (it walks every process),
+//! sock_diag, then the `/proc/<pid>/fd` link that points at it (read with `procfs`). Slow (it walks every process),
 //! so only for rare findings such as a CLOSE_WAIT leak, whose owner the kernel events cannot
 //! name (the transition into CLOSE_WAIT runs in softirq context).
-use std::path::Path;
+use procfs::process::FDTarget;
 
 use crate::host::{namespaces, sock_diag};
 use tracer_core::model::Owner;
@@ -10,23 +10,24 @@ use tracer_core::model::{Comm, Tuple};
 
 /// The process holding the socket with `tuple` in network namespace `netns`, if any.
 pub fn socket_owner(netns: u32, tuple: &Tuple) -> Option<Owner> {
-    let inode = socket_inode(netns, tuple)?;
-    let target = format!("socket:[{inode}]");
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+    let inode = u64::from(socket_inode(netns, tuple)?);
+    // Processes and descriptors come and go during the walk: skip what vanished.
+    for process in procfs::process::all_processes().ok()?.flatten() {
+        let Ok(fds) = process.fd() else {
             continue;
         };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str()) {
-                return Some(Owner {
-                    pid,
-                    comm: read_comm(&entry.path()),
-                });
-            }
+        let holds = fds
+            .flatten()
+            .any(|fd| matches!(fd.target, FDTarget::Socket(i) if i == inode));
+        if holds {
+            let comm = process
+                .stat()
+                .map(|stat| Comm::from(stat.comm.as_str()))
+                .unwrap_or_default();
+            return Some(Owner {
+                pid: u32::try_from(process.pid).ok()?,
+                comm,
+            });
         }
     }
     None
@@ -46,12 +47,6 @@ fn socket_inode(netns: u32, tuple: &Tuple) -> Option<u32> {
         .iter()
         .find(|s| s.tuple == *tuple && s.inode != 0)
         .map(|s| s.inode)
-}
-
-fn read_comm(proc_dir: &Path) -> Comm {
-    std::fs::read_to_string(proc_dir.join("comm"))
-        .map(|c| Comm::from(c.trim_end()))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

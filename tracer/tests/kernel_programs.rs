@@ -1,0 +1,106 @@
+//! The kernel programs against the running kernel (root): they load, attach, and report a
+//! loopback connection's transitions through the ring buffer; the timer callbacks are found in
+//! kallsyms.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+
+use tracer::kernel::btf::KernelBtf;
+use tracer::kernel::decode as events;
+use tracer::kernel::programs::{ProbeConfig, Probes};
+use tracer::kernel::system::symbols;
+use tracer_core::model::{Event, TcpState};
+
+#[test]
+fn kallsyms_has_the_timer_callbacks() {
+    let found = symbols().expect("the running kernel's kallsyms (run as root)");
+    assert_ne!(found.tw_timer_handler, 0);
+    assert_ne!(found.tcp_delack_timer, 0);
+    assert_ne!(found.tw_timer_handler, found.tcp_delack_timer);
+}
+
+/// Loads and attaches the real programs, makes one loopback connection, and finds its
+/// client-side transitions in the ring buffer with the right ports and states.
+#[test]
+fn programs_load_attach_and_report_a_loopback_connection() {
+    let kernel = KernelBtf::load().expect("kernel BTF");
+    let offsets = kernel.offsets().expect("offsets");
+    let symbols = symbols().expect("kallsyms");
+    let mut probes = Probes::attach(
+        &kernel,
+        &offsets,
+        &symbols,
+        &ProbeConfig {
+            ring_buffer_bytes: 1 << 20,
+        },
+    )
+    .expect("attach (run the tests as root)");
+    assert_eq!(probes.attached().len(), 9);
+    let mut ring = probes.take_events().expect("ring");
+    let lost = probes.take_lost_counter().expect("lost counter");
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let client_port = client.local_addr().expect("addr").port();
+    let (mut accepted, _) = listener.accept().expect("accept");
+    client.write_all(b"x").expect("write");
+    let mut byte = [0u8; 1];
+    accepted.read_exact(&mut byte).expect("read");
+    drop(client);
+    drop(accepted);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    // The client socket is the one whose connect() (CLOSE -> SYN_SENT) ran in this process
+    // towards our port; later events are matched by socket, since the kernel clears the
+    // local port before the final CLOSE.
+    let mut client_sock = None;
+    let mut client_path = Vec::new();
+    while let Some(record) = ring.next() {
+        let event = events::decode(&events::parse(&record).expect("parse")).expect("decode");
+        let Event::StateChange {
+            sock,
+            tuple,
+            old,
+            new,
+            task,
+            ..
+        } = event
+        else {
+            continue;
+        };
+        if old == TcpState::Close && new == TcpState::SynSent && tuple.dport == port {
+            assert_eq!(
+                task.pid,
+                std::process::id(),
+                "connect() runs in our process"
+            );
+            client_sock = Some(sock);
+        }
+        if client_sock == Some(sock) {
+            if new == TcpState::Established {
+                assert_eq!(tuple.sport, client_port);
+            }
+            client_path.push(new);
+            if new == TcpState::Close {
+                // The socket's memory may be reused by someone else's connection next.
+                client_sock = None;
+            }
+        }
+    }
+    assert_eq!(
+        client_path,
+        vec![
+            TcpState::SynSent,
+            TcpState::Established,
+            TcpState::FinWait1,
+            TcpState::FinWait2,
+            TcpState::Close
+        ]
+    );
+    assert_eq!(lost.total().expect("lost"), 0);
+}
