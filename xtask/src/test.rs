@@ -3,7 +3,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, require_root, run_cmd, setup, step, workspace_root};
+use crate::{cargo, layout, require_root, run_cmd, setup, step, workspace_root};
 
 /// Crates that would bring I/O, a runtime or the kernel into the pure core.
 const NOT_IN_CORE: &[&str] = &[
@@ -33,6 +33,12 @@ pub fn run() -> Result<()> {
 
     step("checking that tracer-core stays pure (cargo tree)");
     core_is_pure()?;
+
+    step(&format!(
+        "checking the layout (files under {} lines before their tests, no import cycles)",
+        layout::MAX_LINES
+    ));
+    layout::check(workspace_root())?;
 
     step("linting (cargo clippy -D warnings)");
     run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
