@@ -66,6 +66,8 @@ pub struct Connection {
     /// Who sent the first FIN, once known.
     pub(crate) first_fin: Option<CloseCause>,
     pub(crate) last_seen_ns: u64,
+    /// When it was last queued for eviction (see the tracker's `make_room`).
+    pub(crate) queued_ns: u64,
     /// State changes seen since the last update of the tuple (for the seed match).
     pub(crate) tuple_matched: bool,
 }

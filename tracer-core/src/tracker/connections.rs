@@ -55,6 +55,9 @@ pub struct Tracker {
     /// Seeded connections not yet matched to a kernel socket, by (netns, tuple).
     seeds: HashMap<(u32, Tuple), Seed>,
     evictions: u64,
+    /// Connections in the order they were queued for eviction: (when, socket). One entry per
+    /// insertion, none per event; see [`Tracker::make_room`].
+    activity: VecDeque<(u64, SockId)>,
     time_wait: TimeWaitTable,
     /// Live connections by 4-tuple, to find the sender a delayed ACK was holding up.
     by_tuple: HashMap<Tuple, SockId>,
@@ -75,6 +78,7 @@ impl Tracker {
             conns: HashMap::default(),
             seeds: HashMap::default(),
             evictions: 0,
+            activity: VecDeque::new(),
             time_wait: TimeWaitTable::new(config.time_wait),
             by_tuple: HashMap::default(),
             close_wait_queue: VecDeque::new(),
@@ -344,7 +348,7 @@ impl Tracker {
             if process_context(old, new) {
                 conn.owner = Some(owner(task));
             }
-            self.conns.insert(sock, conn);
+            self.insert(conn);
             self.match_tuple_of(sock, obs);
             obs.opened(direction);
             return;
@@ -433,7 +437,7 @@ impl Tracker {
             self.make_room(obs);
             let mut conn = Connection::new(sock, netns, tuple, Direction::Unknown, ts_ns);
             conn.states.push(StateStamp { state, ts_ns });
-            self.conns.insert(sock, conn);
+            self.insert(conn);
         }
         let conn = self.conns.get_mut(&sock)?;
         conn.last_seen_ns = ts_ns;
@@ -490,23 +494,46 @@ impl Tracker {
         }
     }
 
-    /// Evicts the least recently active connection when the table is full. Linear, but only
-    /// runs when the table is at its bound, which the eviction counter makes visible.
+    /// Adds a connection and queues it for eviction. Stale queue entries (closed connections)
+    /// are dropped once they outnumber the live ones, so the queue stays within twice the table.
+    fn insert(&mut self, mut conn: Connection) {
+        conn.queued_ns = conn.last_seen_ns;
+        self.activity.push_back((conn.queued_ns, conn.sock));
+        self.conns.insert(conn.sock, conn);
+        if self.activity.len() > 2 * self.conns.len() + 1024 {
+            let conns = &self.conns;
+            self.activity
+                .retain(|(queued, sock)| conns.get(sock).is_some_and(|c| c.queued_ns == *queued));
+        }
+    }
+
+    /// Evicts a least recently active connection when the table is full, in amortised O(1):
+    /// the queue's front is the oldest queued; one touched since it was queued goes to the back
+    /// (second chance: its touch paid for the move), a stale entry is skipped, and the first
+    /// untouched one is evicted. The scan that this replaces ran over the whole table exactly
+    /// when the host was busiest.
     fn make_room(&mut self, obs: &mut impl Observer) {
         if self.conns.len() < self.config.max_connections {
             return;
         }
-        let victim = self
-            .conns
-            .values()
-            .min_by_key(|c| c.last_seen_ns)
-            .map(|c| c.sock);
-        if let Some(victim) = victim
-            && let Some(conn) = self.conns.remove(&victim)
-        {
-            self.forget(&conn);
-            self.evictions += 1;
-            obs.evicted(&conn);
+        while let Some((queued, sock)) = self.activity.pop_front() {
+            let Some(conn) = self.conns.get_mut(&sock) else {
+                continue;
+            };
+            if conn.queued_ns != queued {
+                continue;
+            }
+            if conn.last_seen_ns > queued {
+                conn.queued_ns = conn.last_seen_ns;
+                self.activity.push_back((conn.queued_ns, sock));
+                continue;
+            }
+            if let Some(conn) = self.conns.remove(&sock) {
+                self.forget(&conn);
+                self.evictions += 1;
+                obs.evicted(&conn);
+            }
+            return;
         }
     }
 }
@@ -536,6 +563,7 @@ impl Connection {
             close_wait_leaked: false,
             first_fin: None,
             last_seen_ns: ts_ns,
+            queued_ns: ts_ns,
             tuple_matched: false,
         }
     }
@@ -970,6 +998,53 @@ mod tests {
         assert_eq!(tracker.evictions(), 1);
         assert_eq!(rec.evicted.len(), 1);
         assert_eq!(rec.evicted[0].sock, 0x10);
+    }
+
+    /// A connection active after it was opened is not the one evicted, however many
+    /// connections fill the table; and the eviction queue stays bounded as connections close.
+    #[test]
+    fn eviction_spares_recent_activity_and_its_queue_stays_bounded() {
+        let mut tracker = Tracker::new(TrackerConfig {
+            max_connections: 100,
+            ..TrackerConfig::default()
+        });
+        let mut rec = Recorder::default();
+        let busy = loopback(40000, 80);
+        tracker.on_event(&state(0, 0x1, busy, Close, SynSent, task(1, "c")), &mut rec);
+        for i in 0..1_000u64 {
+            let sock = 0x1000 + i;
+            let t = loopback(41000 + i as u16, 80);
+            tracker.on_event(
+                &state(10 + 3 * i, sock, t, Close, SynSent, task(1, "c")),
+                &mut rec,
+            );
+            // The busy connection keeps talking.
+            tracker.on_event(
+                &state(11 + 3 * i, 0x1, busy, SynSent, Established, task(1, "c")),
+                &mut rec,
+            );
+        }
+        assert_eq!(tracker.active(), 100);
+        assert!(
+            rec.evicted.iter().all(|c| c.sock != 0x1),
+            "the busy one stays"
+        );
+        assert_eq!(rec.evicted.len(), 901);
+        // Evicted in the order they went quiet.
+        let order: Vec<u64> = rec.evicted.iter().map(|c| c.sock).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+        // Churn: open and close far more connections than the table holds.
+        for i in 0..10_000u64 {
+            let sock = 0x10_0000 + i;
+            let t = loopback(50000, 80);
+            let ts = 1_000_000 + 2 * i;
+            tracker.on_event(&state(ts, sock, t, Close, SynSent, task(1, "c")), &mut rec);
+            tracker.on_event(
+                &state(ts + 1, sock, t, SynSent, Close, task(1, "c")),
+                &mut rec,
+            );
+        }
+        assert!(tracker.activity.len() <= 2 * tracker.active() + 1024 + 1);
     }
 
     #[test]
