@@ -129,6 +129,10 @@ pub struct KernelOffsets {
     pub tcp_mss_cache: u32,
     /// `struct msghdr` -> `msg_iter.count`: bytes left to send.
     pub msghdr_left: u32,
+    /// Non-zero when the head of `struct sock_common` has the layout every kernel since 2.6 has
+    /// (daddr 0, rcv_saddr 4, dport 12, num 14, family 16, state 18), checked against BTF: the
+    /// programs then read it in one call instead of one per field.
+    pub sock_head_standard: u32,
     /// Non-zero once the agent has filled this struct (programs do nothing before that).
     pub valid: u32,
 }
@@ -157,4 +161,4 @@ mod user {
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 27 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 28 * 4);

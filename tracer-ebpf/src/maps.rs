@@ -14,9 +14,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Filled by the agent from BTF before loading.
+/// Filled by the agent from BTF before loading. Read one field at a time with [`off!`]: a
+/// copy of the whole struct per event cost more than the fields an event needs.
 #[unsafe(no_mangle)]
-static OFFSETS: KernelOffsets = KernelOffsets {
+pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     skc_daddr: 0,
     skc_rcv_saddr: 0,
     skc_dport: 0,
@@ -43,8 +44,19 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_packets_out: 0,
     tcp_mss_cache: 0,
     msghdr_left: 0,
+    sock_head_standard: 0,
     valid: 0,
 };
+
+/// One field of [`OFFSETS`], read volatile so that the compiler cannot fold the zero
+/// initialiser (the loader rewrites the value before the program loads).
+macro_rules! off {
+    ($field:ident) => {
+        // SAFETY: a plain static rewritten by the loader; reading one aligned u32 field.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::maps::OFFSETS.$field)) }
+    };
+}
+pub(crate) use off;
 
 /// Filled by the agent from `/proc/kallsyms` before loading.
 #[unsafe(no_mangle)]
@@ -58,25 +70,11 @@ static SYMBOLS: KernelSymbols = KernelSymbols {
 #[map]
 pub static DELACK_ARMED: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(65536, 0);
 
-/// `OFFSETS.timer_function` alone, for the timer hooks' filter.
-#[inline(always)]
-pub fn timer_function_offset() -> u32 {
-    // SAFETY: as for `offsets`, reading one field of the loader-rewritten static.
-    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(OFFSETS.timer_function)) }
-}
-
 #[inline(always)]
 pub fn symbols() -> KernelSymbols {
-    // SAFETY: as for `offsets`: a plain static rewritten by the loader, read volatile so the
+    // SAFETY: as for `OFFSETS` (see `off!`): a plain static rewritten by the loader, read volatile so the
     // compiler cannot fold the zero initialiser.
     unsafe { core::ptr::read_volatile(&SYMBOLS) }
-}
-
-#[inline(always)]
-pub fn offsets() -> KernelOffsets {
-    // SAFETY: OFFSETS is a plain static; the volatile read keeps the compiler from folding the
-    // zero initialiser into the code, since the loader rewrites the value before loading.
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
 /// Pending bytes in `EVENTS` past which a submit wakes the agent (set by the agent from the
@@ -88,7 +86,7 @@ static WAKEUP_BYTES: u64 = 0;
 /// `bpf_ringbuf_submit` flags: wake the reader only once enough data is pending.
 #[inline(always)]
 pub fn submit_flags() -> u64 {
-    // SAFETY: as for `offsets`: a plain static rewritten by the loader.
+    // SAFETY: as for `OFFSETS` (see `off!`): a plain static rewritten by the loader.
     let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
     let pending = EVENTS.query(u64::from(aya_ebpf::bindings::BPF_RB_AVAIL_DATA));
     if pending >= threshold {

@@ -25,8 +25,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn emit(ctx: &BtfTracePointContext, sk: *const u8, kind: u8, reason: u16) -> i32 {
-    let off = maps::offsets();
-    if off.valid == 0 {
+    if maps::off!(valid) == 0 {
         debug!(ctx, "reset seen before offsets were set");
         return 0;
     }
@@ -38,10 +37,10 @@ fn emit(ctx: &BtfTracePointContext, sk: *const u8, kind: u8, reason: u16) -> i32
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk, &off);
+    sock::fill(event, sk, false);
     event.kind = kind;
     event.oldstate = 0;
-    event.newstate = sock::state(sk, &off);
+    event.newstate = sock::state(sk);
     event.segs = reason;
     entry.submit(maps::submit_flags());
     0

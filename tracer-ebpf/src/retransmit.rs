@@ -25,8 +25,7 @@ pub fn tcp_retransmit_skb_noerr(ctx: BtfTracePointContext) -> i32 {
 /// connection's addresses.
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
-    let off = maps::offsets();
-    if off.valid == 0 {
+    if maps::off!(valid) == 0 {
         return 0;
     }
     let req: *const u8 = ctx.arg(1);
@@ -36,10 +35,10 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, req, &off);
+    sock::fill(event, req, false);
     event.kind = EVENT_SYNACK_RETRANSMIT;
     event.oldstate = 0;
-    event.newstate = sock::state(req, &off);
+    event.newstate = sock::state(req);
     event.segs = 1;
     entry.submit(maps::submit_flags());
     0
@@ -47,30 +46,29 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn emit(ctx: &BtfTracePointContext) -> i32 {
-    let off = maps::offsets();
-    if off.valid == 0 {
+    if maps::off!(valid) == 0 {
         return 0;
     }
     let sk: *const u8 = ctx.arg(0);
     let skb: *const u8 = ctx.arg(1);
     // One skb can carry many segments under GSO; tcp_skb_pcount() is what the kernel adds.
-    let segs = match sock::read::<u16>(skb, off.skb_tcp_gso_segs) {
+    let segs = match sock::read::<u16>(skb, maps::off!(skb_tcp_gso_segs)) {
         Some(0) | None => 1,
         Some(n) => n,
     };
-    let ca_byte: u8 = sock::read(sk, off.icsk_ca_state_byte).unwrap_or(0);
+    let ca_byte: u8 = sock::read(sk, maps::off!(icsk_ca_state_byte)).unwrap_or(0);
     let Some(mut entry) = maps::reserve() else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk, &off);
+    sock::fill(event, sk, false);
     event.kind = EVENT_RETRANSMIT;
     event.oldstate = 0;
-    event.newstate = sock::state(sk, &off);
+    event.newstate = sock::state(sk);
     event.segs = segs;
-    event.ca_state = (ca_byte >> (off.icsk_ca_state_shift & 7)) & 0x1f;
+    event.ca_state = (ca_byte >> (maps::off!(icsk_ca_state_shift) & 7)) & 0x1f;
     entry.submit(maps::submit_flags());
     0
 }

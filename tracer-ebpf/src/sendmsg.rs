@@ -12,23 +12,23 @@ const NAGLE_OFF_OR_CORK: u8 = 1 | 2;
 
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
-    let off = maps::offsets();
-    if off.valid == 0 {
+    if maps::off!(valid) == 0 {
         return 0;
     }
     let sk: *const u8 = ctx.arg(0);
-    let nonagle_byte: u8 = sock::read(sk, off.tcp_nonagle_byte).unwrap_or(NAGLE_OFF_OR_CORK);
-    let nonagle = (nonagle_byte >> (off.tcp_nonagle_shift & 7)) & 0xf;
+    let nonagle_byte: u8 =
+        sock::read(sk, maps::off!(tcp_nonagle_byte)).unwrap_or(NAGLE_OFF_OR_CORK);
+    let nonagle = (nonagle_byte >> (maps::off!(tcp_nonagle_shift) & 7)) & 0xf;
     if nonagle & NAGLE_OFF_OR_CORK != 0 {
         return 0;
     }
-    let packets_out: u32 = sock::read(sk, off.tcp_packets_out).unwrap_or(0);
+    let packets_out: u32 = sock::read(sk, maps::off!(tcp_packets_out)).unwrap_or(0);
     if packets_out == 0 {
         return 0;
     }
     let msg: *const u8 = ctx.arg(1);
-    let left: u64 = sock::read(msg, off.msghdr_left).unwrap_or(0);
-    let mss: u32 = sock::read(sk, off.tcp_mss_cache).unwrap_or(0);
+    let left: u64 = sock::read(msg, maps::off!(msghdr_left)).unwrap_or(0);
+    let mss: u32 = sock::read(sk, maps::off!(tcp_mss_cache)).unwrap_or(0);
     if left == 0 || left >= u64::from(mss) {
         return 0;
     }
@@ -38,10 +38,10 @@ pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `fill` writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk, &off);
+    sock::fill(event, sk, true);
     event.kind = EVENT_NAGLE_HELD;
     event.oldstate = 0;
-    event.newstate = sock::state(sk, &off);
+    event.newstate = sock::state(sk);
     event.aux = left;
     entry.submit(maps::submit_flags());
     0

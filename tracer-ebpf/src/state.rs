@@ -6,12 +6,11 @@ use crate::{maps, sock};
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    let off = maps::offsets();
-    if off.valid == 0 {
+    if maps::off!(valid) == 0 {
         return 0;
     }
     let sk: *const u8 = ctx.arg(0);
-    if !sock::is_tcp(sk, &off) {
+    if !sock::is_tcp(sk) {
         return 0;
     }
     let oldstate: i32 = ctx.arg(1);
@@ -22,7 +21,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; every field is
     // written before submit (fill writes all fields not written here).
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk, &off);
+    sock::fill(event, sk, sock::in_process_context(oldstate, newstate));
     event.kind = EVENT_STATE;
     event.oldstate = oldstate as u8;
     event.newstate = newstate as u8;

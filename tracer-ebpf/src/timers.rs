@@ -41,29 +41,28 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     let timer: *const u8 = ctx.arg(0);
     // Every timer in the kernel comes through here and almost none is ours: read only what
     // the filter needs before anything else.
-    let function: u64 = sock::read(timer, maps::timer_function_offset()).unwrap_or(0);
+    let function: u64 = sock::read(timer, maps::off!(timer_function)).unwrap_or(0);
     let symbols = maps::symbols();
     if function == 0
         || (function != symbols.tcp_delack_timer && function != symbols.tw_timer_handler)
     {
         return 0;
     }
-    let off = maps::offsets();
-    if off.valid == 0 {
+    if maps::off!(valid) == 0 {
         return 0;
     }
     if function == symbols.tcp_delack_timer {
         return match phase {
-            Phase::Start => delack_armed(timer, &off),
-            Phase::Expire => delack_fired(timer, &off),
+            Phase::Start => delack_armed(timer),
+            Phase::Expire => delack_fired(timer),
             Phase::Cancel => 0,
         };
     }
     if function != symbols.tw_timer_handler {
         return 0;
     }
-    let tw = timer.wrapping_sub(off.tw_timer as usize);
-    let substate: u8 = sock::read(tw, off.tw_substate).unwrap_or(0);
+    let tw = timer.wrapping_sub(maps::off!(tw_timer) as usize);
+    let substate: u8 = sock::read(tw, maps::off!(tw_substate)).unwrap_or(0);
     let Some(mut entry) = maps::reserve() else {
         return 0;
     };
@@ -71,7 +70,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     // field not written below. A timewait socket starts with a `sock_common`, which is all
     // that `fill` reads.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, tw, &off);
+    sock::fill(event, tw, false);
     event.kind = match phase {
         Phase::Start => EVENT_TW_START,
         Phase::Cancel => EVENT_TW_CANCEL,
@@ -86,9 +85,9 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
 /// Remembers when the ACK started waiting. A re-arm for the same expiry is the kernel keeping
 /// the earlier deadline, so the first arming time stays.
 #[inline(always)]
-fn delack_armed(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
-    let sk = timer.wrapping_sub(off.icsk_delack_timer as usize) as u64;
-    let expires: u64 = sock::read(timer, off.timer_expires).unwrap_or(0);
+fn delack_armed(timer: *const u8) -> i32 {
+    let sk = timer.wrapping_sub(maps::off!(icsk_delack_timer) as usize) as u64;
+    let expires: u64 = sock::read(timer, maps::off!(timer_expires)).unwrap_or(0);
     if let Some(armed) = maps::DELACK_ARMED.get_ptr(sk) {
         // SAFETY: the pointer comes from a lookup in this map and stays valid for the program's
         // run; a concurrent update can only change the value, never free it under us.
@@ -103,29 +102,29 @@ fn delack_armed(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
 }
 
 #[inline(always)]
-fn delack_fired(timer: *const u8, off: &tracer_common::KernelOffsets) -> i32 {
-    let sk_addr = timer.wrapping_sub(off.icsk_delack_timer as usize);
+fn delack_fired(timer: *const u8) -> i32 {
+    let sk_addr = timer.wrapping_sub(maps::off!(icsk_delack_timer) as usize);
     let key = sk_addr as u64;
     let armed = maps::DELACK_ARMED.get_ptr(key).map(|armed| {
         // SAFETY: as in `delack_armed`: a pointer from a lookup in this map.
         unsafe { (*armed)[0] }
     });
     let _ = maps::DELACK_ARMED.remove(key);
-    let pending: u8 = sock::read(sk_addr, off.icsk_ack_pending).unwrap_or(0);
+    let pending: u8 = sock::read(sk_addr, maps::off!(icsk_ack_pending)).unwrap_or(0);
     if pending & 3 != 3 {
         return 0;
     }
-    let pingpong: u8 = sock::read(sk_addr, off.icsk_ack_pingpong).unwrap_or(0);
+    let pingpong: u8 = sock::read(sk_addr, maps::off!(icsk_ack_pingpong)).unwrap_or(0);
     let Some(mut entry) = maps::reserve() else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `fill` writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk_addr, off);
+    sock::fill(event, sk_addr, false);
     event.kind = EVENT_DELAYED_ACK;
     event.oldstate = 0;
-    event.newstate = sock::state(sk_addr, off);
+    event.newstate = sock::state(sk_addr);
     event.ca_state = pingpong;
     event.aux = match armed {
         Some(at) if at > 0 && event.ts_ns > at => event.ts_ns - at,

@@ -11,7 +11,7 @@ use std::net::{TcpListener, TcpStream};
 
 use tracer::kernel::btf::KernelBtf;
 use tracer::kernel::decode as events;
-use tracer::kernel::programs::{ProbeConfig, Probes};
+use tracer::kernel::programs::{HookPlan, ProbeConfig, Probes};
 use tracer::kernel::system::symbols;
 use tracer_core::model::{Event, TcpState};
 
@@ -30,8 +30,9 @@ fn programs_load_attach_and_report_a_loopback_connection() {
     let kernel = KernelBtf::load().expect("kernel BTF");
     let offsets = kernel.offsets().expect("offsets");
     let symbols = symbols().expect("kallsyms");
+    let plan = HookPlan::for_kernel(&kernel).expect("every hook's tracepoint is in BTF");
     let mut probes = Probes::attach(
-        &kernel,
+        &plan,
         &offsets,
         &symbols,
         &ProbeConfig {

@@ -109,6 +109,30 @@ impl Tracker {
 
     /// Settles what only the passing of time decides (TIME_WAIT exits), as of `now_ns`
     /// (CLOCK_MONOTONIC, the events' clock).
+    /// Gives back the memory of tables left sparse by a burst that has closed: a hash table
+    /// keeps its peak capacity otherwise. Returns whether anything shrank (worth asking the
+    /// allocator to return memory to the system). Cheap when nothing is sparse.
+    pub fn shrink(&mut self) -> bool {
+        let mut shrank = shrink_map(&mut self.conns);
+        shrank |= shrink_map(&mut self.by_tuple);
+        shrank |= shrink_map(&mut self.seeds);
+        shrank |= shrink_map(&mut self.listeners);
+        self.compact_activity();
+        if sparse(self.activity.capacity(), self.activity.len()) {
+            self.activity.shrink_to(self.activity.len() * 2);
+            shrank = true;
+        }
+        if sparse(
+            self.close_wait_queue.capacity(),
+            self.close_wait_queue.len(),
+        ) {
+            self.close_wait_queue
+                .shrink_to(self.close_wait_queue.len() * 2);
+            shrank = true;
+        }
+        shrank | self.time_wait.shrink()
+    }
+
     pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
         self.time_wait.tick(now_ns, obs);
         let threshold = self.config.close_wait_threshold_ns;
@@ -500,6 +524,12 @@ impl Tracker {
         conn.queued_ns = conn.last_seen_ns;
         self.activity.push_back((conn.queued_ns, conn.sock));
         self.conns.insert(conn.sock, conn);
+        self.compact_activity();
+    }
+
+    /// Drops the queue entries of closed (or re-queued) connections once they outnumber the
+    /// live ones.
+    fn compact_activity(&mut self) {
         if self.activity.len() > 2 * self.conns.len() + 1024 {
             let conns = &self.conns;
             self.activity
@@ -576,6 +606,20 @@ fn finish(conn: &mut Connection, ts_ns: u64, cause: CloseCause) {
 
 /// Transitions made inside the owner's system call, where `current` is the owner. The others
 /// run in softirq context, where `current` is whatever task was interrupted.
+/// A table is worth shrinking once it holds under a quarter of its capacity, and the capacity is
+/// large enough to matter.
+pub(crate) fn sparse(capacity: usize, len: usize) -> bool {
+    capacity > 4096 && capacity > 4 * len
+}
+
+pub(crate) fn shrink_map<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) -> bool {
+    if sparse(map.capacity(), map.len()) {
+        map.shrink_to(map.len() * 2);
+        return true;
+    }
+    false
+}
+
 fn process_context(old: TcpState, new: TcpState) -> bool {
     matches!(
         (old, new),
@@ -1045,6 +1089,38 @@ mod tests {
             );
         }
         assert!(tracker.activity.len() <= 2 * tracker.active() + 1024 + 1);
+    }
+
+    /// After a burst closes, the tables give their memory back.
+    #[test]
+    fn tables_shrink_after_a_burst_closes() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        for i in 0..20_000u64 {
+            let t = loopback(10_000 + (i % 50_000) as u16, 80);
+            tracker.on_event(
+                &state(i, 0x1_0000 + i, t, Close, SynSent, task(1, "c")),
+                &mut rec,
+            );
+        }
+        let peak = tracker.conns.capacity();
+        assert!(peak >= 20_000);
+        assert!(!tracker.shrink(), "nothing is sparse while the burst lasts");
+        for i in 0..20_000u64 {
+            let t = loopback(10_000 + (i % 50_000) as u16, 80);
+            tracker.on_event(
+                &state(30_000 + i, 0x1_0000 + i, t, SynSent, Close, task(1, "c")),
+                &mut rec,
+            );
+        }
+        assert_eq!(tracker.active(), 0);
+        assert!(tracker.shrink());
+        assert!(
+            tracker.conns.capacity() < peak / 4,
+            "{} of {peak}",
+            tracker.conns.capacity()
+        );
+        assert!(tracker.activity.capacity() < 20_000);
     }
 
     #[test]

@@ -123,6 +123,27 @@ impl TimeWaitTable {
         self.in_time_wait
     }
 
+    /// Shrinks tables left sparse by a burst that has ended; see `Tracker::shrink`.
+    pub fn shrink(&mut self) -> bool {
+        use super::connections::{shrink_map, sparse};
+        let mut shrank = shrink_map(&mut self.entries);
+        shrank |= shrink_map(&mut self.by_tuple);
+        shrank |= shrink_map(&mut self.seeded);
+        shrank |= shrink_map(&mut self.early_exits);
+        shrank |= shrink_map(&mut self.peers);
+        for queue in [&mut self.cancels] {
+            if sparse(queue.capacity(), queue.len()) {
+                queue.shrink_to(queue.len() * 2);
+                shrank = true;
+            }
+        }
+        if sparse(self.early_order.capacity(), self.early_order.len()) {
+            self.early_order.shrink_to(self.early_order.len() * 2);
+            shrank = true;
+        }
+        shrank
+    }
+
     /// Timewait sockets not tracked because the table was full.
     pub fn dropped(&self) -> u64 {
         self.dropped

@@ -13,7 +13,7 @@ use crate::export::metrics::Metrics;
 use crate::host::{namespaces, seeds, sock_diag};
 use crate::kernel::btf::KernelBtf;
 use crate::kernel::clock::monotonic_ns;
-use crate::kernel::programs::{KernelLogger, LostCounter, ProbeConfig, Probes};
+use crate::kernel::programs::{HookPlan, KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::kernel::system::{self, TcpSysctls};
 use tracer_core::model::TcpState;
 use tracer_core::tracker::{Tracker, TrackerConfig};
@@ -49,15 +49,20 @@ impl Session {
             Ok(false) => {}
             Err(e) => warn!("{e} (continuing: the tp_btf programs do not need it)"),
         }
+        // Everything needed from our parse of the kernel's BTF, then free it before aya parses
+        // its own: the two would otherwise add up to the start-up peak.
         let btf = KernelBtf::load()?;
         let offsets = btf.offsets()?;
+        let plan = HookPlan::for_kernel(&btf)?;
+        let rst_reasons = btf.rst_reasons();
+        drop(btf);
         debug!("kernel offsets from BTF: {offsets:?}");
         let symbols = system::symbols()?;
         debug!("kernel symbols: {symbols:x?}");
 
         let metrics = Arc::new(Metrics::new().context("creating metrics")?);
         let mut probes = Probes::attach(
-            &btf,
+            &plan,
             &offsets,
             &symbols,
             &ProbeConfig {
@@ -83,6 +88,9 @@ impl Session {
         }
         metrics.time_wait.set_settings(&sysctls);
         seed_existing(&mut tracker)?;
+        // The BTF parses are gone: hand their memory back so that the start-up peak does not
+        // stay as the idle footprint.
+        crate::app::pump::give_memory_back();
         metrics.set_active(tracker.active());
         Ok(Session {
             probes: Some(probes),
@@ -91,7 +99,7 @@ impl Session {
             logger,
             tracker,
             sysctls,
-            rst_reasons: btf.rst_reasons(),
+            rst_reasons,
             metrics,
             lost_at_resync: 0,
             resynced: None,

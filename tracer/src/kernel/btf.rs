@@ -205,7 +205,21 @@ impl KernelBtf {
             tcp_mss_cache: self.member_offset("tcp_sock", "mss_cache")?.byte,
             msghdr_left: self.member_offset("msghdr", "msg_iter")?.byte
                 + self.member_offset("iov_iter", "count")?.byte,
+            sock_head_standard: 0,
             valid: 1,
+        })
+        .map(|mut off| {
+            off.sock_head_standard = u32::from(
+                (
+                    off.skc_daddr,
+                    off.skc_rcv_saddr,
+                    off.skc_dport,
+                    off.skc_num,
+                    off.skc_family,
+                    off.skc_state,
+                ) == (0, 4, 12, 14, 16, 18),
+            );
+            off
         })
     }
 }
@@ -230,6 +244,7 @@ mod tests {
         assert_eq!(off.skc_num, 14);
         assert_eq!(off.skc_family, 16);
         assert_eq!(off.skc_state, 18);
+        assert_eq!(off.sock_head_standard, 1, "the one-read fast path applies");
         assert_eq!(off.valid, 1);
     }
 

@@ -64,21 +64,30 @@ impl ProbeConfig {
     }
 }
 
-impl Probes {
-    /// Loads the programs with `offsets` and attaches every hook. On error nothing stays
-    /// attached: the partially set-up `Ebpf` is dropped, which detaches what was attached.
-    pub fn attach(
-        kernel: &KernelBtf,
-        offsets: &KernelOffsets,
-        symbols: &KernelSymbols,
-        config: &ProbeConfig,
-    ) -> Result<Probes, ProbeError> {
+/// Which program serves each hook on this kernel, checked against its BTF before anything is
+/// loaded. Taking this first lets the caller free its parsed BTF before aya parses its own.
+#[derive(Clone, Copy, Debug)]
+pub struct HookPlan {
+    retransmit: &'static str,
+}
+
+impl HookPlan {
+    pub fn for_kernel(kernel: &KernelBtf) -> Result<HookPlan, ProbeError> {
         let retransmit = match kernel.tracepoint_arity("tcp_retransmit_skb")? {
             3 => "tcp_retransmit_skb",
             2 => "tcp_retransmit_skb_noerr",
             n => return Err(ProbeError::UnknownRetransmitForm(n)),
         };
-        let hooks = [
+        let plan = HookPlan { retransmit };
+        for hook in &plan.hooks() {
+            kernel.tracepoint_arity(hook.tracepoint)?;
+        }
+        Ok(plan)
+    }
+
+    fn hooks(&self) -> [Hook; 9] {
+        let retransmit = self.retransmit;
+        [
             Hook {
                 program: "inet_sock_set_state",
                 tracepoint: "inet_sock_set_state",
@@ -115,19 +124,31 @@ impl Probes {
                 program: "timer_expire_entry",
                 tracepoint: "timer_expire_entry",
             },
-        ];
-        for hook in &hooks {
-            kernel.tracepoint_arity(hook.tracepoint)?;
-        }
+        ]
+    }
+}
 
+impl Probes {
+    /// Loads the programs with `offsets` and attaches every hook of `plan`. On error nothing
+    /// stays attached: the partially set-up `Ebpf` is dropped, which detaches what was attached.
+    pub fn attach(
+        plan: &HookPlan,
+        offsets: &KernelOffsets,
+        symbols: &KernelSymbols,
+        config: &ProbeConfig,
+    ) -> Result<Probes, ProbeError> {
+        let hooks = plan.hooks();
+        // One parse of the kernel's BTF for the loader and every program (each is ~5 MiB of
+        // types: parsing it once keeps the start-up peak down).
+        let btf = Btf::from_sys_fs().map_err(ProbeError::Btf)?;
         let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
             .override_global("OFFSETS", offsets, true)
             .override_global("SYMBOLS", symbols, true)
             .override_global("WAKEUP_BYTES", &config.wakeup_bytes(), true)
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .load(PROGRAMS)
             .map_err(ProbeError::Load)?;
-        let btf = Btf::from_sys_fs().map_err(ProbeError::Btf)?;
         let mut attached = Vec::with_capacity(hooks.len());
         for hook in &hooks {
             let program_error = |source| ProbeError::Program {
