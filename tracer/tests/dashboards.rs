@@ -175,34 +175,6 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// `# TYPE` of every family in a scrape.
-fn families(scrape: &str) -> BTreeMap<String, String> {
-    scrape
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            (parts.next() == Some("#") && parts.next() == Some("TYPE")).then_some(())?;
-            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
-        })
-        .collect()
-}
-
-/// The family a referenced name belongs to: itself, or the histogram whose `_bucket`, `_sum`
-/// or `_count` series it is.
-fn family_of(name: &str, families: &BTreeMap<String, String>) -> Option<String> {
-    if families.contains_key(name) {
-        return Some(name.to_owned());
-    }
-    ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
-        let base = name.strip_suffix(suffix)?;
-        matches!(
-            families.get(base).map(String::as_str),
-            Some("histogram" | "summary")
-        )
-        .then(|| base.to_owned())
-    })
-}
-
 #[test]
 fn metric_names_are_extracted_whole() {
     let names = metric_names(
@@ -213,21 +185,6 @@ fn metric_names_are_extracted_whole() {
         names.into_iter().collect::<Vec<_>>(),
         ["tracer_a_seconds_bucket", "tracer_b_total"]
     );
-    let families: BTreeMap<String, String> = [
-        ("tracer_a_seconds".to_owned(), "histogram".to_owned()),
-        ("tracer_b_count".to_owned(), "gauge".to_owned()),
-    ]
-    .into();
-    assert_eq!(
-        family_of("tracer_a_seconds_bucket", &families).as_deref(),
-        Some("tracer_a_seconds")
-    );
-    assert_eq!(
-        family_of("tracer_b_count", &families).as_deref(),
-        Some("tracer_b_count")
-    );
-    assert_eq!(family_of("tracer_b_sum", &families), None);
-    assert_eq!(family_of("tracer_c_total", &families), None);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -640,18 +597,19 @@ fn every_metric_the_files_name_is_exported_by_a_real_agent() {
     let started = Instant::now();
     let (exported, missing, own_series) = loop {
         let scrape = agent.scrape();
-        let exported = families(&scrape);
+        let exported = exposition(&scrape);
         let missing: Vec<(String, &str)> = referenced
             .iter()
-            .filter(|(name, _)| family_of(name, &exported).is_none())
+            .filter(|(name, _)| exported.family_of(name).is_none())
             .map(|(name, file)| (name.clone(), *file))
             .collect();
         let labels: Vec<(&str, &str)> = own_peer.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let own_series =
-            !matching_samples(&scrape, "tracer_time_wait_port_exhaustion_ratio", &labels)
-                .is_empty()
-                && !matching_samples(&scrape, "tracer_time_wait_sockets_by_peer", &labels)
-                    .is_empty();
+        let own_series = !exported
+            .matching("tracer_time_wait_port_exhaustion_ratio", &labels)
+            .is_empty()
+            && !exported
+                .matching("tracer_time_wait_sockets_by_peer", &labels)
+                .is_empty();
         if (missing.is_empty() && own_series) || started.elapsed() >= FAMILIES_TIMEOUT {
             break (exported, missing, own_series);
         }
@@ -661,7 +619,12 @@ fn every_metric_the_files_name_is_exported_by_a_real_agent() {
         missing.is_empty(),
         "metrics named in dashboards/ that the agent does not export (within \
          {FAMILIES_TIMEOUT:?}): {missing:?}\n--- families exported ---\n{}",
-        exported.keys().cloned().collect::<Vec<_>>().join("\n")
+        exported
+            .types()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(
         own_series,
@@ -670,13 +633,14 @@ fn every_metric_the_files_name_is_exported_by_a_real_agent() {
     );
 
     // Every family the agent exports has a panel.
-    let on_dashboard: BTreeSet<String> = dashboard_names
+    let on_dashboard: BTreeSet<&str> = dashboard_names
         .iter()
-        .filter_map(|name| family_of(name, &exported))
+        .filter_map(|name| exported.family_of(name))
         .collect();
     let without_panel: Vec<&String> = exported
+        .types()
         .keys()
-        .filter(|family| family.starts_with("tracer_") && !on_dashboard.contains(*family))
+        .filter(|family| family.starts_with("tracer_") && !on_dashboard.contains(family.as_str()))
         .collect();
     assert!(
         without_panel.is_empty(),
