@@ -513,8 +513,18 @@ pub fn parse_samples(text: &str) -> Vec<Sample> {
     exposition(text).into_samples()
 }
 
-/// Sum of the samples named `name` whose labels include all of `labels` (0 when none).
+/// Sum of the samples named `name` whose labels include all of `labels`; panics when there is
+/// none, so that a renamed or missing metric fails the test instead of reading as 0.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition(text)
+        .sum(name, labels)
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?} in the scrape:\n{text}"))
+}
+
+/// Like [`metric_value`], but 0 when no sample matches. Only for series whose absence does
+/// mean zero: label sets the agent creates on their first increment, or removes when they fall
+/// to zero. Each caller says which.
+pub fn metric_value_or_zero(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     exposition(text).sum(name, labels).unwrap_or(0.0)
 }
 
