@@ -422,6 +422,72 @@ fn wait_leak_reports(
     }
 }
 
+/// Leak reports of sockets other than `server`'s.
+fn other_leaks(agent: &Agent, server: SocketAddr) -> usize {
+    let ip = server.ip().to_string();
+    agent
+        .events(|e| {
+            e["event"] == "close_wait_leak"
+                && !(e["saddr"] == ip.as_str() && e["sport"] == server.port())
+        })
+        .len()
+}
+
+/// What the agent had counted and reported before the clients of `server` closed.
+struct Baseline {
+    server: SocketAddr,
+    /// Reports of other sockets' leaks, read before the scrape: each is in its count already.
+    other_leaks: usize,
+    scrape: String,
+    /// No socket towards the clients is in CLOSE_WAIT before this.
+    at: Instant,
+}
+
+impl Baseline {
+    fn take(agent: &Agent, server: SocketAddr) -> Baseline {
+        let other_leaks = other_leaks(agent, server);
+        let scrape = agent.scrape();
+        Baseline {
+            server,
+            other_leaks,
+            scrape,
+            at: Instant::now(),
+        }
+    }
+}
+
+/// Neither reported nor counted as leaked before the threshold: a scrape and the events, both
+/// read before any socket towards `clients` (closed after `start`) can have been in CLOSE_WAIT
+/// for [`THRESHOLD`]. Too slow a machine to look in time fails the test: the check is never
+/// skipped.
+fn assert_nothing_before_the_threshold(agent: &Agent, start: &Baseline, clients: &[SocketAddr]) {
+    let early = agent.scrape();
+    let reported = agent.events(leaks_of(start.server, clients));
+    let looked_after = start.at.elapsed();
+    eprintln!("looked for early reports {looked_after:?} after the first client closed");
+    assert!(
+        looked_after < Duration::from_micros(THRESHOLD_US),
+        "the machine is too slow for this test: the scrape and events meant to be read before \
+         the {THRESHOLD} threshold were read {looked_after:?} after the first client closed"
+    );
+    assert!(
+        reported.is_empty(),
+        "reported before the threshold: {reported:?}"
+    );
+    // The counter is host-wide: leaks of other sockets (other tests' CLOSE_WAIT sockets, which
+    // this agent watches too) may grow it meanwhile, and each of those is reported. Ours may
+    // not be counted yet. The reports are read a little after the scrape, so that those counted
+    // just before it have reached stdout.
+    let leaked = metric_value(&early, LEAKS, &[]) - metric_value(&start.scrape, LEAKS, &[]);
+    thread::sleep(Duration::from_millis(200));
+    let others = other_leaks(agent, start.server) - start.other_leaks;
+    assert!(
+        leaked <= others as f64,
+        "{LEAKS} grew by {leaked} before the threshold while {others} leaks of other sockets \
+         were reported: this test's sockets were counted early"
+    );
+}
+
 #[test]
 fn close_wait_past_the_threshold_is_reported_once_with_its_owner_and_counted_like_ss() {
     require_root();
@@ -438,19 +504,13 @@ fn close_wait_past_the_threshold_is_reported_once_with_its_owner_and_counted_lik
              {overloads:#?}"
         );
         let server = LeakyServer::start();
+        let start = Baseline::take(&agent, server.addr);
         let clients: Vec<SocketAddr> = (0..N).map(|_| server.leak_one()).collect();
-        let closed_at = Instant::now();
         wait_kernel_close_wait(server.addr, &clients, N);
-        let counted = wait_scrape(&agent, "the CLOSE_WAIT gauge counts the sockets", |m| {
+        assert_nothing_before_the_threshold(&agent, &start, &clients);
+        wait_scrape(&agent, "the CLOSE_WAIT gauge counts the sockets", |m| {
             metric_value(m, NOW, &[]) >= N as f64
         });
-        // Nothing before the threshold.
-        if closed_at.elapsed() < Duration::from_millis(1500) {
-            let early = agent.events(leaks_of(server.addr, &clients));
-            assert!(early.is_empty(), "reported before the threshold: {early:?}");
-            let leaked = metric_value(&counted, LEAKS, &[]) - metric_value(&before, LEAKS, &[]);
-            assert!(leaked < 1.0, "counted as leaked before the threshold");
-        }
         let in_close_wait = assert_gauge_matches_ss(&agent, "in CLOSE_WAIT");
         let events_before = metric_value(&in_close_wait, "tracer_events_total", &[]);
         match wait_leak_reports(&agent, server.addr, &clients, events_before) {

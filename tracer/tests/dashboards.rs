@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
+use serde_norway::Value as YamlValue;
 
 const ALERTS: &str = "prometheus/alerts.yml";
 const PROMETHEUS_CONFIG: &str = "prometheus/prometheus.yml";
@@ -126,336 +127,22 @@ impl Drop for TempFile {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A small YAML reader: enough for the rules file (no YAML crate among the dependencies)
+// YAML
 // ---------------------------------------------------------------------------------------------
 
-/// Reads the block-style YAML subset the rules file is written in: nested mappings and
-/// sequences by indentation, plain and quoted scalars, `|` and `>` block scalars, full-line
-/// comments. Everything else (flow collections, anchors, tags, multi-line plain scalars)
-/// fails loudly rather than being misread. Scalars stay strings.
-mod yaml {
-    use serde_json::{Map, Value};
+/// Reads a YAML file of `dashboards/`. Into `serde_norway::Value` rather than a JSON value: its
+/// mappings reject duplicate keys, which YAML forbids but a JSON map would silently overwrite.
+fn read_yaml(relative: &str) -> YamlValue {
+    serde_norway::from_str(&read(relative))
+        .unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
+}
 
-    #[derive(Clone, Debug)]
-    struct Line {
-        number: usize,
-        indent: usize,
-        /// The line without its indentation; empty for blank and comment lines.
-        text: String,
-        raw: String,
-    }
-
-    impl Line {
-        fn is_blank(&self) -> bool {
-            self.text.is_empty()
-        }
-
-        fn is_item(&self) -> bool {
-            self.text == "-" || self.text.starts_with("- ")
-        }
-    }
-
-    pub fn parse(source: &str) -> Result<Value, String> {
-        let mut lines: Vec<Line> = source
-            .lines()
-            .enumerate()
-            .map(|(i, raw)| {
-                if raw.contains('\t') {
-                    return Err(format!("line {}: tab characters are not supported", i + 1));
-                }
-                let trimmed = raw.trim_start();
-                let comment = trimmed.starts_with('#');
-                Ok(Line {
-                    number: i + 1,
-                    indent: raw.len() - trimmed.len(),
-                    text: if comment {
-                        String::new()
-                    } else {
-                        trimmed.trim_end().to_owned()
-                    },
-                    raw: raw.to_owned(),
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let mut pos = 0;
-        skip_blank(&lines, &mut pos);
-        if pos == lines.len() {
-            return Ok(Value::Null);
-        }
-        let indent = lines[pos].indent;
-        let value = block(&mut lines, &mut pos, indent)?;
-        skip_blank(&lines, &mut pos);
-        if let Some(line) = lines.get(pos) {
-            return Err(format!("line {}: unexpected indentation", line.number));
-        }
-        Ok(value)
-    }
-
-    fn skip_blank(lines: &[Line], pos: &mut usize) {
-        while lines.get(*pos).is_some_and(Line::is_blank) {
-            *pos += 1;
-        }
-    }
-
-    fn block(lines: &mut [Line], pos: &mut usize, indent: usize) -> Result<Value, String> {
-        if lines[*pos].is_item() {
-            sequence(lines, pos, indent)
-        } else {
-            mapping(lines, pos, indent)
-        }
-    }
-
-    fn sequence(lines: &mut [Line], pos: &mut usize, indent: usize) -> Result<Value, String> {
-        let mut items = Vec::new();
-        loop {
-            skip_blank(lines, pos);
-            let Some(line) = lines.get(*pos) else { break };
-            if line.indent != indent || !line.is_item() {
-                break;
-            }
-            let rest = line.text[1..].trim_start().to_owned();
-            if rest.is_empty() {
-                *pos += 1;
-                skip_blank(lines, pos);
-                match lines.get(*pos) {
-                    Some(next) if next.indent > indent => {
-                        let child = next.indent;
-                        items.push(block(lines, pos, child)?);
-                    }
-                    _ => items.push(Value::Null),
-                }
-            } else {
-                // `- key: value` or `- scalar`: the rest is a node at the column it starts at.
-                let column = indent + (line.text.len() - rest.len());
-                let line = &mut lines[*pos];
-                line.indent = column;
-                line.text = rest;
-                if line.is_item() || split_key(&line.text).is_some() {
-                    items.push(block(lines, pos, column)?);
-                } else {
-                    let value = scalar(&lines[*pos].text, lines[*pos].number)?;
-                    *pos += 1;
-                    no_continuation(lines, pos, column)?;
-                    items.push(value);
-                }
-            }
-        }
-        Ok(Value::Array(items))
-    }
-
-    /// `key: value` or `key:`: the key and what follows the colon.
-    fn split_key(text: &str) -> Option<(&str, &str)> {
-        if let Some((key, value)) = text.split_once(": ") {
-            return Some((key, value.trim()));
-        }
-        text.strip_suffix(':').map(|key| (key, ""))
-    }
-
-    fn mapping(lines: &mut [Line], pos: &mut usize, indent: usize) -> Result<Value, String> {
-        let mut map = Map::new();
-        loop {
-            skip_blank(lines, pos);
-            let Some(line) = lines.get(*pos).cloned() else {
-                break;
-            };
-            if line.indent < indent || (line.indent == indent && line.is_item()) {
-                break;
-            }
-            if line.indent > indent {
-                return Err(format!("line {}: unexpected indentation", line.number));
-            }
-            let (key, rest) = split_key(&line.text)
-                .ok_or_else(|| format!("line {}: expected `key: value`", line.number))?;
-            let key = match scalar(key, line.number)? {
-                Value::String(key) => key,
-                other => other.to_string(),
-            };
-            *pos += 1;
-            let value = if rest.is_empty() {
-                skip_blank(lines, pos);
-                match lines.get(*pos) {
-                    Some(next) if next.indent > indent => {
-                        let child = next.indent;
-                        block(lines, pos, child)?
-                    }
-                    // YAML lets a sequence under a key start at the key's own column.
-                    Some(next) if next.indent == indent && next.is_item() => {
-                        sequence(lines, pos, indent)?
-                    }
-                    _ => Value::Null,
-                }
-            } else if let Some(header) = rest.strip_prefix(['|', '>']) {
-                let folded = rest.starts_with('>');
-                block_scalar(lines, pos, indent, folded, header, line.number)?
-            } else {
-                let value = scalar(rest, line.number)?;
-                no_continuation(lines, pos, indent)?;
-                value
-            };
-            if map.insert(key.clone(), value).is_some() {
-                return Err(format!("line {}: duplicate key `{key}`", line.number));
-            }
-        }
-        Ok(Value::Object(map))
-    }
-
-    /// A plain scalar continued on the next, more indented line is not supported.
-    fn no_continuation(lines: &[Line], pos: &mut usize, indent: usize) -> Result<(), String> {
-        let mut next = *pos;
-        skip_blank(lines, &mut next);
-        match lines.get(next) {
-            Some(line) if line.indent > indent => Err(format!(
-                "line {}: multi-line plain scalars are not supported; use a block scalar",
-                line.number
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    fn block_scalar(
-        lines: &[Line],
-        pos: &mut usize,
-        parent: usize,
-        folded: bool,
-        header: &str,
-        number: usize,
-    ) -> Result<Value, String> {
-        let chomp = match header {
-            "" => "clip",
-            "-" => "strip",
-            "+" => "keep",
-            _ => return Err(format!("line {number}: unsupported block scalar header")),
-        };
-        let mut body: Vec<&Line> = Vec::new();
-        while let Some(line) = lines.get(*pos) {
-            if line.raw.trim().is_empty() || line.indent > parent {
-                body.push(line);
-                *pos += 1;
-            } else {
-                break;
-            }
-        }
-        let content_indent = body
-            .iter()
-            .find(|l| !l.raw.trim().is_empty())
-            .map_or(0, |l| l.indent);
-        let texts: Vec<&str> = body
-            .iter()
-            .map(|l| l.raw.get(content_indent..).unwrap_or("").trim_end())
-            .collect();
-        let mut out = String::new();
-        if folded {
-            // Lines joined by spaces; an empty line is a line break.
-            let mut previous_blank = true;
-            for text in &texts {
-                if text.is_empty() {
-                    out.push('\n');
-                    previous_blank = true;
-                } else {
-                    if !previous_blank {
-                        out.push(' ');
-                    }
-                    out.push_str(text);
-                    previous_blank = false;
-                }
-            }
-        } else {
-            out = texts.join("\n");
-        }
-        let trimmed = out.trim_end_matches('\n').to_owned();
-        Ok(Value::String(match chomp {
-            "strip" => trimmed,
-            "keep" => format!("{out}\n"),
-            _ => format!("{trimmed}\n"),
-        }))
-    }
-
-    fn scalar(text: &str, number: usize) -> Result<Value, String> {
-        let text = text.trim();
-        if let Some(inner) = text.strip_prefix('"') {
-            let mut out = String::new();
-            let mut chars = inner.chars();
-            while let Some(c) = chars.next() {
-                match c {
-                    '"' => {
-                        if !chars.as_str().trim().is_empty() {
-                            return Err(format!("line {number}: text after a quoted scalar"));
-                        }
-                        return Ok(Value::String(out));
-                    }
-                    '\\' => match chars.next() {
-                        Some('n') => out.push('\n'),
-                        Some('t') => out.push('\t'),
-                        Some(c @ ('"' | '\\' | '/')) => out.push(c),
-                        other => {
-                            return Err(format!("line {number}: unsupported escape {other:?}"));
-                        }
-                    },
-                    c => out.push(c),
-                }
-            }
-            return Err(format!("line {number}: unterminated double-quoted scalar"));
-        }
-        if let Some(inner) = text.strip_prefix('\'') {
-            let Some(inner) = inner.strip_suffix('\'') else {
-                return Err(format!("line {number}: unterminated single-quoted scalar"));
-            };
-            return Ok(Value::String(inner.replace("''", "'")));
-        }
-        if text.starts_with(['[', '{', '&', '*', '!', '|', '>', '%', '@', '`']) {
-            return Err(format!("line {number}: unsupported YAML construct: {text}"));
-        }
-        let plain = text.split(" #").next().unwrap_or_default().trim_end();
-        Ok(match plain {
-            "" | "~" | "null" => Value::Null,
-            _ => Value::String(plain.to_owned()),
-        })
-    }
-
-    #[test]
-    fn reads_the_subset() {
-        let source = "\
-# comment
-groups:
-  - name: g
-    rules:
-      - alert: A
-        expr: up == 0
-        for: 5m
-        labels:
-          severity: \"warning\"
-        annotations:
-          summary: 'it''s down'
-          description: >-
-            one
-            two
-
-            three
-          runbook: |
-            a
-              b
-      - record: r
-        expr: >-
-          sum(x)
-          / 2
-list:
-- x
-- y
-";
-        let value = parse(source).unwrap();
-        let rule = &value["groups"][0]["rules"][0];
-        assert_eq!(rule["alert"], "A");
-        assert_eq!(rule["expr"], "up == 0");
-        assert_eq!(rule["labels"]["severity"], "warning");
-        assert_eq!(rule["annotations"]["summary"], "it's down");
-        assert_eq!(rule["annotations"]["description"], "one two\nthree");
-        assert_eq!(rule["annotations"]["runbook"], "a\n  b\n");
-        assert_eq!(value["groups"][0]["rules"][1]["expr"], "sum(x) / 2");
-        assert_eq!(value["list"], serde_json::json!(["x", "y"]));
-        assert!(parse("a: [1, 2]").is_err());
-        assert!(parse("a: b\n  c").is_err());
-        assert!(parse("a: 1\na: 2").is_err());
-    }
+/// What keeps the file checks strict: YAML forbids duplicate keys, and a reader that let the
+/// last one win would check a value other than the one a tool may use.
+#[test]
+fn yaml_reader_rejects_duplicate_keys() {
+    let parsed = serde_norway::from_str::<YamlValue>("a: 1\nb:\n  c: 2\n  c: 3\n");
+    assert!(parsed.is_err(), "a duplicate key was accepted: {parsed:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -488,34 +175,6 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// `# TYPE` of every family in a scrape.
-fn families(scrape: &str) -> BTreeMap<String, String> {
-    scrape
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            (parts.next() == Some("#") && parts.next() == Some("TYPE")).then_some(())?;
-            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
-        })
-        .collect()
-}
-
-/// The family a referenced name belongs to: itself, or the histogram whose `_bucket`, `_sum`
-/// or `_count` series it is.
-fn family_of(name: &str, families: &BTreeMap<String, String>) -> Option<String> {
-    if families.contains_key(name) {
-        return Some(name.to_owned());
-    }
-    ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
-        let base = name.strip_suffix(suffix)?;
-        matches!(
-            families.get(base).map(String::as_str),
-            Some("histogram" | "summary")
-        )
-        .then(|| base.to_owned())
-    })
-}
-
 #[test]
 fn metric_names_are_extracted_whole() {
     let names = metric_names(
@@ -526,21 +185,6 @@ fn metric_names_are_extracted_whole() {
         names.into_iter().collect::<Vec<_>>(),
         ["tracer_a_seconds_bucket", "tracer_b_total"]
     );
-    let families: BTreeMap<String, String> = [
-        ("tracer_a_seconds".to_owned(), "histogram".to_owned()),
-        ("tracer_b_count".to_owned(), "gauge".to_owned()),
-    ]
-    .into();
-    assert_eq!(
-        family_of("tracer_a_seconds_bucket", &families).as_deref(),
-        Some("tracer_a_seconds")
-    );
-    assert_eq!(
-        family_of("tracer_b_count", &families).as_deref(),
-        Some("tracer_b_count")
-    );
-    assert_eq!(family_of("tracer_b_sum", &families), None);
-    assert_eq!(family_of("tracer_c_total", &families), None);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -556,25 +200,29 @@ struct Alert {
 /// The alerting rules of `alerts.yml`, checked for the fields every alert must carry.
 fn alert_rules() -> Vec<Alert> {
     let text = read(ALERTS);
-    let doc = yaml::parse(&text).unwrap_or_else(|e| panic!("{ALERTS}: {e}"));
+    let doc = read_yaml(ALERTS);
     let groups = doc["groups"]
-        .as_array()
+        .as_sequence()
         .filter(|g| !g.is_empty())
         .unwrap_or_else(|| panic!("{ALERTS}: no `groups`"));
     let mut alerts = Vec::new();
     for group in groups {
         let group_name = group["name"].as_str().expect("every group has a name");
         let rules = group["rules"]
-            .as_array()
+            .as_sequence()
             .filter(|r| !r.is_empty())
             .unwrap_or_else(|| panic!("{ALERTS}: group {group_name} has no rules"));
         for rule in rules {
             let name = rule["alert"]
                 .as_str()
                 .unwrap_or_else(|| panic!("{ALERTS}: a rule of {group_name} is not an alert"));
-            let text_of = |value: &Value, what: &str| -> String {
+            // Prometheus takes these as strings only: a number or a mapping here is an error.
+            let text_of = |value: &YamlValue, what: &str| -> String {
                 let text = value.as_str().unwrap_or_default().trim();
-                assert!(!text.is_empty(), "{ALERTS}: alert {name} has no {what}");
+                assert!(
+                    !text.is_empty(),
+                    "{ALERTS}: alert {name} has no {what} (or it is not a string)"
+                );
                 text.to_owned()
             };
             let expr = text_of(&rule["expr"], "expr");
@@ -694,10 +342,44 @@ fn alert_rules_and_scrape_config_pass_promtool_and_say_what_to_do() {
         config_check.contains("1 rule files found") && config_check.contains("alerts.yml"),
         "{PROMETHEUS_CONFIG} does not load the alert rules:\n{config_check}"
     );
-    let config = read(PROMETHEUS_CONFIG);
+    // Read as YAML, not searched as text: the comments mention the port too.
+    let config = read_yaml(PROMETHEUS_CONFIG);
+    let rule_files = config["rule_files"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{PROMETHEUS_CONFIG}: no `rule_files` list"));
     assert!(
-        config.contains(":9645"),
-        "{PROMETHEUS_CONFIG} does not scrape the agent's default port 9645"
+        rule_files.iter().any(|f| f == "alerts.yml"),
+        "{PROMETHEUS_CONFIG}: `rule_files` does not name alerts.yml: {rule_files:?}"
+    );
+    let jobs = config["scrape_configs"]
+        .as_sequence()
+        .filter(|jobs| !jobs.is_empty())
+        .unwrap_or_else(|| panic!("{PROMETHEUS_CONFIG}: no `scrape_configs`"));
+    let scrapes_agent = |job: &YamlValue| {
+        // Prometheus's default path is /metrics, where the agent serves.
+        let path_ok = job.get("metrics_path").is_none_or(|p| p == "/metrics");
+        let targets = job["static_configs"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c["targets"].as_sequence().into_iter().flatten());
+        path_ok
+            && targets
+                .filter_map(YamlValue::as_str)
+                .any(|t| t.ends_with(":9645"))
+    };
+    let job = jobs
+        .iter()
+        .find(|job| scrapes_agent(job))
+        .unwrap_or_else(|| {
+            panic!("{PROMETHEUS_CONFIG}: no job scrapes /metrics on the agent's default port 9645")
+        });
+    // The alert TracerDown matches jobs whose name contains "tracer".
+    let job_name = job["job_name"].as_str().unwrap_or_default();
+    assert!(
+        job_name.contains("tracer"),
+        "{PROMETHEUS_CONFIG}: the agent's job is named {job_name:?}, which TracerDown's \
+         `job=~\".*tracer.*\"` does not match"
     );
 
     for (name, severity) in REQUIRED_ALERTS {
@@ -852,12 +534,11 @@ fn dashboard_is_well_formed_and_every_query_parses() {
     drop(file);
 
     // The provisioning files point at the dashboard directory and a Prometheus datasource.
-    let [dashboards_yml, datasources_yml] =
-        PROVISIONING.map(|p| yaml::parse(&read(p)).unwrap_or_else(|e| panic!("{p}: {e}")));
-    assert_eq!(dashboards_yml["apiVersion"], "1");
+    let [dashboards_yml, datasources_yml] = PROVISIONING.map(read_yaml);
+    assert_eq!(dashboards_yml["apiVersion"], 1);
     assert_eq!(dashboards_yml["providers"][0]["type"], "file");
     assert!(dashboards_yml["providers"][0]["options"]["path"].is_string());
-    assert_eq!(datasources_yml["apiVersion"], "1");
+    assert_eq!(datasources_yml["apiVersion"], 1);
     assert_eq!(datasources_yml["datasources"][0]["type"], "prometheus");
     assert!(datasources_yml["datasources"][0]["url"].is_string());
 }
@@ -916,18 +597,19 @@ fn every_metric_the_files_name_is_exported_by_a_real_agent() {
     let started = Instant::now();
     let (exported, missing, own_series) = loop {
         let scrape = agent.scrape();
-        let exported = families(&scrape);
+        let exported = exposition(&scrape);
         let missing: Vec<(String, &str)> = referenced
             .iter()
-            .filter(|(name, _)| family_of(name, &exported).is_none())
+            .filter(|(name, _)| exported.family_of(name).is_none())
             .map(|(name, file)| (name.clone(), *file))
             .collect();
         let labels: Vec<(&str, &str)> = own_peer.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let own_series =
-            !matching_samples(&scrape, "tracer_time_wait_port_exhaustion_ratio", &labels)
-                .is_empty()
-                && !matching_samples(&scrape, "tracer_time_wait_sockets_by_peer", &labels)
-                    .is_empty();
+        let own_series = !exported
+            .matching("tracer_time_wait_port_exhaustion_ratio", &labels)
+            .is_empty()
+            && !exported
+                .matching("tracer_time_wait_sockets_by_peer", &labels)
+                .is_empty();
         if (missing.is_empty() && own_series) || started.elapsed() >= FAMILIES_TIMEOUT {
             break (exported, missing, own_series);
         }
@@ -937,7 +619,12 @@ fn every_metric_the_files_name_is_exported_by_a_real_agent() {
         missing.is_empty(),
         "metrics named in dashboards/ that the agent does not export (within \
          {FAMILIES_TIMEOUT:?}): {missing:?}\n--- families exported ---\n{}",
-        exported.keys().cloned().collect::<Vec<_>>().join("\n")
+        exported
+            .types()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(
         own_series,
@@ -946,13 +633,14 @@ fn every_metric_the_files_name_is_exported_by_a_real_agent() {
     );
 
     // Every family the agent exports has a panel.
-    let on_dashboard: BTreeSet<String> = dashboard_names
+    let on_dashboard: BTreeSet<&str> = dashboard_names
         .iter()
-        .filter_map(|name| family_of(name, &exported))
+        .filter_map(|name| exported.family_of(name))
         .collect();
     let without_panel: Vec<&String> = exported
+        .types()
         .keys()
-        .filter(|family| family.starts_with("tracer_") && !on_dashboard.contains(*family))
+        .filter(|family| family.starts_with("tracer_") && !on_dashboard.contains(family.as_str()))
         .collect();
     assert!(
         without_panel.is_empty(),

@@ -15,6 +15,7 @@ const CRATES: &[&str] = &[
     "tracer-core",
     "tracer-common",
     "tracer-ebpf",
+    "tracer-scrape",
     "xtask",
 ];
 

@@ -493,186 +493,53 @@ pub fn is_server_of(server: SocketAddr) -> impl Fn(&Value) -> bool + Clone {
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP and Prometheus text
+// HTTP and Prometheus text: the implementation the bench uses too
 // ---------------------------------------------------------------------------------------------
 
-pub struct HttpResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
+pub use tracer_scrape::{Exposition, Response as HttpResponse, Sample};
 
-impl HttpResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// A minimal HTTP/1.1 GET with `Connection: close` (handles chunked bodies).
+/// `GET path` on `addr` (loopback only); any status is returned, for the caller to check.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<HttpResponse> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tracer-tests\r\nAccept: \
-         text/plain\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let bad = |what: &str| std::io::Error::new(ErrorKind::InvalidData, what.to_string());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of HTTP headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut body = raw[split + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("bad HTTP status line"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
-    });
-    if chunked {
-        body = dechunk(&body).ok_or_else(|| bad("bad chunked body"))?;
-    }
-    Ok(HttpResponse {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    tracer_scrape::get(addr, path, timeout)
 }
 
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    for _ in 0..100_000 {
-        let eol = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&data[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
-    }
-    None
-}
-
-/// One sample of the Prometheus text format.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-    pub value: f64,
+/// Parses a scrape; panics when it is not a valid exposition.
+pub fn exposition(text: &str) -> Exposition {
+    Exposition::parse(text).unwrap_or_else(|e| panic!("unparsable metrics ({e}):\n{text}"))
 }
 
 /// Parses the samples of a Prometheus text exposition (comments skipped).
 pub fn parse_samples(text: &str) -> Vec<Sample> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| parse_sample(l).unwrap_or_else(|| panic!("unparsable metrics line: {l:?}")))
-        .collect()
+    exposition(text).into_samples()
 }
 
-fn parse_sample(line: &str) -> Option<Sample> {
-    let name_end = line.find(['{', ' '])?;
-    let name = line[..name_end].to_string();
-    let mut labels = Vec::new();
-    let rest: &str;
-    if let Some(after) = line[name_end..].strip_prefix('{') {
-        // A sequence of `key="value"` separated by commas, ended by `}`.
-        let bytes = after.as_bytes();
-        let mut i = 0;
-        loop {
-            while i < bytes.len() && (bytes[i] == b',' || bytes[i] == b' ') {
-                i += 1;
-            }
-            if *bytes.get(i)? == b'}' {
-                i += 1;
-                break;
-            }
-            let eq = i + after[i..].find('=')?;
-            let key = after[i..eq].trim().to_string();
-            i = eq + 1;
-            if *bytes.get(i)? != b'"' {
-                return None;
-            }
-            i += 1;
-            let mut value = String::new();
-            loop {
-                let c = after[i..].chars().next()?;
-                i += c.len_utf8();
-                match c {
-                    '\\' => {
-                        let escaped = after[i..].chars().next()?;
-                        i += escaped.len_utf8();
-                        value.push(if escaped == 'n' { '\n' } else { escaped });
-                    }
-                    '"' => break,
-                    other => value.push(other),
-                }
-            }
-            labels.push((key, value));
-        }
-        rest = &after[i..];
-    } else {
-        rest = &line[name_end..];
-    }
-    let value_text = rest.split_whitespace().next()?;
-    let value = match value_text {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        "NaN" => f64::NAN,
-        v => v.parse().ok()?,
-    };
-    Some(Sample {
-        name,
-        labels,
-        value,
-    })
-}
-
-/// Sum of the samples named `name` whose labels include all of `labels` (0 when none).
+/// Sum of the samples named `name` whose labels include all of `labels`; panics when there is
+/// none, so that a renamed or missing metric fails the test instead of reading as 0.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    matching_samples(text, name, labels)
-        .iter()
-        .map(|s| s.value)
-        .sum()
+    exposition(text)
+        .sum(name, labels)
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?} in the scrape:\n{text}"))
+}
+
+/// Like [`metric_value`], but 0 when no sample matches. Only for series whose absence does
+/// mean zero: label sets the agent creates on their first increment, or removes when they fall
+/// to zero. Each caller says which.
+pub fn metric_value_or_zero(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition(text).sum(name, labels).unwrap_or(0.0)
 }
 
 /// The samples named `name` whose labels include all of `labels`.
 pub fn matching_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<Sample> {
-    parse_samples(text)
+    exposition(text)
+        .matching(name, labels)
         .into_iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            labels
-                .iter()
-                .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
+        .cloned()
         .collect()
 }
 
 /// The `# TYPE` of metric family `name`, if exposed.
 pub fn metric_type(text: &str, name: &str) -> Option<String> {
-    text.lines().find_map(|l| {
-        let mut parts = l.split_whitespace();
-        (parts.next() == Some("#") && parts.next() == Some("TYPE") && parts.next() == Some(name))
-            .then(|| parts.next().unwrap_or_default().to_string())
-    })
+    exposition(text).family_type(name).map(str::to_owned)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ impl Tracer {
 
     pub fn snapshot(&self) -> Snapshot {
         let page = sys::scrape(self.metrics).ok();
-        let metric = |name| page.as_deref().and_then(|p| sys::metric_sum(p, name));
+        let metric = |name| page.as_ref().and_then(|p| p.sum(name, &[]));
         Snapshot {
             events: metric("tracer_events_total"),
             lost: metric("tracer_events_lost_total"),

@@ -4,13 +4,13 @@
 //! xtask has no `libc` dependency; these C functions come from the C library that std links
 //! anyway, declared here with their Linux signatures.
 use std::ffi::{c_int, c_long};
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
+use tracer_scrape::Exposition;
 
 pub const SIGINT: c_int = 2;
 pub const SIGKILL: c_int = 9;
@@ -146,41 +146,14 @@ pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
     })
 }
 
-/// Fetches the agent's `/metrics` page (HTTP/1.0: a plain body, no chunked encoding).
-pub fn scrape(addr: SocketAddr) -> Result<String> {
-    let timeout = Duration::from_secs(5);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        bail!("/metrics answered {status:?}");
+/// Fetches and parses the agent's `/metrics` page; an error unless it answers 200 with a valid
+/// exposition.
+pub fn scrape(addr: SocketAddr) -> Result<Exposition> {
+    let response = tracer_scrape::get(addr, "/metrics", Duration::from_secs(5))?;
+    if response.status != 200 {
+        bail!("/metrics answered {}", response.status);
     }
-    Ok(body.to_owned())
-}
-
-/// The sum of every sample of a metric (all label sets) in a Prometheus text page.
-pub fn metric_sum(page: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for line in page.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        let value = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
-        if let Some(value) = value {
-            *found.get_or_insert(0.0) += value;
-        }
-    }
-    found
+    Ok(Exposition::parse(&response.body)?)
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
@@ -291,16 +264,36 @@ pub fn exists(path: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Serves one HTTP response on loopback, closing after it as the agent does.
+    fn serve_once(response: &'static str) -> SocketAddr {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            stream.write_all(response.as_bytes()).unwrap();
+        });
+        addr
+    }
+
     #[test]
-    fn metric_sum_adds_label_sets_and_ignores_longer_names() {
-        let page = "# HELP tracer_events_total x\n\
-                    tracer_events_total{kind=\"state\"} 10\n\
-                    tracer_events_total{kind=\"reset\"} 2\n\
-                    tracer_events_total_other 100\n\
-                    tracer_events_lost_total 0\n";
-        assert_eq!(metric_sum(page, "tracer_events_total"), Some(12.0));
-        assert_eq!(metric_sum(page, "tracer_events_lost_total"), Some(0.0));
-        assert_eq!(metric_sum(page, "tracer_missing"), None);
+    fn scrape_sums_the_agents_counters_and_rejects_errors() {
+        // The body ends where the server closes, as with `Connection: close`.
+        let page = serve_once(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n\
+             # TYPE tracer_events_total counter\n\
+             tracer_events_total{kind=\"state\"} 10\n\
+             tracer_events_total{kind=\"reset\"} 2\n",
+        );
+        let page = scrape(page).unwrap();
+        assert_eq!(page.sum("tracer_events_total", &[]), Some(12.0));
+        assert_eq!(page.sum("tracer_events_lost_total", &[]), None);
+        let missing = serve_once("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        assert!(scrape(missing).is_err());
+        let garbled = serve_once("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nnot text\n");
+        assert!(scrape(garbled).is_err());
     }
 
     #[test]
