@@ -21,6 +21,7 @@ use crate::model::{
 use crate::observer::Observer;
 use crate::record::{CloseWaitLeak, Connection, MAX_STATES, Seed, StateStamp};
 use crate::tracker::time_wait::{TimeWaitConfig, TimeWaitTable};
+use crate::tracker::{shrink_map, sparse};
 
 #[derive(Clone, Copy, Debug)]
 pub struct TrackerConfig {
@@ -606,20 +607,6 @@ fn finish(conn: &mut Connection, ts_ns: u64, cause: CloseCause) {
 
 /// Transitions made inside the owner's system call, where `current` is the owner. The others
 /// run in softirq context, where `current` is whatever task was interrupted.
-/// A table is worth shrinking once it holds under a quarter of its capacity, and the capacity is
-/// large enough to matter.
-pub(crate) fn sparse(capacity: usize, len: usize) -> bool {
-    capacity > 4096 && capacity > 4 * len
-}
-
-pub(crate) fn shrink_map<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) -> bool {
-    if sparse(map.capacity(), map.len()) {
-        map.shrink_to(map.len() * 2);
-        return true;
-    }
-    false
-}
-
 fn process_context(old: TcpState, new: TcpState) -> bool {
     matches!(
         (old, new),

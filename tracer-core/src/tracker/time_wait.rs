@@ -125,7 +125,7 @@ impl TimeWaitTable {
 
     /// Shrinks tables left sparse by a burst that has ended; see `Tracker::shrink`.
     pub fn shrink(&mut self) -> bool {
-        use super::connections::{shrink_map, sparse};
+        use super::{shrink_map, sparse};
         let mut shrank = shrink_map(&mut self.entries);
         shrank |= shrink_map(&mut self.by_tuple);
         shrank |= shrink_map(&mut self.seeded);

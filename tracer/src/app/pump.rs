@@ -109,7 +109,7 @@ pub async fn pump(
             _ = refresh.tick() => {
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
                 if session.tracker.shrink() {
-                    give_memory_back();
+                    crate::app::memory::give_back();
                 }
                 match session.lost.total() {
                     Ok(total) => {
@@ -196,15 +196,4 @@ fn drain(
     metrics.set_evictions(tracker.evictions());
     metrics.time_wait.set_sockets(tracker.time_wait().count());
     metrics.close_wait.set_close_wait(tracker.close_wait());
-}
-
-/// Asks the allocator to return freed memory to the system (glibc keeps it otherwise): after
-/// start-up (the BTF parses) and after a burst of connections has closed.
-pub fn give_memory_back() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks and releases the allocator's own free memory; it has no
-    // preconditions and is safe to call at any time from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }

@@ -90,7 +90,7 @@ impl Session {
         seed_existing(&mut tracker)?;
         // The BTF parses are gone: hand their memory back so that the start-up peak does not
         // stay as the idle footprint.
-        crate::app::pump::give_memory_back();
+        crate::app::memory::give_back();
         metrics.set_active(tracker.active());
         Ok(Session {
             probes: Some(probes),
