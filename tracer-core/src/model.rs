@@ -6,6 +6,17 @@ use std::net::IpAddr;
 use serde::Serialize;
 use strum::{EnumCount, IntoStaticStr, VariantArray};
 
+/// `T::VARIANTS` (strum) as an array of `T::COUNT`, usable in `const` array lengths.
+macro_rules! all_variants {
+    ($t:ty) => {
+        match <$t as VariantArray>::VARIANTS.first_chunk() {
+            Some(all) => *all,
+            None => panic!("VARIANTS lists every variant"),
+        }
+    };
+}
+pub(crate) use all_variants;
+
 /// Kernel TCP states, numbered as in `include/net/tcp_states.h`.
 #[derive(
     Clone,
@@ -40,10 +51,7 @@ pub enum TcpState {
 
 impl TcpState {
     /// Every variant, in declaration order (which is also the discriminant order).
-    pub const ALL: [TcpState; TcpState::COUNT] = match TcpState::VARIANTS.first_chunk() {
-        Some(all) => *all,
-        None => panic!("VARIANTS lists every variant"),
-    };
+    pub const ALL: [TcpState; TcpState::COUNT] = all_variants!(TcpState);
 
     pub fn from_kernel(value: u8) -> Option<TcpState> {
         TcpState::ALL
@@ -279,11 +287,7 @@ pub enum RetransmitKind {
 
 impl RetransmitKind {
     /// Every variant, in declaration order (which is also the discriminant order).
-    pub const ALL: [RetransmitKind; RetransmitKind::COUNT] =
-        match RetransmitKind::VARIANTS.first_chunk() {
-            Some(all) => *all,
-            None => panic!("VARIANTS lists every variant"),
-        };
+    pub const ALL: [RetransmitKind; RetransmitKind::COUNT] = all_variants!(RetransmitKind);
 
     pub fn classify(state: TcpState, ca_state: u8) -> RetransmitKind {
         match (state, ca_state) {
@@ -316,10 +320,7 @@ pub enum Direction {
 
 impl Direction {
     /// Every variant, in declaration order (which is also the discriminant order).
-    pub const ALL: [Direction; Direction::COUNT] = match Direction::VARIANTS.first_chunk() {
-        Some(all) => *all,
-        None => panic!("VARIANTS lists every variant"),
-    };
+    pub const ALL: [Direction; Direction::COUNT] = all_variants!(Direction);
 
     pub fn as_str(self) -> &'static str {
         self.into()
@@ -353,10 +354,7 @@ pub enum CloseCause {
 
 impl CloseCause {
     /// Every variant, in declaration order (which is also the discriminant order).
-    pub const ALL: [CloseCause; CloseCause::COUNT] = match CloseCause::VARIANTS.first_chunk() {
-        Some(all) => *all,
-        None => panic!("VARIANTS lists every variant"),
-    };
+    pub const ALL: [CloseCause; CloseCause::COUNT] = all_variants!(CloseCause);
 
     pub fn as_str(self) -> &'static str {
         self.into()

@@ -6,7 +6,9 @@ use smallvec::SmallVec;
 use strum::{EnumCount, IntoStaticStr, VariantArray};
 
 use crate::acks::AckStats;
-use crate::model::{CloseCause, Direction, Owner, RetransmitKind, SockId, TcpState, Tuple};
+use crate::model::{
+    CloseCause, Direction, Owner, RetransmitKind, SockId, TcpState, Tuple, all_variants,
+};
 
 /// The most state stamps kept per connection. A TCP lifecycle has at most about six states;
 /// the bound keeps a misbehaving socket from growing without limit.
@@ -121,11 +123,7 @@ pub enum TimeWaitExit {
 
 impl TimeWaitExit {
     /// Every variant, in declaration order (which is also the discriminant order).
-    pub const ALL: [TimeWaitExit; TimeWaitExit::COUNT] = match TimeWaitExit::VARIANTS.first_chunk()
-    {
-        Some(all) => *all,
-        None => panic!("VARIANTS lists every variant"),
-    };
+    pub const ALL: [TimeWaitExit; TimeWaitExit::COUNT] = all_variants!(TimeWaitExit);
 
     pub fn as_str(self) -> &'static str {
         self.into()

@@ -1114,14 +1114,9 @@ pub fn namespaces() -> BTreeMap<u64, Vec<PathBuf>> {
     found
 }
 
-/// `ss -Htan state STATE` (plus `filter`) in the namespace at `path` (`None`: this one), as
-/// (local, peer) pairs;
-/// an error when it cannot be listed (for example the namespace went away meanwhile).
-pub fn ss_state_in(
-    path: Option<&PathBuf>,
-    state: &str,
-    filter: &[&str],
-) -> Result<BTreeSet<(String, String)>, String> {
+/// `ss ARGS` in the namespace at `path` (`None`: this one): its output lines, or an error when
+/// it cannot be listed (for example the namespace went away meanwhile).
+pub fn ss_in(path: Option<&PathBuf>, ss_args: &[&str]) -> Result<Vec<String>, String> {
     let mut args: Vec<String> = Vec::new();
     let program = match path {
         None => "ss",
@@ -1131,8 +1126,7 @@ pub fn ss_state_in(
             "nsenter"
         }
     };
-    args.extend(["-Htan", "state", state].map(String::from));
-    args.extend(filter.iter().map(|s| (*s).to_string()));
+    args.extend(ss_args.iter().map(|s| (*s).to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_cmd(program, &args);
     if !out.status.success() {
@@ -1143,9 +1137,23 @@ pub fn ss_state_in(
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// `ss -Htan state STATE` (plus `filter`) in the namespace at `path` (`None`: this one), as
+/// (local, peer) pairs; an error when it cannot be listed.
+pub fn ss_state_in(
+    path: Option<&PathBuf>,
+    state: &str,
+    filter: &[&str],
+) -> Result<BTreeSet<(String, String)>, String> {
+    let mut args = vec!["-Htan", "state", state];
+    args.extend_from_slice(filter);
     let mut sockets = BTreeSet::new();
-    for line in text.lines() {
+    for line in ss_in(path, &args)? {
         let f: Vec<&str> = line.split_whitespace().collect();
         assert!(
             f.len() >= 4,

@@ -61,30 +61,11 @@ pub fn ss_time_wait(
     path: Option<&PathBuf>,
     filter: &[&str],
 ) -> Result<BTreeSet<(String, String)>, String> {
-    let mut args: Vec<String> = Vec::new();
-    let program = match path {
-        None => "ss",
-        Some(p) => {
-            args.push(format!("--net={}", p.display()));
-            args.push("ss".into());
-            "nsenter"
-        }
-    };
     // Two states: ss prints the State column first.
-    args.extend(["-Htano", "state", "time-wait", "state", "fin-wait-2"].map(String::from));
-    args.extend(filter.iter().map(|s| (*s).to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_cmd(program, &args);
-    if !out.status.success() {
-        return Err(format!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    let mut args = vec!["-Htano", "state", "time-wait", "state", "fin-wait-2"];
+    args.extend_from_slice(filter);
     let mut sockets = BTreeSet::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in ss_in(path, &args)? {
         let f: Vec<&str> = line.split_whitespace().collect();
         assert!(
             f.len() >= 5,
