@@ -436,6 +436,27 @@ END { clear(@birth); clear(@skpid); clear(@skcomm); }
     .to_owned()
 }
 
+/// What a user would improvise to watch connection lifetimes cheaply: birth time per socket
+/// and a histogram of durations, both in kernel maps; nothing is printed per event (issue 11's
+/// comparison point: aggregation in the kernel).
+pub fn aggregate_script() -> String {
+    r#"BEGIN { printf("ready\n"); }
+tracepoint:sock:inet_sock_set_state
+/args->protocol == 6/
+{
+  $sk = args->skaddr;
+  if (args->newstate < 4 && @birth[$sk] == 0) { @birth[$sk] = nsecs; }
+  if (args->newstate == 7) {
+    $start = @birth[$sk];
+    if ($start != 0) { @duration_us = hist((nsecs - $start) / 1000); }
+    delete(@birth[$sk]);
+  }
+}
+END { clear(@birth); clear(@duration_us); }
+"#
+    .to_owned()
+}
+
 /// An empty action on the given probes: the cost of the hook and a do-nothing program.
 pub fn empty_script(probes: &[String]) -> String {
     format!(

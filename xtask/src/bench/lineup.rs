@@ -95,6 +95,14 @@ pub(super) fn churn_configs(
             bpftrace,
         ),
         bpftrace_config(
+            "bpftrace-aggregate",
+            format!(
+                "bpftrace on {classic}: birth time per socket and a duration histogram in kernel maps, nothing printed per event"
+            ),
+            configs::aggregate_script(),
+            bpftrace,
+        ),
+        bpftrace_config(
             "floor-classic",
             format!("bpftrace, empty action on {classic}"),
             configs::empty_script(std::slice::from_ref(&classic)),
