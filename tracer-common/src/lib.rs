@@ -35,6 +35,20 @@ pub const EVENT_NAGLE_HELD: u8 = 9;
 /// fields are the request socket's. Counted like `TcpRetransSegs`, one segment each.
 pub const EVENT_SYNACK_RETRANSMIT: u8 = 10;
 
+/// Slots of the `LOST` per-CPU array, one per program: a program never nests with itself on a
+/// CPU (the kernel's recursion guard), so each slot has a single writer per CPU and no count is
+/// lost when a softirq program interrupts a process-context one. User space sums them all.
+pub const LOST_STATE: u32 = 0;
+pub const LOST_RETRANSMIT: u32 = 1;
+pub const LOST_SYNACK: u32 = 2;
+pub const LOST_RECEIVE_RESET: u32 = 3;
+pub const LOST_SEND_RESET: u32 = 4;
+pub const LOST_SENDMSG: u32 = 5;
+pub const LOST_TIMER_START: u32 = 6;
+pub const LOST_TIMER_CANCEL: u32 = 7;
+pub const LOST_TIMER_EXPIRE: u32 = 8;
+pub const LOST_SLOTS: u32 = 9;
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;

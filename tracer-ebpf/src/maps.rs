@@ -3,16 +3,17 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{KernelOffsets, KernelSymbols, RawEvent};
+use tracer_common::{KernelOffsets, KernelSymbols, LOST_SLOTS, RawEvent};
 
 /// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
-/// Index 0: events dropped because the ring buffer was full. Per CPU so that two CPUs never race
-/// on one counter; user space sums the slots.
+/// Events dropped because the ring buffer was full, one slot per program (`LOST_*`). Per CPU so
+/// that two CPUs never race on one counter, per program so that nesting programs on one CPU do
+/// not either; user space sums every slot of every CPU.
 #[map]
-pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
 
 /// Filled by the agent from BTF before loading. Read one field at a time with [`off!`]: a
 /// copy of the whole struct per event cost more than the fields an event needs.
@@ -96,15 +97,17 @@ pub fn submit_flags() -> u64 {
     }
 }
 
-/// Reserves an event slot, or counts the loss and returns `None`.
+/// Reserves an event slot, or counts the loss in the calling program's `LOST` slot and returns
+/// `None`.
 #[inline(always)]
-pub fn reserve() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<RawEvent>> {
+pub fn reserve(lost_slot: u32) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<RawEvent>> {
     let entry = EVENTS.reserve::<RawEvent>(0);
     if entry.is_none()
-        && let Some(lost) = LOST.get_ptr_mut(0)
+        && let Some(lost) = LOST.get_ptr_mut(lost_slot)
     {
-        // SAFETY: the pointer comes from the map lookup for index 0, which exists; the slot is
-        // private to this CPU and programs do not nest on one CPU for these hooks.
+        // SAFETY: the pointer comes from the map lookup of an existing index and stays valid
+        // for the program's run. The slot is this program's on this CPU, and the kernel does
+        // not let a program nest with itself on a CPU: nobody else writes it meanwhile.
         unsafe { *lost += 1 };
     }
     entry

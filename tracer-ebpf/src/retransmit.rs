@@ -29,7 +29,7 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let req: *const u8 = ctx.arg(1);
-    let Some(mut entry) = maps::reserve() else {
+    let Some(mut entry) = maps::reserve(tracer_common::LOST_SYNACK) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every
@@ -57,7 +57,7 @@ fn emit(ctx: &BtfTracePointContext) -> i32 {
         Some(n) => n,
     };
     let ca_byte: u8 = sock::read(sk, maps::off!(icsk_ca_state_byte)).unwrap_or(0);
-    let Some(mut entry) = maps::reserve() else {
+    let Some(mut entry) = maps::reserve(tracer_common::LOST_RETRANSMIT) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every

@@ -32,7 +32,7 @@ pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
     if left == 0 || left >= u64::from(mss) {
         return 0;
     }
-    let Some(mut entry) = maps::reserve() else {
+    let Some(mut entry) = maps::reserve(tracer_common::LOST_SENDMSG) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `fill` writes every

@@ -15,7 +15,7 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     }
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
-    let Some(mut entry) = maps::reserve() else {
+    let Some(mut entry) = maps::reserve(tracer_common::LOST_STATE) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; every field is

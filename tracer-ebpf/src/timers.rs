@@ -63,7 +63,11 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     }
     let tw = timer.wrapping_sub(maps::off!(tw_timer) as usize);
     let substate: u8 = sock::read(tw, maps::off!(tw_substate)).unwrap_or(0);
-    let Some(mut entry) = maps::reserve() else {
+    let Some(mut entry) = maps::reserve(match phase {
+        Phase::Start => tracer_common::LOST_TIMER_START,
+        Phase::Cancel => tracer_common::LOST_TIMER_CANCEL,
+        Phase::Expire => tracer_common::LOST_TIMER_EXPIRE,
+    }) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `fill` writes every
@@ -115,7 +119,7 @@ fn delack_fired(timer: *const u8) -> i32 {
         return 0;
     }
     let pingpong: u8 = sock::read(sk_addr, maps::off!(icsk_ack_pingpong)).unwrap_or(0);
-    let Some(mut entry) = maps::reserve() else {
+    let Some(mut entry) = maps::reserve(tracer_common::LOST_TIMER_EXPIRE) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `fill` writes every

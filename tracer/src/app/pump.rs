@@ -114,6 +114,7 @@ pub async fn pump(
                 match session.lost.total() {
                     Ok(total) => {
                         metrics.set_events_lost(total);
+                        session.loss.update(total);
                         if total > session.lost_at_resync
                             && session.resynced.is_none_or(|at| at.elapsed() >= RESYNC_EVERY)
                         {

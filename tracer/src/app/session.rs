@@ -39,6 +39,8 @@ pub struct Session {
     /// Lost-event total when the TIME_WAIT count was last re-read, and when.
     pub(super) lost_at_resync: u64,
     pub(super) resynced: Option<Instant>,
+    /// When loss starts and stops, for the log.
+    pub(super) loss: LossLog,
 }
 
 impl Session {
@@ -103,6 +105,7 @@ impl Session {
             metrics,
             lost_at_resync: 0,
             resynced: None,
+            loss: LossLog::default(),
         })
     }
 
@@ -178,5 +181,65 @@ pub(super) fn resync_time_wait(tracker: &mut Tracker) {
             );
         }
         Err(e) => warn!("kernel events were lost and re-reading TIME_WAIT failed: {e:#}"),
+    }
+}
+
+/// Says when kernel events start and stop being lost, once each, rather than per refresh.
+#[derive(Debug, Default)]
+pub struct LossLog {
+    /// The lost-event total at the last refresh.
+    seen: u64,
+    /// The total when the current episode started, while events are being lost.
+    episode_from: Option<u64>,
+}
+
+/// What [`LossLog::update`] logged.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LossChange {
+    Started { lost: u64 },
+    Stopped { in_episode: u64 },
+}
+
+impl LossLog {
+    pub fn update(&mut self, total: u64) -> Option<LossChange> {
+        let growing = total > self.seen;
+        let change = match (growing, self.episode_from) {
+            (true, None) => {
+                warn!(
+                    "kernel events are being lost: the ring buffer is full ({total} lost so \
+                     far); counts heal from sock_diag where they can, raise --ring-buffer-bytes"
+                );
+                self.episode_from = Some(self.seen);
+                Some(LossChange::Started { lost: total })
+            }
+            (false, Some(from)) => {
+                let in_episode = total.saturating_sub(from);
+                info!(
+                    "kernel events are no longer lost ({in_episode} lost in that episode, {total} in all)"
+                );
+                self.episode_from = None;
+                Some(LossChange::Stopped { in_episode })
+            }
+            _ => None,
+        };
+        self.seen = total;
+        change
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_is_logged_when_it_starts_and_when_it_stops() {
+        let mut log = LossLog::default();
+        assert_eq!(log.update(0), None);
+        assert_eq!(log.update(5), Some(LossChange::Started { lost: 5 }));
+        assert_eq!(log.update(9), None, "still the same episode");
+        assert_eq!(log.update(9), Some(LossChange::Stopped { in_episode: 9 }));
+        assert_eq!(log.update(9), None);
+        assert_eq!(log.update(12), Some(LossChange::Started { lost: 12 }));
+        assert_eq!(log.update(12), Some(LossChange::Stopped { in_episode: 3 }));
     }
 }

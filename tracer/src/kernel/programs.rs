@@ -215,12 +215,16 @@ pub struct LostCounter {
 }
 
 impl LostCounter {
-    /// The total over all CPUs since the programs were loaded.
+    /// The total over all programs' slots and all CPUs since the programs were loaded.
     pub fn total(&self) -> Result<u64, ProbeError> {
-        let values = self
-            .array
-            .get(&0, 0)
-            .map_err(|e| ProbeError::Map("LOST", e))?;
-        Ok(values.iter().sum())
+        let mut total = 0u64;
+        for slot in 0..tracer_common::LOST_SLOTS {
+            let values = self
+                .array
+                .get(&slot, 0)
+                .map_err(|e| ProbeError::Map("LOST", e))?;
+            total = total.saturating_add(values.iter().sum());
+        }
+        Ok(total)
     }
 }
