@@ -11,6 +11,8 @@ use crate::app::pump::{Consumer, block_on, pump};
 use crate::app::session::{Session, SessionConfig};
 use crate::export::events::{EventFormat, EventSink};
 use crate::export::metrics::{self, Metrics};
+use crate::host::owner_lookups::{self, OwnerLookups};
+use crate::host::proc_owners;
 use crate::kernel::clock::WallClock;
 use crate::kernel::system::{self, TcpSysctls};
 use tracer_core::observer::Observer;
@@ -55,6 +57,14 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
             args.events,
             BufWriter::with_capacity(64 << 10, io::stdout()),
             clock,
+        )
+        .with_owner_lookups(
+            OwnerLookups::start(
+                proc_owners::socket_owner,
+                owner_lookups::QUEUE,
+                owner_lookups::PER_SECOND,
+            )
+            .context("starting the owner lookup worker")?,
         ),
         time_wait_top_peers: args.time_wait_top_peers as usize,
         port_exhaustion_warning: args.port_exhaustion_warning,
@@ -84,6 +94,13 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
         }
         outcome
     })?;
+    // Leaks still waiting for their owner: a little time for them, then out.
+    consumer.sink.finish_lookups(Duration::from_secs(2));
+    if let Err(e) = consumer.sink.flush()
+        && e.kind() != io::ErrorKind::BrokenPipe
+    {
+        warn!("writing events to stdout: {e}");
+    }
     info!("detached; stopped");
     result
 }

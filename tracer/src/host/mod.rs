@@ -2,6 +2,7 @@
 //! sock_diag lists (seeding, resync), the network namespaces, and the process that owns a socket
 //! (from `/proc`). Slow lookups: never per event.
 pub mod namespaces;
+pub mod owner_lookups;
 pub mod proc_owners;
 pub mod seeds;
 pub mod sock_diag;

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
+use crate::host::owner_lookups::OwnerLookups;
 use crate::kernel::clock::{Rfc3339, TimeOfDay, WallClock};
 use tracer_core::model::Owner;
 
@@ -51,23 +52,19 @@ pub struct EventSink<W: Write> {
     /// Scratch space for padding a text column, reused across events.
     cell: String,
     error: Option<io::Error>,
+    /// Where CLOSE_WAIT leaks of unknown owner wait for their `/proc` lookup, off the event
+    /// path; without it they are written with an unknown owner.
+    owners: Option<OwnerLookups>,
 }
 
 // Text columns: widths of TIME, PID, COMM, LADDR:LPORT, RADDR:RPORT, DIR, CLOSE, RETX, MS.
 const W_TIME: usize = 12;
-
 const W_PID: usize = 7;
-
 const W_COMM: usize = 15;
-
 const W_ADDR: usize = 21;
-
 const W_DIR: usize = 7;
-
 const W_CLOSE: usize = 14;
-
 const W_RETX: usize = 5;
-
 const W_MS: usize = 11;
 
 impl<W: Write> EventSink<W> {
@@ -79,6 +76,26 @@ impl<W: Write> EventSink<W> {
             line: Vec::with_capacity(512),
             cell: String::with_capacity(64),
             error: None,
+            owners: None,
+        }
+    }
+
+    /// Looks up the owners of CLOSE_WAIT leaks the kernel events could not name on `owners`'
+    /// worker; each such leak is written once its lookup finishes (at the next flush).
+    pub fn with_owner_lookups(mut self, owners: OwnerLookups) -> EventSink<W> {
+        self.owners = Some(owners);
+        self
+    }
+
+    /// At shutdown: writes the leaks whose owner lookup finishes within `timeout`.
+    pub fn finish_lookups(&mut self, timeout: std::time::Duration) {
+        let done = self
+            .owners
+            .as_mut()
+            .map(|owners| owners.finish(timeout))
+            .unwrap_or_default();
+        for leak in &done {
+            self.write_close_wait_leak(leak);
         }
     }
 
@@ -106,6 +123,14 @@ impl<W: Write> EventSink<W> {
     /// Flushes the output. Returns the first write error seen since the last call, if any,
     /// before trying to flush.
     pub fn flush(&mut self) -> io::Result<()> {
+        let done = self
+            .owners
+            .as_mut()
+            .map(OwnerLookups::finished)
+            .unwrap_or_default();
+        for leak in &done {
+            self.write_close_wait_leak(leak);
+        }
         if let Some(err) = self.error.take() {
             return Err(err);
         }
@@ -256,10 +281,21 @@ impl<W: Write> Observer for EventSink<W> {
         if self.format == EventFormat::None {
             return;
         }
-        // The kernel events cannot name the owner of a passively closed socket: ask /proc.
-        let owner = leak
-            .owner
-            .or_else(|| crate::host::proc_owners::socket_owner(leak.netns, &leak.tuple));
+        // The kernel events cannot name the owner of a passively closed socket: ask /proc, on
+        // the lookup worker; the leak is written when the answer comes.
+        if leak.owner.is_none()
+            && let Some(owners) = self.owners.as_mut()
+            && owners.request(*leak)
+        {
+            return;
+        }
+        self.write_close_wait_leak(leak);
+    }
+}
+
+impl<W: Write> EventSink<W> {
+    fn write_close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+        let owner = leak.owner;
         if self.format == EventFormat::Text {
             self.line.clear();
             let owner = owner.map_or_else(
