@@ -12,6 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,8 @@ const RESET: usize = 2;
 /// A tmux server of this test's own (its own socket), killed on drop.
 struct Tmux {
     socket: String,
+    /// The socket's file, removed on drop (the server leaves it behind).
+    socket_path: Option<String>,
 }
 
 impl Tmux {
@@ -33,8 +36,15 @@ impl Tmux {
     /// too).
     fn start() -> Tmux {
         require_tool("tmux");
-        let tmux = Tmux {
-            socket: format!("tracer-top-test-{}", std::process::id()),
+        // A socket per session: the previous test's server may still be shutting down.
+        static SESSIONS: AtomicUsize = AtomicUsize::new(0);
+        let mut tmux = Tmux {
+            socket_path: None,
+            socket: format!(
+                "tracer-top-test-{}-{}",
+                std::process::id(),
+                SESSIONS.fetch_add(1, Ordering::Relaxed)
+            ),
         };
         let out = tmux.run(&[
             "-f",
@@ -50,6 +60,9 @@ impl Tmux {
             "sh",
         ]);
         assert!(out.status.success(), "tmux new-session: {out:?}");
+        let path = tmux.run(&["display-message", "-p", "#{socket_path}"]);
+        tmux.socket_path =
+            Some(String::from_utf8_lossy(&path.stdout).trim().to_owned()).filter(|p| !p.is_empty());
         tmux.wait_for("the shell", Duration::from_secs(10), |s| {
             !s.trim().is_empty()
         });
@@ -119,6 +132,9 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.run(&["kill-server"]);
+        if let Some(path) = &self.socket_path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -317,18 +333,29 @@ fn top_shows_the_traffic_sorts_and_quits_cleanly() {
     });
 }
 
-#[test]
-fn escape_also_quits() {
+/// `key` (a tmux key name) ends `tracer top` with exit code 0 and the terminal restored.
+fn quits_on(key: &str) {
     require_root();
     let tmux = Tmux::start();
     tmux.type_line(&format!("{AGENT_BIN} top --interval 2s; echo top-exit=$?"));
     tmux.wait_for("the first frame", READY_TIMEOUT, |s| {
         s.contains("tracer top - every 2 s")
     });
-    tmux.key("Escape");
+    tmux.key(key);
     let screen = tmux.wait_for("the exit", STOP_TIMEOUT, exited);
-    assert!(screen.lines().any(|l| l == "top-exit=0"), "{screen}");
-    assert!(!tmux.alternate_on());
+    assert!(screen.lines().any(|l| l == "top-exit=0"), "{key}: {screen}");
+    assert!(!tmux.alternate_on(), "{key}: the alternate screen was left");
+    tmux.wait_for("the prompt again", Duration::from_secs(5), prompt_shown);
+}
+
+#[test]
+fn escape_also_quits() {
+    quits_on("Escape");
+}
+
+#[test]
+fn ctrl_c_also_quits() {
+    quits_on("C-c");
 }
 
 fn one_line_error(args: &[&str]) -> (Option<i32>, String) {
