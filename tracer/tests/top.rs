@@ -157,6 +157,20 @@ fn number_after(screen: &str, label: &str) -> Option<f64> {
     screen[at..].split_whitespace().next()?.parse().ok()
 }
 
+/// The terminal is as it was before `tracer top`: main screen, the shell's prompt, cooked mode
+/// with echo.
+fn assert_restored(tmux: &Tmux, after: &str) {
+    assert!(
+        !tmux.alternate_on(),
+        "{after}: the alternate screen was left"
+    );
+    tmux.wait_for("the prompt again", Duration::from_secs(5), prompt_shown);
+    tmux.type_line("echo raw=$(stty -a | grep -c -w -e -icanon -e -echo)x");
+    tmux.wait_for("the terminal modes", Duration::from_secs(5), |s| {
+        s.contains("raw=0x")
+    });
+}
+
 /// The shell's prompt is the last line shown.
 fn prompt_shown(screen: &str) -> bool {
     screen
@@ -325,12 +339,7 @@ fn top_shows_the_traffic_sorts_and_quits_cleanly() {
     let screen = tmux.wait_for("the exit", STOP_TIMEOUT, exited);
     assert!(screen.lines().any(|l| l == "top-exit=0"), "{screen}");
     assert!(!screen.contains("panicked"), "{screen}");
-    assert!(!tmux.alternate_on(), "the alternate screen was left");
-    tmux.wait_for("the prompt again", Duration::from_secs(5), prompt_shown);
-    tmux.type_line("echo raw=$(stty -a | grep -c -w -e -icanon -e -echo)x");
-    tmux.wait_for("the terminal modes", Duration::from_secs(5), |s| {
-        s.contains("raw=0x")
-    });
+    assert_restored(&tmux, "q");
 }
 
 /// `key` (a tmux key name) ends `tracer top` with exit code 0 and the terminal restored.
@@ -344,8 +353,7 @@ fn quits_on(key: &str) {
     tmux.key(key);
     let screen = tmux.wait_for("the exit", STOP_TIMEOUT, exited);
     assert!(screen.lines().any(|l| l == "top-exit=0"), "{key}: {screen}");
-    assert!(!tmux.alternate_on(), "{key}: the alternate screen was left");
-    tmux.wait_for("the prompt again", Duration::from_secs(5), prompt_shown);
+    assert_restored(&tmux, key);
 }
 
 #[test]
@@ -356,6 +364,31 @@ fn escape_also_quits() {
 #[test]
 fn ctrl_c_also_quits() {
     quits_on("C-c");
+}
+
+#[test]
+fn sigterm_also_quits_cleanly() {
+    require_root();
+    let tmux = Tmux::start();
+    let pid_file = std::env::temp_dir().join(format!("tracer-top-test-{}.pid", std::process::id()));
+    let _ = std::fs::remove_file(&pid_file);
+    tmux.type_line(&format!(
+        "sh -c 'echo $$ > {}; exec {AGENT_BIN} top'; echo top-exit=$?",
+        pid_file.display()
+    ));
+    tmux.wait_for("the first frame", READY_TIMEOUT, |s| {
+        s.contains("tracer top - every 1 s")
+    });
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("the pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    std::fs::remove_file(&pid_file).expect("remove the pid file");
+    send_signal(pid, libc::SIGTERM);
+    let screen = tmux.wait_for("the exit", STOP_TIMEOUT, exited);
+    assert!(screen.lines().any(|l| l == "top-exit=0"), "{screen}");
+    assert_restored(&tmux, "SIGTERM");
 }
 
 fn one_line_error(args: &[&str]) -> (Option<i32>, String) {

@@ -3,7 +3,8 @@
 //! Data source: `tracer top` attaches its own session, as `tracer diagnose` does, rather than
 //! reading a running agent's `/metrics`. Its findings then come from a live [`Diagnosis`]
 //! observing the tracker, worded exactly as `tracer diagnose` words them, and the TIME_WAIT
-//! peers come straight from the tracker's table (unbounded by an agent's `--time-wait-top-peers`).
+//! peers come straight from the tracker's table (the `PEERS_READ` with the most sockets, not an
+//! agent's `--time-wait-top-peers`).
 //! Rates are differences of consecutive snapshots of the session's own [`Metrics`] (the numbers
 //! an agent would serve on `/metrics`). It needs root, like every command that attaches; with an
 //! agent already running, both trace side by side.
@@ -17,10 +18,12 @@
 pub mod model;
 mod terminal;
 
+use std::collections::HashMap;
 use std::io::IsTerminal as _;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use tracer_core::model::{Owner, Tuple};
 use tracer_core::observer::Observer;
 use tracer_core::tracker::{Tracker, TrackerConfig};
 
@@ -34,6 +37,10 @@ use terminal::TerminalGuard;
 
 /// TIME_WAIT peers read per refresh (the most sockets first); the screen shows what fits.
 const PEERS_READ: usize = 100;
+
+/// Owners of leaked CLOSE_WAIT sockets kept between redraws: each is looked up in /proc once,
+/// not once per interval. Past this many the cache starts over.
+const OWNERS_KEPT: usize = 4096;
 
 /// What `tracer top` needs; the command line builds it.
 #[derive(Clone, Debug)]
@@ -68,6 +75,7 @@ pub fn top(options: TopOptions) -> anyhow::Result<()> {
     let mut consumer = TopConsumer {
         diagnosis,
         screen,
+        owners: HashMap::new(),
         sysctls: session.sysctls,
         started: Instant::now(),
         interval_ticks: options.interval.as_secs().max(1),
@@ -89,6 +97,7 @@ pub fn top(options: TopOptions) -> anyhow::Result<()> {
 struct TopConsumer {
     diagnosis: Diagnosis,
     screen: TerminalGuard,
+    owners: HashMap<(u32, Tuple), Option<Owner>>,
     sysctls: TcpSysctls,
     started: Instant,
     interval: Duration,
@@ -106,7 +115,7 @@ struct TopConsumer {
 }
 
 impl TopConsumer {
-    fn sample(&self, tracker: &Tracker, metrics: &Metrics) -> Sample {
+    fn sample(&mut self, tracker: &Tracker, metrics: &Metrics) -> Sample {
         let counters = Counters::read(metrics);
         let at = self.started.elapsed();
         let context = ReportContext {
@@ -114,6 +123,17 @@ impl TopConsumer {
             sysctls: self.sysctls,
             events_lost: counters.events_lost,
         };
+        if self.owners.len() > OWNERS_KEPT {
+            self.owners.clear();
+        }
+        let owners = &mut self.owners;
+        let report = self
+            .diagnosis
+            .report_with_owners(tracker, &context, |netns, tuple| {
+                *owners
+                    .entry((netns, *tuple))
+                    .or_insert_with(|| crate::host::proc_owners::socket_owner(netns, tuple))
+            });
         Sample {
             at,
             counters,
@@ -122,7 +142,7 @@ impl TopConsumer {
             close_wait: tracker.close_wait(),
             peers: tracker.time_wait().top_peers(PEERS_READ),
             port_range: self.sysctls.port_range_size(),
-            report: self.diagnosis.report(tracker, &context),
+            report,
         }
     }
 
