@@ -140,6 +140,8 @@ pub struct FindingLines {
     pub title: String,
     pub measured: String,
     pub action: String,
+    /// The figures behind it (top peers, processes, reasons), one per line.
+    pub details: Vec<String>,
 }
 
 /// The text of one screen.
@@ -154,6 +156,58 @@ pub struct View {
     /// `tracer diagnose`'s opening sentence for what was seen so far.
     pub headline: String,
     pub findings: Vec<FindingLines>,
+}
+
+impl View {
+    /// The findings box as lines of at most `width` columns: the headline, then per finding
+    /// its title, what was measured and what to do, continuation lines indented. `true` marks
+    /// the title of a problem.
+    pub fn finding_lines(&self, width: usize) -> Vec<(bool, String)> {
+        let mut lines: Vec<(bool, String)> = wrap(&self.headline, "", "", width)
+            .into_iter()
+            .map(|l| (false, l))
+            .collect();
+        for finding in &self.findings {
+            for line in wrap(&finding.title, "", "          ", width) {
+                lines.push((finding.problem, line));
+            }
+            for text in [&finding.measured, &finding.action] {
+                for line in wrap(text, "  ", "    ", width) {
+                    lines.push((false, line));
+                }
+            }
+            for detail in &finding.details {
+                for line in wrap(detail, "    ", "      ", width) {
+                    lines.push((false, line));
+                }
+            }
+        }
+        lines
+    }
+}
+
+/// `text` broken at spaces into lines of at most `width` columns (a longer word gets a line
+/// of its own), the first starting with `first`, the others with `rest`.
+pub fn wrap(text: &str, first: &str, rest: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = first.to_owned();
+    let mut empty = true;
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        let len = word.chars().count();
+        if !empty && line.chars().count() + 1 + len > width {
+            lines.push(std::mem::replace(&mut line, rest.to_owned()));
+            empty = true;
+        }
+        if !empty {
+            line.push(' ');
+        }
+        line.push_str(word);
+        empty = false;
+    }
+    if !empty || lines.is_empty() {
+        lines.push(line);
+    }
+    lines
 }
 
 /// What to show before the first sample.
@@ -248,6 +302,7 @@ pub fn view(
                     ),
                     measured: format!("measured: {}", f.measured),
                     action: format!("do: {}", f.action),
+                    details: f.lines.clone(),
                 }
             })
             .collect(),
@@ -528,11 +583,61 @@ mod tests {
             format!("measured: {}", finding.measured)
         );
         assert_eq!(noisy.findings[0].action, format!("do: {}", finding.action));
+        assert_eq!(noisy.findings[0].details, finding.lines);
+        assert!(
+            noisy.findings[0]
+                .details
+                .iter()
+                .any(|l| l.contains("received from 127.0.0.1")),
+            "{:?}",
+            noisy.findings[0].details
+        );
         assert!(!noisy.findings[0].problem);
         assert!(
             noisy.headline.starts_with("TCP diagnosis over 3 s"),
             "{}",
             noisy.headline
+        );
+    }
+
+    #[test]
+    fn findings_are_wrapped_with_indented_continuations() {
+        assert_eq!(
+            wrap("one two three four", "  ", "    ", 10),
+            ["  one two", "    three", "    four"]
+        );
+        assert_eq!(wrap("", "", "", 10), [""]);
+        assert_eq!(
+            wrap("averyverylongword x", "", "  ", 5),
+            ["averyverylongword", "  x"]
+        );
+        let view = View {
+            title: String::new(),
+            summary: Vec::new(),
+            peer_header: header(SortKey::Sockets),
+            peers: Vec::new(),
+            headline: "All quiet.".to_owned(),
+            findings: vec![FindingLines {
+                problem: true,
+                title: "[PROBLEM] Something wrong".to_owned(),
+                measured: "measured: 3 things".to_owned(),
+                action: "do: fix it now".to_owned(),
+                details: vec!["peer a: 3 more".to_owned()],
+            }],
+        };
+        assert_eq!(
+            view.finding_lines(16),
+            [
+                (false, "All quiet.".to_owned()),
+                (true, "[PROBLEM]".to_owned()),
+                (true, "          Something".to_owned()),
+                (true, "          wrong".to_owned()),
+                (false, "  measured: 3".to_owned()),
+                (false, "    things".to_owned()),
+                (false, "  do: fix it now".to_owned()),
+                (false, "    peer a: 3".to_owned()),
+                (false, "      more".to_owned()),
+            ]
         );
     }
 

@@ -15,7 +15,7 @@ use ratatui::crossterm::terminal::{
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Paragraph, Row, Table, Wrap};
+use ratatui::widgets::{Block, Borders, Paragraph, Row, Table};
 
 use crate::app::top::model::View;
 
@@ -159,21 +159,20 @@ fn render(frame: &mut ratatui::Frame<'_>, view: &View) {
         peers,
     );
 
-    let mut lines = vec![Line::raw(view.headline.as_str())];
-    for finding in &view.findings {
-        let style = if finding.problem {
-            bold
-        } else {
-            Style::default()
-        };
-        lines.push(Line::styled(finding.title.as_str(), style));
-        lines.push(Line::raw(format!("  {}", finding.measured)));
-        lines.push(Line::raw(format!("  {}", finding.action)));
-    }
+    let width = usize::from(findings.width.saturating_sub(2));
+    let lines: Vec<Line<'_>> = view
+        .finding_lines(width)
+        .into_iter()
+        .map(|(strong, text)| {
+            if strong {
+                Line::styled(text, bold)
+            } else {
+                Line::raw(text)
+            }
+        })
+        .collect();
     frame.render_widget(
-        Paragraph::new(lines)
-            .wrap(Wrap { trim: false })
-            .block(Block::default().borders(Borders::ALL).title(" findings ")),
+        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" findings ")),
         findings,
     );
 }
