@@ -2,6 +2,7 @@
 //! (left on drop, on error and on panic), the layout of a [`View`], and the keys.
 use std::io::{self, Stdout};
 use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,6 +19,10 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Row, Table};
 
 use crate::app::top::model::View;
+
+/// Raw mode or the alternate screen may be on: restoring once is enough (leaving the alternate
+/// screen twice would move the cursor back over what was printed in between, a panic message).
+static ENTERED: AtomicBool = AtomicBool::new(false);
 
 /// Keys read per call at most, so that a flood of input cannot hold the event loop.
 const MAX_KEYS_PER_POLL: usize = 64;
@@ -39,6 +44,7 @@ pub struct TerminalGuard {
 impl TerminalGuard {
     pub fn enter() -> anyhow::Result<TerminalGuard> {
         install_panic_hook();
+        ENTERED.store(true, Ordering::SeqCst);
         let entered = (|| -> io::Result<Terminal<CrosstermBackend<Stdout>>> {
             enable_raw_mode()?;
             execute!(io::stdout(), EnterAlternateScreen)?;
@@ -70,8 +76,11 @@ impl Drop for TerminalGuard {
     }
 }
 
-/// Leaves the alternate screen and raw mode, shows the cursor. Harmless when already done.
+/// Leaves the alternate screen and raw mode, shows the cursor; once.
 fn restore() {
+    if !ENTERED.swap(false, Ordering::SeqCst) {
+        return;
+    }
     let _ = disable_raw_mode();
     let _ = execute!(
         io::stdout(),
