@@ -25,8 +25,11 @@ pub enum Command {
     Run(RunArgs),
     /// Watch for a while, then print what is wrong with TCP on this host and what to do.
     Diagnose(DiagnoseArgs),
-    /// A live terminal view: connection rates, TIME_WAIT by peer, retransmissions, resets,
-    /// delayed ACKs, Nagle stalls, CLOSE_WAIT and the current findings; q quits.
+    /// A live terminal view of TCP on this host, redrawn every interval; q quits.
+    ///
+    /// Connections opened and closed per second, retransmissions, resets, delayed ACKs and
+    /// Nagle stalls per second, TIME_WAIT by peer with the port-exhaustion ratio (s cycles the
+    /// sort), CLOSE_WAIT, and the findings so far in `tracer diagnose`'s words.
     Top(TopArgs),
 }
 
