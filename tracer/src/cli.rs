@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::diagnose::{DiagnoseOptions, diagnose};
 use crate::app::run::{RunConfig, run};
+use crate::app::top::{TopOptions, top};
 use crate::export::events::EventFormat;
 
 /// Default metrics port (Prometheus exporters conventionally take one in the 9xxx range).
@@ -24,6 +25,43 @@ pub enum Command {
     Run(RunArgs),
     /// Watch for a while, then print what is wrong with TCP on this host and what to do.
     Diagnose(DiagnoseArgs),
+    /// A live terminal view of TCP on this host, redrawn every interval; q quits.
+    ///
+    /// Connections opened and closed per second, retransmissions, resets, delayed ACKs and
+    /// Nagle stalls per second, TIME_WAIT by peer with the port-exhaustion ratio (s cycles the
+    /// sort), CLOSE_WAIT, and the findings so far in `tracer diagnose`'s words.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TopArgs {
+    /// How often the screen is redrawn: whole seconds, 1s to 1h.
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_interval)]
+    pub interval: std::time::Duration,
+
+    /// TIME_WAIT sockets toward one peer holding this share of the ephemeral port range is a
+    /// problem.
+    #[arg(long, default_value_t = 0.5, value_name = "RATIO", value_parser = parse_ratio)]
+    pub port_exhaustion_warning: f64,
+
+    /// A connection in CLOSE_WAIT for longer than this is reported as a leak.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub close_wait_threshold: std::time::Duration,
+
+    /// Size of the kernel-to-agent ring buffer: a power of two, at least 64 KiB.
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_buffer_bytes: u32,
+}
+
+impl TopArgs {
+    pub fn options(&self) -> TopOptions {
+        TopOptions {
+            interval: self.interval,
+            port_exhaustion_warning: self.port_exhaustion_warning,
+            close_wait_threshold: self.close_wait_threshold,
+            ring_buffer_bytes: self.ring_buffer_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -165,6 +203,17 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
+/// `tracer top --interval`: whole seconds (the gauges refresh once a second), at most an hour.
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval.subsec_nanos() != 0 || interval.as_secs() > 3600 {
+        return Err(format!(
+            "{text:?} is not a whole number of seconds between 1s and 1h"
+        ));
+    }
+    Ok(interval)
+}
+
 fn parse_ratio(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(ratio) if ratio > 0.0 && ratio <= 1.0 => Ok(ratio),
@@ -188,6 +237,11 @@ pub fn main() -> ExitCode {
             init_logging(args.log_level);
             diagnose(args.options())
         }
+        Command::Top(args) => {
+            // Log lines would be drawn over the screen: what matters (lost events) is on it.
+            init_logging(log::LevelFilter::Off);
+            top(args.options())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -207,7 +261,7 @@ fn report_usage(err: clap::Error) -> ExitCode {
     }
     if err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         eprintln!(
-            "tracer: error: a command is required: `run` or `diagnose` (see `tracer --help`)"
+            "tracer: error: a command is required: `run`, `diagnose` or `top` (see `tracer --help`)"
         );
         return ExitCode::from(2);
     }
@@ -266,6 +320,21 @@ mod tests {
         assert!(!args.json);
         assert!(parse(&["diagnose", "--duration", "soon"]).is_err());
         assert!(parse(&["diagnose", "--top", "0"]).is_err());
+    }
+
+    #[test]
+    fn top_interval_defaults_to_a_second_and_is_whole_seconds() {
+        let Command::Top(args) = parse(&["top"]).expect("parse").command else {
+            panic!("not top");
+        };
+        assert_eq!(args.interval, std::time::Duration::from_secs(1));
+        let Command::Top(args) = parse(&["top", "--interval", "5s"]).expect("parse").command else {
+            panic!("not top");
+        };
+        assert_eq!(args.options().interval, std::time::Duration::from_secs(5));
+        for bad in ["0s", "500ms", "1.5s", "2h", "soon", "-1s"] {
+            assert!(parse(&["top", "--interval", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

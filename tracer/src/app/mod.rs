@@ -1,7 +1,8 @@
 //! Stage 4, the commands: a session (attach, seed), the event loop that pumps kernel events
-//! through the tracker to the exporters, and the two commands built on them.
+//! through the tracker to the exporters, and the commands built on them.
 pub mod diagnose;
 pub mod memory;
 pub mod pump;
 pub mod run;
 pub mod session;
+pub mod top;
