@@ -11,6 +11,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ss, nstat, ip"),
     ("nftables", "nft"),
     ("prometheus", "promtool"),
+    ("systemd", "systemd-analyze"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
