@@ -33,7 +33,7 @@ const INSTALLED_BIN: &str = "/usr/local/bin/tracer";
 /// plus the owner lookup.
 const LEAK_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub fn repo_file(relative: &str) -> PathBuf {
+fn repo_file(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(relative)
@@ -150,6 +150,22 @@ fn unit_is_hardened() {
         documented_capabilities(),
         "{UNIT}: the bounding set should be exactly the ambient set"
     );
+    // The system calls and socket families the agent uses beyond a plain service's: bpf(2),
+    // setns(2) into network namespaces, netlink for sock_diag.
+    let filter = service_value("SystemCallFilter");
+    for call in ["@system-service", "bpf", "setns"] {
+        assert!(
+            filter.split_ascii_whitespace().any(|c| c == call),
+            "{UNIT}: SystemCallFilter={filter} lacks {call}"
+        );
+    }
+    let families = service_value("RestrictAddressFamilies");
+    for family in ["AF_INET", "AF_INET6", "AF_NETLINK"] {
+        assert!(
+            families.contains(family),
+            "{UNIT}: {families} lacks {family}"
+        );
+    }
     // ProtectKernelLogs drops CAP_SYSLOG (kallsyms addresses); ProtectProc=invisible hides
     // the processes whose namespaces and descriptors the agent reads.
     assert!(service_values("ProtectKernelLogs").is_empty(), "{UNIT}");
