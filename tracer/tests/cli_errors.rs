@@ -102,8 +102,8 @@ fn unparsable_diagnose_duration_is_a_one_line_error() {
     assert!(out.stderr.contains("forever"), "{}", out.stderr);
 }
 
-/// Run as an unprivileged user (through `setpriv`), both commands refuse with one line before
-/// touching the kernel.
+/// Run as an unprivileged user (through `setpriv`), both commands refuse with one line naming
+/// the missing capabilities before touching the kernel.
 #[test]
 fn not_root_is_a_one_line_error() {
     require_root();
@@ -137,6 +137,13 @@ fn not_root_is_a_one_line_error() {
         assert_clean_failure(command, &out);
         assert_one_line(command, &out);
         assert!(out.stderr.contains("root"), "{}", out.stderr);
+        // An unprivileged user has no capability: the error names the missing ones.
+        assert!(
+            out.stderr
+                .contains("missing CAP_BPF, CAP_PERFMON, CAP_SYSLOG"),
+            "{}",
+            out.stderr
+        );
     }
     let _ = std::fs::remove_file(&copy);
 }

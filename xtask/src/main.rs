@@ -3,6 +3,7 @@
 //! Every step prints one line on stderr (stdout stays the agent's); a failing step stops with a
 //! one-line error and a non-zero exit.
 mod bench;
+mod install;
 mod layout;
 mod setup;
 mod test;
@@ -47,6 +48,8 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
     },
+    /// Build, then install the release agent and its systemd unit (as root, or --destdir).
+    Install(install::Args),
     /// Measure what tracing costs (as root): throughput with and without the agent and peers.
     Bench(bench::Args),
 }
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => run(&args),
         Cmd::Test => test::run(),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Install(args) => install::run(args),
         Cmd::Layout { root } => layout::check(root.as_deref().unwrap_or(workspace_root())),
     };
     match result {

@@ -12,6 +12,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft"),
     ("prometheus", "promtool"),
     ("tmux", "tmux, for the test of `tracer top`"),
+    ("systemd", "systemd-analyze"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

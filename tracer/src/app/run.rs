@@ -39,7 +39,8 @@ pub struct RunConfig {
 }
 
 pub fn run(args: RunConfig) -> anyhow::Result<()> {
-    system::require_root()?;
+    // Fail on missing capabilities before binding; the session logs what the others cost.
+    system::require_capabilities()?;
     // Bind before attaching: a port in use must fail with nothing left behind.
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot serve metrics on {}", args.listen))?;

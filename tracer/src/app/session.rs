@@ -1,4 +1,4 @@
-//! A session: set-up in an order that fails before anything is attached where it can (root,
+//! A session: set-up in an order that fails before anything is attached where it can (capabilities,
 //! tracefs, BTF offsets, symbols, then the programs), and the tracker seeded with what already
 //! existed, in every network namespace that can be entered.
 use std::collections::HashMap;
@@ -45,7 +45,9 @@ pub struct Session {
 
 impl Session {
     pub fn start(config: &SessionConfig) -> anyhow::Result<Session> {
-        system::require_root()?;
+        for lacking in system::require_capabilities()? {
+            warn!("{lacking}");
+        }
         match system::ensure_tracefs() {
             Ok(true) => info!("mounted tracefs at {}", system::TRACEFS),
             Ok(false) => {}
