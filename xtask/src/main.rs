@@ -4,6 +4,7 @@
 //! one-line error and a non-zero exit.
 mod bench;
 mod layout;
+mod plots;
 mod setup;
 mod test;
 
@@ -49,6 +50,8 @@ enum Cmd {
     },
     /// Measure what tracing costs (as root): throughput with and without the agent and peers.
     Bench(bench::Args),
+    /// Draw the dashboard's key panels to PNG (docs/img/) from Prometheus range queries of a run.
+    Plots(plots::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => run(&args),
         Cmd::Test => test::run(),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Plots(args) => plots::run(args),
         Cmd::Layout { root } => layout::check(root.as_deref().unwrap_or(workspace_root())),
     };
     match result {
