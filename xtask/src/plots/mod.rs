@@ -148,7 +148,7 @@ pub fn run(args: Args) -> Result<()> {
             };
             let end = unix_now();
             let start = end - args.seconds as f64;
-            draw_all(&api, &dashboard, &instance, start, end, &out)
+            draw_all(&api, &dashboard, &instance, (start, end), &out, false)
         }
         None => own_run(&args, &dashboard, &out),
     }
@@ -235,19 +235,21 @@ fn own_run(args: &Args, dashboard: &Value, out: &std::path::Path) -> Result<()> 
         &prometheus.api,
         dashboard,
         &listen.to_string(),
-        start,
-        end,
+        (start, end),
         out,
+        true,
     )
 }
 
+/// Draws every picture from `start` to `end` (unix seconds). `strict`: a panel without data
+/// is an error (our own run must show on every panel), else it is drawn saying so.
 fn draw_all(
     api: &Api,
     dashboard: &Value,
     instance: &str,
-    start: f64,
-    end: f64,
+    (start, end): (f64, f64),
     out: &std::path::Path,
+    strict: bool,
 ) -> Result<()> {
     let step_s = ((end - start) / 1000.0).ceil().max(1.0);
     let mut too_big = Vec::new();
@@ -265,6 +267,9 @@ fn draw_all(
                 }
                 None => None,
             };
+            if strict && left.lines.iter().all(|l| l.points.is_empty()) {
+                bail!("{title}: no data from this run");
+            }
             plots.push(Plot { title, left, right });
         }
         let path = out.join(picture.file);
@@ -315,12 +320,6 @@ fn side(
                 points,
             });
         }
-    }
-    if lines.iter().all(|l| l.points.is_empty()) {
-        bail!(
-            "panel {} ({title}) has no data in that time range",
-            panel.id
-        );
     }
     let peak = |l: &Line| l.points.iter().map(|p| p.1).fold(f64::MIN, f64::max);
     lines.sort_by(|a, b| peak(b).total_cmp(&peak(a)));
