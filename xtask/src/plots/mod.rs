@@ -362,3 +362,43 @@ fn legend(format: &str, labels: &Value) -> String {
     out.push_str(rest);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legends_take_label_values_like_grafana() {
+        let labels = serde_json::json!({"peer": "10.0.0.7", "port": "443", "kind": "syn"});
+        assert_eq!(legend("{{peer}}:{{port}}", &labels), "10.0.0.7:443");
+        assert_eq!(legend("p99 {{ kind }}", &labels), "p99 syn");
+        assert_eq!(legend("{{missing}} x", &labels), " x");
+        assert_eq!(legend("open {{peer", &labels), "open {{peer");
+    }
+
+    #[test]
+    fn only_a_loopback_prometheus_is_queried() {
+        assert!(Api::from_url("http://127.0.0.1:9090").is_ok());
+        assert!(Api::from_url("http://localhost:9090/").is_ok());
+        assert!(Api::from_url("http://10.0.0.1:9090").is_err());
+        assert!(Api::from_url("https://127.0.0.1:9090").is_err());
+    }
+
+    #[test]
+    fn every_picture_names_a_panel_of_the_dashboard() {
+        let dashboard = read_dashboard().unwrap_or_default();
+        for picture in pictures() {
+            for chart in &picture.charts {
+                for panel in std::iter::once(&chart.left).chain(&chart.right) {
+                    assert!(
+                        find_panel(&dashboard["panels"], panel.id)
+                            .is_some_and(|p| p["targets"].is_array()),
+                        "{}: no panel {} with queries in the dashboard",
+                        picture.file,
+                        panel.id
+                    );
+                }
+            }
+        }
+    }
+}

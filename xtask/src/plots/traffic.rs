@@ -68,6 +68,7 @@ pub struct LossyNetns {
 
 impl LossyNetns {
     pub fn create() -> Result<LossyNetns> {
+        remove_stale();
         let pid = std::process::id();
         let used = Command::new("ip")
             .args(["-o", "-4", "addr", "show"])
@@ -132,6 +133,23 @@ impl Drop for LossyNetns {
         let _ = run("ip", &["netns", "exec", &self.name, "nft", &table]);
         let _ = run("ip", &["netns", "del", &self.name]);
         let _ = run("ip", &["link", "del", &self.host_if]);
+    }
+}
+
+/// Deletes the `tracer-plots-<pid>` namespaces of runs that are gone (killed before their
+/// clean-up ran).
+fn remove_stale() {
+    let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten().take(10_000) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("tracer-plots-") else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = run("ip", &["netns", "del", &name]);
+        }
     }
 }
 
@@ -355,12 +373,14 @@ fn nagle((from, until): (Instant, Instant), stop: &AtomicBool) -> Result<()> {
             let (mut conn, _) = listener.accept()?;
             timeouts(&conn)?;
             let mut request = [0u8; 20];
-            loop {
+            // Until the client closes (or a read times out); a round takes at least 40 ms.
+            for _ in 0..10_000_000 {
                 match conn.read_exact(&mut request) {
                     Ok(()) => conn.write_all(&[b'r'; 10])?,
-                    Err(_) => return Ok(()),
+                    Err(_) => break,
                 }
             }
+            Ok(())
         })?;
     let mut client = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     timeouts(&client)?;
