@@ -5,7 +5,8 @@
 //! and refused connects, and a CLOSE_WAIT leak. Then every query of the Grafana dashboard (its
 //! variables substituted as Grafana would) and every alert expression runs through
 //! Prometheus's HTTP API: each must return data, or be listed here as quiet by design, with
-//! the reason, and then return nothing.
+//! the reason, and then return nothing. Prometheus's own evaluation of `alerts.yml` agrees:
+//! every rule evaluates without error, and exactly the alerts with data are pending.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -671,6 +672,40 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
         traffic_checks(&instance, tw_port).len(),
         checks_wait.elapsed(),
         alert_checks().iter().filter(|c| c.quiet.is_some()).count()
+    );
+
+    // Prometheus's own rule evaluation agrees: the alerts whose expression returns data are
+    // pending (their `for` has not passed), and no other alert is pending or firing.
+    let expected_pending: BTreeSet<String> = alert_checks()
+        .iter()
+        .filter(|c| c.quiet.is_none())
+        .map(|c| c.origin.split(' ').nth(1).unwrap_or_default().to_owned())
+        .collect();
+    let waited = Instant::now();
+    let active = loop {
+        let alerts = prometheus.api("alerts");
+        let active: BTreeMap<String, String> = alerts["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["labels"]["instance"] == instance.as_str())
+            .map(|a| {
+                let name = a["labels"]["alertname"].as_str().unwrap_or_default();
+                (
+                    name.to_owned(),
+                    a["state"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        let pending: BTreeSet<String> = active.keys().cloned().collect();
+        if pending == expected_pending || waited.elapsed() > Duration::from_secs(15) {
+            break active;
+        }
+        thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        active.keys().eq(expected_pending.iter()) && active.values().all(|s| s == "pending"),
+        "expected exactly {expected_pending:?} pending for {instance}, Prometheus has {active:?}"
     );
 
     // Prometheus evaluated every rule without error, and the target is up.
