@@ -11,10 +11,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ss, nstat, ip"),
     ("nftables", "nft"),
     ("prometheus", "promtool"),
-    (
-        "fonts-dejavu-core",
-        "DejaVu Sans, the font of cargo xtask plots",
-    ),
+    ("fonts-dejavu-core", "the font of xtask plots"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
