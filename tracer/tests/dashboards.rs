@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 use serde_norway::Value as YamlValue;
 
 const ALERTS: &str = "prometheus/alerts.yml";
+/// `promtool test rules` unit tests of the alerts.
+const ALERTS_TEST: &str = "prometheus/alerts_test.yml";
 const PROMETHEUS_CONFIG: &str = "prometheus/prometheus.yml";
 const DASHBOARD: &str = "grafana/tracer-overview.json";
 const PROVISIONING: [&str; 2] = [
@@ -418,6 +420,86 @@ fn alert_rules_and_scrape_config_pass_promtool_and_say_what_to_do() {
                 && alert.expr.ends_with(threshold),
             "TimeWaitPortExhaustion ({severity}): {}",
             alert.expr
+        );
+    }
+}
+
+#[test]
+fn promtool_unit_tests_show_every_alert_firing_and_staying_quiet() {
+    let out = promtool(&["test", "rules", ALERTS_TEST]);
+    assert!(
+        out.contains("SUCCESS") && !out.contains("FAILED"),
+        "`promtool test rules {ALERTS_TEST}` did not succeed:\n{out}"
+    );
+    let doc = read_yaml(ALERTS_TEST);
+    let rule_files: Vec<&str> = doc["rule_files"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(YamlValue::as_str)
+        .collect();
+    assert_eq!(
+        rule_files,
+        ["alerts.yml"],
+        "{ALERTS_TEST} must test the rules of alerts.yml, and only them"
+    );
+    // (alert, severity) of every expected firing, and the alerts with a case where they must
+    // stay quiet (an empty or absent `exp_alerts`).
+    let mut firing: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut quiet: BTreeSet<String> = BTreeSet::new();
+    let tests = doc["tests"]
+        .as_sequence()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| panic!("{ALERTS_TEST}: no `tests`"));
+    for test in tests {
+        for case in test["alert_rule_test"].as_sequence().into_iter().flatten() {
+            let name = case["alertname"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{ALERTS_TEST}: a case without alertname: {case:?}"))
+                .to_owned();
+            let expected = case["exp_alerts"]
+                .as_sequence()
+                .cloned()
+                .unwrap_or_default();
+            if expected.is_empty() {
+                quiet.insert(name);
+                continue;
+            }
+            for alert in &expected {
+                let severity = alert["exp_labels"]["severity"].as_str().unwrap_or_else(|| {
+                    panic!("{ALERTS_TEST}: an expected {name} alert without severity")
+                });
+                firing.insert((name.clone(), severity.to_owned()));
+            }
+        }
+    }
+    let alerts = alert_rules();
+    for alert in &alerts {
+        assert!(
+            firing.contains(&(alert.name.clone(), alert.severity.clone())),
+            "{ALERTS_TEST}: no case where {} ({}) fires",
+            alert.name,
+            alert.severity
+        );
+        assert!(
+            quiet.contains(&alert.name),
+            "{ALERTS_TEST}: no case where {} must stay quiet",
+            alert.name
+        );
+    }
+    // And no case tests an alert that alerts.yml does not have.
+    for (name, severity) in &firing {
+        assert!(
+            alerts
+                .iter()
+                .any(|a| &a.name == name && &a.severity == severity),
+            "{ALERTS_TEST}: expects {name} ({severity}), which alerts.yml does not define"
+        );
+    }
+    for name in &quiet {
+        assert!(
+            alerts.iter().any(|a| &a.name == name),
+            "{ALERTS_TEST}: tests {name}, which alerts.yml does not define"
         );
     }
 }

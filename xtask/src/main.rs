@@ -5,6 +5,7 @@
 mod bench;
 mod install;
 mod layout;
+mod plots;
 mod setup;
 mod test;
 
@@ -52,6 +53,8 @@ enum Cmd {
     Install(install::Args),
     /// Measure what tracing costs (as root): throughput with and without the agent and peers.
     Bench(bench::Args),
+    /// Draw the dashboard's key panels to PNG (docs/img/) from Prometheus range queries of a run.
+    Plots(plots::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Cmd::Test => test::run(),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Install(args) => install::run(args),
+        Cmd::Plots(args) => plots::run(args),
         Cmd::Layout { root } => layout::check(root.as_deref().unwrap_or(workspace_root())),
     };
     match result {

@@ -13,6 +13,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool"),
     ("tmux", "tmux, for the test of `tracer top`"),
     ("systemd", "systemd-analyze"),
+    ("fonts-dejavu-core", "the font of xtask plots"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
