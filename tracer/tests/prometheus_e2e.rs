@@ -16,10 +16,9 @@ mod common;
 mod support_latency;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -72,8 +71,6 @@ const SCRAPE_INTERVAL: &str = "1s";
 /// What Grafana's `$__rate_interval` would be with a 1 s scrape interval on a short range,
 /// rounded up so that every rate sees several samples.
 const RATE_INTERVAL: &str = "1m";
-/// How long Prometheus may take to start and answer `/-/ready`.
-const PROMETHEUS_READY: Duration = Duration::from_secs(30);
 /// How long every query may take to return data while the traffic flows.
 const DATA_TIMEOUT: Duration = Duration::from_secs(150);
 /// At most this many rounds of the traffic mix.
@@ -94,12 +91,9 @@ const NFT_TABLE: &str = "tracer_e2e";
 // Prometheus
 // ---------------------------------------------------------------------------------------------
 
-/// A `prometheus` process with its own directory; killed, and its directory removed, on drop.
-struct Prometheus {
-    child: Option<Child>,
-    dir: PathBuf,
-    addr: SocketAddr,
-}
+/// The shared Prometheus runner (tracer-scrape), with the test's way of failing: a panic that
+/// names the call, and Prometheus's log when the test fails.
+struct Prometheus(tracer_scrape::prometheus::Prometheus);
 
 impl Prometheus {
     /// Starts Prometheus on a free loopback port, scraping `target` every second as job
@@ -107,149 +101,45 @@ impl Prometheus {
     fn start(target: SocketAddr) -> Prometheus {
         require_tool("prometheus");
         let dir = std::env::temp_dir().join(format!("tracer-prom-e2e-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data")).expect("create the Prometheus directory");
         let alerts = dashboards_dir().join("prometheus/alerts.yml");
-        std::fs::copy(&alerts, dir.join("alerts.yml"))
-            .unwrap_or_else(|e| panic!("copy {}: {e}", alerts.display()));
-        let config = format!(
-            "global:\n  scrape_interval: {SCRAPE_INTERVAL}\n  scrape_timeout: {SCRAPE_INTERVAL}\n  \
-             evaluation_interval: {SCRAPE_INTERVAL}\nrule_files:\n  - alerts.yml\n\
-             scrape_configs:\n  - job_name: tracer\n    static_configs:\n      - targets: \
-             [\"{target}\"]\n"
-        );
-        std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = std::fs::File::create(dir.join("prometheus.log")).expect("create the log");
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start prometheus: {e}"));
-        let mut prometheus = Prometheus {
-            child: Some(child),
-            dir,
-            addr,
+        let config = tracer_scrape::prometheus::Config {
+            target,
+            interval: SCRAPE_INTERVAL,
+            rule_files: &[alerts.as_path()],
         };
-        prometheus.wait_ready();
-        prometheus
-    }
-
-    fn wait_ready(&mut self) {
-        let started = Instant::now();
-        let mut last = String::from("no attempt yet");
-        while started.elapsed() < PROMETHEUS_READY {
-            let child = self.child.as_mut().expect("prometheus child");
-            if let Some(status) = child.try_wait().expect("try_wait prometheus") {
-                panic!(
-                    "prometheus exited ({status}) before it was ready:\n{}",
-                    self.log()
-                );
-            }
-            match http_get(self.addr, "/-/ready", Duration::from_secs(2)) {
-                Ok(resp) if resp.status == 200 => return,
-                Ok(resp) => last = format!("status {}", resp.status),
-                Err(e) => last = e.to_string(),
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-        panic!(
-            "prometheus was not ready on {} within {PROMETHEUS_READY:?} (last: {last}):\n{}",
-            self.addr,
-            self.log()
-        );
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+        Prometheus(
+            tracer_scrape::prometheus::Prometheus::start(&config, &dir)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
     }
 
     /// `GET /api/v1/<path>`: the `data` of a successful answer; panics otherwise.
     fn api(&self, path: &str) -> Value {
-        let resp = http_get(
-            self.addr,
-            &format!("/api/v1/{path}"),
-            Duration::from_secs(20),
-        )
-        .unwrap_or_else(|e| panic!("GET /api/v1/{path} on {}: {e}", self.addr));
-        let body: Value = serde_json::from_str(&resp.body)
-            .unwrap_or_else(|e| panic!("/api/v1/{path}: not JSON ({e}): {}", resp.body));
-        assert!(
-            resp.status == 200 && body["status"] == "success",
-            "/api/v1/{path} answered {}: {}",
-            resp.status,
-            resp.body
-        );
-        body["data"].clone()
+        self.0.api.get(path).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// An instant query: its result as (labels, value) pairs, a scalar as one pair.
     fn query(&self, promql: &str) -> Vec<(Value, f64)> {
-        let data = self.api(&format!("query?query={}", url_encode(promql)));
-        let number = |pair: &Value| -> f64 {
-            pair[1]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("{promql}: not a [time, \"value\"] pair: {pair}"))
-        };
-        match data["resultType"].as_str() {
-            Some("vector") => data["result"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|s| (s["metric"].clone(), number(&s["value"])))
-                .collect(),
-            Some("scalar") => vec![(Value::Null, number(&data["result"]))],
-            other => panic!("{promql}: unexpected result type {other:?}: {data}"),
-        }
+        self.0
+            .api
+            .query(promql)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .filter_map(|series| Some((series.labels, series.points.first()?.1)))
+            .collect()
     }
 }
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = libc::pid_t::try_from(child.id()).map(|pid| {
-                // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
-                unsafe { libc::kill(pid, libc::SIGTERM) }
-            });
-            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
         if thread::panicking() {
-            eprintln!("--- prometheus log ---\n{}", self.log());
+            eprintln!("--- prometheus log ---\n{}", self.0.log());
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn dashboards_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards")
-}
-
-/// Percent-encodes everything but the unreserved characters (RFC 3986).
-fn url_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() * 3);
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            write!(out, "%{b:02X}").expect("write to a String");
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -151,6 +151,21 @@ fn peer_row(screen: &str, port: u16) -> Option<(usize, Vec<String>)> {
     })
 }
 
+/// Every peer row on the screen, in screen order, as (address, port).
+fn peer_rows(screen: &str) -> Vec<(std::net::IpAddr, u16)> {
+    screen
+        .lines()
+        .filter_map(|line| {
+            let cleaned = line.replace('│', " ");
+            let cells: Vec<&str> = cleaned.split_whitespace().collect();
+            if cells.len() != 5 {
+                return None;
+            }
+            Some((cells[0].parse().ok()?, cells[1].parse().ok()?))
+        })
+        .collect()
+}
+
 /// The number after `label` on the screen (`opened 12.0`, `TIME_WAIT 40`).
 fn number_after(screen: &str, label: &str) -> Option<f64> {
     let at = screen.find(label)? + label.len();
@@ -330,9 +345,19 @@ fn top_shows_the_traffic_sorts_and_quits_cleanly() {
     let screen = tmux.wait_for("the peer sort", Duration::from_secs(5), |s| {
         s.contains("sort: peer") && s.contains("PEER*")
     });
-    let (busy_at, _) = peer_row(&screen, busy).unwrap();
-    let (quiet_at, _) = peer_row(&screen, quiet).unwrap();
-    assert!(quiet_at < busy_at, "by port, lower first:\n{screen}");
+    // Earlier tests' TIME_WAIT groups may fill the screen before ours in this order: check the
+    // order of what is shown, and ours where both are.
+    let shown = peer_rows(&screen);
+    assert!(shown.len() >= 2, "peer rows on the screen:\n{screen}");
+    assert!(
+        shown.windows(2).all(|w| w[0] <= w[1]),
+        "rows by peer, then port:\n{screen}"
+    );
+    if let (Some((busy_at, _)), Some((quiet_at, _))) =
+        (peer_row(&screen, busy), peer_row(&screen, quiet))
+    {
+        assert!(quiet_at < busy_at, "by port, lower first:\n{screen}");
+    }
 
     // `q` quits with exit code 0, and the terminal is as it was.
     tmux.key("q");

@@ -7,7 +7,6 @@
 //! With `--prometheus URL` it draws the last `--seconds` of an existing one instead. The
 //! queries are the dashboard's own (`dashboards/grafana/tracer-overview.json`), with its
 //! variables substituted as Grafana does.
-mod prom;
 mod render;
 pub(crate) mod traffic;
 
@@ -20,8 +19,8 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
 use crate::{require_root, step, workspace_root};
-use prom::{Api, Prometheus, unix_now};
 use render::{Axis, Line, Plot, Side};
+use tracer_scrape::prometheus::{self as prom, Api, Prometheus};
 
 /// The largest picture we commit.
 const MAX_PNG_BYTES: u64 = 200 * 1024;
@@ -211,7 +210,14 @@ fn own_run(args: &Args, dashboard: &Value, out: &std::path::Path) -> Result<()> 
         std::thread::sleep(Duration::from_millis(200));
     }
     let dir = workspace_root().join(format!("target/plots/prometheus-{}", std::process::id()));
-    let prometheus = Prometheus::start(listen, &dir)?;
+    let prometheus = Prometheus::start(
+        &prom::Config {
+            target: listen,
+            interval: "1s",
+            rule_files: &[],
+        },
+        &dir,
+    )?;
     step(&format!(
         "Prometheus on {} scrapes it every second",
         prometheus.api.addr
@@ -361,6 +367,14 @@ fn legend(format: &str, labels: &Value) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
