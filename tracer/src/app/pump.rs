@@ -12,7 +12,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::app::session::{Session, resync_time_wait};
+use crate::app::session::{Session, recheck_seeded_time_wait, resync_time_wait};
 use crate::export::metrics::Metrics;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::decode;
@@ -108,6 +108,10 @@ pub async fn pump(
             }
             _ = refresh.tick() => {
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
+                if session.recheck_seeded_at.is_some_and(|at| Instant::now() >= at) {
+                    recheck_seeded_time_wait(&mut session.tracker);
+                    session.recheck_seeded_at = None;
+                }
                 if session.tracker.shrink() {
                     crate::app::memory::give_back();
                 }

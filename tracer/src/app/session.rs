@@ -15,7 +15,7 @@ use crate::kernel::btf::KernelBtf;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::programs::{HookPlan, KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::kernel::system::{self, TcpSysctls};
-use tracer_core::model::TcpState;
+use tracer_core::model::{TcpState, Tuple};
 use tracer_core::tracker::{Tracker, TrackerConfig};
 
 /// What every command that watches the kernel needs, set up in order.
@@ -41,6 +41,9 @@ pub struct Session {
     pub(super) resynced: Option<Instant>,
     /// When loss starts and stops, for the log.
     pub(super) loss: LossLog,
+    /// When to look again at the start-up dump's TIME_WAIT sockets (see
+    /// [`recheck_seeded_time_wait`]); `None` once done.
+    pub(super) recheck_seeded_at: Option<Instant>,
 }
 
 impl Session {
@@ -108,6 +111,7 @@ impl Session {
             lost_at_resync: 0,
             resynced: None,
             loss: LossLog::default(),
+            recheck_seeded_at: Some(Instant::now() + SEEDED_RECHECK_AFTER),
         })
     }
 
@@ -164,6 +168,38 @@ fn dump_namespaces() -> anyhow::Result<Vec<(u32, Vec<sock_diag::SocketEntry>)>> 
         }
     }
     Ok(dumps)
+}
+
+/// How long after start-up the sockets of the start-up dump still unseen are checked again.
+pub(super) const SEEDED_RECHECK_AFTER: Duration = Duration::from_secs(2);
+
+/// A second look at the sockets the start-up dump listed in TIME_WAIT, once the events queued
+/// during start-up are in: those no longer listed left before the programs could see them go
+/// (their timer was detached just before the attach), and no event will ever end them.
+pub(super) fn recheck_seeded_time_wait(tracker: &mut Tracker) {
+    if tracker.time_wait().seeded_len() == 0 {
+        return;
+    }
+    match dump_namespaces() {
+        Ok(dumps) => {
+            let present: std::collections::HashSet<(u32, Tuple)> = dumps
+                .iter()
+                .flat_map(|(netns, sockets)| {
+                    sockets
+                        .iter()
+                        .filter(|s| s.timewait)
+                        .map(move |s| (*netns, s.tuple))
+                })
+                .collect();
+            let gone = tracker.time_wait_mut().forget_seeded_missing(&present);
+            if gone > 0 {
+                info!(
+                    "{gone} TIME_WAIT sockets of the start-up dump had left before tracing began"
+                );
+            }
+        }
+        Err(e) => warn!("re-reading TIME_WAIT sockets after start-up failed: {e:#}"),
+    }
 }
 
 /// After lost events the TIME_WAIT count may be off: start it over from sock_diag.
