@@ -49,6 +49,27 @@ pub const LOST_TIMER_CANCEL: u32 = 7;
 pub const LOST_TIMER_EXPIRE: u32 = 8;
 pub const LOST_SLOTS: u32 = 9;
 
+/// Whether a state change (kernel `TCP_*` numbers) runs in the socket owner's own system call
+/// (connect, close, shutdown), so that `current` is the owner. Elsewhere (softirq) `current` is
+/// whoever was interrupted. The kernel programs read the task only for these; the tracker takes
+/// the owner only from these: one rule for both sides.
+pub const fn owner_transition(old: u8, new: u8) -> bool {
+    const ESTABLISHED: u8 = 1;
+    const SYN_SENT: u8 = 2;
+    const SYN_RECV: u8 = 3;
+    const FIN_WAIT1: u8 = 4;
+    const CLOSE: u8 = 7;
+    const CLOSE_WAIT: u8 = 8;
+    const LAST_ACK: u8 = 9;
+    matches!(
+        (old, new),
+        (CLOSE, SYN_SENT)
+            | (ESTABLISHED, FIN_WAIT1)
+            | (SYN_RECV, FIN_WAIT1)
+            | (CLOSE_WAIT, LAST_ACK)
+    )
+}
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;

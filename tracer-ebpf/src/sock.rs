@@ -105,23 +105,3 @@ pub fn is_tcp(sk: *const u8) -> bool {
 pub fn state(sk: *const u8) -> u8 {
     read::<u8>(sk, off!(skc_state)).unwrap_or(0)
 }
-
-/// Whether a state change runs in the owner's system call (connect, close, shutdown), the only
-/// transitions whose `current` user space takes as the owner.
-#[inline(always)]
-pub fn in_process_context(old: i32, new: i32) -> bool {
-    const ESTABLISHED: i32 = 1;
-    const SYN_SENT: i32 = 2;
-    const SYN_RECV: i32 = 3;
-    const FIN_WAIT1: i32 = 4;
-    const CLOSE: i32 = 7;
-    const CLOSE_WAIT: i32 = 8;
-    const LAST_ACK: i32 = 9;
-    matches!(
-        (old, new),
-        (CLOSE, SYN_SENT)
-            | (ESTABLISHED, FIN_WAIT1)
-            | (SYN_RECV, FIN_WAIT1)
-            | (CLOSE_WAIT, LAST_ACK)
-    )
-}

@@ -21,7 +21,11 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; every field is
     // written before submit (fill writes all fields not written here).
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk, sock::in_process_context(oldstate, newstate));
+    sock::fill(
+        event,
+        sk,
+        tracer_common::owner_transition(oldstate as u8, newstate as u8),
+    );
     event.kind = EVENT_STATE;
     event.oldstate = oldstate as u8;
     event.newstate = newstate as u8;

@@ -21,7 +21,7 @@ use crate::model::{
 use crate::observer::Observer;
 use crate::record::{CloseWaitLeak, Connection, MAX_STATES, Seed, StateStamp};
 use crate::tracker::time_wait::{TimeWaitConfig, TimeWaitTable};
-use crate::tracker::{shrink_map, sparse};
+use crate::tracker::{shrink_map, shrink_queue};
 
 #[derive(Clone, Copy, Debug)]
 pub struct TrackerConfig {
@@ -108,8 +108,6 @@ impl Tracker {
         &mut self.time_wait
     }
 
-    /// Settles what only the passing of time decides (TIME_WAIT exits), as of `now_ns`
-    /// (CLOCK_MONOTONIC, the events' clock).
     /// Gives back the memory of tables left sparse by a burst that has closed: a hash table
     /// keeps its peak capacity otherwise. Returns whether anything shrank (worth asking the
     /// allocator to return memory to the system). Cheap when nothing is sparse.
@@ -119,21 +117,13 @@ impl Tracker {
         shrank |= shrink_map(&mut self.seeds);
         shrank |= shrink_map(&mut self.listeners);
         self.compact_activity();
-        if sparse(self.activity.capacity(), self.activity.len()) {
-            self.activity.shrink_to(self.activity.len() * 2);
-            shrank = true;
-        }
-        if sparse(
-            self.close_wait_queue.capacity(),
-            self.close_wait_queue.len(),
-        ) {
-            self.close_wait_queue
-                .shrink_to(self.close_wait_queue.len() * 2);
-            shrank = true;
-        }
+        shrank |= shrink_queue(&mut self.activity);
+        shrank |= shrink_queue(&mut self.close_wait_queue);
         shrank | self.time_wait.shrink()
     }
 
+    /// Settles what only the passing of time decides (TIME_WAIT exits), as of `now_ns`
+    /// (CLOCK_MONOTONIC, the events' clock).
     pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
         self.time_wait.tick(now_ns, obs);
         let threshold = self.config.close_wait_threshold_ns;
@@ -608,13 +598,7 @@ fn finish(conn: &mut Connection, ts_ns: u64, cause: CloseCause) {
 /// Transitions made inside the owner's system call, where `current` is the owner. The others
 /// run in softirq context, where `current` is whatever task was interrupted.
 fn process_context(old: TcpState, new: TcpState) -> bool {
-    matches!(
-        (old, new),
-        (TcpState::Close, TcpState::SynSent)
-            | (TcpState::Established, TcpState::FinWait1)
-            | (TcpState::SynRecv, TcpState::FinWait1)
-            | (TcpState::CloseWait, TcpState::LastAck)
-    )
+    tracer_common::owner_transition(old as u8, new as u8)
 }
 
 fn owner(task: Task) -> Owner {

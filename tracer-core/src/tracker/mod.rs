@@ -9,13 +9,21 @@ use foldhash::HashMap;
 
 /// A table is worth shrinking once it holds under a quarter of its capacity, and the capacity is
 /// large enough to matter.
-pub(crate) fn sparse(capacity: usize, len: usize) -> bool {
+fn sparse(capacity: usize, len: usize) -> bool {
     capacity > 4096 && capacity > 4 * len
 }
 
 pub(crate) fn shrink_map<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) -> bool {
     if sparse(map.capacity(), map.len()) {
         map.shrink_to(map.len() * 2);
+        return true;
+    }
+    false
+}
+
+pub(crate) fn shrink_queue<T>(queue: &mut std::collections::VecDeque<T>) -> bool {
+    if sparse(queue.capacity(), queue.len()) {
+        queue.shrink_to(queue.len() * 2);
         return true;
     }
     false

@@ -125,23 +125,14 @@ impl TimeWaitTable {
 
     /// Shrinks tables left sparse by a burst that has ended; see `Tracker::shrink`.
     pub fn shrink(&mut self) -> bool {
-        use super::{shrink_map, sparse};
+        use super::{shrink_map, shrink_queue};
         let mut shrank = shrink_map(&mut self.entries);
         shrank |= shrink_map(&mut self.by_tuple);
         shrank |= shrink_map(&mut self.seeded);
         shrank |= shrink_map(&mut self.early_exits);
         shrank |= shrink_map(&mut self.peers);
-        for queue in [&mut self.cancels] {
-            if sparse(queue.capacity(), queue.len()) {
-                queue.shrink_to(queue.len() * 2);
-                shrank = true;
-            }
-        }
-        if sparse(self.early_order.capacity(), self.early_order.len()) {
-            self.early_order.shrink_to(self.early_order.len() * 2);
-            shrank = true;
-        }
-        shrank
+        shrank |= shrink_queue(&mut self.cancels);
+        shrank | shrink_queue(&mut self.early_order)
     }
 
     /// Timewait sockets not tracked because the table was full.

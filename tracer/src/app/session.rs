@@ -170,6 +170,18 @@ fn dump_namespaces() -> anyhow::Result<Vec<(u32, Vec<sock_diag::SocketEntry>)>> 
     Ok(dumps)
 }
 
+/// The timewait sockets (either substate) of namespace dumps, by namespace and 4-tuple.
+fn time_wait_keys(
+    dumps: &[(u32, Vec<sock_diag::SocketEntry>)],
+) -> impl Iterator<Item = (u32, Tuple)> + '_ {
+    dumps.iter().flat_map(|(netns, sockets)| {
+        sockets
+            .iter()
+            .filter(|s| s.timewait)
+            .map(move |s| (*netns, s.tuple))
+    })
+}
+
 /// How long after start-up the sockets of the start-up dump still unseen are checked again.
 pub(super) const SEEDED_RECHECK_AFTER: Duration = Duration::from_secs(2);
 
@@ -182,15 +194,7 @@ pub(super) fn recheck_seeded_time_wait(tracker: &mut Tracker) {
     }
     match dump_namespaces() {
         Ok(dumps) => {
-            let present: std::collections::HashSet<(u32, Tuple)> = dumps
-                .iter()
-                .flat_map(|(netns, sockets)| {
-                    sockets
-                        .iter()
-                        .filter(|s| s.timewait)
-                        .map(move |s| (*netns, s.tuple))
-                })
-                .collect();
+            let present: std::collections::HashSet<(u32, Tuple)> = time_wait_keys(&dumps).collect();
             let gone = tracker.time_wait_mut().forget_seeded_missing(&present);
             if gone > 0 {
                 info!(
@@ -206,13 +210,7 @@ pub(super) fn recheck_seeded_time_wait(tracker: &mut Tracker) {
 pub(super) fn resync_time_wait(tracker: &mut Tracker) {
     match dump_namespaces() {
         Ok(dumps) => {
-            let waiting = dumps.iter().flat_map(|(netns, sockets)| {
-                sockets
-                    .iter()
-                    .filter(|s| s.timewait)
-                    .map(move |s| (*netns, s.tuple))
-            });
-            tracker.time_wait_mut().resync(waiting);
+            tracker.time_wait_mut().resync(time_wait_keys(&dumps));
             warn!(
                 "kernel events were lost: TIME_WAIT count re-read from sock_diag ({} sockets)",
                 tracker.time_wait().count()

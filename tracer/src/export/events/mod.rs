@@ -89,11 +89,12 @@ impl<W: Write> EventSink<W> {
 
     /// At shutdown: writes the leaks whose owner lookup finishes within `timeout`.
     pub fn finish_lookups(&mut self, timeout: std::time::Duration) {
-        let done = self
-            .owners
-            .as_mut()
-            .map(|owners| owners.finish(timeout))
-            .unwrap_or_default();
+        self.write_looked_up(|owners| owners.finish(timeout));
+    }
+
+    /// Writes the leaks `take` hands back from the lookup worker.
+    fn write_looked_up(&mut self, take: impl FnOnce(&mut OwnerLookups) -> Vec<CloseWaitLeak>) {
+        let done = self.owners.as_mut().map(take).unwrap_or_default();
         for leak in &done {
             self.write_close_wait_leak(leak);
         }
@@ -123,14 +124,7 @@ impl<W: Write> EventSink<W> {
     /// Flushes the output. Returns the first write error seen since the last call, if any,
     /// before trying to flush.
     pub fn flush(&mut self) -> io::Result<()> {
-        let done = self
-            .owners
-            .as_mut()
-            .map(OwnerLookups::finished)
-            .unwrap_or_default();
-        for leak in &done {
-            self.write_close_wait_leak(leak);
-        }
+        self.write_looked_up(OwnerLookups::finished);
         if let Some(err) = self.error.take() {
             return Err(err);
         }
