@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -28,18 +29,27 @@ const FIXTURE: &str = "kernel_btf/debian-6.1-6.12.btf.xz";
 const DEBIAN_6_1: &str = "6.1.0-57-amd64";
 const DEBIAN_6_12: &str = "6.12.117+deb12-amd64";
 
-/// Decompresses the fixture and splits it into its kernels' BTF (each blob's header gives its
-/// length). A missing or damaged fixture fails the test: it is part of the repository.
+/// The decompressed fixture, shared by the tests of this binary. A missing or damaged fixture
+/// fails the test: it is part of the repository.
+fn raw() -> &'static [u8] {
+    static RAW: OnceLock<Vec<u8>> = OnceLock::new();
+    RAW.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests")
+            .join(FIXTURE);
+        let compressed = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!("the recorded kernel BTF {} is missing: {e}", path.display())
+        });
+        let mut raw = Vec::new();
+        lzma_rs::xz_decompress(&mut compressed.as_slice(), &mut raw).expect("the fixture is xz");
+        raw
+    })
+}
+
+/// The recorded kernels' BTF, split at the lengths their headers give.
 fn recorded() -> Vec<(&'static str, KernelBtf)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join(FIXTURE);
-    let compressed = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("the recorded kernel BTF {} is missing: {e}", path.display()));
-    let mut raw = Vec::new();
-    lzma_rs::xz_decompress(&mut compressed.as_slice(), &mut raw).expect("the fixture is xz");
     let mut blobs = Vec::new();
-    let mut rest = raw.as_slice();
+    let mut rest = raw();
     while !rest.is_empty() {
         assert_eq!(&rest[..2], &0xeb9f_u16.to_le_bytes(), "BTF magic");
         let word = |at: usize| u32::from_le_bytes(rest[at..at + 4].try_into().unwrap()) as usize;
@@ -211,6 +221,39 @@ fn running_kernel_choice_matches_what_attaches() {
     .expect("attach (run the tests as root)");
     let attached: Vec<&str> = expected.iter().map(|(_, tp)| *tp).collect();
     assert_eq!(probes.attached(), attached.as_slice());
+}
+
+/// The plan chosen for 6.1 (its variants, nagle off), with this kernel's offsets, passes this
+/// kernel's verifier and attaches without the switched-off hook: what the agent would do there,
+/// short of booting 6.1.
+#[test]
+fn the_debian_6_1_plan_loads_and_attaches_here() {
+    require_root();
+    let (kernel, old) = recorded().into_iter().next().unwrap();
+    let mut compat = Compat::check(&old, kernel).expect("6.1 is supported");
+    drop(old);
+    let here = KernelBtf::load().expect("kernel BTF");
+    compat.offsets = here.offsets().expect("offsets");
+    drop(here);
+    let plan = HookPlan::from_compat(compat);
+    let attaching = plan.attaching();
+    assert_eq!(attaching.len(), 8, "{attaching:?}");
+    assert!(attaching.contains(&("tcp_send_reset_noreason", "tcp_send_reset")));
+    assert!(attaching.contains(&("tcp_retransmit_skb_noerr", "tcp_retransmit_skb")));
+    assert!(!attaching.iter().any(|(_, tp)| *tp == "tcp_sendmsg_locked"));
+    let mut symbols = symbols().expect("kallsyms");
+    plan.compat().mask_symbols(&mut symbols);
+    let probes = Probes::attach(
+        &plan,
+        &plan.compat().offsets,
+        &symbols,
+        &ProbeConfig {
+            ring_buffer_bytes: 1 << 20,
+        },
+    )
+    .expect("6.1's variants load here");
+    let tracepoints: Vec<&str> = attaching.iter().map(|(_, tp)| *tp).collect();
+    assert_eq!(probes.attached(), tracepoints.as_slice());
 }
 
 /// The program 6.1 gets for `tcp_send_reset` reads only `(sk, skb)`, so this kernel's verifier

@@ -559,3 +559,99 @@ pub fn running_release() -> String {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "(unknown release)".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running() -> KernelBtf {
+        KernelBtf::load().expect("these tests read the running kernel's BTF and need it present")
+    }
+
+    /// A well-formed BTF blob with no types at all: a kernel that has nothing we need.
+    fn empty() -> KernelBtf {
+        let mut blob = Vec::new();
+        blob.extend(0xeb9f_u16.to_le_bytes());
+        blob.extend([1, 0]); // version, flags
+        for word in [24u32, 0, 0, 0, 1] {
+            blob.extend(word.to_le_bytes()); // hdr_len, type_off/len, str_off/len
+        }
+        blob.push(0); // the empty string
+        KernelBtf::from_bytes(&blob).expect("an empty BTF parses")
+    }
+
+    #[test]
+    fn prototypes_render_as_c_types() {
+        let k = running();
+        let args = |tp| tracepoint_args(&k, tp).expect(tp);
+        assert_eq!(args("inet_sock_set_state"), ["struct sock *", "int", "int"]);
+        assert_eq!(args("tcp_receive_reset"), ["struct sock *"]);
+        assert_eq!(args("tcp_cong_state_set"), ["struct sock *", "u8"]);
+        assert_eq!(args("timer_cancel"), ["struct timer_list *"]);
+        assert_eq!(tracepoint_args(&k, "no_such_tracepoint"), None);
+    }
+
+    #[test]
+    fn the_arity_check_and_the_prototype_agree() {
+        let k = running();
+        for hook in HOOKS {
+            let args = tracepoint_args(&k, hook.tracepoint).expect(hook.tracepoint);
+            assert_eq!(
+                Some(args.len()),
+                k.tracepoint_arity(hook.tracepoint).ok(),
+                "{}",
+                hook.tracepoint
+            );
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_the_state_tracepoint_is_a_one_line_error() {
+        let err = Compat::check(&empty(), "4.19.0-test").expect_err("nothing to attach to");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "kernel 4.19.0-test is not supported: lifecycle needs tracepoint \
+                 inet_sock_set_state (it is absent)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("struct sock member __sk_common.skc_daddr"), "{text}");
+        assert!(!text.contains('\n'));
+    }
+
+    /// Every member `KernelBtf::offsets` reads is claimed by a feature, so that a kernel lacking
+    /// it switches that feature off (an unclaimed one would stop the agent).
+    #[test]
+    fn every_member_the_agent_reads_belongs_to_a_feature() {
+        let (_, missing) = empty().offsets_lenient().expect("lenient");
+        assert!(missing.len() >= 20, "{missing:?}");
+        for (outer, path) in &missing {
+            assert!(
+                FEATURES
+                    .iter()
+                    .any(|f| f.members.iter().any(|(o, p)| o == outer && p == path)),
+                "struct {outer} member {path} is read but no feature in compat::FEATURES needs it"
+            );
+        }
+    }
+
+    #[test]
+    fn switched_off_timer_features_hide_their_callbacks() {
+        let mut compat = Compat::check(&running(), "running").expect("supported");
+        for feature in &mut compat.features {
+            if feature.name == "delayed_ack" {
+                feature.missing.push("test".to_owned());
+            }
+        }
+        let mut symbols = KernelSymbols {
+            tw_timer_handler: 1,
+            tcp_delack_timer: 2,
+        };
+        compat.mask_symbols(&mut symbols);
+        assert_eq!((symbols.tw_timer_handler, symbols.tcp_delack_timer), (1, 0));
+        // time_wait still needs all three timer hooks.
+        assert_eq!(compat.program_for("timer_cancel"), Some(Some("timer_cancel")));
+        assert_eq!(compat.program_for("no_such_tracepoint"), None);
+    }
+}
