@@ -61,7 +61,8 @@ pub static INET_SOCK_SET_STATE: Hook = Hook {
 pub static TCP_RETRANSMIT_SKB: Hook = Hook {
     tracepoint: "tcp_retransmit_skb",
     variants: &[
-        // 6.10 and later also fire for failed attempts and pass the error.
+        // Kernels newer than 6.12 also fire for failed attempts and pass the error (Debian's
+        // 6.12 still has the two-argument form).
         Variant {
             program: "tcp_retransmit_skb",
             args: &[SOCK, SKB, "int"],
@@ -616,7 +617,10 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("struct sock member __sk_common.skc_daddr"), "{text}");
+        assert!(
+            text.contains("struct sock member __sk_common.skc_daddr"),
+            "{text}"
+        );
         assert!(!text.contains('\n'));
     }
 
@@ -651,7 +655,10 @@ mod tests {
         compat.mask_symbols(&mut symbols);
         assert_eq!((symbols.tw_timer_handler, symbols.tcp_delack_timer), (1, 0));
         // time_wait still needs all three timer hooks.
-        assert_eq!(compat.program_for("timer_cancel"), Some(Some("timer_cancel")));
+        assert_eq!(
+            compat.program_for("timer_cancel"),
+            Some(Some("timer_cancel"))
+        );
         assert_eq!(compat.program_for("no_such_tracepoint"), None);
     }
 }
