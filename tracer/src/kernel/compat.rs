@@ -147,7 +147,8 @@ pub static TIMER_EXPIRE_ENTRY: Hook = Hook {
     }],
 };
 
-/// Not attached yet; listed so that their prototypes are checked on every kernel we test.
+/// Not attached yet (no feature claims them); listed so that their prototypes are checked on
+/// every kernel we test. A feature that uses them adds them to its `hooks`.
 pub static TCP_DESTROY_SOCK: Hook = Hook {
     tracepoint: "tcp_destroy_sock",
     variants: &[Variant {
@@ -425,16 +426,16 @@ impl Compat {
     }
 
     /// The program to attach to `tracepoint`: `Some(Some(program))`, `Some(None)` when it
-    /// cannot run here or every feature that needs it is off, and `None` for a tracepoint this
-    /// module does not know.
+    /// cannot run here or every feature that needs it is off, and `None` for a tracepoint no
+    /// feature claims (the caller keeps its own program for it).
     pub fn program_for(&self, tracepoint: &str) -> Option<Option<&'static str>> {
         let (_, choice) = self.hooks.iter().find(|(tp, _)| *tp == tracepoint)?;
         let mut claimed = FEATURES
             .iter()
             .filter(|f| f.hooks.iter().any(|h| h.tracepoint == tracepoint))
             .peekable();
-        // A hook no feature claims yet is attached whenever its prototype matches.
-        let wanted = claimed.peek().is_none() || claimed.any(|f| self.enabled(f.name));
+        claimed.peek()?;
+        let wanted = claimed.any(|f| self.enabled(f.name));
         Some(match choice {
             Ok(program) if wanted => Some(*program),
             _ => None,
@@ -660,5 +661,6 @@ mod tests {
             Some(Some("timer_cancel"))
         );
         assert_eq!(compat.program_for("no_such_tracepoint"), None);
+        assert_eq!(compat.program_for("tcp_destroy_sock"), None, "claimed by no feature");
     }
 }
