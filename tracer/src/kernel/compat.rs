@@ -661,6 +661,10 @@ mod tests {
             Some(Some("timer_cancel"))
         );
         assert_eq!(compat.program_for("no_such_tracepoint"), None);
-        assert_eq!(compat.program_for("tcp_destroy_sock"), None, "claimed by no feature");
+        assert_eq!(
+            compat.program_for("tcp_destroy_sock"),
+            None,
+            "claimed by no feature"
+        );
     }
 }
