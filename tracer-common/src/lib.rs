@@ -13,6 +13,9 @@ pub const EVENT_RESET_RECEIVED: u8 = 3;
 /// `RawEvent::kind`: the kernel sent a RST on this socket (`tcp_send_reset`); `segs` holds the
 /// `sk_rst_reason`.
 pub const EVENT_RESET_SENT: u8 = 4;
+/// `segs` of an `EVENT_RESET_SENT` from a kernel whose `tcp_send_reset` gives no reason
+/// (before 6.10).
+pub const RST_REASON_UNKNOWN: u16 = u16::MAX;
 
 /// `RawEvent::kind`: a TIME_WAIT timer was armed (`timer_start` of `tw_timer_handler`): a
 /// timewait mini socket entered TIME_WAIT (or FIN_WAIT2), or was re-armed. `skaddr` is the

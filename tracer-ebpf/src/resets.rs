@@ -1,7 +1,7 @@
 //! RSTs received and sent, so a close can be told apart as reset, refused or aborted.
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use aya_log_ebpf::debug;
-use tracer_common::{EVENT_RESET_RECEIVED, EVENT_RESET_SENT};
+use tracer_common::{EVENT_RESET_RECEIVED, EVENT_RESET_SENT, RST_REASON_UNKNOWN};
 
 use crate::{maps, paths, sock};
 
@@ -21,6 +21,17 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     }
     let reason: u32 = ctx.arg(2);
     emit(&ctx, sk, EVENT_RESET_SENT, reason as u16)
+}
+
+/// Kernels before 6.10 pass `(sk, skb)` without a reason; the RST still counts, its reason
+/// unknown.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset_noreason(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    emit(&ctx, sk, EVENT_RESET_SENT, RST_REASON_UNKNOWN)
 }
 
 #[inline(always)]

@@ -63,15 +63,22 @@ impl Session {
         // Everything needed from our parse of the kernel's BTF, then free it before aya parses
         // its own: the two would otherwise add up to the start-up peak.
         let btf = KernelBtf::load()?;
-        let offsets = btf.offsets()?;
         let plan = HookPlan::for_kernel(&btf)?;
+        let offsets = plan.compat().offsets;
         let rst_reasons = btf.rst_reasons();
         drop(btf);
+        for degraded in plan.compat().degraded() {
+            warn!("{degraded}");
+        }
         debug!("kernel offsets from BTF: {offsets:?}");
-        let symbols = system::symbols()?;
+        let mut symbols = system::symbols()?;
+        plan.compat().mask_symbols(&mut symbols);
         debug!("kernel symbols: {symbols:x?}");
 
         let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+        for feature in &plan.compat().features {
+            metrics.features.set(feature.name, feature.enabled());
+        }
         let mut probes = Probes::attach(
             &plan,
             &offsets,

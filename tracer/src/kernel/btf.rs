@@ -1,5 +1,6 @@
 //! Struct member offsets and tracepoint prototypes from the running kernel's BTF: Rust eBPF has
 //! no CO-RE relocations, so the programs get their offsets as globals at load time.
+use std::cell::RefCell;
 use std::path::Path;
 
 use super::system::{KernelError, VMLINUX_BTF};
@@ -17,6 +18,8 @@ pub struct MemberOffset {
 /// The running kernel's type information.
 pub struct KernelBtf {
     btf: Btf,
+    /// While `offsets_lenient` runs: the members not found, which then read as offset 0.
+    misses: RefCell<Option<Vec<(String, String)>>>,
 }
 
 impl KernelBtf {
@@ -29,13 +32,54 @@ impl KernelBtf {
             return Err(KernelError::NoBtf);
         }
         let btf = Btf::from_file(path).map_err(|e| KernelError::BadBtf(e.to_string()))?;
-        Ok(KernelBtf { btf })
+        Ok(KernelBtf {
+            btf,
+            misses: RefCell::default(),
+        })
+    }
+
+    /// Type information from a raw `.BTF` blob, e.g. one extracted from another kernel's image.
+    pub fn from_bytes(bytes: &[u8]) -> Result<KernelBtf, KernelError> {
+        let btf = Btf::from_bytes(bytes).map_err(|e| KernelError::BadBtf(e.to_string()))?;
+        Ok(KernelBtf {
+            btf,
+            misses: RefCell::default(),
+        })
+    }
+
+    /// The parsed types, for the compatibility checks (`compat`).
+    pub(crate) fn types(&self) -> &Btf {
+        &self.btf
     }
 
     /// Offset of `path` (members separated by dots, e.g. `__sk_common.skc_daddr`) inside
     /// `struct outer`. Anonymous unions and structs are searched through, as C lets you name
     /// their members directly.
     pub fn member_offset(&self, outer: &str, path: &str) -> Result<MemberOffset, KernelError> {
+        let found = self.resolve_member(outer, path);
+        if let Err(KernelError::Missing(_)) = found
+            && let Some(misses) = self.misses.borrow_mut().as_mut()
+        {
+            misses.push((outer.to_owned(), path.to_owned()));
+            return Ok(MemberOffset {
+                byte: 0,
+                bit_shift: 0,
+                bits: None,
+            });
+        }
+        found
+    }
+
+    /// [`Self::offsets`], with every member the kernel lacks listed as `(struct, member path)`
+    /// and read as 0 instead of failing: `compat` switches off the features that need them.
+    pub fn offsets_lenient(&self) -> Result<(KernelOffsets, Vec<(String, String)>), KernelError> {
+        *self.misses.borrow_mut() = Some(Vec::new());
+        let offsets = self.offsets();
+        let misses = self.misses.borrow_mut().take().unwrap_or_default();
+        Ok((offsets?, misses))
+    }
+
+    fn resolve_member(&self, outer: &str, path: &str) -> Result<MemberOffset, KernelError> {
         let missing = || KernelError::Missing(format!("struct {outer} member {path}"));
         let mut current = self.struct_named(outer)?;
         let mut bits = 0u32;

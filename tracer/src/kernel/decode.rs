@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use tracer_common::{
     AF_INET, AF_INET6, EVENT_DELAYED_ACK, EVENT_NAGLE_HELD, EVENT_PATH, EVENT_RESET_RECEIVED,
     EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE, EVENT_SYNACK_RETRANSMIT, EVENT_TW_CANCEL,
-    EVENT_TW_EXPIRE, EVENT_TW_START, PATH_STEPS, RawEvent, RawPath,
+    EVENT_TW_EXPIRE, EVENT_TW_START, PATH_STEPS, RST_REASON_UNKNOWN, RawEvent, RawPath,
 };
 
 use tracer_core::model::{
@@ -145,7 +145,8 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
             } else {
                 ResetDirection::Received
             },
-            reason: (raw.kind == EVENT_RESET_SENT).then_some(raw.segs),
+            reason: (raw.kind == EVENT_RESET_SENT && raw.segs != RST_REASON_UNKNOWN)
+                .then_some(raw.segs),
             task,
         }),
         EVENT_TW_START | EVENT_TW_CANCEL | EVENT_TW_EXPIRE => Ok(Event::TimeWait {
@@ -303,6 +304,21 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn reset_sent_reason_is_unknown_on_kernels_without_one() {
+        let mut raw = parse(&connect_fixture()).expect("parse");
+        raw.kind = EVENT_RESET_SENT;
+        raw.newstate = 1; // ESTABLISHED
+        for (segs, reason) in [(RST_REASON_UNKNOWN, None), (2, Some(2))] {
+            raw.segs = segs;
+            let event = decode(&raw).expect("decode");
+            let Event::Reset { reason: got, .. } = event else {
+                panic!("not a reset: {event:?}");
+            };
+            assert_eq!(got, reason);
+        }
     }
 
     #[test]

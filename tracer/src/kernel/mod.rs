@@ -3,6 +3,7 @@
 //! ring-buffer records into `tracer_core` events.
 pub mod btf;
 pub mod clock;
+pub mod compat;
 pub mod decode;
 pub mod programs;
 pub mod system;

@@ -7,6 +7,7 @@ use thiserror::Error;
 use tracer_common::{KernelOffsets, KernelSymbols};
 
 use crate::kernel::btf::KernelBtf;
+use crate::kernel::compat::{Compat, CompatError, running_release};
 use crate::kernel::system::KernelError;
 
 /// The kernel programs, built by `build.rs` from `tracer-ebpf`.
@@ -16,6 +17,8 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 pub enum ProbeError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Compat(#[from] CompatError),
     #[error("loading the eBPF object failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no program {0} (build mismatch)")]
@@ -33,10 +36,6 @@ pub enum ProbeError {
     Map(&'static str, #[source] aya::maps::MapError),
     #[error("reading kernel BTF for the loader: {0}")]
     Btf(#[source] aya::BtfError),
-    #[error(
-        "tracepoint tcp_retransmit_skb has {0} arguments; this tracer knows the 2- and 3-argument forms"
-    )]
-    UnknownRetransmitForm(usize),
 }
 
 /// One program and the tracepoint it attaches to.
@@ -66,23 +65,54 @@ impl ProbeConfig {
 
 /// Which program serves each hook on this kernel, checked against its BTF before anything is
 /// loaded. Taking this first lets the caller free its parsed BTF before aya parses its own.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HookPlan {
     retransmit: &'static str,
+    /// The variants and features chosen from BTF (`compat`); a hook it does not know keeps the
+    /// program named in `hooks`.
+    compat: Compat,
 }
 
 impl HookPlan {
     pub fn for_kernel(kernel: &KernelBtf) -> Result<HookPlan, ProbeError> {
-        let retransmit = match kernel.tracepoint_arity("tcp_retransmit_skb")? {
-            3 => "tcp_retransmit_skb",
-            2 => "tcp_retransmit_skb_noerr",
-            n => return Err(ProbeError::UnknownRetransmitForm(n)),
-        };
-        let plan = HookPlan { retransmit };
+        let compat = Compat::check(kernel, &running_release())?;
+        let plan = HookPlan::from_compat(compat);
         for hook in &plan.hooks() {
-            kernel.tracepoint_arity(hook.tracepoint)?;
+            if plan.compat.program_for(hook.tracepoint).is_none() {
+                kernel.tracepoint_arity(hook.tracepoint)?;
+            }
         }
         Ok(plan)
+    }
+
+    /// The plan `compat` chose.
+    pub fn from_compat(compat: Compat) -> HookPlan {
+        let retransmit = compat
+            .program_for("tcp_retransmit_skb")
+            .flatten()
+            .unwrap_or("tcp_retransmit_skb");
+        HookPlan { retransmit, compat }
+    }
+
+    /// What was chosen, and the offsets that go with it.
+    pub fn compat(&self) -> &Compat {
+        &self.compat
+    }
+
+    /// `(program, tracepoint)` of every hook that [`Probes::attach`] attaches.
+    pub fn attaching(&self) -> Vec<(&'static str, &'static str)> {
+        self.hooks()
+            .iter()
+            .filter_map(|hook| self.program(hook).map(|p| (p, hook.tracepoint)))
+            .collect()
+    }
+
+    /// The program for `hook` on this kernel, `None` when its features are switched off.
+    fn program(&self, hook: &Hook) -> Option<&'static str> {
+        match self.compat.program_for(hook.tracepoint) {
+            Some(chosen) => chosen,
+            None => Some(hook.program),
+        }
     }
 
     fn hooks(&self) -> [Hook; 9] {
@@ -151,19 +181,22 @@ impl Probes {
             .map_err(ProbeError::Load)?;
         let mut attached = Vec::with_capacity(hooks.len());
         for hook in &hooks {
+            let Some(name) = plan.program(hook) else {
+                continue;
+            };
             let program_error = |source| ProbeError::Program {
-                program: hook.program,
+                program: name,
                 tracepoint: hook.tracepoint,
                 source,
             };
             let program: &mut BtfTracePoint = ebpf
-                .program_mut(hook.program)
-                .ok_or(ProbeError::MissingProgram(hook.program))?
+                .program_mut(name)
+                .ok_or(ProbeError::MissingProgram(name))?
                 .try_into()
                 .map_err(program_error)?;
             program.load(hook.tracepoint, &btf).map_err(program_error)?;
             program.attach().map_err(program_error)?;
-            log::debug!("attached {} to tp_btf/{}", hook.program, hook.tracepoint);
+            log::debug!("attached {name} to tp_btf/{}", hook.tracepoint);
             attached.push(hook.tracepoint);
         }
         Ok(Probes { ebpf, attached })

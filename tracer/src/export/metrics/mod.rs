@@ -22,12 +22,14 @@ use prometheus::{
 
 mod acks;
 mod close_wait;
+mod features;
 
 mod http;
 mod time_wait;
 
 pub use acks::AckMetrics;
 pub use close_wait::CloseWaitMetrics;
+pub use features::FeatureMetrics;
 
 pub use http::serve;
 use time_wait::TimeWaitMetrics;
@@ -135,6 +137,7 @@ pub struct Metrics {
     pub time_wait: TimeWaitMetrics,
     pub acks: AckMetrics,
     pub close_wait: CloseWaitMetrics,
+    pub features: FeatureMetrics,
 }
 
 /// TcpState discriminants run from 1 to 12.
@@ -354,6 +357,7 @@ impl Metrics {
         let time_wait = TimeWaitMetrics::register(&registry)?;
         let acks = AckMetrics::register(&registry)?;
         let close_wait = CloseWaitMetrics::register(&registry)?;
+        let features = FeatureMetrics::register(&registry)?;
 
         Ok(Metrics {
             registry,
@@ -378,6 +382,7 @@ impl Metrics {
             time_wait,
             acks,
             close_wait,
+            features,
         })
     }
 
