@@ -189,6 +189,11 @@ impl CgroupResolver {
         &self.mount
     }
 
+    /// Walks made so far, the first included.
+    pub fn walks(&self) -> u64 {
+        self.walks
+    }
+
     /// Cgroups in the cache (removed ones included).
     pub fn cached_len(&self) -> usize {
         self.known.len()
