@@ -291,6 +291,36 @@ fn cgroups_named_by_systemd_docker_podman_and_the_kubelet_resolve_to_their_workl
             .unwrap_or_else(|| panic!("{rel}: not prefilled"));
         assert_eq!(resolved.cgroup.workload, *expected, "{rel}");
     }
+    // Walks bounded in depth cannot reach the pods (5 levels below the hierarchy's root): the
+    // walk says it is incomplete, and the id is not declared gone.
+    let mut shallow = CgroupResolver::new(ResolverConfig {
+        rescan_interval: Duration::ZERO,
+        max_depth: 3,
+        ..ResolverConfig::default()
+    })
+    .expect("resolver");
+    let (pod_rel, _) = &cases[7];
+    let pod_id = stat_inode(&tree.dir.join(pod_rel));
+    assert_eq!(shallow.resolve(pod_id), None);
+    assert!(shallow.walk(Instant::now()).expect("walk").truncated);
+    assert_eq!(shallow.resolve(pod_id), None);
+    let (service_rel, service) = &cases[0];
+    let service_id = stat_inode(&tree.dir.join(service_rel));
+    assert_eq!(
+        shallow
+            .resolve(service_id)
+            .expect("3 levels deep")
+            .cgroup
+            .workload,
+        *service
+    );
+    let walks = shallow.walks();
+    assert_eq!(shallow.resolve(pod_id), None);
+    assert_eq!(
+        shallow.walks(),
+        walks + 1,
+        "an id not found by incomplete walks is retried"
+    );
     eprintln!(
         "{} cgroups resolved on {} (cache: {} cgroups)",
         cases.len(),

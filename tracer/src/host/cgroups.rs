@@ -269,7 +269,11 @@ impl CgroupResolver {
                 if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                     continue;
                 }
-                if depth >= self.config.max_depth {
+                // Directories waiting on the stack count toward the bound too, so that one
+                // huge directory cannot grow it past `max_dirs`.
+                if depth >= self.config.max_depth
+                    || summary.dirs + stack.len() >= self.config.max_dirs
+                {
                     summary.truncated = true;
                     break;
                 }
@@ -372,6 +376,84 @@ mod tests {
              22 1 0:5 / /proc rw - proc proc rw",
         );
         assert_eq!(pick_cgroup2_mount(&v1_only), None);
+    }
+
+    /// A plain directory tree stands in for the hierarchy: the walk only reads directories and
+    /// their inode numbers.
+    struct TempTree(PathBuf);
+
+    impl TempTree {
+        fn new(name: &str) -> TempTree {
+            let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            TempTree(dir)
+        }
+
+        fn mkdir(&self, rel: &str) -> u64 {
+            let dir = self.0.join(rel);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::metadata(&dir).expect("stat").ino()
+        }
+
+        fn mount(&self) -> Cgroup2Mount {
+            Cgroup2Mount {
+                mount_point: self.0.clone(),
+                root: "/".into(),
+            }
+        }
+    }
+
+    impl Drop for TempTree {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_cache_stays_bounded_keeps_what_was_asked_and_follows_removals_and_renames() {
+        let tree = TempTree::new("tracer-cgroups-cache");
+        let a = tree.mkdir("system.slice/a.service");
+        let b = tree.mkdir("system.slice/b.service");
+        let config = ResolverConfig {
+            capacity: NonZeroUsize::new(3).expect("non-zero"),
+            rescan_interval: Duration::ZERO,
+            ..ResolverConfig::default()
+        };
+        let mut resolver = CgroupResolver::with_mount(tree.mount(), config).expect("walk");
+        // Root, system.slice and one service fill the cache; the first walk evicts nothing.
+        assert_eq!(resolver.cached_len(), 3);
+        let first = [a, b]
+            .into_iter()
+            .filter(|id| resolver.cached(*id).is_some())
+            .count();
+        assert_eq!(first, 1);
+        // Asking for the other one walks and makes room for it.
+        let c = tree.mkdir("system.slice/c.service");
+        for (id, name) in [(a, "a.service"), (b, "b.service"), (c, "c.service")] {
+            let found = resolver.resolve(id).expect("resolved");
+            assert_eq!(found.cgroup.workload.name, name);
+            assert_eq!(found.cgroup.path, format!("/system.slice/{name}"));
+            assert_eq!(resolver.cached_len(), 3);
+        }
+        // Removed: kept with its last name, flagged after a complete walk.
+        std::fs::remove_dir(tree.0.join("system.slice/c.service")).expect("rmdir");
+        assert!(!resolver.cached(c).expect("cached").removed);
+        resolver.walk(Instant::now()).expect("walk");
+        let gone = resolver.cached(c).expect("last name kept");
+        assert!(gone.removed);
+        assert_eq!(gone.cgroup.workload.name, "c.service");
+        // Renamed: the next walk that passes by gives the new path.
+        std::fs::rename(
+            tree.0.join("system.slice/b.service"),
+            tree.0.join("system.slice/b2.service"),
+        )
+        .expect("rename");
+        resolver.resolve(b).expect("cached");
+        resolver.walk(Instant::now()).expect("walk");
+        let renamed = resolver.resolve(b).expect("renamed");
+        assert_eq!(renamed.cgroup.workload.name, "b2.service");
+        assert!(!renamed.removed);
     }
 
     #[test]
