@@ -74,16 +74,19 @@ pub enum Qos {
     BestEffort,
 }
 
-/// The workload a cgroup v2 path names. Serialized with every field present, `null` when the
-/// path does not say (as the JSON events write unknown values).
+/// The workload a cgroup v2 path names. Serialized as the fields a JSON event carries (flat:
+/// `workload` is the name, `workload_kind` the kind), every field present, `null` when the path
+/// does not say (as the JSON events write unknown values).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Workload {
+    #[serde(rename = "workload_kind")]
     pub kind: WorkloadKind,
     /// A short human label, the value of the `workload` metric label: `nginx.service`,
     /// `user-1000/foo.service`, `user-1000/session-3.scope`, `docker/0123456789ab` (the
     /// runtime and the container id's first 12 digits), `pod/<uid>`, a slice's name, `/` for the
     /// root cgroup, and the path itself (starting with `/`) for `other`, so that no name is ever
     /// `other`, the label of the folded rest. At most [`MAX_NAME_LEN`] bytes.
+    #[serde(rename = "workload")]
     pub name: String,
     /// The systemd unit (service or scope) holding the cgroup, if any.
     pub unit: Option<String>,

@@ -372,7 +372,7 @@ fn no_name_is_the_folded_label_and_every_name_is_bounded() {
 }
 
 #[test]
-fn serializes_every_field_with_nulls_for_the_unknown() {
+fn serializes_as_flat_event_fields_with_nulls_for_the_unknown() {
     let path = format!(
         "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{ID}.scope",
         UID.replace('-', "_")
@@ -381,8 +381,8 @@ fn serializes_every_field_with_nulls_for_the_unknown() {
     assert_eq!(
         json,
         serde_json::json!({
-            "kind": "pod",
-            "name": format!("pod/{UID}"),
+            "workload_kind": "pod",
+            "workload": format!("pod/{UID}"),
             "unit": null,
             "uid": null,
             "container_id": ID,
@@ -398,8 +398,8 @@ fn serializes_every_field_with_nulls_for_the_unknown() {
     assert_eq!(
         json,
         serde_json::json!({
-            "kind": "session",
-            "name": "user-1000/session-3.scope",
+            "workload_kind": "session",
+            "workload": "user-1000/session-3.scope",
             "unit": "session-3.scope",
             "uid": 1000,
             "container_id": null,
