@@ -13,3 +13,4 @@ pub mod record;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod tracker;
+pub mod workload;

@@ -1,6 +1,7 @@
 //! Stage 0, the host: what exists outside the event stream and is read on demand: the sockets
-//! sock_diag lists (seeding, resync), the network namespaces, and the process that owns a socket
-//! (from `/proc`). Slow lookups: never per event.
+//! sock_diag lists (seeding, resync), the network namespaces, the process that owns a socket
+//! (from `/proc`), and the cgroup a cgroup id names. Slow lookups: never per event.
+pub mod cgroups;
 pub mod namespaces;
 pub mod owner_lookups;
 pub mod proc_owners;

@@ -6,6 +6,8 @@
 //! Every wait is bounded in time, every loop in count.
 #![allow(dead_code, reason = "each test binary uses a part of the harness")]
 
+pub mod cgroups;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
