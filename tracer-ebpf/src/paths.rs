@@ -9,6 +9,7 @@ use tracer_common::{
     LOST_STATE, PATH_STEPS, PathStep, RawEvent, RawPath,
 };
 
+use crate::maps::off;
 use crate::{maps, sock};
 
 /// What a new entry starts from; inserted from here rather than from the stack.
@@ -42,18 +43,28 @@ static EMPTY: RawPath = RawPath {
     has_task: 0,
 };
 
-/// Keeps one state change of `sk`. `false` when it could not be kept (the table is full): the
-/// caller then sends the change on its own.
+/// Keeps one state change of `sk` and returns its entry, or `None` when the table is full (the
+/// caller then sends the change on its own). `opening` (connect, or a child of a listener):
+/// whatever is still kept under this address belonged to an earlier socket, and goes first.
 #[inline(always)]
-pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool) -> bool {
+pub fn keep(
+    sk: *const u8,
+    now: u64,
+    old: u8,
+    new: u8,
+    owner: bool,
+    opening: bool,
+) -> Option<*mut RawPath> {
     let key = sk as u64;
-    if let Some(path) = maps::PATHS.get_ptr(key)
+    let mut existing = maps::PATHS.get_ptr_mut(key);
+    if let Some(path) = existing
         // SAFETY: a pointer from a lookup in this map, valid for the program's run.
-        && unsafe { (*path).len } as usize >= PATH_STEPS
+        && (opening || unsafe { (*path).len } as usize >= PATH_STEPS)
     {
-        send(sk);
+        send_kept(sk, path);
+        existing = None;
     }
-    let path = match maps::PATHS.get_ptr_mut(key) {
+    let path = match existing {
         Some(path) => path,
         None => {
             #[expect(
@@ -63,11 +74,9 @@ pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool) -> bool {
             let inserted = maps::PATHS.insert(key, &EMPTY, 0);
             if inserted.is_err() {
                 maps::count(COUNT_PATH_TABLE_FULL);
-                return false;
+                return None;
             }
-            let Some(path) = maps::PATHS.get_ptr_mut(key) else {
-                return false;
-            };
+            let path = maps::PATHS.get_ptr_mut(key)?;
             // SAFETY: a pointer from a lookup in this map, valid for the program's run; the
             // socket's state changes run under its lock, so no other program writes this entry.
             sock::fill(unsafe { &mut (*path).head }, sk, false);
@@ -75,32 +84,34 @@ pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool) -> bool {
         }
     };
     // SAFETY: as above.
-    let path = unsafe { &mut *path };
-    let Some(step) = path.steps.get_mut(path.len as usize) else {
-        return false;
-    };
+    let kept = unsafe { &mut *path };
+    let step = kept.steps.get_mut(kept.len as usize)?;
     step.ts_ns = now;
     step.old = old;
     step.new = new;
-    path.len += 1;
+    kept.len += 1;
     if owner {
         let pid_tgid = bpf_get_current_pid_tgid();
-        path.head.pid = (pid_tgid >> 32) as u32;
-        path.head.tid = pid_tgid as u32;
-        path.head.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-        path.has_task = 1;
+        kept.head.pid = (pid_tgid >> 32) as u32;
+        kept.head.tid = pid_tgid as u32;
+        kept.head.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        kept.has_task = 1;
     }
-    true
+    Some(path)
 }
 
 /// Sends the kept state changes of `sk`, if any, and forgets them.
 #[inline(always)]
 pub fn send(sk: *const u8) {
-    let key = sk as u64;
-    let Some(path) = maps::PATHS.get_ptr(key) else {
-        return;
-    };
-    // SAFETY: a pointer from a lookup in this map, valid for the program's run.
+    if let Some(path) = maps::PATHS.get_ptr_mut(sk as u64) {
+        send_kept(sk, path);
+    }
+}
+
+/// Sends `path`, the entry of `sk`, and forgets it.
+#[inline(always)]
+pub fn send_kept(sk: *const u8, path: *mut RawPath) {
+    // SAFETY: `path` comes from a lookup in `PATHS` during this program's run.
     let len = unsafe { (*path).len };
     if len > 0
         && let Some(mut entry) = maps::reserve_for::<RawPath>(LOST_STATE, u64::from(len))
@@ -111,25 +122,19 @@ pub fn send(sk: *const u8) {
         // SAFETY: as above: the reserved record, now a full copy.
         let record = unsafe { &mut *entry.as_mut_ptr() };
         if record.head.sport == 0 {
-            // connect() picks the local port after SYN_SENT: read the addressing again.
-            let (pid, tid, comm) = (record.head.pid, record.head.tid, record.head.comm);
-            sock::fill(&mut record.head, sk, false);
-            (record.head.pid, record.head.tid, record.head.comm) = (pid, tid, comm);
+            // connect() picks the local port after SYN_SENT (the addresses are set before).
+            record.head.sport = sock::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
         }
-        record.head.kind = EVENT_PATH;
         entry.submit(maps::submit_flags());
     }
-    let _ = maps::PATHS.remove(key);
+    let _ = maps::PATHS.remove(sk as u64);
 }
 
 /// Remembers that `sk` entered CLOSE_WAIT, with its addressing, for the agent's once-a-second
 /// read. `false` when the table is full (the caller then sends the path at once, as before).
 #[inline(always)]
-pub fn close_wait_entered(sk: *const u8, now: u64, old: u8) -> bool {
+pub fn close_wait_entered(sk: *const u8, path: *const RawPath, now: u64, old: u8) -> bool {
     let key = sk as u64;
-    let Some(path) = maps::PATHS.get_ptr(key) else {
-        return false;
-    };
     let mut entry = CloseWaitEntry {
         since_ns: now,
         // SAFETY: a pointer from a lookup in this map, valid for the program's run.

@@ -25,28 +25,27 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let old = ctx.arg::<i32>(1) as u8;
     let new = ctx.arg::<i32>(2) as u8;
     let owner = tracer_common::owner_transition(old, new);
-    let opening = (old == CLOSE && new == SYN_SENT) || (old == LISTEN && new == SYN_RECV);
-    if opening {
-        // What is still kept under this address belongs to an earlier socket that it reused.
-        paths::send(sk);
-    }
-    let listener = new == LISTEN || old == LISTEN && new == CLOSE;
-    // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if listener || !paths::keep(sk, now, old, new, owner) {
-        paths::send(sk);
+    if new == LISTEN || old == LISTEN && new == CLOSE {
+        // A listener's own changes are rare and not a connection's: sent at once.
         return send_alone(sk, old, new, owner);
     }
+    let opening = (old == CLOSE && new == SYN_SENT) || (old == LISTEN && new == SYN_RECV);
+    // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(path) = paths::keep(sk, now, old, new, owner, opening) else {
+        return send_alone(sk, old, new, owner);
+    };
     if new == CLOSE_WAIT {
-        if !paths::close_wait_entered(sk, now, old) {
+        if !paths::close_wait_entered(sk, path, now, old) {
             // Not followed once a second: send it now, as it happened.
-            paths::send(sk);
+            paths::send_kept(sk, path);
+            return 0;
         }
     } else if old == CLOSE_WAIT {
         paths::close_wait_left(sk);
     }
     if new == ESTABLISHED || new == CLOSE {
-        paths::send(sk);
+        paths::send_kept(sk, path);
     }
     0
 }
