@@ -75,7 +75,10 @@ fn listen_overflows_here() -> Result<u64, String> {
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
     for pair in lines.chunks(2) {
         let [names, values] = pair else { continue };
-        if let Some(i) = names.split_whitespace().position(|n| n == "ListenOverflows") {
+        if let Some(i) = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows")
+        {
             return values
                 .split_whitespace()
                 .nth(i)
@@ -189,7 +192,11 @@ fn ss_listener(ns: Option<&PathBuf>, port: u16) -> (u64, u64, u64) {
                 .find_map(|item| item.strip_prefix('d')?.parse().ok())
         })
         .unwrap_or_else(|| panic!("no d<N> in `ss -tlnm`: {lines:?}"));
-    (fields[1].parse().unwrap(), fields[2].parse().unwrap(), drops)
+    (
+        fields[1].parse().unwrap(),
+        fields[2].parse().unwrap(),
+        drops,
+    )
 }
 
 /// Waits for a quiet moment: the kernel's counters the same twice in a row and the agent's
@@ -215,7 +222,11 @@ fn settled(agent: &Agent) -> (BTreeMap<u64, u64>, f64) {
 
 /// Waits until the agent's series of `port` show what `ss` shows (the agent reads every 2 s);
 /// returns the agent's (overflows, queue length, queue limit) and `ss`'s (Recv-Q, Send-Q, d).
-fn port_series(agent: &Agent, ns: Option<&PathBuf>, port: u16) -> ((f64, f64, f64), (u64, u64, u64)) {
+fn port_series(
+    agent: &Agent,
+    ns: Option<&PathBuf>,
+    port: u16,
+) -> ((f64, f64, f64), (u64, u64, u64)) {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     let label = port.to_string();
     loop {
@@ -271,14 +282,16 @@ fn overflows_match_the_kernel_in_every_namespace() {
 
     let agent = Agent::start(&[]);
     let (before, agent_before) = settled(&agent);
-    assert!(before.contains_key(&ns_inode), "the test namespace is read: {before:?}");
+    assert!(
+        before.contains_key(&ns_inode),
+        "the test namespace is read: {before:?}"
+    );
 
     let clients_here = burst(None, here_addr);
     let clients_there = burst(Some(&ns_path), there_addr);
     // The accept queues are full (backlog 1 holds 2) as soon as the handshakes are done.
     let deadline = Instant::now() + SETTLE_TIMEOUT;
-    while ss_listener(None, here_addr.port()).0 < 2
-        || ss_listener(Some(&ns_path), there_port).0 < 2
+    while ss_listener(None, here_addr.port()).0 < 2 || ss_listener(Some(&ns_path), there_port).0 < 2
     {
         assert!(Instant::now() < deadline, "the accept queues never filled");
         thread::sleep(Duration::from_millis(50));
@@ -310,13 +323,19 @@ fn overflows_match_the_kernel_in_every_namespace() {
     );
 
     let (ours, ss) = port_series(&agent, None, here_addr.port());
-    eprintln!("port {} here: agent {ours:?}, ss (Recv-Q, Send-Q, d) {ss:?}", here_addr.port());
+    eprintln!(
+        "port {} here: agent {ours:?}, ss (Recv-Q, Send-Q, d) {ss:?}",
+        here_addr.port()
+    );
     assert_eq!(ss.1, 1, "backlog 1");
     assert!(ss.2 > 0);
     let (ours, ss) = port_series(&agent, Some(&ns_path), there_port);
     eprintln!("port {there_port} in the test namespace: agent {ours:?}, ss {ss:?}");
     // The test namespace has no other listener: its overflows are all this listener's drops.
-    assert_eq!(ss.2, delta_there, "d<N> of the only listener = the namespace's overflows");
+    assert_eq!(
+        ss.2, delta_there,
+        "d<N> of the only listener = the namespace's overflows"
+    );
 
     drop(here);
     drop(there);
@@ -368,7 +387,10 @@ fn diagnose_names_the_port_and_the_process() {
     if started.is_err() {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("diagnose never started watching: {}", stderr.join().unwrap());
+        panic!(
+            "diagnose never started watching: {}",
+            stderr.join().unwrap()
+        );
     }
     let clients = burst(None, addr);
     let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -388,8 +410,8 @@ fn diagnose_names_the_port_and_the_process() {
         "diagnose failed ({status:?}): {stderr}"
     );
     let (_, backlog, drops) = ss_listener(None, addr.port());
-    let report: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("diagnose JSON: {e}: {stdout}"));
+    let report: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("diagnose JSON: {e}: {stdout}"));
     let finding = report["findings"]
         .as_array()
         .unwrap()

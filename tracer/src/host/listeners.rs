@@ -176,11 +176,17 @@ IpExt: 0 99
 
     #[test]
     fn netstat_counters_by_group_and_name() {
-        assert_eq!(netstat_value(NETSTAT, "TcpExt", "ListenOverflows"), Some(24));
+        assert_eq!(
+            netstat_value(NETSTAT, "TcpExt", "ListenOverflows"),
+            Some(24)
+        );
         assert_eq!(netstat_value(NETSTAT, "TcpExt", "ListenDrops"), Some(26));
         assert_eq!(netstat_value(NETSTAT, "IpExt", "ListenOverflows"), Some(99));
         assert_eq!(netstat_value(NETSTAT, "TcpExt", "Missing"), None);
-        assert_eq!(netstat_value("TcpExt: ListenOverflows\n", "TcpExt", "ListenOverflows"), None);
+        assert_eq!(
+            netstat_value("TcpExt: ListenOverflows\n", "TcpExt", "ListenOverflows"),
+            None
+        );
         assert_eq!(netstat_value("", "TcpExt", "ListenOverflows"), None);
     }
 

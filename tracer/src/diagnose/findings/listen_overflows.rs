@@ -68,9 +68,8 @@ impl ListenOverflows {
                 let Some(total) = l.drops.map(u64::from) else {
                     continue;
                 };
-                let drops = total.saturating_sub(
-                    earlier.get(&(l.netns, l.cookie)).copied().unwrap_or(0),
-                );
+                let drops =
+                    total.saturating_sub(earlier.get(&(l.netns, l.cookie)).copied().unwrap_or(0));
                 if drops > 0 {
                     listeners.push(OverflowingListener {
                         netns: l.netns,
@@ -126,7 +125,11 @@ impl Diagnosis {
         let mut measured = format!(
             "{} dropped because a listener's accept queue was full (TcpExtListenOverflows, all \
              network namespaces).",
-            plural(seen.overflows, "connection attempt was", "connection attempts were")
+            plural(
+                seen.overflows,
+                "connection attempt was",
+                "connection attempts were"
+            )
         );
         if let Some(worst) = top.first() {
             measured.push_str(&format!(
@@ -283,7 +286,11 @@ mod tests {
         assert!(f.title.contains("port 8080"), "{}", f.title);
         assert!(f.title.contains("slow-server (pid 4242)"), "{}", f.title);
         assert!(f.measured.contains("backlog of 1"), "{}", f.measured);
-        assert!(f.measured.contains("somaxconn 4\u{a0}096"), "{}", f.measured);
+        assert!(
+            f.measured.contains("somaxconn 4\u{a0}096"),
+            "{}",
+            f.measured
+        );
         assert!(f.action.contains("somaxconn") && f.action.contains("backlog"));
         assert_eq!(f.details["overflows"], 48);
         assert_eq!(f.details["listeners"][0]["port"], 8080);
@@ -291,7 +298,10 @@ mod tests {
         assert_eq!(f.details["listeners"][0]["backlog"], 1);
         assert_eq!(f.details["listeners"][0]["somaxconn"], 4096);
         let text = report.to_string();
-        assert!(text.contains("[PROBLEM] An application accepts too slowly"), "{text}");
+        assert!(
+            text.contains("[PROBLEM] An application accepts too slowly"),
+            "{text}"
+        );
     }
 
     #[test]

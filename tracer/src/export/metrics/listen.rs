@@ -299,8 +299,16 @@ mod tests {
         // IPv4 and IPv6 listeners on 80 in two namespaces, one on 8080.
         let top = accounts.update(
             &[
-                ns(1, 0, vec![listener(1, 80, 1, 4, 2), listener(1, 80, 2, 1, 0)]),
-                ns(2, 0, vec![listener(2, 80, 1, 2, 0), listener(2, 8080, 3, 7, 1)]),
+                ns(
+                    1,
+                    0,
+                    vec![listener(1, 80, 1, 4, 2), listener(1, 80, 2, 1, 0)],
+                ),
+                ns(
+                    2,
+                    0,
+                    vec![listener(2, 80, 1, 2, 0), listener(2, 8080, 3, 7, 1)],
+                ),
             ],
             10,
         );
@@ -324,8 +332,16 @@ mod tests {
         // The listener with cookie 2 closes and one reopens on 80 (cookie 9): nothing is lost.
         let top = accounts.update(
             &[
-                ns(1, 0, vec![listener(1, 80, 1, 5, 0), listener(1, 80, 9, 3, 0)]),
-                ns(2, 0, vec![listener(2, 80, 1, 2, 0), listener(2, 8080, 3, 7, 0)]),
+                ns(
+                    1,
+                    0,
+                    vec![listener(1, 80, 1, 5, 0), listener(1, 80, 9, 3, 0)],
+                ),
+                ns(
+                    2,
+                    0,
+                    vec![listener(2, 80, 1, 2, 0), listener(2, 8080, 3, 7, 0)],
+                ),
             ],
             10,
         );
@@ -353,16 +369,25 @@ mod tests {
             .collect();
         assert_eq!(series.len(), n + 1, "{series:?}");
         assert_eq!(
-            value(&out, r#"tracer_listen_overflows_by_listener_total{port="9019"}"#),
+            value(
+                &out,
+                r#"tracer_listen_overflows_by_listener_total{port="9019"}"#
+            ),
             Some(20.0)
         );
         assert_eq!(
-            value(&out, r#"tracer_listen_overflows_by_listener_total{port="9017"}"#),
+            value(
+                &out,
+                r#"tracer_listen_overflows_by_listener_total{port="9017"}"#
+            ),
             Some(18.0)
         );
         // The 17 others: 1 + 2 + ... + 17.
         assert_eq!(
-            value(&out, r#"tracer_listen_overflows_by_listener_total{port="other"}"#),
+            value(
+                &out,
+                r#"tracer_listen_overflows_by_listener_total{port="other"}"#
+            ),
             Some(153.0)
         );
         for gauge in ["tracer_listen_queue_length{", "tracer_listen_queue_limit{"] {
@@ -386,15 +411,24 @@ mod tests {
             .collect();
         assert_eq!(series.len(), n + 1, "{series:?}");
         assert_eq!(
-            value(&out, r#"tracer_listen_overflows_by_listener_total{port="9000"}"#),
+            value(
+                &out,
+                r#"tracer_listen_overflows_by_listener_total{port="9000"}"#
+            ),
             Some(100.0)
         );
         assert_eq!(
-            value(&out, r#"tracer_listen_overflows_by_listener_total{port="9017"}"#),
+            value(
+                &out,
+                r#"tracer_listen_overflows_by_listener_total{port="9017"}"#
+            ),
             None
         );
         assert_eq!(
-            value(&out, r#"tracer_listen_overflows_by_listener_total{port="other"}"#),
+            value(
+                &out,
+                r#"tracer_listen_overflows_by_listener_total{port="other"}"#
+            ),
             Some(153.0)
         );
         assert_eq!(value(&out, "tracer_listen_overflows_total"), Some(309.0));
@@ -407,7 +441,10 @@ mod tests {
         let out = render(&registry);
         assert_eq!(value(&out, "tracer_listen_overflows_total"), Some(0.0));
         assert_eq!(
-            value(&out, r#"tracer_listen_overflows_by_listener_total{port="other"}"#),
+            value(
+                &out,
+                r#"tracer_listen_overflows_by_listener_total{port="other"}"#
+            ),
             Some(0.0)
         );
     }
