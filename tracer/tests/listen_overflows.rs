@@ -3,7 +3,7 @@
 //! namespace the test creates; the connects are then aborted so that no SYN is resent, and at a
 //! quiet moment:
 //! - `tracer_listen_overflows_total` equals `TcpExtListenOverflows` summed over every network
-//!   namespace (read in each, as `nstat` would), before and after, so it rose by exactly the
+//!   namespace (read in each, and checked against `nstat`), before and after, so it rose by exactly the
 //!   kernel's delta, and that delta covers both namespaces;
 //! - each listener's port has its series in `tracer_listen_overflows_by_listener_total`, equal
 //!   to the listener's drop counter as `ss -tlnm` prints it (`d<N>`), and
@@ -87,6 +87,29 @@ fn listen_overflows_here() -> Result<u64, String> {
         }
     }
     Err("no TcpExt ListenOverflows in /proc/net/netstat".into())
+}
+
+/// `nstat -asz TcpExtListenOverflows` in the namespace at `ns` (`None`: this one).
+fn nstat_listen_overflows(ns: Option<&PathBuf>) -> u64 {
+    let mut args: Vec<String> = Vec::new();
+    let program = match ns {
+        None => "nstat",
+        Some(path) => {
+            args.extend([format!("--net={}", path.display()), "nstat".into()]);
+            "nsenter"
+        }
+    };
+    args.extend(["-asz", "TcpExtListenOverflows"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_ok(program, &args);
+    out.lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some("TcpExtListenOverflows"))
+                .then(|| fields.next()?.parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no TcpExtListenOverflows in `nstat -asz`: {out}"))
 }
 
 /// `TcpExtListenOverflows` of every network namespace that can be entered, by inode.
@@ -267,6 +290,7 @@ fn overflows_match_the_kernel_in_every_namespace() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     require_tool("ss");
     require_tool("nsenter");
+    require_tool("nstat");
     let netns = Netns::create();
     let ns_path = PathBuf::from(netns.path());
     let ns_inode = netns.inode();
@@ -300,6 +324,9 @@ fn overflows_match_the_kernel_in_every_namespace() {
     abort(clients_there);
 
     let (after, agent_after) = settled(&agent);
+    // The same reading as nstat's, in both namespaces.
+    assert_eq!(nstat_listen_overflows(None), after[&host_inode]);
+    assert_eq!(nstat_listen_overflows(Some(&ns_path)), after[&ns_inode]);
     let delta = |inode: u64| after[&inode] - before.get(&inode).copied().unwrap_or(0);
     let total_before: u64 = before.values().sum();
     let total_after: u64 = after.values().sum();
