@@ -33,7 +33,7 @@ use serde_json::Value;
 /// Connects per burst: enough to overflow a backlog of 1 many times over, few enough to be
 /// quick.
 const BURST: usize = 50;
-/// How long the counters may take to settle and the agent to catch up (it reads every 2 s).
+/// How long the counters may take to settle and the agent to catch up (it reads every 5 s).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Between two looks while waiting for a quiet moment.
 const POLL: Duration = Duration::from_millis(500);
@@ -243,7 +243,7 @@ fn settled(agent: &Agent) -> (BTreeMap<u64, u64>, f64) {
     }
 }
 
-/// Waits until the agent's series of `port` show what `ss` shows (the agent reads every 2 s);
+/// Waits until the agent's series of `port` show what `ss` shows (the agent reads every 5 s);
 /// returns the agent's (overflows, queue length, queue limit) and `ss`'s (Recv-Q, Send-Q, d).
 fn port_series(
     agent: &Agent,

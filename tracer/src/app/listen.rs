@@ -9,7 +9,7 @@ use crate::export::metrics::Metrics;
 use crate::host::listeners;
 
 /// How often the listeners are read.
-pub const REFRESH: Duration = Duration::from_secs(2);
+pub const REFRESH: Duration = Duration::from_secs(5);
 
 /// The running worker; dropping it asks it to stop (a read in progress is not waited for:
 /// the process is about to exit).
