@@ -102,14 +102,9 @@ impl Diagnosis {
             return None;
         }
         let top = &seen.listeners[..seen.listeners.len().min(self.config.top)];
-        let name = |l: &OverflowingListener| {
-            format!(
-                "port {} ({})",
-                l.port,
-                l.owner
-                    .map(|o| proc_label(&proc_key(Some(o))))
-                    .unwrap_or_else(|| "owner not found".to_owned())
-            )
+        let name = |l: &OverflowingListener| match l.owner {
+            Some(owner) => format!("port {} of {}", l.port, proc_label(&proc_key(Some(owner)))),
+            None => format!("port {} (process not found)", l.port),
         };
         let title = match top.first() {
             Some(worst) => format!(
@@ -150,23 +145,41 @@ impl Diagnosis {
                    application calls accept() more slowly than connections arrive, or its \
                    backlog is too small for the bursts it gets."
             .to_owned();
-        let action = "Accept faster: more accepting threads or worker processes, and less work \
-                      between two accept() calls. Give the socket a larger backlog: the \
-                      application's listen() backlog (its configuration, e.g. nginx \
-                      `listen ... backlog=`), and net.core.somaxconn, which caps every backlog \
-                      (`sysctl -w net.core.somaxconn=4096`, in the listener's network \
-                      namespace), then restart the service so that it listens again."
+        let mut action = "Accept faster: more accepting threads or worker processes, and less \
+                          work between two accept() calls. "
             .to_owned();
+        let worst = top.first();
+        match (worst.map(|l| l.backlog), worst.and_then(|l| l.somaxconn)) {
+            // The application asked for less than the kernel allows.
+            (Some(backlog), Some(somaxconn)) if backlog < somaxconn => action.push_str(&format!(
+                "Raise the backlog the application passes to listen() ({}; its configuration, \
+                 e.g. nginx `listen ... backlog=`): net.core.somaxconn allows up to {}. Then \
+                 restart the service so that it listens again.",
+                grouped(u64::from(backlog)),
+                grouped(u64::from(somaxconn))
+            )),
+            // somaxconn caps the backlog (or it is unknown): raise both.
+            (_, somaxconn) => action.push_str(&format!(
+                "Raise net.core.somaxconn, which caps every backlog (`sysctl -w \
+                 net.core.somaxconn={}`, in the listener's network namespace), and the backlog \
+                 the application passes to listen() (its configuration, e.g. nginx \
+                 `listen ... backlog=`), then restart the service so that it listens again.",
+                somaxconn.map_or(4096, |n| n.saturating_mul(2).max(4096))
+            )),
+        }
         let mut lines = Vec::new();
         let mut rows = Vec::new();
         for l in top {
             let somaxconn = l
                 .somaxconn
                 .map_or_else(|| "unknown".to_owned(), |n| grouped(u64::from(n)));
+            let owner = l.owner.map_or_else(
+                || "process not found".to_owned(),
+                |o| proc_label(&proc_key(Some(o))),
+            );
             lines.push(format!(
-                "{} on {} (netns {}): {} dropped during the run, {} since it opened; accept \
+                "{} ({owner}, netns {}): {} dropped during the run, {} since it opened; accept \
                  queue {} / backlog {}; net.core.somaxconn {somaxconn}",
-                name(l),
                 SocketAddr::new(l.addr, l.port),
                 l.netns,
                 grouped(l.drops),
@@ -291,7 +304,11 @@ mod tests {
             "{}",
             f.measured
         );
-        assert!(f.action.contains("somaxconn") && f.action.contains("backlog"));
+        assert!(
+            f.action.contains("listen() (1;") && f.action.contains("allows up to 4\u{a0}096"),
+            "{}",
+            f.action
+        );
         assert_eq!(f.details["overflows"], 48);
         assert_eq!(f.details["listeners"][0]["port"], 8080);
         assert_eq!(f.details["listeners"][0]["process"]["pid"], 4242);
@@ -313,5 +330,30 @@ mod tests {
         ));
         let report = run.report(sysctls());
         assert!(report.finding(TOPIC_LISTEN_OVERFLOWS).is_none());
+    }
+
+    #[test]
+    fn a_backlog_capped_by_somaxconn_asks_to_raise_both() {
+        let mut run = Run::new(DiagnoseConfig::default());
+        let capped = |drops| Listener {
+            queue_limit: 4096,
+            ..listener(443, 1, drops, 4097)
+        };
+        run.diagnosis.set_listen_overflows(ListenOverflows::between(
+            &reading(0, vec![capped(0)]),
+            &reading(9, vec![capped(9)]),
+        ));
+        let report = run.report(sysctls());
+        let f = report.finding(TOPIC_LISTEN_OVERFLOWS).expect("finding");
+        assert!(
+            f.title.contains("port 443 (process not found)"),
+            "{}",
+            f.title
+        );
+        assert!(
+            f.action.contains("sysctl -w net.core.somaxconn=8192"),
+            "{}",
+            f.action
+        );
     }
 }
