@@ -9,7 +9,9 @@
 //!   to the listener's drop counter as `ss -tlnm` prints it (`d<N>`), and
 //!   `tracer_listen_queue_length` / `_limit` equal `ss -tln` Recv-Q / Send-Q;
 //! - `tracer diagnose` run over such a burst names the port, this process, the backlog and
-//!   `net.core.somaxconn`.
+//!   `net.core.somaxconn`;
+//! - with `--listen-overflow-top-ports 1`, two overflowing listeners make two series: the one
+//!   that dropped the most and port="other" with the other's drops.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -143,8 +145,13 @@ fn slow_listener(ns: Option<&Path>, port: u16) -> TcpListener {
 
 /// `BURST` non-blocking connects to `to` from the namespace at `ns`.
 fn burst(ns: Option<&Path>, to: SocketAddr) -> Vec<TcpStream> {
+    burst_of(BURST, ns, to)
+}
+
+/// `count` non-blocking connects to `to` from the namespace at `ns`.
+fn burst_of(count: usize, ns: Option<&Path>, to: SocketAddr) -> Vec<TcpStream> {
     in_netns(ns, || {
-        (0..BURST)
+        (0..count)
             .map(|_| {
                 // SAFETY: socket() takes no pointers; the returned fd is checked, then owned.
                 let fd = unsafe {
@@ -474,4 +481,64 @@ fn diagnose_names_the_port_and_the_process() {
         "{finding}"
     );
     drop(listener);
+}
+
+/// With `--listen-overflow-top-ports 1` two overflowing listeners give two series: the one
+/// that dropped the most, and port="other" holding the other's drops.
+#[test]
+fn top_n_ports_plus_other_bound_the_series() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    require_tool("ss");
+    let big = slow_listener(None, 0);
+    let big_port = big.local_addr().unwrap().port();
+    let small = slow_listener(None, 0);
+    let small_port = small.local_addr().unwrap().port();
+    let agent = Agent::start(&["--listen-overflow-top-ports", "1"]);
+    let other_before = metric_value(
+        &agent.scrape(),
+        "tracer_listen_overflows_by_listener_total",
+        &[("port", "other")],
+    );
+
+    // The big one first, until the agent shows it in the top.
+    abort(burst(None, big.local_addr().unwrap()));
+    let (ours, ss) = port_series(&agent, None, big_port);
+    eprintln!("port {big_port}: agent {ours:?}, ss {ss:?}");
+    // A smaller burst on the other.
+    abort(burst_of(BURST / 5, None, small.local_addr().unwrap()));
+    let small_drops = ss_listener(None, small_port).2;
+    assert!(small_drops > 0);
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let text = agent.scrape();
+        let series = matching_samples(&text, "tracer_listen_overflows_by_listener_total", &[]);
+        let other = metric_value(
+            &text,
+            "tracer_listen_overflows_by_listener_total",
+            &[("port", "other")],
+        );
+        let big_drops = ss_listener(None, big_port).2;
+        let labels: Vec<String> = series
+            .iter()
+            .map(|s| format!("{}={}", s.label("port").unwrap_or("?"), s.value))
+            .collect();
+        if other - other_before >= small_drops as f64 {
+            eprintln!(
+                "series {labels:?}; ss: port {big_port} d{big_drops}, port {small_port} \
+                 d{small_drops}"
+            );
+            assert_eq!(series.len(), 2, "1 top port + other: {labels:?}");
+            assert!(
+                labels.contains(&format!("{big_port}={big_drops}")),
+                "{labels:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port=\"other\" never took the small listener's d{small_drops}: {labels:?}"
+        );
+        thread::sleep(POLL);
+    }
+    drop((big, small, agent));
 }
