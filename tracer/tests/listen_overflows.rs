@@ -3,8 +3,8 @@
 //! namespace the test creates; the connects are then aborted so that no SYN is resent, and at a
 //! quiet moment:
 //! - `tracer_listen_overflows_total` equals `TcpExtListenOverflows` summed over every network
-//!   namespace (read in each, and checked against `nstat`), before and after, so it rose by exactly the
-//!   kernel's delta, and that delta covers both namespaces;
+//!   namespace (read in each, and checked against `nstat`), before and after, so it rose by
+//!   exactly the kernel's delta, and that delta covers both namespaces;
 //! - each listener's port has its series in `tracer_listen_overflows_by_listener_total`, equal
 //!   to the listener's drop counter as `ss -tlnm` prints it (`d<N>`), and
 //!   `tracer_listen_queue_length` / `_limit` equal `ss -tln` Recv-Q / Send-Q;
