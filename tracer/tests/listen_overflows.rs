@@ -22,7 +22,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, mpsc};
@@ -134,10 +134,7 @@ fn kernel_overflows() -> BTreeMap<u64, u64> {
 fn slow_listener(ns: Option<&Path>, port: u16) -> TcpListener {
     in_netns(ns, || {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("bind listener");
-        // listen() again on a listening socket sets its backlog.
-        // SAFETY: listen() on a socket this function owns; no memory is passed.
-        let rc = unsafe { libc::listen(listener.as_raw_fd(), 1) };
-        assert_eq!(rc, 0, "listen(1): {}", std::io::Error::last_os_error());
+        set_backlog(&listener, 1);
         listener
     })
     .unwrap()
@@ -150,57 +147,13 @@ fn burst(ns: Option<&Path>, to: SocketAddr) -> Vec<TcpStream> {
 
 /// `count` non-blocking connects to `to` from the namespace at `ns`.
 fn burst_of(count: usize, ns: Option<&Path>, to: SocketAddr) -> Vec<TcpStream> {
-    in_netns(ns, || {
-        (0..count)
-            .map(|_| {
-                // SAFETY: socket() takes no pointers; the returned fd is checked, then owned.
-                let fd = unsafe {
-                    libc::socket(
-                        libc::AF_INET,
-                        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                        0,
-                    )
-                };
-                assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-                // SAFETY: `fd` is a new descriptor nothing else owns.
-                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                let SocketAddr::V4(v4) = to else {
-                    panic!("IPv4 only")
-                };
-                let addr = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: v4.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(*v4.ip()).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: `addr` is a valid sockaddr_in that outlives the call, with its size.
-                let rc = unsafe {
-                    libc::connect(
-                        owned.as_raw_fd(),
-                        std::ptr::from_ref(&addr).cast::<libc::sockaddr>(),
-                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                };
-                let err = std::io::Error::last_os_error();
-                assert!(
-                    rc == 0 || err.raw_os_error() == Some(libc::EINPROGRESS),
-                    "connect {to}: {err}"
-                );
-                TcpStream::from(owned)
-            })
-            .collect()
-    })
-    .unwrap()
+    in_netns(ns, || nonblocking_connects(to, count)).unwrap()
 }
 
 /// Closes every client with a RST (SO_LINGER 0): no SYN or ACK of theirs is sent again, and
 /// the listener's half-open requests for them go away, so the counters stop moving.
 fn abort(clients: Vec<TcpStream>) {
-    for client in clients {
-        set_linger_zero(&client).expect("SO_LINGER 0");
-    }
+    abort_all(clients);
 }
 
 /// A listener as `ss -Htlnm` shows it in the namespace at `ns`: (Recv-Q, Send-Q, d<N>).
