@@ -35,6 +35,11 @@ pub const EVENT_NAGLE_HELD: u8 = 9;
 /// fields are the request socket's. Counted like `TcpRetransSegs`, one segment each.
 pub const EVENT_SYNACK_RETRANSMIT: u8 = 10;
 
+/// `RawEvent::kind`: the head of a [`RawPath`] record: a run of state changes of one socket,
+/// gathered in the kernel and sent at once (when the handshake completes, when the socket
+/// closes, or before any other record of that socket, so that user space sees them in order).
+pub const EVENT_PATH: u8 = 11;
+
 /// Slots of the `LOST` per-CPU array, one per program: a program never nests with itself on a
 /// CPU (the kernel's recursion guard), so each slot has a single writer per CPU and no count is
 /// lost when a softirq program interrupts a process-context one. User space sums them all.
@@ -48,6 +53,60 @@ pub const LOST_TIMER_START: u32 = 6;
 pub const LOST_TIMER_CANCEL: u32 = 7;
 pub const LOST_TIMER_EXPIRE: u32 = 8;
 pub const LOST_SLOTS: u32 = 9;
+
+/// Slots of the `COUNTERS` per-CPU array: what the programs count without sending anything.
+/// Each slot is written by one program only (see `LOST_*` for why that keeps counts exact).
+/// State changes sent one record each because the socket's path could not be kept in the
+/// kernel's table (it was full).
+pub const COUNT_PATH_TABLE_FULL: u32 = 0;
+/// Sockets in CLOSE_WAIT that could not be remembered for the leak check (its table was full).
+pub const COUNT_CLOSE_WAIT_TABLE_FULL: u32 = 1;
+pub const COUNT_SLOTS: u32 = 2;
+
+/// State changes one [`RawPath`] carries at most; a longer run is sent in several records.
+pub const PATH_STEPS: usize = 6;
+
+/// One state change kept in the kernel until its socket's path is sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathStep {
+    /// `bpf_ktime_get_ns()` at the change.
+    pub ts_ns: u64,
+    /// Kernel `TCP_*` numbers.
+    pub old: u8,
+    pub new: u8,
+    pub _pad: [u8; 6],
+}
+
+/// A socket's state changes not yet sent, as kept in the kernel's `PATHS` table (keyed by the
+/// socket's address) and sent as one record. `head.kind` is [`EVENT_PATH`]; the head's
+/// addressing is read when the first step is kept (read again at sending while the local port
+/// is still unassigned: `connect()` picks it after SYN_SENT), before the kernel releases the
+/// port at CLOSE. Its task fields are the owner when `has_task` is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawPath {
+    pub head: RawEvent,
+    pub steps: [PathStep; PATH_STEPS],
+    /// Steps in use.
+    pub len: u32,
+    /// Non-zero once the head's `pid`, `tid` and `comm` hold the owner (taken in an owner
+    /// transition).
+    pub has_task: u32,
+}
+
+/// A socket in CLOSE_WAIT, kept in the kernel's `CLOSE_WAIT` table (keyed by the socket's
+/// address) until it leaves that state, so that user space can find the ones that stay (leaks)
+/// without a record for every socket passing through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseWaitEntry {
+    /// When it entered CLOSE_WAIT (`bpf_ktime_get_ns()`).
+    pub since_ns: u64,
+    /// The socket's addressing at that moment (a `RawEvent` whose kind is `EVENT_STATE`,
+    /// ESTABLISHED -> CLOSE_WAIT).
+    pub event: RawEvent,
+}
 
 /// Whether a state change (kernel `TCP_*` numbers) runs in the socket owner's own system call
 /// (connect, close, shutdown), so that `current` is the owner. Elsewhere (softirq) `current` is
@@ -192,8 +251,16 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     // SAFETY: KernelSymbols is repr(C), Copy and made only of u64 fields.
     unsafe impl aya::Pod for super::KernelSymbols {}
+    // SAFETY: repr(C), Copy, integers and byte arrays only, no implicit padding (size checked
+    // below): any bit pattern is valid.
+    unsafe impl aya::Pod for super::RawPath {}
+    // SAFETY: as for RawPath: a u64 followed by a RawEvent, no implicit padding.
+    unsafe impl aya::Pod for super::CloseWaitEntry {}
 }
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 28 * 4);
+const _: () = assert!(core::mem::size_of::<PathStep>() == 16);
+const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8);
+const _: () = assert!(core::mem::size_of::<CloseWaitEntry>() == 104);

@@ -14,6 +14,58 @@ pub const STALL_WINDOW_NS: u64 = 500_000_000;
 /// A live connection's stall report is repeated at most this often (event time).
 pub const REPORT_EVERY_NS: u64 = 10_000_000_000;
 
+/// A connection's [`AckStats`], allocated on first use: most connections never send a delayed
+/// ACK or hold a write, and the table holds up to hundreds of thousands of connections. Reads
+/// see zeros until then.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acks(Option<Box<AckStats>>);
+
+static NO_ACKS: AckStats = AckStats {
+    delayed_acks: 0,
+    delayed_ack_ns: 0,
+    nagle_held_writes: 0,
+    nagle_stalls: 0,
+    nagle_lost_ns: 0,
+    writer: None,
+    held_write_ns: None,
+    reported_ns: None,
+    reported_stalls: 0,
+};
+
+impl std::ops::Deref for Acks {
+    type Target = AckStats;
+
+    fn deref(&self) -> &AckStats {
+        self.0.as_deref().unwrap_or(&NO_ACKS)
+    }
+}
+
+impl Acks {
+    pub fn delayed_ack(&mut self, held_ns: Option<u64>) {
+        self.stats().delayed_ack(held_ns);
+    }
+
+    pub fn held_write(&mut self, ts_ns: u64, writer: Owner) {
+        self.stats().held_write(ts_ns, writer);
+    }
+
+    /// See [`AckStats::peer_delayed_ack`]; nothing was held when nothing was ever recorded.
+    pub fn peer_delayed_ack(&mut self, ack_ns: u64, held_ns: Option<u64>) -> Option<u64> {
+        self.0.as_mut()?.peer_delayed_ack(ack_ns, held_ns)
+    }
+
+    /// See [`AckStats::report_due`].
+    pub fn report_due(&mut self, now_ns: u64, closing: bool) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|stats| stats.report_due(now_ns, closing))
+    }
+
+    fn stats(&mut self) -> &mut AckStats {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
 /// Delayed-ACK and Nagle figures of one connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AckStats {
@@ -147,5 +199,21 @@ mod tests {
         stats.delayed_ack(Some(40 * MS));
         stats.delayed_ack(None);
         assert_eq!((stats.delayed_acks, stats.delayed_ack_ns), (2, 40 * MS));
+    }
+}
+
+#[cfg(test)]
+mod lazy_tests {
+    use super::*;
+
+    #[test]
+    fn figures_read_as_zero_until_first_recorded_and_nothing_is_allocated_for_reads() {
+        let mut acks = Acks::default();
+        assert_eq!(acks.delayed_acks, 0);
+        assert_eq!(acks.peer_delayed_ack(10, None), None);
+        assert!(!acks.report_due(10, true));
+        assert!(acks.0.is_none(), "reads and no-op checks allocate nothing");
+        acks.delayed_ack(Some(40));
+        assert_eq!((acks.delayed_acks, acks.delayed_ack_ns), (1, 40));
     }
 }

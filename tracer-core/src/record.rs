@@ -5,7 +5,7 @@ use serde::Serialize;
 use smallvec::SmallVec;
 use strum::{EnumCount, IntoStaticStr, VariantArray};
 
-use crate::acks::AckStats;
+use crate::acks::Acks;
 use crate::model::{
     CloseCause, Direction, Owner, RetransmitKind, SockId, TcpState, Tuple, all_variants,
 };
@@ -41,7 +41,7 @@ pub struct Connection {
     pub owner: Option<Owner>,
     /// States in the order entered; the first is the state the agent first saw it in. Inline:
     /// no allocation per connection for the usual handful of states.
-    pub states: SmallVec<[StateStamp; 8]>,
+    pub states: SmallVec<[StateStamp; 4]>,
     /// When it was opened; `None` when it was opened before the agent saw it.
     pub opened_ns: Option<u64>,
     pub established_ns: Option<u64>,
@@ -60,7 +60,7 @@ pub struct Connection {
     /// It went on into TIME_WAIT (as a timewait socket) after CLOSE.
     pub time_wait: bool,
     /// Delayed ACKs sent and Nagle stalls suffered.
-    pub acks: AckStats,
+    pub acks: Acks,
     /// When it entered CLOSE_WAIT, while it is there.
     pub close_wait_since: Option<u64>,
     /// Reported as a CLOSE_WAIT leak.

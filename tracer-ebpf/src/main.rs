@@ -7,6 +7,7 @@
 #![no_main]
 
 mod maps;
+mod paths;
 mod resets;
 mod retransmit;
 mod sendmsg;

@@ -1,9 +1,11 @@
 //! Maps and globals shared by all programs, declared in one place.
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{KernelOffsets, KernelSymbols, LOST_SLOTS, RawEvent};
+use tracer_common::{
+    COUNT_SLOTS, CloseWaitEntry, KernelOffsets, KernelSymbols, LOST_SLOTS, RawEvent, RawPath,
+};
 
 /// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
 #[map]
@@ -14,6 +16,32 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 /// not either; user space sums every slot of every CPU.
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
+
+/// What the programs count without sending a record (`COUNT_*` slots), per CPU and per
+/// writing program as `LOST` is.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT_SLOTS, 0);
+
+/// State changes of each socket not yet sent, keyed by the socket's address: sent as one record
+/// when the handshake completes, at CLOSE, or before any other record of the socket. Not LRU:
+/// an entry is never dropped silently; when the table is full a change goes out on its own.
+#[map]
+pub static PATHS: HashMap<u64, RawPath> = HashMap::with_max_entries(32768, 0);
+
+/// Sockets in CLOSE_WAIT right now, keyed by the socket's address; the agent reads it once a
+/// second to follow CLOSE_WAIT sockets (and leaks) without a record per socket.
+#[map]
+pub static CLOSE_WAIT: HashMap<u64, CloseWaitEntry> = HashMap::with_max_entries(16384, 0);
+
+/// Adds one to a `COUNTERS` slot.
+#[inline(always)]
+pub fn count(slot: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: a pointer from the lookup of an existing index, valid for the program's run;
+        // each slot has one writing program, which does not nest with itself on a CPU.
+        unsafe { *counter += 1 };
+    }
+}
 
 /// Filled by the agent from BTF before loading. Read one field at a time with [`off!`]: a
 /// copy of the whole struct per event cost more than the fields an event needs.
@@ -101,14 +129,23 @@ pub fn submit_flags() -> u64 {
 /// `None`.
 #[inline(always)]
 pub fn reserve(lost_slot: u32) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<RawEvent>> {
-    let entry = EVENTS.reserve::<RawEvent>(0);
+    reserve_for::<RawEvent>(lost_slot, 1)
+}
+
+/// Reserves a record of type `T` carrying `events` events, or counts them as lost.
+#[inline(always)]
+pub fn reserve_for<T: 'static>(
+    lost_slot: u32,
+    events: u64,
+) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
     if entry.is_none()
         && let Some(lost) = LOST.get_ptr_mut(lost_slot)
     {
         // SAFETY: the pointer comes from the map lookup of an existing index and stays valid
         // for the program's run. The slot is this program's on this CPU, and the kernel does
         // not let a program nest with itself on a CPU: nobody else writes it meanwhile.
-        unsafe { *lost += 1 };
+        unsafe { *lost += events };
     }
     entry
 }

@@ -3,7 +3,7 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use aya_log_ebpf::debug;
 use tracer_common::{EVENT_RESET_RECEIVED, EVENT_RESET_SENT};
 
-use crate::{maps, sock};
+use crate::{maps, paths, sock};
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
@@ -31,6 +31,7 @@ fn emit(ctx: &BtfTracePointContext, sk: *const u8, kind: u8, reason: u16) -> i32
     }
     // Both hooks sit in TCP code, so no protocol check; `sk` may be a TIME_WAIT or request
     // mini socket, whose `sock_common` part (all that `fill` reads) is valid.
+    paths::send(sk);
     let Some(mut entry) = maps::reserve(if kind == EVENT_RESET_SENT {
         tracer_common::LOST_SEND_RESET
     } else {

@@ -2,7 +2,7 @@
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{EVENT_RETRANSMIT, EVENT_SYNACK_RETRANSMIT};
 
-use crate::{maps, sock};
+use crate::{maps, paths, sock};
 
 /// Kernels since 6.10 fire the tracepoint for failed attempts too and pass the error as the
 /// third argument; only successful retransmits count (as in `__tcp_retransmit_skb`).
@@ -57,6 +57,7 @@ fn emit(ctx: &BtfTracePointContext) -> i32 {
         Some(n) => n,
     };
     let ca_byte: u8 = sock::read(sk, maps::off!(icsk_ca_state_byte)).unwrap_or(0);
+    paths::send(sk);
     let Some(mut entry) = maps::reserve(tracer_common::LOST_RETRANSMIT) else {
         return 0;
     };

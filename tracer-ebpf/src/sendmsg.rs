@@ -5,7 +5,7 @@
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::EVENT_NAGLE_HELD;
 
-use crate::{maps, sock};
+use crate::{maps, paths, sock};
 
 /// `TCP_NAGLE_OFF` (TCP_NODELAY) and `TCP_NAGLE_CORK` (TCP_CORK) in `tcp_sock.nonagle`.
 const NAGLE_OFF_OR_CORK: u8 = 1 | 2;
@@ -32,6 +32,7 @@ pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
     if left == 0 || left >= u64::from(mss) {
         return 0;
     }
+    paths::send(sk);
     let Some(mut entry) = maps::reserve(tracer_common::LOST_SENDMSG) else {
         return 0;
     };

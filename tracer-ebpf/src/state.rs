@@ -1,8 +1,17 @@
-//! `inet_sock_set_state`: every TCP state change, the backbone of the lifecycle.
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+//! `inet_sock_set_state`: every TCP state change, the backbone of the lifecycle. Changes are
+//! kept per socket in the kernel and sent in runs (see `paths`); listeners' own changes and
+//! whatever cannot be kept go out at once.
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::EVENT_STATE;
 
-use crate::{maps, sock};
+use crate::{maps, paths, sock};
+
+const ESTABLISHED: u8 = 1;
+const SYN_SENT: u8 = 2;
+const SYN_RECV: u8 = 3;
+const CLOSE: u8 = 7;
+const CLOSE_WAIT: u8 = 8;
+const LISTEN: u8 = 10;
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
@@ -13,22 +22,48 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     if !sock::is_tcp(sk) {
         return 0;
     }
-    let oldstate: i32 = ctx.arg(1);
-    let newstate: i32 = ctx.arg(2);
+    let old = ctx.arg::<i32>(1) as u8;
+    let new = ctx.arg::<i32>(2) as u8;
+    let owner = tracer_common::owner_transition(old, new);
+    let opening = (old == CLOSE && new == SYN_SENT) || (old == LISTEN && new == SYN_RECV);
+    if opening {
+        // What is still kept under this address belongs to an earlier socket that it reused.
+        paths::send(sk);
+    }
+    let listener = new == LISTEN || old == LISTEN && new == CLOSE;
+    // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if listener || !paths::keep(sk, now, old, new, owner) {
+        paths::send(sk);
+        return send_alone(sk, old, new, owner);
+    }
+    if new == CLOSE_WAIT {
+        if !paths::close_wait_entered(sk, now, old) {
+            // Not followed once a second: send it now, as it happened.
+            paths::send(sk);
+        }
+    } else if old == CLOSE_WAIT {
+        paths::close_wait_left(sk);
+    }
+    if new == ESTABLISHED || new == CLOSE {
+        paths::send(sk);
+    }
+    0
+}
+
+/// One state change in a record of its own.
+#[inline(always)]
+fn send_alone(sk: *const u8, old: u8, new: u8, owner: bool) -> i32 {
     let Some(mut entry) = maps::reserve(tracer_common::LOST_STATE) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; every field is
     // written before submit (fill writes all fields not written here).
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(
-        event,
-        sk,
-        tracer_common::owner_transition(oldstate as u8, newstate as u8),
-    );
+    sock::fill(event, sk, owner);
     event.kind = EVENT_STATE;
-    event.oldstate = oldstate as u8;
-    event.newstate = newstate as u8;
+    event.oldstate = old;
+    event.newstate = new;
     entry.submit(maps::submit_flags());
     0
 }

@@ -9,10 +9,14 @@
 //! Delayed ACK: `icsk_delack_timer` inside `struct inet_connection_sock`. A firing sends a
 //! delayed ACK only if one is still pending (ICSK_ACK_SCHED | ICSK_ACK_TIMER); otherwise the ACK
 //! already left with data and the firing is a no-op, which is not reported.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
-use tracer_common::{EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_EXPIRE, EVENT_TW_START};
+use aya_ebpf::{
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use tracer_common::{EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START};
 
-use crate::{maps, sock};
+use crate::{maps, paths, sock};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -61,12 +65,24 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     if function != symbols.tw_timer_handler {
         return 0;
     }
+    if phase == Phase::Expire {
+        // The detach just before told it already (see below).
+        return 0;
+    }
     let tw = timer.wrapping_sub(maps::off!(tw_timer) as usize);
     let substate: u8 = sock::read(tw, maps::off!(tw_substate)).unwrap_or(0);
+    // An expiry detaches the timer once `jiffies` has reached its deadline; a kill (reuse, RST,
+    // namespace exit) detaches it before. Telling them apart here saves the expiry's record.
+    let expired = phase == Phase::Cancel && {
+        let expires: u64 = sock::read(timer, maps::off!(timer_expires)).unwrap_or(u64::MAX);
+        // SAFETY: bpf_jiffies64 takes no arguments and only reads the jiffies counter.
+        let now = unsafe { bpf_jiffies64() };
+        // `expires` is an unsigned long compared as the kernel's time_after_eq does.
+        (now.wrapping_sub(expires) as i64) >= 0
+    };
     let Some(mut entry) = maps::reserve(match phase {
         Phase::Start => tracer_common::LOST_TIMER_START,
-        Phase::Cancel => tracer_common::LOST_TIMER_CANCEL,
-        Phase::Expire => tracer_common::LOST_TIMER_EXPIRE,
+        _ => tracer_common::LOST_TIMER_CANCEL,
     }) else {
         return 0;
     };
@@ -77,11 +93,11 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     sock::fill(event, tw, false);
     event.kind = match phase {
         Phase::Start => EVENT_TW_START,
-        Phase::Cancel => EVENT_TW_CANCEL,
-        Phase::Expire => EVENT_TW_EXPIRE,
+        _ => EVENT_TW_CANCEL,
     };
     event.oldstate = 0;
     event.newstate = substate;
+    event.aux = u64::from(expired);
     entry.submit(maps::submit_flags());
     0
 }
@@ -119,6 +135,7 @@ fn delack_fired(timer: *const u8) -> i32 {
         return 0;
     }
     let pingpong: u8 = sock::read(sk_addr, maps::off!(icsk_ack_pingpong)).unwrap_or(0);
+    paths::send(sk_addr);
     let Some(mut entry) = maps::reserve(tracer_common::LOST_TIMER_EXPIRE) else {
         return 0;
     };

@@ -61,37 +61,47 @@ fn programs_load_attach_and_report_a_loopback_connection() {
     // local port before the final CLOSE.
     let mut client_sock = None;
     let mut client_path = Vec::new();
+    // Records that carried the client's state changes: its run is kept in the kernel and sent
+    // when the handshake completes and at CLOSE.
+    let mut client_records = 0;
+    let mut decoded = Vec::new();
     while let Some(record) = ring.next() {
-        let event = events::decode(&events::parse(&record).expect("parse")).expect("decode");
-        let Event::StateChange {
-            sock,
-            tuple,
-            old,
-            new,
-            task,
-            ..
-        } = event
-        else {
-            continue;
-        };
-        if old == TcpState::Close && new == TcpState::SynSent && tuple.dport == port {
-            assert_eq!(
-                task.pid,
-                std::process::id(),
-                "connect() runs in our process"
-            );
-            client_sock = Some(sock);
-        }
-        if client_sock == Some(sock) {
-            if new == TcpState::Established {
-                assert_eq!(tuple.sport, client_port);
+        decoded.clear();
+        events::decode_record(&record, &mut decoded).expect("decode");
+        let mut carried_client = false;
+        for event in &decoded {
+            let Event::StateChange {
+                sock,
+                tuple,
+                old,
+                new,
+                task,
+                ..
+            } = *event
+            else {
+                continue;
+            };
+            if old == TcpState::Close && new == TcpState::SynSent && tuple.dport == port {
+                assert_eq!(
+                    task.pid,
+                    std::process::id(),
+                    "connect() runs in our process"
+                );
+                client_sock = Some(sock);
             }
-            client_path.push(new);
-            if new == TcpState::Close {
-                // The socket's memory may be reused by someone else's connection next.
-                client_sock = None;
+            if client_sock == Some(sock) {
+                carried_client = true;
+                if new == TcpState::Established {
+                    assert_eq!(tuple.sport, client_port);
+                }
+                client_path.push(new);
+                if new == TcpState::Close {
+                    // The socket's memory may be reused by someone else's connection next.
+                    client_sock = None;
+                }
             }
         }
+        client_records += usize::from(carried_client);
     }
     assert_eq!(
         client_path,
@@ -103,5 +113,6 @@ fn programs_load_attach_and_report_a_loopback_connection() {
             TcpState::Close
         ]
     );
+    assert_eq!(client_records, 2, "one record at ESTABLISHED, one at CLOSE");
     assert_eq!(lost.total().expect("lost"), 0);
 }

@@ -342,8 +342,11 @@ fn top_shows_the_traffic_sorts_and_quits_cleanly() {
     let (quiet_at, _) = peer_row(&screen, quiet).unwrap();
     assert!(busy_at < quiet_at, "highest ratio first:\n{screen}");
     tmux.key("s");
+    // A capture can catch the terminal between two frames while other tests' TIME_WAIT rows
+    // expire: wait for a whole frame (a torn one repeats a row or breaks the order).
+    let in_order = |s: &str| peer_rows(s).windows(2).all(|w| w[0] <= w[1]);
     let screen = tmux.wait_for("the peer sort", Duration::from_secs(5), |s| {
-        s.contains("sort: peer") && s.contains("PEER*")
+        s.contains("sort: peer") && s.contains("PEER*") && in_order(s)
     });
     // Earlier tests' TIME_WAIT groups may fill the screen before ours in this order: check the
     // order of what is shown, and ours where both are.

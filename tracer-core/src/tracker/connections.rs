@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use foldhash::{HashMap, HashSet};
 use smallvec::SmallVec;
 
-use crate::acks::AckStats;
+use crate::acks::Acks;
 use crate::model::{
     CloseCause, Direction, Event, Owner, ResetDirection, RetransmitKind, SockId, Task, TcpState,
     Tuple,
@@ -168,6 +168,11 @@ impl Tracker {
                 obs.close_wait_leak(&leak);
             }
         }
+    }
+
+    /// The last state seen of a tracked socket.
+    pub fn state_of(&self, sock: SockId) -> Option<TcpState> {
+        self.conns.get(&sock).and_then(Connection::state)
     }
 
     /// Connections open right now: tracked ones plus seeded ones not yet seen in an event.
@@ -579,7 +584,7 @@ impl Connection {
             seeded: false,
             complete: false,
             time_wait: false,
-            acks: AckStats::default(),
+            acks: Acks::default(),
             close_wait_since: None,
             close_wait_leaked: false,
             first_fin: None,

@@ -16,6 +16,7 @@ use crate::app::session::{Session, recheck_seeded_time_wait, resync_time_wait};
 use crate::export::metrics::Metrics;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::decode;
+use crate::kernel::tables::CloseWaitTable;
 use tracer_core::observer::Observer;
 use tracer_core::tracker::Tracker;
 
@@ -84,7 +85,7 @@ pub async fn pump(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut session.tracker, &metrics, consumer.observer());
+                drain(guard.get_inner_mut(), &mut session.tracker, &mut session.close_wait, &metrics, consumer.observer());
                 guard.clear_ready();
                 match consumer.batch_done() {
                     Ok(true) => {}
@@ -93,7 +94,7 @@ pub async fn pump(
                 }
             }
             _ = drain_timer.tick() => {
-                drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
+                drain(ring.get_mut(), &mut session.tracker, &mut session.close_wait, &metrics, consumer.observer());
                 match consumer.batch_done() {
                     Ok(true) => {}
                     Ok(false) => break,
@@ -107,7 +108,12 @@ pub async fn pump(
                 }
             }
             _ = refresh.tick() => {
+                promote_close_wait(session, &metrics, consumer.observer());
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
+                match session.counters.totals() {
+                    Ok([paths, close_wait]) => metrics.set_table_full([paths, close_wait]),
+                    Err(e) => warn!("{e}"),
+                }
                 if session.recheck_seeded_at.is_some_and(|at| Instant::now() >= at) {
                     recheck_seeded_time_wait(&mut session.tracker);
                     session.recheck_seeded_at = None;
@@ -144,6 +150,7 @@ pub async fn pump(
     drain(
         ring.get_mut(),
         &mut session.tracker,
+        &mut session.close_wait,
         &metrics,
         consumer.observer(),
     );
@@ -172,25 +179,48 @@ async fn readable<T: AsRawFd>(
     }
 }
 
+/// Hands the tracker the sockets sitting in CLOSE_WAIT that it has not heard of: the kernel
+/// sends their state changes only when they close.
+fn promote_close_wait(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Observer) {
+    let mut events = Vec::new();
+    let tracker = &session.tracker;
+    session.close_wait.promote(
+        |sock| tracker.state_of(sock) == Some(tracer_core::model::TcpState::CloseWait),
+        &mut events,
+    );
+    for event in &events {
+        metrics.event(event);
+        session
+            .tracker
+            .on_event(event, &mut (metrics, &mut *consumer));
+    }
+}
+
 /// Takes every queued record: one wake-up, many events, no allocation per event.
 fn drain(
     ring: &mut RingBuf<MapData>,
     tracker: &mut Tracker,
+    close_wait: &mut CloseWaitTable,
     metrics: &Metrics,
     consumer: &mut dyn Observer,
 ) {
     let mut last_ts = None;
+    let mut events = Vec::with_capacity(tracer_common::PATH_STEPS);
     while let Some(record) = ring.next() {
-        match decode::parse(&record).and_then(|raw| decode::decode(&raw)) {
-            Ok(event) => {
-                metrics.event(&event);
-                last_ts = Some(event.ts_ns());
-                tracker.on_event(&event, &mut (metrics, &mut *consumer));
+        metrics.record_read();
+        events.clear();
+        if let Err(e) = decode::decode_record(&record, &mut events) {
+            metrics.event_malformed();
+            debug!("undecodable event: {e:?}");
+            continue;
+        }
+        for event in &events {
+            if close_wait.already_given(event) {
+                continue;
             }
-            Err(e) => {
-                metrics.event_malformed();
-                debug!("undecodable event: {e:?}");
-            }
+            metrics.event(event);
+            last_ts = Some(event.ts_ns());
+            tracker.on_event(event, &mut (metrics, &mut *consumer));
         }
     }
     // Settle by event time, not the clock: events still queued must not be judged missing.

@@ -15,6 +15,7 @@ use crate::kernel::btf::KernelBtf;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::programs::{HookPlan, KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::kernel::system::{self, TcpSysctls};
+use crate::kernel::tables::{CloseWaitTable, KernelCounters};
 use tracer_core::model::{TcpState, Tuple};
 use tracer_core::tracker::{Tracker, TrackerConfig};
 
@@ -31,6 +32,9 @@ pub struct Session {
     pub(super) probes: Option<Probes>,
     pub(super) ring: Option<RingBuf<MapData>>,
     pub(super) lost: LostCounter,
+    /// Sockets in CLOSE_WAIT, read on each refresh.
+    pub(super) close_wait: CloseWaitTable,
+    pub(super) counters: KernelCounters,
     pub(super) logger: Option<KernelLogger>,
     pub tracker: Tracker,
     pub sysctls: TcpSysctls,
@@ -79,6 +83,8 @@ impl Session {
         info!("attached to {}", probes.attached().join(", "));
         let ring = probes.take_events()?;
         let lost = probes.take_lost_counter()?;
+        let close_wait = CloseWaitTable::take(&mut probes)?;
+        let counters = KernelCounters::take(&mut probes)?;
         let logger = probes.logger();
 
         // Seed after attaching: a connection opened in between shows up in both the dump and
@@ -103,6 +109,8 @@ impl Session {
             probes: Some(probes),
             ring: Some(ring),
             lost,
+            close_wait,
+            counters,
             logger,
             tracker,
             sysctls,

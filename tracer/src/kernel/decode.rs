@@ -2,9 +2,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tracer_common::{
-    AF_INET, AF_INET6, EVENT_DELAYED_ACK, EVENT_NAGLE_HELD, EVENT_RESET_RECEIVED, EVENT_RESET_SENT,
-    EVENT_RETRANSMIT, EVENT_STATE, EVENT_SYNACK_RETRANSMIT, EVENT_TW_CANCEL, EVENT_TW_EXPIRE,
-    EVENT_TW_START, RawEvent,
+    AF_INET, AF_INET6, EVENT_DELAYED_ACK, EVENT_NAGLE_HELD, EVENT_PATH, EVENT_RESET_RECEIVED,
+    EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE, EVENT_SYNACK_RETRANSMIT, EVENT_TW_CANCEL,
+    EVENT_TW_EXPIRE, EVENT_TW_START, PATH_STEPS, RawEvent, RawPath,
 };
 
 use tracer_core::model::{
@@ -29,6 +29,70 @@ pub fn parse(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
     // SAFETY: the length was checked above, RawEvent is Pod (any bit pattern is valid), and
     // read_unaligned makes no alignment assumption about the record.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawEvent>()) })
+}
+
+/// Decodes one ring buffer record into the events it carries, appended to `out`: one for most
+/// kinds, a socket's run of state changes for a path record, a TIME_WAIT exit and its expiry
+/// for a timer detached at its deadline.
+pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeError> {
+    let raw = parse(bytes)?;
+    match raw.kind {
+        EVENT_PATH => {
+            if bytes.len() < size_of::<RawPath>() {
+                return Err(DecodeError::Truncated);
+            }
+            // SAFETY: the length was checked above, RawPath is Pod (any bit pattern is valid),
+            // and read_unaligned makes no alignment assumption about the record.
+            let path = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPath>()) };
+            path_events(&path, out)
+        }
+        EVENT_TW_CANCEL if raw.aux == 1 => {
+            out.push(decode(&raw)?);
+            out.push(decode(&RawEvent {
+                kind: EVENT_TW_EXPIRE,
+                ..raw
+            })?);
+            Ok(())
+        }
+        _ => {
+            out.push(decode(&raw)?);
+            Ok(())
+        }
+    }
+}
+
+/// The state changes of a path record, in the order they happened. The owner rides only on
+/// the transitions made in its own system call, as in single records.
+fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> {
+    let head = &path.head;
+    let tuple = tuple(head)?;
+    let len = (path.len as usize).min(PATH_STEPS);
+    let state = |value: u8| TcpState::from_kernel(value).ok_or(DecodeError::UnknownState(value));
+    for step in &path.steps[..len] {
+        let owner = path.has_task != 0 && tracer_common::owner_transition(step.old, step.new);
+        out.push(Event::StateChange {
+            ts_ns: step.ts_ns,
+            sock: head.skaddr,
+            netns: head.netns,
+            tuple,
+            old: state(step.old)?,
+            new: state(step.new)?,
+            task: if owner {
+                Task {
+                    pid: head.pid,
+                    tid: head.tid,
+                    comm: Comm(head.comm),
+                }
+            } else {
+                Task {
+                    pid: 0,
+                    tid: 0,
+                    comm: Comm([0; 16]),
+                }
+            },
+        });
+    }
+    Ok(())
 }
 
 pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
@@ -252,6 +316,100 @@ mod tests {
         };
         assert_eq!(tuple.src, IpAddr::V6(Ipv6Addr::LOCALHOST));
         assert_eq!(tuple.dst.to_string(), "2001:db8::1");
+    }
+
+    /// A path record as the kernel sends it at ESTABLISHED: connect() by curl, then the
+    /// handshake.
+    fn path_fixture() -> Vec<u8> {
+        let mut path = RawPath {
+            head: parse(&connect_fixture()).expect("parse"),
+            len: 2,
+            has_task: 1,
+            ..RawPath::default()
+        };
+        path.head.kind = EVENT_PATH;
+        path.steps[0] = tracer_common::PathStep {
+            ts_ns: 1_000,
+            old: 7,
+            new: 2,
+            _pad: [0; 6],
+        };
+        path.steps[1] = tracer_common::PathStep {
+            ts_ns: 51_000,
+            old: 2,
+            new: 1,
+            _pad: [0; 6],
+        };
+        // SAFETY: RawPath is repr(C) plain data with no padding; viewing it as bytes is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(&path).cast::<u8>(), size_of::<RawPath>())
+        };
+        bytes.to_vec()
+    }
+
+    #[test]
+    fn a_path_record_replays_its_state_changes_in_order_with_the_owner_on_connect_only() {
+        let mut events = Vec::new();
+        decode_record(&path_fixture(), &mut events).expect("decode");
+        let steps: Vec<_> = events
+            .iter()
+            .map(|e| match e {
+                Event::StateChange {
+                    ts_ns,
+                    old,
+                    new,
+                    task,
+                    tuple,
+                    ..
+                } => (*ts_ns, *old, *new, task.pid, tuple.sport),
+                other => panic!("not a state change: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                (1_000, TcpState::Close, TcpState::SynSent, 4242, 40000),
+                (51_000, TcpState::SynSent, TcpState::Established, 0, 40000),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_short_or_garbled_path_record_is_an_error() {
+        let mut events = Vec::new();
+        let bytes = path_fixture();
+        assert_eq!(
+            decode_record(&bytes[..size_of::<RawEvent>() + 8], &mut events),
+            Err(DecodeError::Truncated)
+        );
+        let mut bad = bytes.clone();
+        bad[size_of::<RawEvent>() + 9] = 77; // the first step's new state
+        assert_eq!(
+            decode_record(&bad, &mut events),
+            Err(DecodeError::UnknownState(77))
+        );
+    }
+
+    #[test]
+    fn a_time_wait_timer_detached_at_its_deadline_is_an_exit_and_an_expiry() {
+        let mut raw = parse(&connect_fixture()).expect("parse");
+        raw.kind = EVENT_TW_CANCEL;
+        raw.newstate = 6;
+        raw.aux = 1;
+        // SAFETY: RawEvent is repr(C) plain data with no padding; viewing it as bytes is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(&raw).cast::<u8>(), size_of::<RawEvent>())
+        };
+        let mut events = Vec::new();
+        decode_record(bytes, &mut events).expect("decode");
+        let phases: Vec<_> = events
+            .iter()
+            .map(|e| match e {
+                Event::TimeWait { timer, .. } => *timer,
+                other => panic!("not a timer event: {other:?}"),
+            })
+            .collect();
+        assert_eq!(phases, [TimerPhase::Cancel, TimerPhase::Expire]);
     }
 
     #[test]

@@ -6,3 +6,4 @@ pub mod clock;
 pub mod decode;
 pub mod programs;
 pub mod system;
+pub mod tables;

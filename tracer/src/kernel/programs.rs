@@ -183,6 +183,11 @@ impl Probes {
         RingBuf::try_from(map).map_err(|e| ProbeError::Map("EVENTS", e))
     }
 
+    /// One of the programs' maps, by name; each can be taken once.
+    pub fn take_map(&mut self, name: &'static str) -> Result<aya::maps::Map, ProbeError> {
+        self.ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))
+    }
+
     /// Per-CPU count of events the kernel could not queue; can be taken once.
     pub fn take_lost_counter(&mut self) -> Result<LostCounter, ProbeError> {
         let map = self

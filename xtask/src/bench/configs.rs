@@ -83,6 +83,9 @@ pub enum Running {
 pub struct Snapshot {
     /// Events the tool has seen (agent: `tracer_events_total`; floor: program runs).
     pub events: Option<f64>,
+    /// Records the agent read from the kernel (`tracer_kernel_records_total`): one can carry
+    /// several events.
+    pub records: Option<f64>,
     /// Events the tool lost (agent: `tracer_events_lost_total`; bpftrace: "Lost N events").
     pub lost: Option<f64>,
     /// CPU time of the tool's process, clock ticks.
@@ -213,6 +216,7 @@ impl Tracer {
         let metric = |name| page.as_ref().and_then(|p| p.sum(name, &[]));
         Snapshot {
             events: metric("tracer_events_total"),
+            records: metric("tracer_kernel_records_total"),
             lost: metric("tracer_events_lost_total"),
             cpu_ticks: sys::cpu_ticks(self.pid()),
             active: metric("tracer_connections_active"),

@@ -91,6 +91,8 @@ pub(super) fn workload_json(workload: &Workload) -> Json {
 pub(super) struct AgentFigures {
     pub(super) events_per_s: Option<Summary>,
     pub(super) events_per_op: Option<f64>,
+    /// Records read from the kernel per operation (connection, under churn).
+    pub(super) records_per_op: Option<f64>,
     pub(super) lost: Option<f64>,
     pub(super) cpu_us_per_event: Option<f64>,
     pub(super) cpu_share: Option<f64>,
@@ -116,6 +118,9 @@ pub(super) fn agent_figures(workload: &Workload) -> Option<AgentFigures> {
     Some(AgentFigures {
         events_per_s: result.event_rates(),
         events_per_op: events.map(|e| e / result.ops().max(1.0)),
+        records_per_op: result
+            .sum(Round::records)
+            .map(|r| r / result.ops().max(1.0)),
         lost: result.sum(Round::lost),
         // Per-event figures mean nothing over a handful of events (and 10 ms CPU ticks).
         cpu_us_per_event: cpu
@@ -140,6 +145,7 @@ pub(super) fn tracer_json(workload: &Workload) -> Json {
             f.events_per_s.map_or(Json::Null, |s| s.json()),
         ),
         ("events_per_op", Json::opt(f.events_per_op)),
+        ("records_per_op", Json::opt(f.records_per_op)),
         ("events_lost", Json::opt(f.lost)),
         ("cpu_us_per_event", Json::opt(f.cpu_us_per_event)),
         ("cpu_share_of_one_core", Json::opt(f.cpu_share)),

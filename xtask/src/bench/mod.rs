@@ -126,6 +126,9 @@ impl Round {
     fn lost(&self) -> Option<f64> {
         self.delta(|s| s.lost)
     }
+    fn records(&self) -> Option<f64> {
+        self.delta(|s| s.records)
+    }
     /// Interrupts per second of load: (IRQ work, rescheduling IPIs, function-call IPIs).
     fn irq_rates(&self) -> Option<[f64; 3]> {
         let (a, b) = self.irqs?;

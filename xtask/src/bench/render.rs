@@ -115,6 +115,12 @@ pub(super) fn render_text(
                         .unwrap_or_default()
                 );
             }
+            if let Some(r) = f.records_per_op {
+                let _ = writeln!(
+                    out,
+                    "  kernel records     {r:.2} per operation (each carries one or more events)"
+                );
+            }
             let _ = writeln!(
                 out,
                 "  events lost        {}",

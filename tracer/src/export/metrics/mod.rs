@@ -129,6 +129,9 @@ pub struct Metrics {
     events_lost: IntCounter,
     events_lost_seen: AtomicU64,
     events_malformed: IntCounter,
+    records: IntCounter,
+    table_full: [IntCounter; 2],
+    table_full_seen: [AtomicU64; 2],
     evicted: IntCounter,
     evicted_seen: AtomicU64,
     pub time_wait: TimeWaitMetrics,
@@ -320,6 +323,27 @@ impl Metrics {
         ))?;
         registry.register(Box::new(events_malformed.clone()))?;
 
+        let records = IntCounter::with_opts(Opts::new(
+            "tracer_kernel_records_total",
+            "Records read from the kernel's ring buffer (one can carry several events: a \
+             socket's run of state changes).",
+        ))?;
+        registry.register(Box::new(records.clone()))?;
+        let table_full_vec = IntCounterVec::new(
+            Opts::new(
+                "tracer_kernel_table_full_total",
+                "Times a kernel-side table was full: `paths` (a state change was sent on its \
+                 own instead of in its socket's run), `close_wait` (a CLOSE_WAIT socket was \
+                 sent at once instead of being read once a second).",
+            ),
+            &["table"],
+        )?;
+        registry.register(Box::new(table_full_vec.clone()))?;
+        let table_full = [
+            table_full_vec.get_metric_with_label_values(&["paths"])?,
+            table_full_vec.get_metric_with_label_values(&["close_wait"])?,
+        ];
+
         let evicted = IntCounter::with_opts(Opts::new(
             "tracer_connections_evicted_total",
             "Connections dropped from the agent's table because it was full.",
@@ -350,6 +374,9 @@ impl Metrics {
             events_lost,
             events_lost_seen: AtomicU64::new(0),
             events_malformed,
+            records,
+            table_full,
+            table_full_seen: [AtomicU64::new(0), AtomicU64::new(0)],
             evicted,
             evicted_seen: AtomicU64::new(0),
             time_wait,
@@ -384,6 +411,23 @@ impl Metrics {
     /// A ring buffer record that did not decode.
     pub fn event_malformed(&self) {
         self.events_malformed.inc();
+    }
+
+    /// One record read from the ring buffer.
+    pub fn record_read(&self) {
+        self.records.inc();
+    }
+
+    /// Takes the kernel's cumulative table-full counts (`paths`, `close_wait`).
+    pub fn set_table_full(&self, totals: [u64; 2]) {
+        for ((counter, seen), total) in self
+            .table_full
+            .iter()
+            .zip(&self.table_full_seen)
+            .zip(totals)
+        {
+            add_delta(counter, seen, total);
+        }
     }
 
     pub fn set_events_lost(&self, total: u64) {
