@@ -119,6 +119,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub time_wait_top_peers: u32,
 
+    /// Listening ports with their own listen-overflow series
+    /// (`tracer_listen_overflows_by_listener_total`, `tracer_listen_queue_length`, `_limit`),
+    /// those dropping the most; the rest are summed under port="other".
+    #[arg(long, default_value_t = 10, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub listen_overflow_top_ports: u32,
+
     /// Warn when TIME_WAIT sockets toward one peer hold this share of the ephemeral port range.
     #[arg(long, default_value_t = 0.5, value_name = "RATIO", value_parser = parse_ratio)]
     pub port_exhaustion_warning: f64,
@@ -155,6 +161,7 @@ impl RunArgs {
             ring_buffer_bytes: self.ring_buffer_bytes,
             max_connections: self.max_connections,
             time_wait_top_peers: self.time_wait_top_peers,
+            listen_overflow_top_ports: self.listen_overflow_top_ports,
             port_exhaustion_warning: self.port_exhaustion_warning,
             close_wait_threshold: self.close_wait_threshold,
         }
@@ -307,6 +314,7 @@ mod tests {
         assert!(parse(&["run", "--bogus"]).is_err());
         assert!(parse(&["run", "--port-exhaustion-warning", "1.5"]).is_err());
         assert!(parse(&["run", "--time-wait-top-peers", "0"]).is_err());
+        assert!(parse(&["run", "--listen-overflow-top-ports", "0"]).is_err());
         assert!(parse(&["run", "--close-wait-threshold", "soon"]).is_err());
         assert!(parse(&["run", "--close-wait-threshold", "0s"]).is_err());
     }

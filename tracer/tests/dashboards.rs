@@ -45,6 +45,7 @@ const REQUIRED_ALERTS: &[(&str, &str)] = &[
     ("NagleDelayedAckStalls", "warning"),
     ("CloseWaitLeak", "warning"),
     ("HighRetransmitRate", "warning"),
+    ("ListenQueueOverflows", "warning"),
 ];
 
 /// What every dashboard query filters on: the `instance` variable.

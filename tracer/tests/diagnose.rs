@@ -29,13 +29,14 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// After the watch ends: detaching and writing the report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
-const TOPICS: [&str; 6] = [
+const TOPICS: [&str; 7] = [
     "time_wait",
     "nagle_delayed_ack",
     "delayed_ack",
     "retransmissions",
     "close_wait",
     "resets",
+    "listen_overflows",
 ];
 
 /// A `tracer diagnose` run in progress.

@@ -320,18 +320,23 @@ fn sent_reset_reasons(program: &'static str) -> Vec<Option<u16>> {
     let _ = client.shutdown(Shutdown::Both);
 
     let mut sent = Vec::new();
+    let mut decoded = Vec::new();
     while let Some(record) = ring.next() {
-        let event = events::decode(&events::parse(&record).expect("parse")).expect("decode");
-        // Matched on the peer's port: the kernel has already cleared the closing socket's own.
-        if let Event::Reset {
-            direction: ResetDirection::Sent,
-            tuple,
-            reason,
-            ..
-        } = event
-            && tuple.dport == client_port
-        {
-            sent.push(reason);
+        decoded.clear();
+        events::decode_record(&record, &mut decoded).expect("decode");
+        for event in &decoded {
+            // Matched on the peer's port: the kernel has already cleared the closing socket's
+            // own.
+            if let Event::Reset {
+                direction: ResetDirection::Sent,
+                tuple,
+                reason,
+                ..
+            } = *event
+                && tuple.dport == client_port
+            {
+                sent.push(reason);
+            }
         }
     }
     sent

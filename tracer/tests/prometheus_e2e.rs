@@ -2,7 +2,8 @@
 //! temporary configuration and data directory, scraping every second) scrapes a running agent
 //! while traffic flows: churn on loopback, TIME_WAIT toward one peer, retransmissions through a
 //! veth whose namespace drops packets with nftables, a Nagle write-write-read client, resets
-//! and refused connects, and a CLOSE_WAIT leak. Then every query of the Grafana dashboard (its
+//! and refused connects, a CLOSE_WAIT leak, and connects to a listener that never accepts
+//! (listen-queue overflows). Then every query of the Grafana dashboard (its
 //! variables substituted as Grafana would) and every alert expression runs through
 //! Prometheus's HTTP API: each must return data, or be listed here as quiet by design, with
 //! the reason, and then return nothing. Prometheus's own evaluation of `alerts.yml` agrees:
@@ -83,6 +84,9 @@ const CHURN: usize = 20;
 const LOSSY: usize = 5;
 /// CLOSE_WAIT sockets leaked (held, never closed) by the test.
 const LEAKS: usize = 3;
+/// Connects per round to the listener that never accepts: its accept queue is full after the
+/// first round, so each of them overflows it.
+const OVERFLOWS: usize = 10;
 /// The port the namespace's server listens on (the namespace is the test's own).
 const NS_PORT: u16 = 8080;
 const NFT_TABLE: &str = "tracer_e2e";
@@ -233,7 +237,7 @@ fn alert_checks() -> Vec<Check> {
 
 /// What the traffic mix must show, so that the data the dashboard returns is this test's
 /// own: expressions that return nothing until the mix made its mark.
-fn traffic_checks(instance: &str, tw_port: u16) -> Vec<Check> {
+fn traffic_checks(instance: &str, tw_port: u16, slow_port: u16) -> Vec<Check> {
     let sel = format!("instance=\"{instance}\"");
     [
         (
@@ -273,6 +277,10 @@ fn traffic_checks(instance: &str, tw_port: u16) -> Vec<Check> {
         (
             "refused connects",
             format!("tracer_connections_closed_total{{{sel}, close=\"refused\"}} > 0"),
+        ),
+        (
+            "listen-queue overflows of the listener that never accepts",
+            format!("tracer_listen_overflows_by_listener_total{{{sel}, port=\"{slow_port}\"}} > 0"),
         ),
     ]
     .into_iter()
@@ -362,7 +370,7 @@ struct Traffic {
 impl Traffic {
     /// One thread runs the mix round after round; one runs Nagle write-write-read clients
     /// without pause, so that the stall rate stays well above the alert's 1/s.
-    fn start(tw_port: u16, lossy: SocketAddr, ns: Arc<Netns>) -> Traffic {
+    fn start(tw_port: u16, lossy: SocketAddr, slow: SocketAddr, ns: Arc<Netns>) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let rounds = Arc::new(AtomicU64::new(0));
         let mix = {
@@ -374,7 +382,7 @@ impl Traffic {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
-                        mix_round(tw_port, lossy, &ns);
+                        mix_round(tw_port, lossy, slow, &ns);
                         rounds.fetch_add(1, Ordering::SeqCst);
                     }
                 })
@@ -439,9 +447,10 @@ impl Drop for Traffic {
 }
 
 /// One round: churn where the server closes first, TIME_WAIT toward one peer (the client
-/// closes first, always to `127.0.0.1:tw_port`), resets, a refused connect, and connections
-/// through the lossy veth.
-fn mix_round(tw_port: u16, lossy: SocketAddr, ns: &Netns) {
+/// closes first, always to `127.0.0.1:tw_port`), resets, a refused connect, connections
+/// through the lossy veth, and connects to `slow`, which never accepts (aborted after a
+/// moment so that their SYNs are not resent).
+fn mix_round(tw_port: u16, lossy: SocketAddr, slow: SocketAddr, ns: &Netns) {
     let churn = Server::start(
         "127.0.0.1:0".parse().unwrap(),
         ServerMode::EchoThenClose,
@@ -463,6 +472,10 @@ fn mix_round(tw_port: u16, lossy: SocketAddr, ns: &Netns) {
     let lossy_server = Server::start_in(ns, lossy, ServerMode::EchoWaitClientClose, LOSSY);
     run_clients(lossy, ClientMode::CloseFirst, LOSSY, "e2e-lossy");
     lossy_server.join();
+
+    let overflowing = nonblocking_connects(slow, OVERFLOWS);
+    thread::sleep(Duration::from_millis(100));
+    abort_all(overflowing);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -493,7 +506,11 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
     let lossy = ns.ns_addr(NS_PORT);
     let tw_port = free_port();
     let held = leak_close_wait(LEAKS);
-    let traffic = Traffic::start(tw_port, lossy, ns.clone());
+    // A listener with backlog 1 that never accepts.
+    let slow = TcpListener::bind("127.0.0.1:0").expect("bind the slow listener");
+    set_backlog(&slow, 1);
+    let slow_addr = slow.local_addr().expect("local_addr");
+    let traffic = Traffic::start(tw_port, lossy, slow_addr, ns.clone());
     let checks_wait = Instant::now();
     let mut missing: BTreeMap<String, String> = BTreeMap::new();
     let mut rounds_seen = 0;
@@ -504,7 +521,7 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
         for check in dashboard_checks(&instance, range_s)
             .into_iter()
             .chain(alert_checks())
-            .chain(traffic_checks(&instance, tw_port))
+            .chain(traffic_checks(&instance, tw_port, slow_addr.port()))
             .filter(|c| c.quiet.is_none())
         {
             let result = prometheus.query(&check.promql);
@@ -559,7 +576,7 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
         "{checked} dashboard queries and alert expressions returned data, and the {} traffic \
          checks passed, after {:?} ({rounds_seen} traffic rounds); {} alert expressions stayed \
          quiet",
-        traffic_checks(&instance, tw_port).len(),
+        traffic_checks(&instance, tw_port, slow_addr.port()).len(),
         checks_wait.elapsed(),
         alert_checks().iter().filter(|c| c.quiet.is_some()).count()
     );
@@ -630,6 +647,7 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
 
     traffic.finish();
     drop(held);
+    drop(slow);
     drop(nft);
     drop(ns);
     drop(prometheus);

@@ -5,7 +5,8 @@ use anyhow::Context as _;
 
 use crate::app::pump::{Consumer, block_on, pump};
 use crate::app::session::{Session, SessionConfig};
-use crate::diagnose::{DiagnoseConfig, Diagnosis, ReportContext};
+use crate::diagnose::{DiagnoseConfig, Diagnosis, ListenOverflows, ReportContext};
+use crate::host::{listeners, proc_owners};
 use tracer_core::observer::Observer;
 use tracer_core::tracker::TrackerConfig;
 
@@ -40,6 +41,8 @@ pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
             session.rst_reasons.clone(),
         ),
     };
+    // The kernel counts listen-queue overflows itself: read its counters at both ends.
+    let listeners_before = read_listeners();
     eprintln!(
         "tracer: watching TCP for {:.0} s (SIGINT to stop early)...",
         args.duration.as_secs_f64()
@@ -50,6 +53,14 @@ pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
         &mut consumer,
         Some(started + args.duration),
     ))??;
+    if let (Some(before), Some(after)) = (listeners_before, read_listeners()) {
+        let mut seen = ListenOverflows::between(&before, &after);
+        // Only the listeners the report shows: each lookup walks /proc.
+        for listener in seen.listeners.iter_mut().take(args.top as usize) {
+            listener.owner = proc_owners::inode_owner(listener.inode);
+        }
+        consumer.diagnosis.set_listen_overflows(seen);
+    }
     let context = ReportContext {
         duration: started.elapsed(),
         sysctls: session.sysctls,
@@ -73,4 +84,11 @@ impl Consumer for DiagnoseConsumer {
     fn observer(&mut self) -> &mut dyn Observer {
         &mut self.diagnosis
     }
+}
+
+/// Every namespace's listeners, or `None` (with a warning) when they cannot be read.
+fn read_listeners() -> Option<Vec<listeners::NamespaceListeners>> {
+    listeners::everywhere()
+        .inspect_err(|e| log::warn!("listen overflows: cannot read the listeners: {e}"))
+        .ok()
 }

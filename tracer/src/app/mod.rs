@@ -1,6 +1,7 @@
 //! Stage 4, the commands: a session (attach, seed), the event loop that pumps kernel events
 //! through the tracker to the exporters, and the commands built on them.
 pub mod diagnose;
+pub mod listen;
 pub mod memory;
 pub mod pump;
 pub mod run;

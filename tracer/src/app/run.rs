@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use log::{info, warn};
 
+use crate::app::listen::ListenWorker;
 use crate::app::pump::{Consumer, block_on, pump};
 use crate::app::session::{Session, SessionConfig};
 use crate::export::events::{EventFormat, EventSink};
@@ -34,6 +35,8 @@ pub struct RunConfig {
     pub ring_buffer_bytes: u32,
     pub max_connections: u32,
     pub time_wait_top_peers: u32,
+    /// Listening ports with their own listen-overflow series; the rest under port="other".
+    pub listen_overflow_top_ports: u32,
     pub port_exhaustion_warning: f64,
     pub close_wait_threshold: Duration,
 }
@@ -53,6 +56,11 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
         close_wait_threshold: args.close_wait_threshold,
     })?;
     let clock = WallClock::new().context("reading the clocks")?;
+    let listen_worker = ListenWorker::start(
+        session.metrics.clone(),
+        args.listen_overflow_top_ports as usize,
+    )
+    .context("starting the listen overflow worker")?;
     let mut consumer = RunConsumer {
         sink: EventSink::new(
             args.events,
@@ -95,6 +103,7 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
         }
         outcome
     })?;
+    drop(listen_worker);
     // Leaks still waiting for their owner: a little time for them, then out.
     consumer.sink.finish_lookups(Duration::from_secs(2));
     if let Err(e) = consumer.sink.flush()

@@ -31,8 +31,8 @@ use crate::kernel::system::TcpSysctls;
 use tally::{Capped, DelayedAcks, KINDS, Stalls};
 
 pub use findings::{
-    DELAYED_ACK_NOTICE, MAX_OWNER_LOOKUPS, RESETS_PROBLEM, TIME_WAIT_BUCKETS_WARNING,
-    TIME_WAIT_NOTICE,
+    DELAYED_ACK_NOTICE, ListenOverflows, MAX_OWNER_LOOKUPS, OverflowingListener, RESETS_PROBLEM,
+    TIME_WAIT_BUCKETS_WARNING, TIME_WAIT_NOTICE,
 };
 
 /// Topics of the findings, as they appear in `Finding::topic`.
@@ -42,6 +42,7 @@ pub const TOPIC_DELAYED_ACK: &str = "delayed_ack";
 pub const TOPIC_RETRANSMISSIONS: &str = "retransmissions";
 pub const TOPIC_CLOSE_WAIT: &str = "close_wait";
 pub const TOPIC_RESETS: &str = "resets";
+pub const TOPIC_LISTEN_OVERFLOWS: &str = "listen_overflows";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DiagnoseConfig {
@@ -181,6 +182,8 @@ pub struct Diagnosis {
     /// The first `max_keys` leaks, in the order reported.
     leaks: Vec<CloseWaitLeak>,
     leaks_total: u64,
+    /// Listeners that dropped connection attempts, read from the host by the caller.
+    listen: ListenOverflows,
 }
 
 impl Diagnosis {
@@ -210,7 +213,14 @@ impl Diagnosis {
             reset_peers: Capped::new(cap),
             leaks: Vec::new(),
             leaks_total: 0,
+            listen: ListenOverflows::default(),
         }
+    }
+
+    /// What the host's listeners dropped during the run (`ListenOverflows::between`, owners
+    /// filled in by the caller).
+    pub fn set_listen_overflows(&mut self, seen: ListenOverflows) {
+        self.listen = seen;
     }
 
     /// The report as of now. Owners of leaked CLOSE_WAIT sockets that the events could not
@@ -235,6 +245,7 @@ impl Diagnosis {
             self.retransmit_finding(),
             self.close_wait_finding(tracker, owner_of),
             self.reset_finding(),
+            self.listen_overflow_finding(),
         ]
         .into_iter()
         .flatten()

@@ -71,13 +71,21 @@ pub fn other_namespaces(own: u32) -> Vec<Namespace> {
     found
 }
 
-/// `dump_tcp` inside another network namespace, from a short-lived thread that enters it (a
-/// thread's namespace can change without affecting the rest of the agent).
+/// `dump_tcp` inside another network namespace (see `in_namespace`).
 pub fn dump_tcp_in(namespace: &Namespace) -> Result<Vec<SocketEntry>, HostError> {
+    in_namespace(namespace, dump_tcp)
+}
+
+/// Runs `work` inside another network namespace, on a short-lived thread that enters it (a
+/// thread's namespace can change without affecting the rest of the agent).
+pub fn in_namespace<T: Send + 'static>(
+    namespace: &Namespace,
+    work: impl FnOnce() -> Result<T, HostError> + Send + 'static,
+) -> Result<T, HostError> {
     let path = namespace.path.clone();
     let worker = std::thread::Builder::new()
         .name("tracer-netns".into())
-        .spawn(move || -> Result<Vec<SocketEntry>, HostError> {
+        .spawn(move || -> Result<T, HostError> {
             let file = std::fs::File::open(&path).map_err(|source| HostError::EnterNetns {
                 path: path.clone(),
                 source,
@@ -90,12 +98,12 @@ pub fn dump_tcp_in(namespace: &Namespace) -> Result<Vec<SocketEntry>, HostError>
                     source: io::Error::last_os_error(),
                 });
             }
-            dump_tcp()
+            work()
         })
         .map_err(HostError::Socket)?;
     worker.join().unwrap_or_else(|_| {
         Err(HostError::Socket(io::Error::other(
-            "the namespace dump thread panicked",
+            "the namespace thread panicked",
         )))
     })
 }

@@ -10,7 +10,13 @@ use tracer_core::model::{Comm, Tuple};
 
 /// The process holding the socket with `tuple` in network namespace `netns`, if any.
 pub fn socket_owner(netns: u32, tuple: &Tuple) -> Option<Owner> {
-    let inode = u64::from(socket_inode(netns, tuple)?);
+    inode_owner(socket_inode(netns, tuple)?)
+}
+
+/// The process holding the socket whose file has `inode` (socket inodes are unique across
+/// network namespaces), if any.
+pub fn inode_owner(inode: u32) -> Option<Owner> {
+    let inode = u64::from(inode);
     // Processes and descriptors come and go during the walk: skip what vanished.
     for process in procfs::process::all_processes().ok()?.flatten() {
         let Ok(fds) = process.fd() else {

@@ -38,6 +38,9 @@ const NLMSG_HDRLEN: usize = 16;
 
 const NLMSG_ALIGNTO: usize = 4;
 
+/// `struct inet_diag_msg`'s size: a socket record's attributes start after it.
+const INET_DIAG_MSG_LEN: usize = 72;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("cannot open a sock_diag netlink socket: {0}")]
@@ -113,13 +116,78 @@ pub struct SocketEntry {
 /// Every TCP socket of both address families, in all states, in the calling thread's network
 /// namespace.
 pub fn dump_tcp() -> Result<Vec<SocketEntry>, HostError> {
-    let socket = open_socket()?;
     let mut entries = Vec::new();
-    let mut buffer = vec![0u8; RECV_BUFFER];
-    for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
-        dump_family(&socket, family, seq, &mut buffer, &mut entries)?;
-    }
+    dump(
+        Query {
+            states: ALL_STATES,
+            extensions: 0,
+        },
+        &mut |header, _attributes| {
+            if let Some(entry) = socket_entry(header) {
+                entries.push(entry);
+            }
+            Ok(())
+        },
+    )?;
     Ok(entries)
+}
+
+/// What a dump asks the kernel for.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Query {
+    /// `1 << state` for each TCP state wanted.
+    pub states: u32,
+    /// Attributes the kernel should add to each socket record (`ExtensionFlags` bits).
+    pub extensions: u8,
+}
+
+/// Called with each socket record: its fixed header and the attributes that follow it.
+pub(super) type OnRecord<'a> = dyn FnMut(&InetResponseHeader, &[u8]) -> Result<(), HostError> + 'a;
+
+/// Dumps the TCP sockets of both address families that `query` selects, in the calling
+/// thread's network namespace, handing each record to `on_record`. At most `MAX_ENTRIES`
+/// records per dump.
+pub(super) fn dump(query: Query, on_record: &mut OnRecord<'_>) -> Result<(), HostError> {
+    let socket = open_socket()?;
+    let mut buffer = vec![0u8; RECV_BUFFER];
+    let mut count = 0usize;
+    let mut counted = |header: &InetResponseHeader, attributes: &[u8]| {
+        count += 1;
+        if count > MAX_ENTRIES {
+            return Err(HostError::TooMany);
+        }
+        on_record(header, attributes)
+    };
+    for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
+        dump_family(&socket, query, family, seq, &mut buffer, &mut counted)?;
+    }
+    Ok(())
+}
+
+/// The fixed part of a socket record as a `SocketEntry`; `None` for a state this build does
+/// not know.
+pub(super) fn socket_entry(header: &InetResponseHeader) -> Option<SocketEntry> {
+    let Some(state) = TcpState::from_kernel(header.state) else {
+        log::debug!(
+            "sock_diag: skipping a socket in unknown state {}",
+            header.state
+        );
+        return None;
+    };
+    let id = &header.socket_id;
+    Some(SocketEntry {
+        tuple: Tuple {
+            src: id.source_address,
+            sport: id.source_port,
+            dst: id.destination_address,
+            dport: id.destination_port,
+        },
+        state,
+        inode: header.inode,
+        uid: header.uid,
+        cookie: cookie(id.cookie),
+        timewait: matches!(header.timer, Some(Timer::TimeWait)),
+    })
 }
 
 fn family_name(family: u8) -> &'static str {
@@ -160,7 +228,7 @@ fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
     }
 }
 
-fn request(family: u8, seq: u32) -> Vec<u8> {
+fn request(query: Query, family: u8, seq: u32) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = seq;
@@ -169,8 +237,8 @@ fn request(family: u8, seq: u32) -> Vec<u8> {
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::from_bits_retain(ALL_STATES),
+            extensions: ExtensionFlags::from_bits_retain(query.extensions),
+            states: StateFlags::from_bits_retain(query.states),
             socket_id: if family == AF_INET6 {
                 SocketId::new_v6()
             } else {
@@ -187,13 +255,14 @@ fn request(family: u8, seq: u32) -> Vec<u8> {
 
 fn dump_family(
     socket: &Socket,
+    query: Query,
     family: u8,
     seq: u32,
     buffer: &mut [u8],
-    entries: &mut Vec<SocketEntry>,
+    on_record: &mut OnRecord<'_>,
 ) -> Result<(), HostError> {
     let name = family_name(family);
-    let request = request(family, seq);
+    let request = request(query, family, seq);
     let sent = socket.send(&request, 0).map_err(|source| HostError::Send {
         family: name,
         source,
@@ -233,7 +302,7 @@ fn dump_family(
                 reason: "empty datagram before the end of the dump".to_string(),
             });
         }
-        if parse_datagram(&buffer[..len], family, seq, entries)? == Progress::Done {
+        if parse_records(&buffer[..len], family, seq, on_record)? == Progress::Done {
             return Ok(());
         }
     }
@@ -245,12 +314,30 @@ enum Progress {
     Done,
 }
 
-/// Appends the sockets of one received datagram (one or more netlink messages) to `entries`.
+/// Appends the sockets of one received datagram to `entries` (the tests' view of
+/// `parse_records`).
+#[cfg(test)]
 fn parse_datagram(
     datagram: &[u8],
     family: u8,
     seq: u32,
     entries: &mut Vec<SocketEntry>,
+) -> Result<Progress, HostError> {
+    parse_records(datagram, family, seq, &mut |header, _| {
+        if let Some(entry) = socket_entry(header) {
+            entries.push(entry);
+        }
+        Ok(())
+    })
+}
+
+/// Hands the socket records of one received datagram (one or more netlink messages) to
+/// `on_record`.
+fn parse_records(
+    datagram: &[u8],
+    family: u8,
+    seq: u32,
+    on_record: &mut OnRecord<'_>,
 ) -> Result<Progress, HostError> {
     let name = family_name(family);
     let malformed = |reason: String| HostError::Malformed {
@@ -270,35 +357,13 @@ fn parse_datagram(
         }
         match message.message_type() {
             SOCK_DIAG_BY_FAMILY => {
-                // Only the fixed `struct inet_diag_msg`: the attributes that follow are not
-                // needed, and skipping them keeps attributes of newer kernels from failing
-                // the dump.
+                // The fixed `struct inet_diag_msg` is parsed here; the attributes that follow
+                // are left to the caller, which reads only those it asked for, so that
+                // attributes of newer kernels cannot fail the dump.
                 let header = InetResponseHeader::parse(payload)
                     .map_err(|e| malformed(format!("socket record: {e}")))?;
-                let Some(state) = TcpState::from_kernel(header.state) else {
-                    log::debug!(
-                        "sock_diag: skipping a socket in unknown state {}",
-                        header.state
-                    );
-                    continue;
-                };
-                if entries.len() >= MAX_ENTRIES {
-                    return Err(HostError::TooMany);
-                }
-                let id = &header.socket_id;
-                entries.push(SocketEntry {
-                    tuple: Tuple {
-                        src: id.source_address,
-                        sport: id.source_port,
-                        dst: id.destination_address,
-                        dport: id.destination_port,
-                    },
-                    state,
-                    inode: header.inode,
-                    uid: header.uid,
-                    cookie: cookie(id.cookie),
-                    timewait: matches!(header.timer, Some(Timer::TimeWait)),
-                });
+                let attributes = payload.get(INET_DIAG_MSG_LEN..).unwrap_or_default();
+                on_record(&header, attributes)?;
             }
             NLMSG_DONE => {
                 // The kernel may send an empty NLMSG_DONE; otherwise it carries the dump's
@@ -540,7 +605,14 @@ mod tests {
 
     #[test]
     fn request_asks_for_every_tcp_state() {
-        let bytes = request(AF_INET6, 9);
+        let bytes = request(
+            Query {
+                states: ALL_STATES,
+                extensions: 0,
+            },
+            AF_INET6,
+            9,
+        );
         let message = NetlinkBuffer::new_checked(&bytes[..]).unwrap();
         assert_eq!(message.message_type(), SOCK_DIAG_BY_FAMILY);
         assert_eq!(message.flags(), NLM_F_REQUEST | NLM_F_DUMP);

@@ -850,6 +850,72 @@ pub fn connect_refused(addr: SocketAddr) {
     }
 }
 
+/// Sets the backlog of a listening socket (listen() again on a listening socket does that).
+pub fn set_backlog(listener: &TcpListener, backlog: i32) {
+    // SAFETY: listen() on a socket `listener` owns; no memory is passed.
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), backlog) };
+    assert_eq!(
+        rc,
+        0,
+        "listen({backlog}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// `count` non-blocking connects to the IPv4 address `to`, from the calling thread's network
+/// namespace: the handshakes go on without waiting for them (against a listener that never
+/// accepts, the accept queue overflows).
+pub fn nonblocking_connects(to: SocketAddr, count: usize) -> Vec<TcpStream> {
+    let SocketAddr::V4(v4) = to else {
+        panic!("nonblocking_connects: IPv4 only, not {to}")
+    };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).expect("len");
+    (0..count)
+        .map(|_| {
+            // SAFETY: socket() takes no pointers; the returned fd is checked, then owned.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_INET,
+                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                )
+            };
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            // SAFETY: `fd` is a new descriptor nothing else owns.
+            let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            // SAFETY: `addr` is a valid sockaddr_in that outlives the call, `len` its size.
+            let rc = unsafe {
+                libc::connect(
+                    stream.as_raw_fd(),
+                    std::ptr::from_ref(&addr).cast::<libc::sockaddr>(),
+                    len,
+                )
+            };
+            let err = std::io::Error::last_os_error();
+            assert!(
+                rc == 0 || err.raw_os_error() == Some(libc::EINPROGRESS),
+                "connect {to}: {err}"
+            );
+            stream
+        })
+        .collect()
+}
+
+/// Closes every stream with a RST (SO_LINGER 0): nothing of theirs is sent again.
+pub fn abort_all(streams: Vec<TcpStream>) {
+    for stream in streams {
+        set_linger_zero(&stream).expect("SO_LINGER 0");
+    }
+}
+
 /// Connections opened and held: used for the seeding test.
 pub struct HeldClients {
     pub streams: Vec<TcpStream>,

@@ -3,6 +3,7 @@
 //! and its JSON details side by side so that both show the same figures.
 mod close_wait;
 mod delayed_ack;
+mod listen_overflows;
 mod nagle;
 mod resets;
 mod retransmits;
@@ -11,5 +12,6 @@ mod time_wait;
 // Each threshold stays next to the rule that uses it; `diagnose` re-exports them.
 pub use close_wait::MAX_OWNER_LOOKUPS;
 pub use delayed_ack::DELAYED_ACK_NOTICE;
+pub use listen_overflows::{ListenOverflows, OverflowingListener};
 pub use resets::RESETS_PROBLEM;
 pub use time_wait::{TIME_WAIT_BUCKETS_WARNING, TIME_WAIT_NOTICE};
