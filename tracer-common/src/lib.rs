@@ -64,7 +64,9 @@ pub const LOST_SLOTS: u32 = 9;
 pub const COUNT_PATH_TABLE_FULL: u32 = 0;
 /// Sockets in CLOSE_WAIT that could not be remembered for the leak check (its table was full).
 pub const COUNT_CLOSE_WAIT_TABLE_FULL: u32 = 1;
-pub const COUNT_SLOTS: u32 = 2;
+/// Sockets whose congestion states could not be followed (the `CONG` table was full).
+pub const COUNT_CONG_TABLE_FULL: u32 = 2;
+pub const COUNT_SLOTS: u32 = 3;
 
 /// State changes one [`RawPath`] carries at most; a longer run is sent in several records.
 pub const PATH_STEPS: usize = 6;
@@ -96,6 +98,52 @@ pub struct RawPath {
     /// Non-zero once the head's `pid`, `tid` and `comm` hold the owner (taken in an owner
     /// transition).
     pub has_task: u32,
+    /// The socket's cgroup v2 id (`sk_cgrp_data.cgroup->kn->id`, the inode number of the
+    /// cgroup's directory), read when the first step is kept; 0 when unknown.
+    pub cgroup: u64,
+    /// What the connection cost, read from the socket when the run ends in CLOSE.
+    pub cost: ConnCost,
+}
+
+/// What a connection cost, read from its `struct tcp_sock` as it closes (`valid` non-zero),
+/// plus what `tcp_cong_state_set` saw during its life.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCost {
+    /// `bytes_acked`: bytes sent and acknowledged by the peer.
+    pub bytes_acked: u64,
+    /// `bytes_received`: bytes received in order.
+    pub bytes_received: u64,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    /// `total_retrans`: retransmitted segments over the connection's life.
+    pub total_retrans: u32,
+    /// `srtt_us`: smoothed RTT in µs, shifted left by 3 (as the kernel keeps it).
+    pub srtt_us_x8: u32,
+    /// `mdev_us`: RTT mean deviation in µs, shifted left by 2.
+    pub mdev_us_x4: u32,
+    /// `rtt_min`'s current minimum, µs.
+    pub rtt_min_us: u32,
+    /// `snd_cwnd` at close, segments.
+    pub snd_cwnd: u32,
+    /// The largest `snd_cwnd` seen: at close and at each congestion state change.
+    pub max_cwnd: u32,
+    /// `chrono_stat[TCP_CHRONO_RWND_LIMITED - 1]`: time the sender was held by the peer's
+    /// receive window (zero-window stalls), in jiffies.
+    pub rwnd_limited_jiffies: u32,
+    /// Bit `1 << state` for every `icsk_ca_state` entered (`tcp_cong_state_set`).
+    pub ca_states: u32,
+    /// Non-zero when the fields above were read.
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+/// What `tcp_cong_state_set` keeps per socket until the socket closes (`CONG` table).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CongSeen {
+    pub ca_states: u32,
+    pub max_cwnd: u32,
 }
 
 /// A socket in CLOSE_WAIT, kept in the kernel's `CLOSE_WAIT` table (keyed by the socket's
@@ -109,6 +157,8 @@ pub struct CloseWaitEntry {
     /// The socket's addressing at that moment (a `RawEvent` whose kind is `EVENT_STATE`,
     /// ESTABLISHED -> CLOSE_WAIT).
     pub event: RawEvent,
+    /// The socket's cgroup id, as in [`RawPath::cgroup`].
+    pub cgroup: u64,
 }
 
 /// Whether a state change (kernel `TCP_*` numbers) runs in the socket owner's own system call
@@ -226,6 +276,25 @@ pub struct KernelOffsets {
     pub tcp_mss_cache: u32,
     /// `struct msghdr` -> `msg_iter.count`: bytes left to send.
     pub msghdr_left: u32,
+    /// `struct sock` -> `sk_cgrp_data.cgroup`, `struct cgroup` -> `kn`, `struct kernfs_node`
+    /// -> `id`: the socket's cgroup id (0 offsets: not read).
+    pub sk_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_id: u32,
+    /// `struct tcp_sock` members read at close (see [`ConnCost`]); `tcp_bytes_acked` 0: not
+    /// read.
+    pub tcp_bytes_acked: u32,
+    pub tcp_bytes_received: u32,
+    pub tcp_segs_in: u32,
+    pub tcp_segs_out: u32,
+    pub tcp_total_retrans: u32,
+    pub tcp_srtt_us: u32,
+    pub tcp_mdev_us: u32,
+    /// `rtt_min.s[0].v`.
+    pub tcp_rtt_min: u32,
+    pub tcp_snd_cwnd: u32,
+    /// `chrono_stat[1]` (TCP_CHRONO_RWND_LIMITED).
+    pub tcp_rwnd_limited: u32,
     /// Non-zero when the head of `struct sock_common` has the layout every kernel since 2.6 has
     /// (daddr 0, rcv_saddr 4, dport 12, num 14, family 16, state 18), checked against BTF: the
     /// programs then read it in one call instead of one per field.
@@ -257,13 +326,16 @@ mod user {
     // SAFETY: repr(C), Copy, integers and byte arrays only, no implicit padding (size checked
     // below): any bit pattern is valid.
     unsafe impl aya::Pod for super::RawPath {}
-    // SAFETY: as for RawPath: a u64 followed by a RawEvent, no implicit padding.
+    // SAFETY: as for RawPath: a u64, a RawEvent and a u64, no implicit padding.
     unsafe impl aya::Pod for super::CloseWaitEntry {}
+    // SAFETY: as for RawPath: two u32, no padding.
+    unsafe impl aya::Pod for super::CongSeen {}
 }
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 28 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(core::mem::size_of::<PathStep>() == 16);
-const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8);
-const _: () = assert!(core::mem::size_of::<CloseWaitEntry>() == 104);
+const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
+const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8 + 8 + 64);
+const _: () = assert!(core::mem::size_of::<CloseWaitEntry>() == 112);

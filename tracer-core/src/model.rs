@@ -148,6 +148,34 @@ impl From<&str> for Comm {
 /// after a socket is freed, so a record ends at CLOSE.
 pub type SockId = u64;
 
+/// What a connection cost, read from the kernel's socket as it closed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionCost {
+    /// Bytes sent and acknowledged by the peer (`bytes_acked`). The kernel counts sequence
+    /// space: an acknowledged SYN and FIN add one each to the payload.
+    pub bytes_sent: u64,
+    /// Bytes received in order (`bytes_received`), a received FIN counting one.
+    pub bytes_received: u64,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    /// Segments retransmitted over the connection's life (`total_retrans`), as `tcpi_total_retrans`.
+    pub total_retrans: u32,
+    /// Smoothed RTT, its mean deviation and the windowed minimum at close.
+    pub srtt_ns: u64,
+    pub rttvar_ns: u64,
+    pub min_rtt_ns: u64,
+    /// Congestion window at close and the largest seen (at close and at each congestion state
+    /// change), in segments.
+    pub cwnd: u32,
+    pub max_cwnd: u32,
+    /// Time the sender was held by the peer's receive window, in the kernel's jiffies (the
+    /// agent knows their length).
+    pub rwnd_limited_jiffies: u32,
+    /// Bit `1 << icsk_ca_state` for each congestion state entered (0 open, 1 disorder, 2 CWR,
+    /// 3 recovery, 4 loss).
+    pub ca_states: u8,
+}
+
 /// A decoded kernel event, in the order the ring buffer delivered it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -215,6 +243,16 @@ pub enum Event {
         /// The writer: this runs in its system call.
         task: Task,
     },
+    /// What the kernel knows of a tracked socket beyond its state: its cgroup (from its first
+    /// record) and, as it closes, what it cost. Comes with the socket's state changes, before
+    /// its CLOSE; says nothing of a socket the tracker does not know.
+    SocketInfo {
+        ts_ns: u64,
+        sock: SockId,
+        /// The socket's cgroup v2 id; 0 when unknown.
+        cgroup: u64,
+        cost: Option<ConnectionCost>,
+    },
 }
 
 /// What happened to a timer.
@@ -228,7 +266,8 @@ pub enum TimerPhase {
 impl Event {
     pub fn ts_ns(&self) -> u64 {
         match self {
-            Event::StateChange { ts_ns, .. }
+            Event::SocketInfo { ts_ns, .. }
+            | Event::StateChange { ts_ns, .. }
             | Event::Retransmit { ts_ns, .. }
             | Event::Reset { ts_ns, .. }
             | Event::TimeWait { ts_ns, .. }
@@ -239,7 +278,8 @@ impl Event {
 
     pub fn sock(&self) -> SockId {
         match self {
-            Event::StateChange { sock, .. }
+            Event::SocketInfo { sock, .. }
+            | Event::StateChange { sock, .. }
             | Event::Retransmit { sock, .. }
             | Event::Reset { sock, .. }
             | Event::DelayedAck { sock, .. }

@@ -7,7 +7,8 @@ use strum::{EnumCount, IntoStaticStr, VariantArray};
 
 use crate::acks::Acks;
 use crate::model::{
-    CloseCause, Direction, Owner, RetransmitKind, SockId, TcpState, Tuple, all_variants,
+    CloseCause, ConnectionCost, Direction, Owner, RetransmitKind, SockId, TcpState, Tuple,
+    all_variants,
 };
 
 /// The most state stamps kept per connection. A TCP lifecycle has at most about six states;
@@ -61,6 +62,10 @@ pub struct Connection {
     pub time_wait: bool,
     /// Delayed ACKs sent and Nagle stalls suffered.
     pub acks: Acks,
+    /// The socket's cgroup v2 id (0: unknown), from the kernel.
+    pub cgroup: u64,
+    /// What it cost, read from the kernel's socket as it closed.
+    pub cost: Option<Box<ConnectionCost>>,
     /// When it entered CLOSE_WAIT, while it is there.
     pub close_wait_since: Option<u64>,
     /// Reported as a CLOSE_WAIT leak.

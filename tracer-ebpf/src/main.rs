@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod cost;
 mod maps;
 mod paths;
 mod resets;

@@ -4,7 +4,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    COUNT_SLOTS, CloseWaitEntry, KernelOffsets, KernelSymbols, LOST_SLOTS, RawEvent, RawPath,
+    COUNT_SLOTS, CloseWaitEntry, CongSeen, KernelOffsets, KernelSymbols, LOST_SLOTS, RawEvent,
+    RawPath,
 };
 
 /// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
@@ -32,6 +33,12 @@ pub static PATHS: HashMap<u64, RawPath> = HashMap::with_max_entries(32768, 0);
 /// second to follow CLOSE_WAIT sockets (and leaks) without a record per socket.
 #[map]
 pub static CLOSE_WAIT: HashMap<u64, CloseWaitEntry> = HashMap::with_max_entries(16384, 0);
+
+/// What `tcp_cong_state_set` saw of each socket (congestion states entered, largest window),
+/// keyed by the socket's address, taken into its closing record (and dropped when a new socket
+/// opens at the same address). Not LRU: when full, what is not kept is counted.
+#[map]
+pub static CONG: HashMap<u64, CongSeen> = HashMap::with_max_entries(65536, 0);
 
 /// Adds one to a `COUNTERS` slot.
 #[inline(always)]
@@ -73,6 +80,19 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_packets_out: 0,
     tcp_mss_cache: 0,
     msghdr_left: 0,
+    sk_cgroup: 0,
+    cgroup_kn: 0,
+    kernfs_id: 0,
+    tcp_bytes_acked: 0,
+    tcp_bytes_received: 0,
+    tcp_segs_in: 0,
+    tcp_segs_out: 0,
+    tcp_total_retrans: 0,
+    tcp_srtt_us: 0,
+    tcp_mdev_us: 0,
+    tcp_rtt_min: 0,
+    tcp_snd_cwnd: 0,
+    tcp_rwnd_limited: 0,
     sock_head_standard: 0,
     valid: 0,
 };

@@ -5,12 +5,12 @@
 //! A connection then costs two records instead of one per state change.
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use tracer_common::{
-    COUNT_CLOSE_WAIT_TABLE_FULL, COUNT_PATH_TABLE_FULL, CloseWaitEntry, EVENT_PATH, EVENT_STATE,
-    LOST_STATE, PATH_STEPS, PathStep, RawEvent, RawPath,
+    COUNT_CLOSE_WAIT_TABLE_FULL, COUNT_PATH_TABLE_FULL, CloseWaitEntry, ConnCost, EVENT_PATH,
+    EVENT_STATE, LOST_STATE, PATH_STEPS, PathStep, RawEvent, RawPath,
 };
 
 use crate::maps::off;
-use crate::{maps, sock};
+use crate::{cost, maps, sock};
 
 /// What a new entry starts from; inserted from here rather than from the stack.
 static EMPTY: RawPath = RawPath {
@@ -41,6 +41,23 @@ static EMPTY: RawPath = RawPath {
     }; PATH_STEPS],
     len: 0,
     has_task: 0,
+    cgroup: 0,
+    cost: ConnCost {
+        bytes_acked: 0,
+        bytes_received: 0,
+        segs_in: 0,
+        segs_out: 0,
+        total_retrans: 0,
+        srtt_us_x8: 0,
+        mdev_us_x4: 0,
+        rtt_min_us: 0,
+        snd_cwnd: 0,
+        max_cwnd: 0,
+        rwnd_limited_jiffies: 0,
+        ca_states: 0,
+        valid: 0,
+        _pad: 0,
+    },
 };
 
 /// Keeps one state change of `sk` and returns its entry, or `None` when the table is full (the
@@ -61,8 +78,11 @@ pub fn keep(
         // SAFETY: a pointer from a lookup in this map, valid for the program's run.
         && (opening || unsafe { (*path).len } as usize >= PATH_STEPS)
     {
-        send_kept(sk, path);
+        send_kept(sk, path, false);
         existing = None;
+    }
+    if opening {
+        cost::forget(sk);
     }
     let path = match existing {
         Some(path) => path,
@@ -79,7 +99,9 @@ pub fn keep(
             let path = maps::PATHS.get_ptr_mut(key)?;
             // SAFETY: a pointer from a lookup in this map, valid for the program's run; the
             // socket's state changes run under its lock, so no other program writes this entry.
-            sock::fill(unsafe { &mut (*path).head }, sk, false);
+            let fresh = unsafe { &mut *path };
+            sock::fill(&mut fresh.head, sk, false);
+            fresh.cgroup = cost::cgroup(sk);
             path
         }
     };
@@ -104,13 +126,14 @@ pub fn keep(
 #[inline(always)]
 pub fn send(sk: *const u8) {
     if let Some(path) = maps::PATHS.get_ptr_mut(sk as u64) {
-        send_kept(sk, path);
+        send_kept(sk, path, false);
     }
 }
 
-/// Sends `path`, the entry of `sk`, and forgets it.
+/// Sends `path`, the entry of `sk`, and forgets it; `closing`: the run ends in CLOSE, so the
+/// record also carries what the connection cost.
 #[inline(always)]
-pub fn send_kept(sk: *const u8, path: *mut RawPath) {
+pub fn send_kept(sk: *const u8, path: *mut RawPath, closing: bool) {
     // SAFETY: `path` comes from a lookup in `PATHS` during this program's run.
     let len = unsafe { (*path).len };
     if len > 0
@@ -125,6 +148,9 @@ pub fn send_kept(sk: *const u8, path: *mut RawPath) {
             // connect() picks the local port after SYN_SENT (the addresses are set before).
             record.head.sport = sock::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
         }
+        if closing {
+            cost::read_at_close(sk, &mut record.cost);
+        }
         entry.submit(maps::submit_flags());
     }
     let _ = maps::PATHS.remove(sk as u64);
@@ -135,10 +161,12 @@ pub fn send_kept(sk: *const u8, path: *mut RawPath) {
 #[inline(always)]
 pub fn close_wait_entered(sk: *const u8, path: *const RawPath, now: u64, old: u8) -> bool {
     let key = sk as u64;
+    // SAFETY: a pointer from a lookup in this map, valid for the program's run.
+    let kept = unsafe { &*path };
     let mut entry = CloseWaitEntry {
         since_ns: now,
-        // SAFETY: a pointer from a lookup in this map, valid for the program's run.
-        event: unsafe { (*path).head },
+        event: kept.head,
+        cgroup: kept.cgroup,
     };
     entry.event.kind = EVENT_STATE;
     entry.event.ts_ns = now;

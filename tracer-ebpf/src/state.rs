@@ -38,14 +38,14 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     if new == CLOSE_WAIT {
         if !paths::close_wait_entered(sk, path, now, old) {
             // Not followed once a second: send it now, as it happened.
-            paths::send_kept(sk, path);
+            paths::send_kept(sk, path, false);
             return 0;
         }
     } else if old == CLOSE_WAIT {
         paths::close_wait_left(sk);
     }
     if new == ESTABLISHED || new == CLOSE {
-        paths::send_kept(sk, path);
+        paths::send_kept(sk, path, new == CLOSE);
     }
     0
 }

@@ -40,7 +40,7 @@ fn programs_load_attach_and_report_a_loopback_connection() {
         },
     )
     .expect("attach (run the tests as root)");
-    assert_eq!(probes.attached().len(), 9);
+    assert_eq!(probes.attached().len(), 10);
     let mut ring = probes.take_events().expect("ring");
     let lost = probes.take_lost_counter().expect("lost counter");
 
@@ -61,6 +61,9 @@ fn programs_load_attach_and_report_a_loopback_connection() {
     // local port before the final CLOSE.
     let mut client_sock = None;
     let mut client_path = Vec::new();
+    // What the kernel said of the client beyond its states: cgroup, and cost at close.
+    let mut client_cgroups = Vec::new();
+    let mut client_cost = None;
     // Records that carried the client's state changes: its run is kept in the kernel and sent
     // when the handshake completes and at CLOSE.
     let mut client_records = 0;
@@ -70,6 +73,14 @@ fn programs_load_attach_and_report_a_loopback_connection() {
         events::decode_record(&record, &mut decoded).expect("decode");
         let mut carried_client = false;
         for event in &decoded {
+            if let Event::SocketInfo {
+                sock, cgroup, cost, ..
+            } = *event
+                && client_sock == Some(sock)
+            {
+                client_cgroups.push(cgroup);
+                client_cost = client_cost.or(cost);
+            }
             let Event::StateChange {
                 sock,
                 tuple,
@@ -114,5 +125,22 @@ fn programs_load_attach_and_report_a_loopback_connection() {
         ]
     );
     assert_eq!(client_records, 2, "one record at ESTABLISHED, one at CLOSE");
+    // The socket's cgroup is this process's: the inode of its cgroup v2 directory.
+    let mount = tracer::host::cgroups::find_cgroup2_mount().expect("a cgroup2 mount");
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    let dir = mount.mount_point.join(own.trim_start_matches('/'));
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&dir).expect("stat"));
+    assert_eq!(client_cgroups, vec![inode, inode], "{dir:?}");
+    // The client wrote one byte and received none. The kernel counts sequence space: its SYN
+    // and FIN were acknowledged (1 + 1 + 1), and the server's FIN received (1).
+    let cost = client_cost.expect("the closing record carries the cost");
+    assert_eq!((cost.bytes_sent, cost.bytes_received), (3, 1), "{cost:?}");
+    assert!(cost.segs_out >= 3 && cost.segs_in >= 2, "{cost:?}");
+    assert!(cost.srtt_ns > 0 && cost.min_rtt_ns > 0, "{cost:?}");
+    assert!(cost.cwnd > 0 && cost.max_cwnd >= cost.cwnd, "{cost:?}");
     assert_eq!(lost.total().expect("lost"), 0);
 }

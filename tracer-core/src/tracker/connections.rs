@@ -300,6 +300,22 @@ impl Tracker {
                     }
                 }
             }
+            Event::SocketInfo {
+                ts_ns: _,
+                sock,
+                cgroup,
+                cost,
+            } => {
+                // Only for a connection already known: this never opens a record.
+                if let Some(conn) = self.conns.get_mut(&sock) {
+                    if cgroup != 0 {
+                        conn.cgroup = cgroup;
+                    }
+                    if let Some(cost) = cost {
+                        conn.cost = Some(Box::new(cost));
+                    }
+                }
+            }
             Event::NagleHeld {
                 ts_ns,
                 sock,
@@ -585,6 +601,8 @@ impl Connection {
             complete: false,
             time_wait: false,
             acks: Acks::default(),
+            cgroup: 0,
+            cost: None,
             close_wait_since: None,
             close_wait_leaked: false,
             first_fin: None,
@@ -661,6 +679,41 @@ mod tests {
 
     const CLIENT: SockId = 0x1000;
     const SERVER: SockId = 0x2000;
+
+    #[test]
+    fn socket_info_names_the_cgroup_and_cost_of_a_known_connection_only() {
+        let curl = task(42, "curl");
+        let t = loopback(40000, 8080);
+        let info = |sock, cgroup, cost| Event::SocketInfo {
+            ts_ns: 1_600,
+            sock,
+            cgroup,
+            cost,
+        };
+        let cost = crate::model::ConnectionCost {
+            bytes_sent: 512,
+            ..Default::default()
+        };
+        let (tracker, rec) = run(&[
+            // Nothing known of this socket yet: no record is opened for it.
+            info(SERVER, 9, None),
+            state(1_000, CLIENT, t, Close, SynSent, curl),
+            state(1_500, CLIENT, t, SynSent, Established, curl),
+            info(CLIENT, 386, None),
+            state(9_000, CLIENT, t, Established, FinWait1, curl),
+            state(9_100, CLIENT, t, FinWait1, FinWait2, curl),
+            info(CLIENT, 0, Some(cost)),
+            state(9_200, CLIENT, t, FinWait2, Close, curl),
+        ]);
+        assert_eq!(tracker.active(), 0);
+        assert_eq!(rec.closed.len(), 1, "only the client's record");
+        let c = &rec.closed[0];
+        assert_eq!(
+            c.cgroup, 386,
+            "an unknown cgroup (0) does not erase a known one"
+        );
+        assert_eq!(c.cost.as_deref().map(|c| c.bytes_sent), Some(512));
+    }
 
     #[test]
     fn active_open_and_local_close_gives_one_complete_record() {

@@ -111,7 +111,7 @@ pub async fn pump(
                 promote_close_wait(session, &metrics, consumer.observer());
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
                 match session.counters.totals() {
-                    Ok([paths, close_wait]) => metrics.set_table_full([paths, close_wait]),
+                    Ok(totals) => metrics.set_table_full(totals),
                     Err(e) => warn!("{e}"),
                 }
                 if session.recheck_seeded_at.is_some_and(|at| Instant::now() >= at) {

@@ -213,7 +213,25 @@ impl KernelBtf {
         let cb = self.member_offset("sk_buff", "cb")?.byte;
         let gso_segs = self.member_offset("tcp_skb_cb", "tcp_gso_segs")?.byte;
         let nonagle = self.member_offset("tcp_sock", "nonagle")?;
+        let tcp = |path: &str| -> Result<u32, KernelError> {
+            Ok(self.member_offset("tcp_sock", path)?.byte)
+        };
         Ok(KernelOffsets {
+            sk_cgroup: sock("sk_cgrp_data.cgroup")?,
+            cgroup_kn: self.member_offset("cgroup", "kn")?.byte,
+            kernfs_id: self.member_offset("kernfs_node", "id")?.byte,
+            tcp_bytes_acked: tcp("bytes_acked")?,
+            tcp_bytes_received: tcp("bytes_received")?,
+            tcp_segs_in: tcp("segs_in")?,
+            tcp_segs_out: tcp("segs_out")?,
+            tcp_total_retrans: tcp("total_retrans")?,
+            tcp_srtt_us: tcp("srtt_us")?,
+            tcp_mdev_us: tcp("mdev_us")?,
+            // `rtt_min.s[0].v`: the window's best sample.
+            tcp_rtt_min: tcp("rtt_min.s")? + self.member_offset("minmax_sample", "v")?.byte,
+            tcp_snd_cwnd: tcp("snd_cwnd")?,
+            // `chrono_stat[TCP_CHRONO_RWND_LIMITED - 1]`, an array of u32.
+            tcp_rwnd_limited: tcp("chrono_stat")? + 4,
             skc_daddr: sock("__sk_common.skc_daddr")?,
             skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
             skc_dport: sock("__sk_common.skc_dport")?,

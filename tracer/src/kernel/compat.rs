@@ -147,8 +147,8 @@ pub static TIMER_EXPIRE_ENTRY: Hook = Hook {
     }],
 };
 
-/// Not attached yet (no feature claims them); listed so that their prototypes are checked on
-/// every kernel we test. A feature that uses them adds them to its `hooks`.
+/// Not attached yet (no feature claims it); listed so that its prototype is checked on every
+/// kernel we test. A feature that uses it adds it to its `hooks`.
 pub static TCP_DESTROY_SOCK: Hook = Hook {
     tracepoint: "tcp_destroy_sock",
     variants: &[Variant {
@@ -263,6 +263,43 @@ pub static FEATURES: &[Feature] = &[
             ("timer_list", "function"),
             ("inet_timewait_sock", "tw_timer"),
             ("inet_timewait_sock", "tw_substate"),
+        ],
+    },
+    Feature {
+        name: "connection_cost",
+        required: false,
+        loss: "bytes, segments, RTT and window of each connection are not reported",
+        hooks: &[],
+        members: &[
+            ("tcp_sock", "bytes_acked"),
+            ("tcp_sock", "bytes_received"),
+            ("tcp_sock", "segs_in"),
+            ("tcp_sock", "segs_out"),
+            ("tcp_sock", "total_retrans"),
+            ("tcp_sock", "srtt_us"),
+            ("tcp_sock", "mdev_us"),
+            ("tcp_sock", "rtt_min.s"),
+            ("minmax_sample", "v"),
+            ("tcp_sock", "snd_cwnd"),
+            ("tcp_sock", "chrono_stat"),
+        ],
+    },
+    Feature {
+        name: "congestion_states",
+        required: false,
+        loss: "the congestion states a connection went through are not reported",
+        hooks: &[&TCP_CONG_STATE_SET],
+        members: &[("tcp_sock", "snd_cwnd")],
+    },
+    Feature {
+        name: "workload",
+        required: false,
+        loss: "connections are not attributed to their cgroup (service, container, pod)",
+        hooks: &[],
+        members: &[
+            ("sock", "sk_cgrp_data.cgroup"),
+            ("cgroup", "kn"),
+            ("kernfs_node", "id"),
         ],
     },
     Feature {

@@ -1,6 +1,7 @@
 //! Decoding ring buffer records into typed events. Pure; the reading loop lives in `agent`.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use tracer_common::ConnCost;
 use tracer_common::{
     AF_INET, AF_INET6, EVENT_DELAYED_ACK, EVENT_NAGLE_HELD, EVENT_PATH, EVENT_RESET_RECEIVED,
     EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE, EVENT_SYNACK_RETRANSMIT, EVENT_TW_CANCEL,
@@ -8,7 +9,7 @@ use tracer_common::{
 };
 
 use tracer_core::model::{
-    Comm, Event, ResetDirection, RetransmitKind, Task, TcpState, TimerPhase, Tuple,
+    Comm, ConnectionCost, Event, ResetDirection, RetransmitKind, Task, TcpState, TimerPhase, Tuple,
 };
 
 /// Why a record could not be decoded (each is counted, never silently dropped).
@@ -68,7 +69,19 @@ fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> 
     let tuple = tuple(head)?;
     let len = (path.len as usize).min(PATH_STEPS);
     let state = |value: u8| TcpState::from_kernel(value).ok_or(DecodeError::UnknownState(value));
-    for step in &path.steps[..len] {
+    let info = Event::SocketInfo {
+        ts_ns: head.ts_ns,
+        sock: head.skaddr,
+        cgroup: path.cgroup,
+        cost: (path.cost.valid != 0).then(|| cost(&path.cost)),
+    };
+    // The info goes in while the tracker still holds the connection: before a final CLOSE,
+    // after the run otherwise (its first steps may be what opens the record).
+    let closes = len > 0 && path.steps[len - 1].new == TCP_CLOSE;
+    for (at, step) in path.steps[..len].iter().enumerate() {
+        if closes && at == len - 1 {
+            out.push(info);
+        }
         let owner = path.has_task != 0 && tracer_common::owner_transition(step.old, step.new);
         out.push(Event::StateChange {
             ts_ns: step.ts_ns,
@@ -92,7 +105,35 @@ fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> 
             },
         });
     }
+    if !closes {
+        out.push(info);
+    }
     Ok(())
+}
+
+/// The kernel's `TCP_CLOSE`.
+const TCP_CLOSE: u8 = 7;
+
+fn cost(raw: &ConnCost) -> ConnectionCost {
+    ConnectionCost {
+        bytes_sent: raw.bytes_acked,
+        bytes_received: raw.bytes_received,
+        segs_in: raw.segs_in,
+        segs_out: raw.segs_out,
+        total_retrans: raw.total_retrans,
+        // The kernel keeps srtt << 3 and mdev << 2, in µs.
+        srtt_ns: u64::from(raw.srtt_us_x8 >> 3) * 1_000,
+        rttvar_ns: u64::from(raw.mdev_us_x4 >> 2) * 1_000,
+        min_rtt_ns: match raw.rtt_min_us {
+            // `~0U`: no sample yet.
+            u32::MAX => 0,
+            us => u64::from(us) * 1_000,
+        },
+        cwnd: raw.snd_cwnd,
+        max_cwnd: raw.max_cwnd,
+        rwnd_limited_jiffies: raw.rwnd_limited_jiffies,
+        ca_states: (raw.ca_states & 0x1f) as u8,
+    }
 }
 
 pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
@@ -341,6 +382,7 @@ mod tests {
             head: parse(&connect_fixture()).expect("parse"),
             len: 2,
             has_task: 1,
+            cgroup: 386,
             ..RawPath::default()
         };
         path.head.kind = EVENT_PATH;
@@ -367,6 +409,18 @@ mod tests {
     fn a_path_record_replays_its_state_changes_in_order_with_the_owner_on_connect_only() {
         let mut events = Vec::new();
         decode_record(&path_fixture(), &mut events).expect("decode");
+        assert!(
+            matches!(
+                events.last(),
+                Some(Event::SocketInfo {
+                    cgroup: 386,
+                    cost: None,
+                    ..
+                })
+            ),
+            "a run that does not close ends with the socket's cgroup: {events:?}"
+        );
+        events.pop();
         let steps: Vec<_> = events
             .iter()
             .map(|e| match e {
@@ -388,6 +442,59 @@ mod tests {
                 (51_000, TcpState::SynSent, TcpState::Established, 0, 40000),
             ]
         );
+    }
+
+    #[test]
+    fn a_closing_run_carries_the_cost_before_its_close() {
+        let mut path = RawPath {
+            head: parse(&connect_fixture()).expect("parse"),
+            len: 3,
+            cgroup: 386,
+            ..RawPath::default()
+        };
+        path.head.kind = EVENT_PATH;
+        for (step, (old, new)) in path.steps.iter_mut().zip([(1, 4), (4, 5), (5, 7)]) {
+            step.old = old;
+            step.new = new;
+        }
+        path.cost = ConnCost {
+            bytes_acked: 1_000_000,
+            bytes_received: 5,
+            srtt_us_x8: 8 * 250,
+            mdev_us_x4: 4 * 30,
+            rtt_min_us: 40,
+            snd_cwnd: 10,
+            max_cwnd: 80,
+            ca_states: 1 << 3 | 1,
+            valid: 1,
+            ..ConnCost::default()
+        };
+        // SAFETY: RawPath is repr(C) plain data with no padding; viewing it as bytes is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(&path).cast::<u8>(), size_of::<RawPath>())
+        };
+        let mut events = Vec::new();
+        decode_record(bytes, &mut events).expect("decode");
+        assert_eq!(events.len(), 4);
+        let Event::SocketInfo {
+            cost: Some(cost), ..
+        } = events[2]
+        else {
+            panic!("the cost comes before the CLOSE: {events:?}");
+        };
+        assert_eq!(cost.bytes_sent, 1_000_000);
+        assert_eq!(
+            (cost.srtt_ns, cost.rttvar_ns, cost.min_rtt_ns),
+            (250_000, 30_000, 40_000)
+        );
+        assert_eq!((cost.cwnd, cost.max_cwnd, cost.ca_states), (10, 80, 0b1001));
+        assert!(matches!(
+            events[3],
+            Event::StateChange {
+                new: TcpState::Close,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -115,7 +115,7 @@ impl HookPlan {
         }
     }
 
-    fn hooks(&self) -> [Hook; 9] {
+    fn hooks(&self) -> [Hook; 10] {
         let retransmit = self.retransmit;
         [
             Hook {
@@ -153,6 +153,10 @@ impl HookPlan {
             Hook {
                 program: "timer_expire_entry",
                 tracepoint: "timer_expire_entry",
+            },
+            Hook {
+                program: "tcp_cong_state_set",
+                tracepoint: "tcp_cong_state_set",
             },
         ]
     }

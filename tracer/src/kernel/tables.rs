@@ -46,8 +46,15 @@ impl CloseWaitTable {
             if known(sock) {
                 continue;
             }
-            if let Ok(event) = decode::decode(&entry.event) {
-                self.promotions.promote(event, out);
+            if let Ok(event) = decode::decode(&entry.event)
+                && self.promotions.promote(event, out)
+            {
+                out.push(Event::SocketInfo {
+                    ts_ns: entry.since_ns,
+                    sock,
+                    cgroup: entry.cgroup,
+                    cost: None,
+                });
             }
         }
     }
@@ -59,15 +66,17 @@ impl CloseWaitTable {
 }
 
 impl Promotions {
-    /// Hands `event` (a move into CLOSE_WAIT) over once per socket.
-    pub fn promote(&mut self, event: Event, out: &mut Vec<Event>) {
+    /// Hands `event` (a move into CLOSE_WAIT) over once per socket; `true` when it did now.
+    pub fn promote(&mut self, event: Event, out: &mut Vec<Event>) -> bool {
         if self.promoted.len() >= MAX_PROMOTED {
             self.promoted.clear();
         }
         if let std::collections::hash_map::Entry::Vacant(slot) = self.promoted.entry(event.sock()) {
             slot.insert(event.ts_ns());
             out.push(event);
+            return true;
         }
+        false
     }
 
     /// Whether `event` was handed over already; forgets it then (the run that carries it is
@@ -146,8 +155,8 @@ mod tests {
     fn a_promoted_move_is_handed_over_once_and_dropped_from_its_run() {
         let mut promotions = Promotions::default();
         let mut out = Vec::new();
-        promotions.promote(into_close_wait(7, 100), &mut out);
-        promotions.promote(into_close_wait(7, 100), &mut out);
+        assert!(promotions.promote(into_close_wait(7, 100), &mut out));
+        assert!(!promotions.promote(into_close_wait(7, 100), &mut out));
         assert_eq!(out.len(), 1, "a second refresh does not hand it over again");
         assert!(promotions.already_given(&into_close_wait(7, 100)));
         assert!(
@@ -155,7 +164,7 @@ mod tests {
             "only the run's own copy is dropped"
         );
         // The same address reused by a later socket entering CLOSE_WAIT at another time.
-        promotions.promote(into_close_wait(7, 100), &mut out);
+        assert!(promotions.promote(into_close_wait(7, 100), &mut out));
         assert!(!promotions.already_given(&into_close_wait(7, 900)));
     }
 }

@@ -106,6 +106,8 @@ impl From<&Event> for EventKind {
             Event::TimeWait { .. } => EventKind::TimeWaitTimer,
             Event::DelayedAck { .. } => EventKind::DelayedAck,
             Event::NagleHeld { .. } => EventKind::NagleHeld,
+            // Rides in a path record with the state changes it describes.
+            Event::SocketInfo { .. } => EventKind::State,
         }
     }
 }
@@ -132,8 +134,8 @@ pub struct Metrics {
     events_lost_seen: AtomicU64,
     events_malformed: IntCounter,
     records: IntCounter,
-    table_full: [IntCounter; 2],
-    table_full_seen: [AtomicU64; 2],
+    table_full: [IntCounter; 3],
+    table_full_seen: [AtomicU64; 3],
     evicted: IntCounter,
     evicted_seen: AtomicU64,
     pub time_wait: TimeWaitMetrics,
@@ -337,7 +339,8 @@ impl Metrics {
                 "tracer_kernel_table_full_total",
                 "Times a kernel-side table was full: `paths` (a state change was sent on its \
                  own instead of in its socket's run), `close_wait` (a CLOSE_WAIT socket was \
-                 sent at once instead of being read once a second).",
+                 sent at once instead of being read once a second), `cong` (a socket's \
+                 congestion states were not followed).",
             ),
             &["table"],
         )?;
@@ -345,6 +348,7 @@ impl Metrics {
         let table_full = [
             table_full_vec.get_metric_with_label_values(&["paths"])?,
             table_full_vec.get_metric_with_label_values(&["close_wait"])?,
+            table_full_vec.get_metric_with_label_values(&["cong"])?,
         ];
 
         let evicted = IntCounter::with_opts(Opts::new(
@@ -380,7 +384,7 @@ impl Metrics {
             events_malformed,
             records,
             table_full,
-            table_full_seen: [AtomicU64::new(0), AtomicU64::new(0)],
+            table_full_seen: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             evicted,
             evicted_seen: AtomicU64::new(0),
             time_wait,
@@ -403,6 +407,10 @@ impl Metrics {
 
     /// Counts one kernel event received; same as `event_received(EventKind::from(event))`.
     pub fn event(&self, event: &Event) {
+        if let Event::SocketInfo { .. } = event {
+            // Not a kernel event of its own: it rides in a path record.
+            return;
+        }
         self.event_received(EventKind::from(event));
     }
 
@@ -423,8 +431,8 @@ impl Metrics {
         self.records.inc();
     }
 
-    /// Takes the kernel's cumulative table-full counts (`paths`, `close_wait`).
-    pub fn set_table_full(&self, totals: [u64; 2]) {
+    /// Takes the kernel's cumulative table-full counts (`paths`, `close_wait`, `cong`).
+    pub fn set_table_full(&self, totals: [u64; 3]) {
         for ((counter, seen), total) in self
             .table_full
             .iter()
