@@ -8,6 +8,9 @@
 //! against the sockets seeded from sock_diag.
 use std::collections::VecDeque;
 
+mod resync;
+pub use resync::{JOURNAL_MAX, Key, KeySet, ResyncOutcome, Snapshot};
+
 // A fast seeded hash: these tables are touched on every kernel event, and their keys (ports,
 // addresses) come from the network, so a per-process random seed keeps them flood-resistant.
 use foldhash::{HashMap, HashSet};
@@ -70,6 +73,8 @@ pub struct Tracker {
     leaked_seeds: HashSet<(u32, Tuple)>,
     /// Listening sockets seen opening, with their namespace and port.
     listeners: HashMap<SockId, (u32, u16)>,
+    /// While a sock_diag dump is under way: the keys events touched (see `resync`).
+    journal: Option<resync::Journal>,
 }
 
 impl Tracker {
@@ -87,6 +92,7 @@ impl Tracker {
             close_wait_leaked: 0,
             leaked_seeds: HashSet::default(),
             listeners: HashMap::default(),
+            journal: None,
         }
     }
 
@@ -212,6 +218,9 @@ impl Tracker {
     }
 
     pub fn on_event(&mut self, event: &Event, obs: &mut impl Observer) {
+        if let Some(journal) = &mut self.journal {
+            journal.record(event);
+        }
         match *event {
             Event::StateChange {
                 ts_ns,

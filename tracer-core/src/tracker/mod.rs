@@ -2,7 +2,7 @@
 mod connections;
 mod time_wait;
 
-pub use connections::{Tracker, TrackerConfig};
+pub use connections::{JOURNAL_MAX, Key, KeySet, ResyncOutcome, Snapshot, Tracker, TrackerConfig};
 pub use time_wait::{TimeWaitConfig, TimeWaitTable};
 
 use foldhash::HashMap;

@@ -56,6 +56,8 @@ struct Entry {
     entered_ns: Option<u64>,
     /// The cancel still waiting for a re-arm or expiry.
     pending_cancel: Option<u64>,
+    /// The time of its latest timer event, for a resync: a dump taken before it cannot judge it.
+    last_event_ns: u64,
     direction: Option<Direction>,
     owner: Option<Owner>,
 }
@@ -163,16 +165,70 @@ impl TimeWaitTable {
         }
     }
 
-    /// Starts over from a fresh sock_diag dump, after events were lost: the live count and the
-    /// peers become exact again; what was known of each socket's history is dropped.
-    pub fn resync(&mut self, sockets: impl IntoIterator<Item = (u32, Tuple)>) {
-        self.entries.clear();
-        self.by_tuple.clear();
-        self.seeded.clear();
-        self.cancels.clear();
-        self.peers.clear();
-        self.in_time_wait = 0;
-        self.seed(sockets);
+    /// Brings the table in line with a sock_diag dump (`present`) that started at `from_ns`,
+    /// while events kept coming (see `tracker::resync`): a socket the dump does not list is
+    /// dropped unless a timer event of it came at or after `from_ns` or its cancel is still
+    /// settling (its exit was lost); with `add`, a listed socket the table does not hold and no
+    /// event touched since is added (its start was lost). Returns (dropped, added).
+    pub fn reconcile(
+        &mut self,
+        present: &foldhash::HashSet<(u32, Tuple)>,
+        from_ns: u64,
+        touched: &impl Fn(&(u32, Tuple)) -> bool,
+        add: bool,
+    ) -> (usize, usize) {
+        let stale: Vec<SockId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                let key = (e.netns, e.tuple);
+                e.pending_cancel.is_none()
+                    && e.last_event_ns < from_ns
+                    && !present.contains(&key)
+                    && !touched(&key)
+            })
+            .map(|(tw, _)| *tw)
+            .collect();
+        let mut dropped = 0;
+        for tw in stale {
+            if let Some(entry) = self.entries.remove(&tw) {
+                let key = (entry.netns, entry.tuple);
+                if self.by_tuple.get(&key) == Some(&tw) {
+                    self.by_tuple.remove(&key);
+                }
+                self.in_time_wait = self.in_time_wait.saturating_sub(1);
+                self.remove_peer(entry.peer);
+                dropped += 1;
+            }
+        }
+        let gone: Vec<((u32, Tuple), PeerKey)> = self
+            .seeded
+            .iter()
+            .filter(|(key, _)| !present.contains(*key) && !touched(key))
+            .map(|(key, peer)| (*key, *peer))
+            .collect();
+        for (key, peer) in gone {
+            self.seeded.remove(&key);
+            self.in_time_wait = self.in_time_wait.saturating_sub(1);
+            self.remove_peer(peer);
+            dropped += 1;
+        }
+        let mut added = 0;
+        if add {
+            let missing: Vec<(u32, Tuple)> = present
+                .iter()
+                .filter(|key| {
+                    !self.by_tuple.contains_key(*key)
+                        && !self.seeded.contains_key(*key)
+                        && !touched(key)
+                })
+                .copied()
+                .collect();
+            let before = self.in_time_wait;
+            self.seed(missing);
+            added = self.in_time_wait - before;
+        }
+        (dropped, added)
     }
 
     /// Timewait sockets from the start-up dump not seen in any event since.
@@ -246,6 +302,7 @@ impl TimeWaitTable {
         if let Some(entry) = self.entries.get_mut(&tw) {
             // A re-arm: the cancel before it was not an exit.
             entry.pending_cancel = None;
+            entry.last_event_ns = ts_ns;
             entry.substate = substate;
             return;
         }
@@ -270,6 +327,7 @@ impl TimeWaitTable {
                 substate,
                 entered_ns: Some(ts_ns),
                 pending_cancel: None,
+                last_event_ns: ts_ns,
                 direction: None,
                 owner: None,
             },
@@ -298,6 +356,7 @@ impl TimeWaitTable {
                     substate,
                     entered_ns: None,
                     pending_cancel: None,
+                    last_event_ns: ts_ns,
                     direction: None,
                     owner: None,
                 },
@@ -306,6 +365,7 @@ impl TimeWaitTable {
         }
         if let Some(entry) = self.entries.get_mut(&tw) {
             entry.pending_cancel = Some(ts_ns);
+            entry.last_event_ns = ts_ns;
             entry.substate = substate;
             self.cancels.push_back((ts_ns, tw));
         }
@@ -746,50 +806,59 @@ mod tests {
     }
 
     #[test]
-    fn resync_replaces_the_count_with_the_dump() {
+    fn reconcile_follows_the_dump_except_where_events_are_newer() {
         let (mut t, mut rec) = (table(), Recorder::default());
+        let start = |t: &mut TimeWaitTable, rec: &mut Recorder, ts, tw, port| {
+            t.on_timer(
+                ts,
+                tw,
+                NS,
+                tuple(port, 80),
+                TimeWait,
+                TimerPhase::Start,
+                rec,
+            );
+        };
+        // Before the dump started (at 100): 40000's exit was lost; 40001 is still there.
+        start(&mut t, &mut rec, 0, TW, 40000);
+        start(&mut t, &mut rec, 0, TW + 1, 40001);
+        // While it ran: 40003 started (the dump missed it); 40004 was dumped, then left, and
+        // its cancel has settled.
+        start(&mut t, &mut rec, 150, TW + 3, 40003);
+        start(&mut t, &mut rec, 90, TW + 4, 40004);
         t.on_timer(
-            0,
-            TW,
+            160,
+            TW + 4,
             NS,
-            tuple(40000, 80),
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
-        t.on_timer(
-            0,
-            TW + 1,
-            NS,
-            tuple(40001, 80),
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
-        // Say the cancel of the first one was lost; the dump knows better.
-        t.resync([(NS, tuple(40001, 80)), (NS, tuple(40002, 80))]);
-        assert_eq!(t.count(), 2);
-        assert_eq!(t.top_peers(1)[0].1, 2);
-        // A socket from the dump leaving through its timer is still followed.
-        t.on_timer(
-            5,
-            TW + 1,
-            NS,
-            tuple(40001, 80),
+            tuple(40004, 80),
             TimeWait,
             TimerPhase::Cancel,
             &mut rec,
         );
-        t.on_timer(
-            5,
-            TW + 1,
-            NS,
-            tuple(40001, 80),
-            TimeWait,
-            TimerPhase::Expire,
-            &mut rec,
-        );
-        assert_eq!(t.count(), 1);
+        t.tick(160 + TimeWaitConfig::default().settle_ns, &mut rec);
+        assert_eq!(t.count(), 3);
+        let touched: foldhash::HashSet<(u32, Tuple)> =
+            [(NS, tuple(40003, 80)), (NS, tuple(40004, 80))]
+                .into_iter()
+                .collect();
+        // The dump: 40001, 40002 (whose start was lost) and 40004 (gone since).
+        let present: foldhash::HashSet<(u32, Tuple)> = [40001, 40002, 40004]
+            .into_iter()
+            .map(|p| (NS, tuple(p, 80)))
+            .collect();
+        let (dropped, added) = t.reconcile(&present, 100, &|k| touched.contains(k), true);
+        assert_eq!((dropped, added), (1, 1), "40000 dropped, 40002 added");
+        assert_eq!(t.count(), 3, "40001, 40002, 40003");
+        assert_eq!(t.top_peers(1)[0].1, 3);
+        // A socket added from the dump leaving through its timer is still followed.
+        let t2 = tuple(40002, 80);
+        t.on_timer(200, TW + 2, NS, t2, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.on_timer(200, TW + 2, NS, t2, TimeWait, TimerPhase::Expire, &mut rec);
+        assert_eq!(t.count(), 2);
+        // Without `add` (the journal overflowed), nothing is added.
+        let mut u = table();
+        assert_eq!(u.reconcile(&present, 100, &|_| false, false), (0, 0));
+        assert_eq!(u.count(), 0);
     }
 
     #[test]

@@ -1,0 +1,341 @@
+//! Reconciling the tracker with a sock_diag dump, after kernel events were lost.
+//!
+//! A lost CLOSE leaves a connection in the table for good, a lost open leaves one out, and the
+//! same goes for TIME_WAIT starts and exits: the gauges drift from what `ss` shows. A dump of
+//! the kernel's sockets says what is really there, but it is taken on a worker thread, off the
+//! event path, so events keep being applied while it runs, and the dump itself is smeared over
+//! the time it takes. The merge is kept free of races by an epoch:
+//!
+//! - `begin_resync`, before the dump is asked for, starts a journal of the (namespace, 4-tuple)
+//!   keys that events touch, with the time of the latest event of each (bounded).
+//! - The worker reads CLOCK_MONOTONIC, the events' clock, just before the dump starts
+//!   (`Snapshot::started_ns`).
+//! - `finish_resync` runs in the event loop after a drain that began once the dump was done, so
+//!   that every event of the dump's time has been applied. The dump decides only for the keys
+//!   no event touched since `started_ns`; for the others the events are newer and win (they are
+//!   already applied, so "replaying" them is leaving them alone):
+//!   * a tracked connection absent from the dump whose last event came before the dump started
+//!     existed then and is gone now: its CLOSE was lost. It is closed out (cause unknown,
+//!     incomplete) and counted as reconciled; so is a seed the dump no longer lists;
+//!   * a connection the dump lists, the tracker does not hold, and no event touched since is one
+//!     whose open was lost: it becomes a seed, as at start-up, within `max_connections`;
+//!   * TIME_WAIT sockets likewise (`TimeWaitTable::reconcile`).
+//!
+//!   A key touched by an event after the dump started is not added even if listed: the event
+//!   may be its CLOSE, applied after the dump saw it open. When the journal overflowed, nothing
+//!   is added (removals do not need it: they use each entry's own last event time) and the
+//!   outcome says so, so that the caller resyncs again soon.
+use foldhash::{HashMap, HashSet};
+
+use super::{Tracker, finish};
+use crate::model::{CloseCause, Event, SockId, TcpState, Tuple};
+use crate::observer::Observer;
+use crate::record::Seed;
+
+/// A socket's key across namespaces.
+pub type Key = (u32, Tuple);
+pub type KeySet = HashSet<Key>;
+
+/// Keys journaled at most while a dump runs (about 64 bytes each).
+pub const JOURNAL_MAX: usize = 1 << 16;
+
+/// Keys touched by events since `begin_resync`, with the latest event time of each.
+#[derive(Default)]
+pub(super) struct Journal {
+    touched: HashMap<Key, u64>,
+    overflowed: bool,
+}
+
+impl Journal {
+    pub(super) fn record(&mut self, event: &Event) {
+        let (ts_ns, key) = match *event {
+            Event::StateChange {
+                ts_ns,
+                netns,
+                tuple,
+                ..
+            }
+            | Event::TimeWait {
+                ts_ns,
+                netns,
+                tuple,
+                ..
+            } => (ts_ns, (netns, tuple)),
+            _ => return,
+        };
+        if !key.1.is_complete() {
+            return;
+        }
+        if let Some(at) = self.touched.get_mut(&key) {
+            *at = (*at).max(ts_ns);
+        } else if self.touched.len() < JOURNAL_MAX {
+            self.touched.insert(key, ts_ns);
+        } else {
+            self.overflowed = true;
+        }
+    }
+
+    fn touched_since(&self, key: &Key, from_ns: u64) -> bool {
+        self.touched.get(key).is_some_and(|&at| at >= from_ns)
+    }
+}
+
+/// What a dump of every reachable namespace listed.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// CLOCK_MONOTONIC just before the dump started.
+    pub started_ns: u64,
+    /// Connections: every socket but listeners, request sockets and timewait sockets.
+    pub connections: KeySet,
+    /// The connections the tracker may take up as seeds when it does not hold them.
+    pub seeds: Vec<Seed>,
+    /// Timewait sockets, in either substate.
+    pub time_wait: KeySet,
+}
+
+/// What a resync changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ResyncOutcome {
+    /// Tracked connections closed out because the kernel no longer has them.
+    pub closed: usize,
+    /// Seeds dropped for the same reason.
+    pub seeds_dropped: usize,
+    /// Connections taken up as seeds because their open was lost.
+    pub added: usize,
+    pub time_wait_dropped: usize,
+    pub time_wait_added: usize,
+    /// `false` when the journal overflowed and nothing was added: resync again soon.
+    pub complete: bool,
+}
+
+impl ResyncOutcome {
+    /// Connections (tracked or seeded) the kernel no longer had.
+    pub fn reconciled(&self) -> usize {
+        self.closed + self.seeds_dropped
+    }
+}
+
+impl Tracker {
+    /// Starts journaling the keys events touch: call it before asking for the dump.
+    pub fn begin_resync(&mut self) {
+        self.journal = Some(Journal::default());
+    }
+
+    /// Whether a dump was asked for and not applied yet.
+    pub fn resync_pending(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// Brings the tables in line with `snapshot` (see the module comment); ends the journal.
+    pub fn finish_resync(&mut self, snapshot: &Snapshot, obs: &mut impl Observer) -> ResyncOutcome {
+        let journal = self.journal.take().unwrap_or(Journal {
+            touched: HashMap::default(),
+            overflowed: true,
+        });
+        let from = snapshot.started_ns;
+        let touched = |key: &Key| journal.touched_since(key, from);
+        let mut outcome = ResyncOutcome {
+            complete: !journal.overflowed,
+            ..ResyncOutcome::default()
+        };
+
+        let gone: Vec<SockId> = self
+            .conns
+            .values()
+            .filter(|c| {
+                let key = (c.netns, c.tuple);
+                c.tuple.is_complete()
+                    && c.last_seen_ns < from
+                    && !snapshot.connections.contains(&key)
+                    && !touched(&key)
+            })
+            .map(|c| c.sock)
+            .collect();
+        for sock in gone {
+            if let Some(mut conn) = self.conns.remove(&sock) {
+                self.forget(&conn);
+                conn.complete = false;
+                let last_seen_ns = conn.last_seen_ns;
+                finish(&mut conn, last_seen_ns, CloseCause::Unknown);
+                obs.closed(&conn);
+                outcome.closed += 1;
+            }
+        }
+
+        let gone_seeds: Vec<Key> = self
+            .seeds
+            .keys()
+            .filter(|key| !snapshot.connections.contains(*key) && !touched(key))
+            .copied()
+            .collect();
+        for key in gone_seeds {
+            if let Some(seed) = self.seeds.remove(&key) {
+                if seed.state == TcpState::CloseWait {
+                    self.close_wait = self.close_wait.saturating_sub(1);
+                    if self.leaked_seeds.remove(&key) {
+                        self.close_wait_leaked = self.close_wait_leaked.saturating_sub(1);
+                    }
+                }
+                outcome.seeds_dropped += 1;
+            }
+        }
+
+        if outcome.complete {
+            let tracked: KeySet = self.conns.values().map(|c| (c.netns, c.tuple)).collect();
+            let room = self.config.max_connections.saturating_sub(self.active());
+            // A connection still in SYN_SENT is not one yet: the kernel reports it, if ever,
+            // when its handshake completes.
+            let missing: Vec<Seed> = snapshot
+                .seeds
+                .iter()
+                .filter(|s| {
+                    let key = (s.netns, s.tuple);
+                    s.state != TcpState::SynSent
+                        && !tracked.contains(&key)
+                        && !self.seeds.contains_key(&key)
+                        && !touched(&key)
+                })
+                .take(room)
+                .copied()
+                .collect();
+            outcome.added = missing.len();
+            self.seed(missing, from);
+        }
+
+        let (dropped, added) =
+            self.time_wait
+                .reconcile(&snapshot.time_wait, from, &touched, outcome.complete);
+        outcome.time_wait_dropped = dropped;
+        outcome.time_wait_added = added;
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Direction;
+    use crate::model::TcpState::*;
+    use crate::testkit::{NETNS, Recorder, loopback, state, task};
+    use crate::tracker::TrackerConfig;
+
+    fn seed(t: Tuple, state: TcpState) -> Seed {
+        Seed {
+            netns: NETNS,
+            tuple: t,
+            state,
+            direction: Direction::Active,
+        }
+    }
+
+    fn snapshot(started_ns: u64, listed: &[(Tuple, TcpState)]) -> Snapshot {
+        Snapshot {
+            started_ns,
+            connections: listed.iter().map(|(t, _)| (NETNS, *t)).collect(),
+            seeds: listed.iter().map(|(t, s)| seed(*t, *s)).collect(),
+            time_wait: KeySet::default(),
+        }
+    }
+
+    /// Opens `sock` on `t` at `ts` (the path record the kernel sends when the handshake ends).
+    fn open(tracker: &mut Tracker, rec: &mut Recorder, ts: u64, sock: SockId, t: Tuple) {
+        let who = task(1, "client");
+        tracker.on_event(&state(ts, sock, t, Close, SynSent, who), rec);
+        tracker.on_event(&state(ts + 1, sock, t, SynSent, Established, who), rec);
+    }
+
+    #[test]
+    fn a_connection_whose_close_was_lost_is_closed_out_and_a_lost_open_is_taken_up() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        let (kept, lost_close, opened_during) = (
+            loopback(40000, 80),
+            loopback(40001, 80),
+            loopback(40002, 80),
+        );
+        let (lost_open, closed_during) = (loopback(40003, 80), loopback(40004, 80));
+        open(&mut tracker, &mut rec, 10, 1, kept);
+        open(&mut tracker, &mut rec, 10, 2, lost_close);
+        open(&mut tracker, &mut rec, 10, 4, closed_during);
+        tracker.begin_resync();
+        // The dump starts at 100. While it runs: one connection opens (the dump missed it),
+        // one that the dump listed closes.
+        open(&mut tracker, &mut rec, 150, 3, opened_during);
+        let who = task(1, "client");
+        tracker.on_event(
+            &state(160, 4, closed_during, Established, Close, who),
+            &mut rec,
+        );
+        assert_eq!(tracker.active(), 3);
+        let snap = snapshot(
+            100,
+            &[
+                (kept, Established),
+                (lost_open, CloseWait),
+                (closed_during, Established),
+                (loopback(40005, 80), SynSent),
+            ],
+        );
+        let outcome = tracker.finish_resync(&snap, &mut rec);
+        assert_eq!(
+            outcome,
+            ResyncOutcome {
+                closed: 1,
+                added: 1,
+                complete: true,
+                ..ResyncOutcome::default()
+            }
+        );
+        // kept, opened_during, lost_open (a seed, in CLOSE_WAIT).
+        assert_eq!(tracker.active(), 3);
+        assert_eq!(tracker.close_wait(), (1, 0));
+        let closed = rec
+            .closed
+            .iter()
+            .find(|c| c.tuple == lost_close)
+            .expect("closed out");
+        assert_eq!(closed.close, Some(CloseCause::Unknown));
+        assert!(!closed.complete);
+        assert!(!tracker.resync_pending());
+
+        // The next dump no longer lists the seed: dropped, CLOSE_WAIT count with it.
+        tracker.begin_resync();
+        let snap = snapshot(300, &[(kept, Established), (opened_during, Established)]);
+        let outcome = tracker.finish_resync(&snap, &mut rec);
+        assert_eq!((outcome.closed, outcome.seeds_dropped), (0, 1));
+        assert_eq!(tracker.active(), 2);
+        assert_eq!(tracker.close_wait(), (0, 0));
+    }
+
+    #[test]
+    fn an_overflowed_journal_adds_nothing_and_additions_stay_within_the_table() {
+        let mut tracker = Tracker::new(TrackerConfig {
+            max_connections: 2,
+            ..TrackerConfig::default()
+        });
+        let mut rec = Recorder::default();
+        let listed: Vec<(Tuple, TcpState)> = (0..4)
+            .map(|i| (loopback(41000 + i, 80), Established))
+            .collect();
+        // No `begin_resync`: nothing says what events touched, so nothing is added.
+        let outcome = tracker.finish_resync(&snapshot(100, &listed), &mut rec);
+        assert!(!outcome.complete);
+        assert_eq!(tracker.active(), 0);
+        tracker.begin_resync();
+        let outcome = tracker.finish_resync(&snapshot(100, &listed), &mut rec);
+        assert_eq!((outcome.added, tracker.active()), (2, 2));
+        assert_eq!(tracker.evictions(), 0, "a bound, not an eviction");
+    }
+
+    #[test]
+    fn the_journal_is_bounded() {
+        let mut journal = Journal::default();
+        let who = task(1, "c");
+        for i in 0..=JOURNAL_MAX as u64 {
+            let t = loopback(1 + (i % 60000) as u16, 1 + (i / 60000) as u16);
+            journal.record(&state(i, i, t, Established, Close, who));
+        }
+        assert_eq!(journal.touched.len(), JOURNAL_MAX);
+        assert!(journal.overflowed);
+    }
+}
