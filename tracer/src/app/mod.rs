@@ -4,6 +4,7 @@ pub mod diagnose;
 pub mod listen;
 pub mod memory;
 pub mod pump;
+pub mod resync;
 pub mod run;
 pub mod session;
 pub mod top;

@@ -12,7 +12,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::app::session::{Session, recheck_seeded_time_wait, resync_time_wait};
+use crate::app::session::Session;
 use crate::export::metrics::Metrics;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::decode;
@@ -26,9 +26,6 @@ pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 /// How often the kernel's lost-event counter and the gauges are refreshed.
 const REFRESH: Duration = Duration::from_secs(1);
-
-/// After lost events, the TIME_WAIT count is re-read from sock_diag at most this often.
-const RESYNC_EVERY: Duration = Duration::from_secs(30);
 
 /// What a command does with the events, besides the tracker and metrics every command keeps.
 pub trait Consumer {
@@ -94,7 +91,13 @@ pub async fn pump(
                 }
             }
             _ = drain_timer.tick() => {
+                // A dump that came back is applied after this drain, which takes every event of
+                // the dump's time first (see `app::resync`).
+                let resynced = session.resync.finished(&mut session.tracker);
                 drain(ring.get_mut(), &mut session.tracker, &mut session.close_wait, &metrics, consumer.observer());
+                if let Some(snapshot) = resynced {
+                    session.resync.apply(&snapshot, &mut session.tracker, &metrics, consumer.observer());
+                }
                 match consumer.batch_done() {
                     Ok(true) => {}
                     Ok(false) => break,
@@ -114,10 +117,6 @@ pub async fn pump(
                     Ok(totals) => metrics.set_table_full(totals),
                     Err(e) => warn!("{e}"),
                 }
-                if session.recheck_seeded_at.is_some_and(|at| Instant::now() >= at) {
-                    recheck_seeded_time_wait(&mut session.tracker);
-                    session.recheck_seeded_at = None;
-                }
                 if session.tracker.shrink() {
                     crate::app::memory::give_back();
                 }
@@ -125,13 +124,7 @@ pub async fn pump(
                     Ok(total) => {
                         metrics.set_events_lost(total);
                         session.loss.update(total);
-                        if total > session.lost_at_resync
-                            && session.resynced.is_none_or(|at| at.elapsed() >= RESYNC_EVERY)
-                        {
-                            resync_time_wait(&mut session.tracker);
-                            session.lost_at_resync = total;
-                            session.resynced = Some(Instant::now());
-                        }
+                        session.resync.refresh(total, &mut session.tracker);
                     }
                     Err(e) => warn!("{e}"),
                 }

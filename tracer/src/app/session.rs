@@ -3,12 +3,13 @@
 //! existed, in every network namespace that can be entered.
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::{debug, info, warn};
 
+use crate::app::resync::Resync;
 use crate::export::metrics::Metrics;
 use crate::host::{namespaces, seeds, sock_diag};
 use crate::kernel::btf::KernelBtf;
@@ -16,7 +17,7 @@ use crate::kernel::clock::monotonic_ns;
 use crate::kernel::programs::{HookPlan, KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::kernel::system::{self, TcpSysctls};
 use crate::kernel::tables::{CloseWaitTable, KernelCounters};
-use tracer_core::model::{TcpState, Tuple};
+use tracer_core::model::TcpState;
 use tracer_core::tracker::{Tracker, TrackerConfig};
 
 /// What every command that watches the kernel needs, set up in order.
@@ -40,14 +41,11 @@ pub struct Session {
     pub sysctls: TcpSysctls,
     pub rst_reasons: HashMap<u16, String>,
     pub metrics: Arc<Metrics>,
-    /// Lost-event total when the TIME_WAIT count was last re-read, and when.
-    pub(super) lost_at_resync: u64,
-    pub(super) resynced: Option<Instant>,
+    /// Re-reads the kernel's sockets off the event path after lost events (and once soon after
+    /// start-up), to heal the tables.
+    pub(super) resync: Resync,
     /// When loss starts and stops, for the log.
     pub(super) loss: LossLog,
-    /// When to look again at the start-up dump's TIME_WAIT sockets (see
-    /// [`recheck_seeded_time_wait`]); `None` once done.
-    pub(super) recheck_seeded_at: Option<Instant>,
 }
 
 impl Session {
@@ -123,10 +121,8 @@ impl Session {
             sysctls,
             rst_reasons,
             metrics,
-            lost_at_resync: 0,
-            resynced: None,
+            resync: Resync::start(),
             loss: LossLog::default(),
-            recheck_seeded_at: Some(Instant::now() + SEEDED_RECHECK_AFTER),
         })
     }
 
@@ -183,56 +179,6 @@ fn dump_namespaces() -> anyhow::Result<Vec<(u32, Vec<sock_diag::SocketEntry>)>> 
         }
     }
     Ok(dumps)
-}
-
-/// The timewait sockets (either substate) of namespace dumps, by namespace and 4-tuple.
-fn time_wait_keys(
-    dumps: &[(u32, Vec<sock_diag::SocketEntry>)],
-) -> impl Iterator<Item = (u32, Tuple)> + '_ {
-    dumps.iter().flat_map(|(netns, sockets)| {
-        sockets
-            .iter()
-            .filter(|s| s.timewait)
-            .map(move |s| (*netns, s.tuple))
-    })
-}
-
-/// How long after start-up the sockets of the start-up dump still unseen are checked again.
-pub(super) const SEEDED_RECHECK_AFTER: Duration = Duration::from_secs(2);
-
-/// A second look at the sockets the start-up dump listed in TIME_WAIT, once the events queued
-/// during start-up are in: those no longer listed left before the programs could see them go
-/// (their timer was detached just before the attach), and no event will ever end them.
-pub(super) fn recheck_seeded_time_wait(tracker: &mut Tracker) {
-    if tracker.time_wait().seeded_len() == 0 {
-        return;
-    }
-    match dump_namespaces() {
-        Ok(dumps) => {
-            let present: std::collections::HashSet<(u32, Tuple)> = time_wait_keys(&dumps).collect();
-            let gone = tracker.time_wait_mut().forget_seeded_missing(&present);
-            if gone > 0 {
-                info!(
-                    "{gone} TIME_WAIT sockets of the start-up dump had left before tracing began"
-                );
-            }
-        }
-        Err(e) => warn!("re-reading TIME_WAIT sockets after start-up failed: {e:#}"),
-    }
-}
-
-/// After lost events the TIME_WAIT count may be off: start it over from sock_diag.
-pub(super) fn resync_time_wait(tracker: &mut Tracker) {
-    match dump_namespaces() {
-        Ok(dumps) => {
-            tracker.time_wait_mut().resync(time_wait_keys(&dumps));
-            warn!(
-                "kernel events were lost: TIME_WAIT count re-read from sock_diag ({} sockets)",
-                tracker.time_wait().count()
-            );
-        }
-        Err(e) => warn!("kernel events were lost and re-reading TIME_WAIT failed: {e:#}"),
-    }
 }
 
 /// Says when kernel events start and stop being lost, once each, rather than per refresh.

@@ -71,6 +71,11 @@ pub fn other_namespaces(own: u32) -> Vec<Namespace> {
     found
 }
 
+/// `dump_tcp_no_requests` inside another network namespace (see `in_namespace`).
+pub fn dump_tcp_no_requests_in(namespace: &Namespace) -> Result<Vec<SocketEntry>, HostError> {
+    in_namespace(namespace, super::sock_diag::dump_tcp_no_requests)
+}
+
 /// `dump_tcp` inside another network namespace (see `in_namespace`).
 pub fn dump_tcp_in(namespace: &Namespace) -> Result<Vec<SocketEntry>, HostError> {
     in_namespace(namespace, dump_tcp)

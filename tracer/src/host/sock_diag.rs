@@ -132,6 +132,25 @@ pub fn dump_tcp() -> Result<Vec<SocketEntry>, HostError> {
     Ok(entries)
 }
 
+/// Every TCP socket except request sockets (`NEW_SYN_RECV`, a SYN flood's worth), in the
+/// calling thread's network namespace: what a resync compares the tracker with.
+pub fn dump_tcp_no_requests() -> Result<Vec<SocketEntry>, HostError> {
+    let mut entries = Vec::new();
+    dump(
+        Query {
+            states: ALL_STATES & !(1 << TcpState::NewSynRecv as u32),
+            extensions: 0,
+        },
+        &mut |header, _attributes| {
+            if let Some(entry) = socket_entry(header) {
+                entries.push(entry);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(entries)
+}
+
 /// What a dump asks the kernel for.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Query {

@@ -121,6 +121,11 @@ impl Tracker {
         self.journal = Some(Journal::default());
     }
 
+    /// The dump asked for will not come (it failed): stops the journal.
+    pub fn abandon_resync(&mut self) {
+        self.journal = None;
+    }
+
     /// Whether a dump was asked for and not applied yet.
     pub fn resync_pending(&self) -> bool {
         self.journal.is_some()

@@ -138,6 +138,7 @@ pub struct Metrics {
     table_full_seen: [AtomicU64; 3],
     evicted: IntCounter,
     evicted_seen: AtomicU64,
+    reconciled: IntCounter,
     pub time_wait: TimeWaitMetrics,
     pub acks: AckMetrics,
     pub close_wait: CloseWaitMetrics,
@@ -356,6 +357,12 @@ impl Metrics {
             "Connections dropped from the agent's table because it was full.",
         ))?;
         registry.register(Box::new(evicted.clone()))?;
+        let reconciled = IntCounter::with_opts(Opts::new(
+            "tracer_connections_reconciled_total",
+            "Connections closed out because a sock_diag dump after lost kernel events no longer \
+             listed them (their CLOSE was lost).",
+        ))?;
+        registry.register(Box::new(reconciled.clone()))?;
 
         // The agent's own CPU, memory and descriptors (process_*), the standard way.
         registry.register(Box::new(
@@ -387,6 +394,7 @@ impl Metrics {
             table_full_seen: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             evicted,
             evicted_seen: AtomicU64::new(0),
+            reconciled,
             time_wait,
             acks,
             close_wait,
@@ -452,6 +460,12 @@ impl Metrics {
     /// so both may be used together.
     pub fn set_evictions(&self, total: u64) {
         add_delta(&self.evicted, &self.evicted_seen, total);
+    }
+
+    /// Counts connections closed out by a resync (`ResyncOutcome::reconciled`).
+    pub fn connections_reconciled(&self, count: usize) {
+        self.reconciled
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }
 
     /// The metrics in the Prometheus text exposition format.

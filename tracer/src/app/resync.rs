@@ -1,0 +1,231 @@
+//! Resyncs off the event path. After lost kernel events the tables drift from the kernel's (a
+//! lost CLOSE keeps a connection forever, a lost TIME_WAIT exit keeps a timewait socket); a
+//! sock_diag dump of every namespace puts them right, but takes milliseconds to seconds on a
+//! busy host. So the dump runs on one worker thread, one at a time and at most once per
+//! `MIN_SPACING`; the event loop only asks for it and, later, applies what came back with
+//! `Tracker::finish_resync`, whose epoch journal keeps the merge free of races with the events
+//! drained meanwhile (see `tracer_core::tracker` resync). The drain goes on while the dump runs.
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use crate::export::metrics::Metrics;
+use crate::host::{namespaces, seeds, sock_diag};
+use crate::kernel::clock::monotonic_ns;
+use tracer_core::model::TcpState;
+use tracer_core::observer::Observer;
+use tracer_core::tracker::{Snapshot, Tracker};
+
+/// Dumps start at most this often, whatever asks for them.
+pub const MIN_SPACING: Duration = Duration::from_secs(10);
+
+/// The first dump after start-up, once the events queued during start-up are in: the start-up
+/// dump may list sockets already on their way out whose exit no event will show (their timer
+/// was detached just before the attach).
+pub const AFTER_START: Duration = Duration::from_secs(2);
+
+/// When to resync, and the worker that does it.
+pub struct Resync {
+    worker: Option<Worker>,
+    /// The lost-event total when the last dump was asked for: more since means another is due.
+    lost_at_request: u64,
+    requested: Option<Instant>,
+    /// The first dump, `AFTER_START` after start-up; `None` once asked for.
+    first: Option<Instant>,
+    /// The last dump failed or could not add what it lacked: another is due.
+    retry: bool,
+}
+
+impl Resync {
+    /// Starts the worker; without a thread there are no resyncs (said once), not a failure.
+    pub fn start() -> Resync {
+        let worker = match Worker::start() {
+            Ok(worker) => Some(worker),
+            Err(e) => {
+                warn!(
+                    "cannot start the resync thread ({e}): counts will not heal after lost events"
+                );
+                None
+            }
+        };
+        Resync {
+            worker,
+            lost_at_request: 0,
+            requested: None,
+            first: Some(Instant::now() + AFTER_START),
+            retry: false,
+        }
+    }
+
+    /// On each refresh, with the kernel's lost-event total: asks for a dump when one is due and
+    /// none is under way. The tracker's journal starts now, before the dump can.
+    pub fn refresh(&mut self, lost_total: u64, tracker: &mut Tracker) {
+        let Some(worker) = &mut self.worker else {
+            return;
+        };
+        let now = Instant::now();
+        let first = self.first.is_some_and(|at| now >= at);
+        let due = first || self.retry || lost_total > self.lost_at_request;
+        let spaced = self
+            .requested
+            .is_none_or(|at| now.duration_since(at) >= MIN_SPACING);
+        if !due || !spaced || worker.busy {
+            return;
+        }
+        if worker.request() {
+            tracker.begin_resync();
+            self.lost_at_request = lost_total;
+            self.requested = Some(now);
+            self.retry = false;
+            if first {
+                self.first = None;
+            }
+        }
+    }
+
+    /// Before a drain: the dump that finished, if any. Apply it with [`Resync::apply`] after
+    /// that drain, so that every event of the dump's time is in.
+    pub fn finished(&mut self, tracker: &mut Tracker) -> Option<Snapshot> {
+        let worker = self.worker.as_mut()?;
+        match worker.take() {
+            None => None,
+            Some(Ok(snapshot)) => Some(snapshot),
+            Some(Err(e)) => {
+                warn!("resync: re-reading the kernel's sockets failed: {e}");
+                tracker.abandon_resync();
+                self.retry = true;
+                None
+            }
+        }
+    }
+
+    /// Brings the tracker in line with `snapshot` and says what changed.
+    pub fn apply(
+        &mut self,
+        snapshot: &Snapshot,
+        tracker: &mut Tracker,
+        metrics: &Metrics,
+        consumer: &mut dyn Observer,
+    ) {
+        let outcome = tracker.finish_resync(snapshot, &mut (metrics, consumer));
+        metrics.connections_reconciled(outcome.reconciled());
+        if !outcome.complete {
+            self.retry = true;
+        }
+        let changed = outcome.reconciled()
+            + outcome.added
+            + outcome.time_wait_dropped
+            + outcome.time_wait_added;
+        if changed > 0 {
+            info!(
+                "resync from sock_diag: {} connections closed out (their close was lost), {} taken \
+                 up (their open was lost), TIME_WAIT {} dropped and {} added{}",
+                outcome.reconciled(),
+                outcome.added,
+                outcome.time_wait_dropped,
+                outcome.time_wait_added,
+                if outcome.complete {
+                    ""
+                } else {
+                    " (too many events during the dump to add safely: again soon)"
+                }
+            );
+        }
+        metrics.set_active(tracker.active());
+        metrics.time_wait.set_sockets(tracker.time_wait().count());
+        metrics.close_wait.set_close_wait(tracker.close_wait());
+    }
+}
+
+/// The thread that takes the dumps.
+struct Worker {
+    requests: SyncSender<()>,
+    results: Receiver<Result<Snapshot, String>>,
+    busy: bool,
+}
+
+impl Worker {
+    fn start() -> std::io::Result<Worker> {
+        // One request at a time: the event loop asks only when the last one came back.
+        let (requests, inbox) = mpsc::sync_channel::<()>(1);
+        let (outbox, results) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("tracer-resync".into())
+            .spawn(move || {
+                let mut last: Option<Instant> = None;
+                // Ends when the event loop drops its sender.
+                while inbox.recv().is_ok() {
+                    // The event loop spaces its requests already; this keeps the bound even if
+                    // it did not.
+                    if let Some(at) = last {
+                        std::thread::sleep(MIN_SPACING.saturating_sub(at.elapsed()));
+                    }
+                    last = Some(Instant::now());
+                    if outbox.send(snapshot()).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Worker {
+            requests,
+            results,
+            busy: false,
+        })
+    }
+
+    fn request(&mut self) -> bool {
+        match self.requests.try_send(()) {
+            Ok(()) => {
+                self.busy = true;
+                true
+            }
+            Err(TrySendError::Full(()) | TrySendError::Disconnected(())) => false,
+        }
+    }
+
+    fn take(&mut self) -> Option<Result<Snapshot, String>> {
+        match self.results.try_recv() {
+            Ok(result) => {
+                self.busy = false;
+                Some(result)
+            }
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                self.busy = false;
+                Some(Err("the resync thread ended".to_string()))
+            }
+        }
+    }
+}
+
+/// One dump of this namespace (required) and every other one that can be entered (best
+/// effort), as the tracker compares it; `started_ns` is read before the first socket is.
+fn snapshot() -> Result<Snapshot, String> {
+    let own = namespaces::current_netns_inode().map_err(|e| e.to_string())?;
+    let mut snapshot = Snapshot {
+        started_ns: monotonic_ns(),
+        ..Snapshot::default()
+    };
+    let sockets = sock_diag::dump_tcp_no_requests().map_err(|e| e.to_string())?;
+    add(&mut snapshot, own, &sockets);
+    for namespace in namespaces::other_namespaces(own) {
+        match namespaces::dump_tcp_no_requests_in(&namespace) {
+            Ok(sockets) => add(&mut snapshot, namespace.inode, &sockets),
+            // A namespace that went away meanwhile takes its sockets with it.
+            Err(e) => log::debug!("resync: namespace {}: {e}", namespace.inode),
+        }
+    }
+    Ok(snapshot)
+}
+
+fn add(snapshot: &mut Snapshot, netns: u32, sockets: &[sock_diag::SocketEntry]) {
+    for socket in sockets {
+        if socket.timewait {
+            snapshot.time_wait.insert((netns, socket.tuple));
+        } else if !matches!(socket.state, TcpState::Listen | TcpState::NewSynRecv) {
+            snapshot.connections.insert((netns, socket.tuple));
+        }
+    }
+    snapshot.seeds.extend(seeds::seeds(sockets, netns));
+}
