@@ -166,10 +166,12 @@ impl TimeWaitTable {
     }
 
     /// Brings the table in line with a sock_diag dump (`present`) that started at `from_ns`,
-    /// while events kept coming (see `tracker::resync`): a socket the dump does not list is
-    /// dropped unless a timer event of it came at or after `from_ns` or its cancel is still
-    /// settling (its exit was lost); with `add`, a listed socket the table does not hold and no
-    /// event touched since is added (its start was lost). Returns (dropped, added).
+    /// while events kept coming (see the tracker's resync): a socket the dump does not list is
+    /// dropped (its exit was lost) unless its last timer event came at or after `from_ns` or its
+    /// cancel is still settling (a 4-tuple's newer socket must not keep an older entry whose
+    /// exit was lost, so `touched` is not asked); with `add`, a listed socket the
+    /// table does not hold and no event touched is added (its start was lost). Returns
+    /// (dropped, added).
     pub fn reconcile(
         &mut self,
         present: &foldhash::HashSet<(u32, Tuple)>,
@@ -180,12 +182,12 @@ impl TimeWaitTable {
         let stale: Vec<SockId> = self
             .entries
             .iter()
-            .filter(|(_, e)| {
+            .filter(|(tw, e)| {
                 let key = (e.netns, e.tuple);
-                e.pending_cancel.is_none()
-                    && e.last_event_ns < from_ns
-                    && !present.contains(&key)
-                    && !touched(&key)
+                // The kernel holds one socket per 4-tuple: one listed on the key of an entry that
+                // is not the latest of its key is a newer one.
+                let listed = present.contains(&key) && self.by_tuple.get(&key) == Some(*tw);
+                e.pending_cancel.is_none() && e.last_event_ns < from_ns && !listed
             })
             .map(|(tw, _)| *tw)
             .collect();
@@ -204,7 +206,7 @@ impl TimeWaitTable {
         let gone: Vec<((u32, Tuple), PeerKey)> = self
             .seeded
             .iter()
-            .filter(|(key, _)| !present.contains(*key) && !touched(key))
+            .filter(|(key, _)| !present.contains(*key))
             .map(|(key, peer)| (*key, *peer))
             .collect();
         for (key, peer) in gone {
@@ -854,6 +856,36 @@ mod tests {
         let t2 = tuple(40002, 80);
         t.on_timer(200, TW + 2, NS, t2, TimeWait, TimerPhase::Cancel, &mut rec);
         t.on_timer(200, TW + 2, NS, t2, TimeWait, TimerPhase::Expire, &mut rec);
+        assert_eq!(t.count(), 2);
+        // A 4-tuple reused: the first timewait socket's exit was lost, a second one holds the
+        // key now and the dump lists it. Only the second stays.
+        start(&mut t, &mut rec, 210, TW + 5, 40005);
+        start(&mut t, &mut rec, 220, TW + 6, 40005);
+        assert_eq!(t.count(), 4);
+        let present: foldhash::HashSet<(u32, Tuple)> = [40001, 40003, 40005]
+            .into_iter()
+            .map(|p| (NS, tuple(p, 80)))
+            .collect();
+        assert_eq!(t.reconcile(&present, 300, &|_| false, true), (1, 0));
+        assert_eq!(t.count(), 3);
+        t.on_timer(
+            400,
+            TW + 6,
+            NS,
+            tuple(40005, 80),
+            TimeWait,
+            TimerPhase::Cancel,
+            &mut rec,
+        );
+        t.on_timer(
+            400,
+            TW + 6,
+            NS,
+            tuple(40005, 80),
+            TimeWait,
+            TimerPhase::Expire,
+            &mut rec,
+        );
         assert_eq!(t.count(), 2);
         // Without `add` (the journal overflowed), nothing is added.
         let mut u = table();

@@ -73,8 +73,11 @@ impl Resync {
         if !due || !spaced || worker.busy {
             return;
         }
-        if worker.request() {
-            tracker.begin_resync();
+        // The journal starts before the worker can read the dump's start time.
+        tracker.begin_resync();
+        if !worker.request() {
+            tracker.abandon_resync();
+        } else {
             self.lost_at_request = lost_total;
             self.requested = Some(now);
             self.retry = false;

@@ -6,26 +6,30 @@
 //! event path, so events keep being applied while it runs, and the dump itself is smeared over
 //! the time it takes. The merge is kept free of races by an epoch:
 //!
-//! - `begin_resync`, before the dump is asked for, starts a journal of the (namespace, 4-tuple)
-//!   keys that events touch, with the time of the latest event of each (bounded).
+//! - `begin_resync`, when the dump is asked for, starts a journal of the (namespace, 4-tuple)
+//!   keys that events touch from then on (bounded).
 //! - The worker reads CLOCK_MONOTONIC, the events' clock, just before the dump starts
-//!   (`Snapshot::started_ns`).
+//!   (`Snapshot::started_ns`), after the journal started.
 //! - `finish_resync` runs in the event loop after a drain that began once the dump was done, so
-//!   that every event of the dump's time has been applied. The dump decides only for the keys
-//!   no event touched since `started_ns`; for the others the events are newer and win (they are
-//!   already applied, so "replaying" them is leaving them alone):
+//!   that every event of the dump's time has been applied. The dump decides only for what no
+//!   event since it started speaks of; otherwise the events are at least as new as the dump
+//!   and win (they are already applied, so "replaying" them is leaving them alone):
 //!   * a tracked connection absent from the dump whose last event came before the dump started
 //!     existed then and is gone now: its CLOSE was lost. It is closed out (cause unknown,
 //!     incomplete) and counted as reconciled; so is a seed the dump no longer lists;
-//!   * a connection the dump lists, the tracker does not hold, and no event touched since is one
+//!   * a connection the dump lists, the tracker does not hold, and no event touched is one
 //!     whose open was lost: it becomes a seed, as at start-up, within `max_connections`;
 //!   * TIME_WAIT sockets likewise (`TimeWaitTable::reconcile`).
 //!
-//!   A key touched by an event after the dump started is not added even if listed: the event
-//!   may be its CLOSE, applied after the dump saw it open. When the journal overflowed, nothing
-//!   is added (removals do not need it: they use each entry's own last event time) and the
+//!   For additions any journaled event counts, not only those after `started_ns`: the kernel
+//!   traces a CLOSE or a timewait socket's last timer event microseconds before it unhashes the
+//!   socket, so a dump that starts in between still lists a socket whose end was already
+//!   applied; the journal, started before the dump, holds that end. Removals do not use the
+//!   journal but each entry's own last event time: a 4-tuple is reused (one connection after
+//!   another from the same port), and a newer socket's events on the key must not keep an
+//!   older entry whose end was lost. When the journal overflowed, nothing is added and the
 //!   outcome says so, so that the caller resyncs again soon.
-use foldhash::{HashMap, HashSet};
+use foldhash::HashSet;
 
 use super::{Tracker, finish};
 use crate::model::{CloseCause, Event, SockId, TcpState, Tuple};
@@ -39,44 +43,29 @@ pub type KeySet = HashSet<Key>;
 /// Keys journaled at most while a dump runs (about 64 bytes each).
 pub const JOURNAL_MAX: usize = 1 << 16;
 
-/// Keys touched by events since `begin_resync`, with the latest event time of each.
+/// Keys touched by events since `begin_resync`.
 #[derive(Default)]
 pub(super) struct Journal {
-    touched: HashMap<Key, u64>,
+    touched: HashSet<Key>,
     overflowed: bool,
 }
 
 impl Journal {
     pub(super) fn record(&mut self, event: &Event) {
-        let (ts_ns, key) = match *event {
-            Event::StateChange {
-                ts_ns,
-                netns,
-                tuple,
-                ..
+        let key = match *event {
+            Event::StateChange { netns, tuple, .. } | Event::TimeWait { netns, tuple, .. } => {
+                (netns, tuple)
             }
-            | Event::TimeWait {
-                ts_ns,
-                netns,
-                tuple,
-                ..
-            } => (ts_ns, (netns, tuple)),
             _ => return,
         };
-        if !key.1.is_complete() {
+        if !key.1.is_complete() || self.touched.contains(&key) {
             return;
         }
-        if let Some(at) = self.touched.get_mut(&key) {
-            *at = (*at).max(ts_ns);
-        } else if self.touched.len() < JOURNAL_MAX {
-            self.touched.insert(key, ts_ns);
+        if self.touched.len() < JOURNAL_MAX {
+            self.touched.insert(key);
         } else {
             self.overflowed = true;
         }
-    }
-
-    fn touched_since(&self, key: &Key, from_ns: u64) -> bool {
-        self.touched.get(key).is_some_and(|&at| at >= from_ns)
     }
 }
 
@@ -134,11 +123,11 @@ impl Tracker {
     /// Brings the tables in line with `snapshot` (see the module comment); ends the journal.
     pub fn finish_resync(&mut self, snapshot: &Snapshot, obs: &mut impl Observer) -> ResyncOutcome {
         let journal = self.journal.take().unwrap_or(Journal {
-            touched: HashMap::default(),
+            touched: HashSet::default(),
             overflowed: true,
         });
         let from = snapshot.started_ns;
-        let touched = |key: &Key| journal.touched_since(key, from);
+        let touched = |key: &Key| journal.touched.contains(key);
         let mut outcome = ResyncOutcome {
             complete: !journal.overflowed,
             ..ResyncOutcome::default()
@@ -149,10 +138,15 @@ impl Tracker {
             .values()
             .filter(|c| {
                 let key = (c.netns, c.tuple);
-                c.tuple.is_complete()
-                    && c.last_seen_ns < from
-                    && !snapshot.connections.contains(&key)
-                    && !touched(&key)
+                // The kernel holds one socket per 4-tuple: one listed on the key of a connection
+                // that a later one of the same namespace took over is that later one.
+                let newer = self
+                    .by_tuple
+                    .get(&c.tuple)
+                    .and_then(|sock| self.conns.get(sock))
+                    .is_some_and(|other| other.sock != c.sock && other.netns == c.netns);
+                let listed = snapshot.connections.contains(&key) && !newer;
+                c.tuple.is_complete() && c.last_seen_ns < from && !listed
             })
             .map(|c| c.sock)
             .collect();
@@ -170,7 +164,7 @@ impl Tracker {
         let gone_seeds: Vec<Key> = self
             .seeds
             .keys()
-            .filter(|key| !snapshot.connections.contains(*key) && !touched(key))
+            .filter(|key| !snapshot.connections.contains(*key))
             .copied()
             .collect();
         for key in gone_seeds {
@@ -262,11 +256,19 @@ mod tests {
         open(&mut tracker, &mut rec, 10, 1, kept);
         open(&mut tracker, &mut rec, 10, 2, lost_close);
         open(&mut tracker, &mut rec, 10, 4, closed_during);
+        let closed_just_before = loopback(40006, 80);
+        open(&mut tracker, &mut rec, 10, 5, closed_just_before);
         tracker.begin_resync();
+        let who = task(1, "client");
+        // Traced closing just before the dump started, but still hashed when the dump passed
+        // (the kernel unhashes a socket after tracing its CLOSE): listed, and not taken up.
+        tracker.on_event(
+            &state(99, 5, closed_just_before, Established, Close, who),
+            &mut rec,
+        );
         // The dump starts at 100. While it runs: one connection opens (the dump missed it),
         // one that the dump listed closes.
         open(&mut tracker, &mut rec, 150, 3, opened_during);
-        let who = task(1, "client");
         tracker.on_event(
             &state(160, 4, closed_during, Established, Close, who),
             &mut rec,
@@ -278,6 +280,7 @@ mod tests {
                 (kept, Established),
                 (lost_open, CloseWait),
                 (closed_during, Established),
+                (closed_just_before, Established),
                 (loopback(40005, 80), SynSent),
             ],
         );
