@@ -38,7 +38,7 @@ fn gauges_return_to_what_ss_shows_after_lost_events() {
 
     let burst = thread::spawn({
         let addr = server.addr;
-        move || churn(addr, 4_000)
+        move || churn(addr, 4_000, End::Close)
     });
     thread::sleep(Duration::from_millis(100));
     // Held stopped, the agent drains nothing: the 64 KiB ring fills within milliseconds of

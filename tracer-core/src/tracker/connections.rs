@@ -487,6 +487,11 @@ impl Tracker {
         let conn = self.conns.get_mut(&sock)?;
         conn.last_seen_ns = ts_ns;
         if tuple.is_complete() && conn.tuple != tuple {
+            // The socket's memory was reused for another connection whose opening was lost:
+            // drop the old 4-tuple's index entry, or each reuse would leave one behind.
+            if conn.tuple_matched && self.by_tuple.get(&conn.tuple) == Some(&sock) {
+                self.by_tuple.remove(&conn.tuple);
+            }
             conn.tuple = tuple;
             conn.tuple_matched = false;
         }
@@ -1332,5 +1337,26 @@ mod tests {
             },
         ]);
         assert!(rec.stalls.is_empty());
+    }
+
+    #[test]
+    fn a_reused_socket_with_a_new_tuple_leaves_no_index_entry_behind() {
+        let who = task(1, "c");
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        for i in 0..100u16 {
+            // The same socket address, a new connection each time, its opening lost.
+            let t = loopback(40000 + i, 80);
+            tracker.on_event(
+                &state(u64::from(i), CLIENT, t, Established, FinWait1, who),
+                &mut rec,
+            );
+        }
+        assert_eq!(tracker.active(), 1);
+        assert_eq!(
+            tracker.by_tuple.len(),
+            1,
+            "one live connection, one index entry"
+        );
     }
 }

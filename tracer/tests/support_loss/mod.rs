@@ -75,9 +75,18 @@ impl ChurnServer {
     }
 }
 
+/// How a churned connection ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The client closes first with a FIN: its end goes into TIME_WAIT.
+    Close,
+    /// The client aborts with a RST (`SO_LINGER` 0): no TIME_WAIT socket is left.
+    Abort,
+}
+
 /// A burst of short connections to `server`: `THREADS` threads, each opening and closing at
 /// most `per_thread` connections and stopping after `CHURN_LIMIT`. Returns how many were made.
-pub fn churn(server: SocketAddr, per_thread: usize) -> usize {
+pub fn churn(server: SocketAddr, per_thread: usize, end: End) -> usize {
     let made = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let threads: Vec<_> = (0..THREADS)
@@ -89,6 +98,9 @@ pub fn churn(server: SocketAddr, per_thread: usize) -> usize {
                         break;
                     }
                     if let Ok(stream) = TcpStream::connect(server) {
+                        if end == End::Abort {
+                            set_linger_zero(&stream).expect("SO_LINGER");
+                        }
                         drop(stream);
                         made.fetch_add(1, Ordering::Relaxed);
                     }
