@@ -238,28 +238,6 @@ impl TimeWaitTable {
         self.seeded.len()
     }
 
-    /// Forgets the sockets from the start-up dump that a later dump (`present`, keyed by network
-    /// namespace and 4-tuple) no longer lists. A socket can be dumped while it is already on its
-    /// way out: its timer was detached just before the programs were attached, so no event will
-    /// ever end it. Returns how many were forgotten.
-    pub fn forget_seeded_missing(
-        &mut self,
-        present: &std::collections::HashSet<(u32, Tuple)>,
-    ) -> usize {
-        let gone: Vec<((u32, Tuple), PeerKey)> = self
-            .seeded
-            .iter()
-            .filter(|(key, _)| !present.contains(*key))
-            .map(|(key, peer)| (*key, *peer))
-            .collect();
-        for (key, peer) in &gone {
-            self.seeded.remove(key);
-            self.in_time_wait = self.in_time_wait.saturating_sub(1);
-            self.remove_peer(*peer);
-        }
-        gone.len()
-    }
-
     #[expect(
         clippy::too_many_arguments,
         reason = "the fields of one TimeWait event"
@@ -902,8 +880,8 @@ mod tests {
         t.on_timer(5, TW, NS, a, TimeWait, TimerPhase::Cancel, &mut rec);
         t.on_timer(5, TW, NS, a, TimeWait, TimerPhase::Expire, &mut rec);
         assert_eq!((t.count(), t.seeded_len()), (2, 2));
-        let present = std::collections::HashSet::from([(NS, c)]);
-        assert_eq!(t.forget_seeded_missing(&present), 1);
+        let present: foldhash::HashSet<(u32, Tuple)> = [(NS, c)].into_iter().collect();
+        assert_eq!(t.reconcile(&present, 10, &|_| false, true), (1, 0));
         assert_eq!((t.count(), t.seeded_len()), (1, 1));
         assert_eq!(t.top_peers(5)[0].1, 1);
     }

@@ -242,10 +242,7 @@ pub fn series_by_name(text: &str) -> BTreeMap<String, usize> {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
     {
-        let name = line
-            .split(['{', ' '])
-            .next()
-            .unwrap_or_default();
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
         *by.entry(name.to_string()).or_insert(0) += 1;
     }
     by
