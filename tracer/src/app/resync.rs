@@ -35,6 +35,8 @@ pub struct Resync {
     first: Option<Instant>,
     /// The last dump failed or could not add what it lacked: another is due.
     retry: bool,
+    /// Dumps are failing: said once, not every try.
+    failing: bool,
 }
 
 impl Resync {
@@ -55,6 +57,7 @@ impl Resync {
             requested: None,
             first: Some(Instant::now() + AFTER_START),
             retry: false,
+            failing: false,
         }
     }
 
@@ -66,11 +69,8 @@ impl Resync {
         };
         let now = Instant::now();
         let first = self.first.is_some_and(|at| now >= at);
-        let due = first || self.retry || lost_total > self.lost_at_request;
-        let spaced = self
-            .requested
-            .is_none_or(|at| now.duration_since(at) >= MIN_SPACING);
-        if !due || !spaced || worker.busy {
+        let since = self.requested.map(|at| now.duration_since(at));
+        if worker.busy || !due(first, self.retry, lost_total, self.lost_at_request, since) {
             return;
         }
         // The journal starts before the worker can read the dump's start time.
@@ -93,9 +93,20 @@ impl Resync {
         let worker = self.worker.as_mut()?;
         match worker.take() {
             None => None,
-            Some(Ok(snapshot)) => Some(snapshot),
+            Some(Ok(snapshot)) => {
+                if std::mem::take(&mut self.failing) {
+                    info!("resync: re-reading the kernel's sockets works again");
+                }
+                Some(snapshot)
+            }
             Some(Err(e)) => {
-                warn!("resync: re-reading the kernel's sockets failed: {e}");
+                if !std::mem::replace(&mut self.failing, true) {
+                    warn!(
+                        "resync: re-reading the kernel's sockets failed: {e} (trying again every \
+                         {} s while events are lost)",
+                        MIN_SPACING.as_secs()
+                    );
+                }
                 tracker.abandon_resync();
                 self.retry = true;
                 None
@@ -120,10 +131,12 @@ impl Resync {
             + outcome.added
             + outcome.time_wait_dropped
             + outcome.time_wait_added;
+        let took_ms = monotonic_ns().saturating_sub(snapshot.started_ns) / 1_000_000;
         if changed > 0 {
             info!(
-                "resync from sock_diag: {} connections closed out (their close was lost), {} taken \
-                 up (their open was lost), TIME_WAIT {} dropped and {} added{}",
+                "resync from sock_diag ({took_ms} ms from the dump's start to its use): {} \
+                 connections closed out (their close was lost), {} taken up (their open was \
+                 lost), TIME_WAIT {} dropped and {} added{}",
                 outcome.reconciled(),
                 outcome.added,
                 outcome.time_wait_dropped,
@@ -139,6 +152,20 @@ impl Resync {
         metrics.time_wait.set_sockets(tracker.time_wait().count());
         metrics.close_wait.set_close_wait(tracker.close_wait());
     }
+}
+
+/// Whether a dump is due: the first one after start-up, a retry, or events lost since the last
+/// one was asked for (so that one always follows the last loss); never sooner than
+/// `MIN_SPACING` after the last.
+fn due(
+    first: bool,
+    retry: bool,
+    lost_total: u64,
+    lost_at_request: u64,
+    since_request: Option<Duration>,
+) -> bool {
+    let wanted = first || retry || lost_total > lost_at_request;
+    wanted && since_request.is_none_or(|since| since >= MIN_SPACING)
 }
 
 /// The thread that takes the dumps.
@@ -231,4 +258,25 @@ fn add(snapshot: &mut Snapshot, netns: u32, sockets: &[sock_diag::SocketEntry]) 
         }
     }
     snapshot.seeds.extend(seeds::seeds(sockets, netns));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dump_follows_loss_at_most_every_min_spacing() {
+        let soon = Some(MIN_SPACING / 2);
+        let later = Some(MIN_SPACING);
+        assert!(due(false, false, 5, 0, None), "the first loss");
+        assert!(!due(false, false, 5, 5, later), "nothing lost since");
+        assert!(!due(false, false, 9, 5, soon), "lost again, too soon");
+        assert!(due(false, false, 9, 5, later), "lost again, spaced");
+        assert!(
+            due(true, false, 0, 0, None),
+            "the first dump after start-up"
+        );
+        assert!(due(false, true, 5, 5, later), "a retry");
+        assert!(!due(false, true, 5, 5, soon), "a retry is spaced too");
+    }
 }
