@@ -103,6 +103,10 @@ pub struct RawPath {
     pub cgroup: u64,
     /// What the connection cost, read from the socket when the run ends in CLOSE.
     pub cost: ConnCost,
+    /// The timewait socket that replaced this one, when the run ends in CLOSE through
+    /// TIME_WAIT: its timer's start (`EVENT_TW_START`; kind 0 when none). The kernel arms it
+    /// just before the socket's CLOSE, on the same CPU, so it rides in the same record.
+    pub tw: RawEvent,
 }
 
 /// What a connection cost, read from its `struct tcp_sock` as it closes (`valid` non-zero),
@@ -337,5 +341,5 @@ const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(core::mem::size_of::<PathStep>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
-const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8 + 8 + 64);
+const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8 + 8 + 64 + 96);
 const _: () = assert!(core::mem::size_of::<CloseWaitEntry>() == 112);

@@ -40,6 +40,21 @@ pub static CLOSE_WAIT: HashMap<u64, CloseWaitEntry> = HashMap::with_max_entries(
 #[map]
 pub static CONG: HashMap<u64, CongSeen> = HashMap::with_max_entries(65536, 0);
 
+/// Per CPU: the start of a TIME_WAIT timer just armed for a new timewait socket, held until
+/// the CLOSE of the socket it replaces (which follows on the same CPU, BHs off) takes it into
+/// its record; and the last TIME_WAIT timer detached here, to tell a re-arm (detach + start in
+/// one `mod_timer`, sent at once as before) from a birth.
+#[map]
+pub static TW_BORN: PerCpuArray<TwSlot> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TwSlot {
+    /// `kind` 0: empty.
+    pub born: RawEvent,
+    pub last_cancel: u64,
+}
+
 /// Adds one to a `COUNTERS` slot.
 #[inline(always)]
 pub fn count(slot: u32) {

@@ -10,7 +10,7 @@ use tracer_common::{
 };
 
 use crate::maps::off;
-use crate::{cost, maps, sock};
+use crate::{cost, maps, sock, timers};
 
 /// What a new entry starts from; inserted from here rather than from the stack.
 static EMPTY: RawPath = RawPath {
@@ -57,6 +57,25 @@ static EMPTY: RawPath = RawPath {
         ca_states: 0,
         valid: 0,
         _pad: 0,
+    },
+    tw: RawEvent {
+        ts_ns: 0,
+        skaddr: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: [0; 16],
+        pid: 0,
+        tid: 0,
+        netns: 0,
+        sport: 0,
+        dport: 0,
+        family: 0,
+        segs: 0,
+        kind: 0,
+        oldstate: 0,
+        newstate: 0,
+        ca_state: 0,
+        aux: 0,
     },
 };
 
@@ -150,6 +169,9 @@ pub fn send_kept(sk: *const u8, path: *mut RawPath, closing: bool) {
         }
         if closing {
             cost::read_at_close(sk, &mut record.cost);
+            timers::take_born(&mut record.tw);
+        } else {
+            record.tw.kind = 0;
         }
         entry.submit(maps::submit_flags());
     }

@@ -4,7 +4,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::EVENT_STATE;
 
-use crate::{maps, paths, sock};
+use crate::{maps, paths, sock, timers};
 
 const ESTABLISHED: u8 = 1;
 const SYN_SENT: u8 = 2;
@@ -33,6 +33,10 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(path) = paths::keep(sk, now, old, new, owner, opening) else {
+        if new == CLOSE {
+            // The timewait socket's birth, if held, must still arrive before this CLOSE.
+            timers::flush_born(tracer_common::LOST_STATE);
+        }
         return send_alone(sk, old, new, owner);
     };
     if new == CLOSE_WAIT {

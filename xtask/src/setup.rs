@@ -10,6 +10,7 @@ use crate::{is_root, output_of, run_cmd, step, workspace_root};
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ss, nstat, ip"),
     ("nftables", "nft"),
+    ("iperf3", "iperf3, the reference for what a connection cost"),
     ("prometheus", "promtool"),
     ("tmux", "tmux, for the test of `tracer top`"),
     ("systemd", "systemd-analyze"),

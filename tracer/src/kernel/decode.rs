@@ -81,6 +81,10 @@ fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> 
     for (at, step) in path.steps[..len].iter().enumerate() {
         if closes && at == len - 1 {
             out.push(info);
+            // The timewait socket that replaces it was born just before this CLOSE.
+            if path.tw.kind == EVENT_TW_START {
+                out.push(decode(&path.tw)?);
+            }
         }
         let owner = path.has_task != 0 && tracer_common::owner_transition(step.old, step.new);
         out.push(Event::StateChange {
@@ -457,6 +461,12 @@ mod tests {
             step.old = old;
             step.new = new;
         }
+        path.tw = RawEvent {
+            kind: EVENT_TW_START,
+            skaddr: 0xffff_8880_0000_7700,
+            newstate: 6,
+            ..path.head
+        };
         path.cost = ConnCost {
             bytes_acked: 1_000_000,
             bytes_received: 5,
@@ -475,7 +485,19 @@ mod tests {
         };
         let mut events = Vec::new();
         decode_record(bytes, &mut events).expect("decode");
-        assert_eq!(events.len(), 4);
+        assert_eq!(events.len(), 5);
+        assert!(
+            matches!(
+                events[3],
+                Event::TimeWait {
+                    tw: 0xffff_8880_0000_7700,
+                    timer: TimerPhase::Start,
+                    substate: TcpState::TimeWait,
+                    ..
+                }
+            ),
+            "the timewait socket's birth comes just before the CLOSE: {events:?}"
+        );
         let Event::SocketInfo {
             cost: Some(cost), ..
         } = events[2]
@@ -489,7 +511,7 @@ mod tests {
         );
         assert_eq!((cost.cwnd, cost.max_cwnd, cost.ca_states), (10, 80, 0b1001));
         assert!(matches!(
-            events[3],
+            events[4],
             Event::StateChange {
                 new: TcpState::Close,
                 ..
