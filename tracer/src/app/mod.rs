@@ -2,6 +2,7 @@
 //! through the tracker to the exporters, and the commands built on them.
 pub mod diagnose;
 pub mod memory;
+pub mod privileges;
 pub mod pump;
 pub mod run;
 pub mod session;
