@@ -144,6 +144,7 @@ fn keeps_only_the_documented_capabilities_and_still_works() {
         total(&kernel) >= 7,
         "the kernel lists fewer TIME_WAIT sockets than made: {kernel:?}"
     );
+    assert_no_complaints(&agent);
 
     // The owner of a socket leaked by another user's process: /proc/PID/fd of that user.
     let mut leaky = Command::new("python3")
@@ -198,9 +199,15 @@ fn keeps_only_the_documented_capabilities_and_still_works() {
         leaks[0]
     );
 
+    assert_no_complaints(&agent);
+    agent.stop();
+}
+
+/// Nothing the agent tried after the drop was refused (the start-up re-check enters every
+/// namespace and logs each it cannot).
+fn assert_no_complaints(agent: &Agent) {
     let log = agent.stderr_text();
-    for complaint in ["cannot list sockets", "failed", "Operation not permitted"] {
+    for complaint in ["cannot list sockets", "failed", "not permitted"] {
         assert!(!log.contains(complaint), "{complaint:?} in the log:\n{log}");
     }
-    agent.stop();
 }
