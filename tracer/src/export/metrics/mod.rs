@@ -29,7 +29,7 @@ mod time_wait;
 pub use acks::AckMetrics;
 pub use close_wait::CloseWaitMetrics;
 
-pub use http::serve;
+pub use http::{Limits, serve, serve_with};
 use time_wait::TimeWaitMetrics;
 
 use tracer_core::observer::Observer;
