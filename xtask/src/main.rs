@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install what the build and the tests need (Debian packages, rust-src, bpf-linker).
+    /// Install what the build and the tests need (Debian packages, rust-src, bpf-linker,
+    /// cargo-deny).
     Setup,
     /// Set up, then build the agent in release mode (target/release/tracer).
     Build,
