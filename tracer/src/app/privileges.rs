@@ -104,7 +104,7 @@ fn describe(dropped: &Dropped, keep: &CapsHashSet) -> String {
         dropped.permitted.len()
     );
     if !dropped.bounding {
-        line.push_str(" (bounding set left as started: no CAP_SETPCAP)");
+        line.push_str(" (bounding set left as started: CAP_SETPCAP is not held)");
     }
     let kept: Vec<String> = KEPT
         .iter()
@@ -146,8 +146,8 @@ mod tests {
         );
         assert_eq!(
             line,
-            "dropped 2 capabilities no longer needed (bounding set left as started: no \
-             CAP_SETPCAP); kept CAP_SYS_PTRACE (reading other users' /proc/PID/ns/net and \
+            "dropped 2 capabilities no longer needed (bounding set left as started: \
+             CAP_SETPCAP is not held); kept CAP_SYS_PTRACE (reading other users' /proc/PID/ns/net and \
              /proc/PID/fd links)"
         );
     }
