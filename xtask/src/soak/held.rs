@@ -23,6 +23,8 @@ pub struct Held {
     /// Leaks made and stalled connections opened, for the report.
     pub leaks: Arc<AtomicU64>,
     pub stalls: Arc<AtomicU64>,
+    /// The leaking server's port: the agent's leak reports name it as `sport`.
+    pub leak_port: u16,
 }
 
 /// A loopback server that accepts and keeps every connection, reading nothing.
@@ -83,6 +85,7 @@ impl Held {
     ) -> Result<Held> {
         let stop = Arc::new(AtomicBool::new(false));
         let (leak_server, leak_thread) = Holder::start(stop.clone(), end)?;
+        let leak_port = leak_server.addr.port();
         let (stall_server, stall_thread) = Holder::start(stop.clone(), end)?;
         let leaks = Arc::new(AtomicU64::new(0));
         let stalled = Arc::new(AtomicU64::new(0));
@@ -147,6 +150,7 @@ impl Held {
             threads,
             leaks,
             stalls: stalled,
+            leak_port,
         })
     }
 
