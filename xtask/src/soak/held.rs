@@ -75,10 +75,12 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
 }
 
 impl Held {
-    /// One CLOSE_WAIT leak every `leak_every`, and `stalls` stalled connections held all along,
-    /// the oldest reset and replaced every `recycle_every`, until `end`.
+    /// One CLOSE_WAIT leak every `leak_every` until `leaks_until`, and `stalls` stalled
+    /// connections held all along, the oldest reset and replaced every `recycle_every`; all held
+    /// until `end`.
     pub fn start(
         end: Instant,
+        leaks_until: Instant,
         leak_every: Duration,
         stalls: usize,
         recycle_every: Duration,
@@ -97,7 +99,7 @@ impl Held {
                 .name("soak-leaks".into())
                 .spawn(move || -> Result<()> {
                     let mut next = Instant::now();
-                    while !s.load(Ordering::SeqCst) && Instant::now() < end {
+                    while !s.load(Ordering::SeqCst) && Instant::now() < leaks_until.min(end) {
                         if Instant::now() < next {
                             std::thread::sleep(Duration::from_millis(100));
                             continue;

@@ -27,6 +27,8 @@ use crate::{require_root, step, target_dir};
 const ROUND: Duration = Duration::from_secs(150);
 /// CLOSE_WAIT threshold given to the agent: leaks are reported this long after they start.
 const LEAK_THRESHOLD: &str = "5s";
+/// No leak is made this close to the end: each must pass `LEAK_THRESHOLD` while still held.
+const LEAKS_STOP_BEFORE_END: Duration = Duration::from_secs(10);
 /// Attempts at a quiet moment for comparing a gauge with the kernel.
 const ATTEMPTS: u32 = 30;
 
@@ -161,9 +163,11 @@ fn soak(
         "soaking for {:?}: churn, TIME_WAIT, lossy, Nagle, leaks, stalls",
         args.duration
     ));
-    // Leaks and stalls are held past the end, until the gauges are compared.
+    // Leaks and stalls are held past the end, until the gauges are compared; the last leak is
+    // made early enough to pass the agent's threshold before then.
     let held = held::Held::start(
         end + Duration::from_secs(600),
+        end.checked_sub(LEAKS_STOP_BEFORE_END).unwrap_or(t0),
         args.leak_every,
         args.stalls,
         Duration::from_secs(30),
