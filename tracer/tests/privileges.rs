@@ -50,8 +50,11 @@ while time.monotonic() < deadline:
     print("accepted", peer[1], flush=True)
 "#;
 
+/// A thread's id, its `Cap*` lines (name, bits) and its `NoNewPrivs` value.
+type ThreadCapabilities = (String, Vec<(String, u64)>, String);
+
 /// The capability lines of `/proc/PID/task/TID/status` for every thread of `pid`.
-fn thread_capabilities(pid: u32) -> Vec<(String, Vec<(String, u64)>, String)> {
+fn thread_capabilities(pid: u32) -> Vec<ThreadCapabilities> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list the agent's threads");
     let mut threads = Vec::new();
     for task in tasks {
