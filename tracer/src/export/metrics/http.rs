@@ -75,12 +75,7 @@ pub async fn serve_with(
 ) -> Result<(), MetricsError> {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper refuses a read buffer under 8 KiB.
-        .max_buf_size(limits.max_head_bytes.max(8 << 10))
-        .max_header_size(limits.max_head_bytes);
+    let http = builder(&limits);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
         let slot = tokio::select! {
@@ -130,6 +125,18 @@ pub async fn serve_with(
         }
     }
     Ok(())
+}
+
+/// The HTTP/1.1 settings that enforce `limits` on each connection.
+fn builder(limits: &Limits) -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // The read buffer bounds a head still incomplete (hyper refuses one under 8 KiB); the
+        // response body is queued whole, whatever its size.
+        .max_buf_size(limits.max_head_bytes.max(8 << 10))
+        .max_header_size(limits.max_head_bytes);
+    http
 }
 
 /// Accept errors that concern one connection or a passing shortage, not the listener.
@@ -457,6 +464,34 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
         assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
         stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_response_far_larger_than_the_head_limit_goes_out_whole() {
+        const BODY: usize = 4 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = service_fn(|_request: Request<Incoming>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'm'; BODY]))))
+            });
+            builder(&Limits::default())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+        });
+        let client = tokio::task::spawn_blocking(move || get(addr, "/metrics"));
+        let (status, head, body) = tokio::time::timeout(Duration::from_secs(60), client)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200, "{head}");
+        assert_eq!(body.len(), BODY);
         tokio::time::timeout(Duration::from_secs(10), server)
             .await
             .unwrap()
