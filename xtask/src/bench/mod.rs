@@ -24,7 +24,7 @@ mod profile;
 mod render;
 mod report;
 mod ringbuf;
-mod sys;
+pub(crate) mod sys;
 use crate::{require_root, step, workspace_root};
 use anyhow::{Context as _, Result, bail};
 use clap::value_parser;
