@@ -109,6 +109,18 @@ pub struct RawPath {
     pub tw: RawEvent,
 }
 
+/// The leading part of a [`RawPath`], sent alone for a run that does not end in CLOSE (it has
+/// no cost and no timewait socket): the same layout, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawPathOpen {
+    pub head: RawEvent,
+    pub steps: [PathStep; PATH_STEPS],
+    pub len: u32,
+    pub has_task: u32,
+    pub cgroup: u64,
+}
+
 /// What a connection cost, read from its `struct tcp_sock` as it closes (`valid` non-zero),
 /// plus what `tcp_cong_state_set` saw during its life.
 #[repr(C)]
@@ -330,6 +342,8 @@ mod user {
     // SAFETY: repr(C), Copy, integers and byte arrays only, no implicit padding (size checked
     // below): any bit pattern is valid.
     unsafe impl aya::Pod for super::RawPath {}
+    // SAFETY: as for RawPath, whose leading part it is.
+    unsafe impl aya::Pod for super::RawPathOpen {}
     // SAFETY: as for RawPath: a u64, a RawEvent and a u64, no implicit padding.
     unsafe impl aya::Pod for super::CloseWaitEntry {}
     // SAFETY: as for RawPath: two u32, no padding.
@@ -341,5 +355,9 @@ const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(core::mem::size_of::<PathStep>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
+const _: () = assert!(core::mem::size_of::<RawPathOpen>() == 96 + 16 * PATH_STEPS + 16);
+const _: () =
+    assert!(core::mem::offset_of!(RawPath, cgroup) == core::mem::offset_of!(RawPathOpen, cgroup));
+const _: () = assert!(core::mem::offset_of!(RawPath, cost) == core::mem::size_of::<RawPathOpen>());
 const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8 + 8 + 64 + 96);
 const _: () = assert!(core::mem::size_of::<CloseWaitEntry>() == 112);

@@ -6,7 +6,7 @@
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use tracer_common::{
     COUNT_CLOSE_WAIT_TABLE_FULL, COUNT_PATH_TABLE_FULL, CloseWaitEntry, ConnCost, EVENT_PATH,
-    EVENT_STATE, LOST_STATE, PATH_STEPS, PathStep, RawEvent, RawPath,
+    EVENT_STATE, LOST_STATE, PATH_STEPS, PathStep, RawEvent, RawPath, RawPathOpen,
 };
 
 use crate::maps::off;
@@ -150,32 +150,45 @@ pub fn send(sk: *const u8) {
 }
 
 /// Sends `path`, the entry of `sk`, and forgets it; `closing`: the run ends in CLOSE, so the
-/// record also carries what the connection cost.
+/// record also carries what the connection cost and the timewait socket that replaces it
+/// (otherwise only the leading part goes: [`RawPathOpen`]).
 #[inline(always)]
 pub fn send_kept(sk: *const u8, path: *mut RawPath, closing: bool) {
     // SAFETY: `path` comes from a lookup in `PATHS` during this program's run.
     let len = unsafe { (*path).len };
-    if len > 0
-        && let Some(mut entry) = maps::reserve_for::<RawPath>(LOST_STATE, u64::from(len))
-    {
-        // SAFETY: `entry` is ring buffer memory reserved for one RawPath and `path` a valid map
-        // value of the same type; they do not overlap.
-        unsafe { core::ptr::copy_nonoverlapping(path, entry.as_mut_ptr(), 1) };
-        // SAFETY: as above: the reserved record, now a full copy.
-        let record = unsafe { &mut *entry.as_mut_ptr() };
-        if record.head.sport == 0 {
-            // connect() picks the local port after SYN_SENT (the addresses are set before).
-            record.head.sport = sock::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
-        }
-        if closing {
+    if len == 0 {
+    } else if closing {
+        if let Some(mut entry) = maps::reserve_for::<RawPath>(LOST_STATE, u64::from(len)) {
+            // SAFETY: `entry` is ring buffer memory reserved for one RawPath and `path` a valid
+            // map value of the same type; they do not overlap.
+            unsafe { core::ptr::copy_nonoverlapping(path, entry.as_mut_ptr(), 1) };
+            // SAFETY: as above: the reserved record, now a full copy.
+            let record = unsafe { &mut *entry.as_mut_ptr() };
+            port_if_unset(sk, &mut record.head);
             cost::read_at_close(sk, &mut record.cost);
             timers::take_born(&mut record.tw);
-        } else {
-            record.tw.kind = 0;
+            entry.submit(maps::submit_flags());
         }
+    } else if let Some(mut entry) = maps::reserve_for::<RawPathOpen>(LOST_STATE, u64::from(len)) {
+        // SAFETY: `entry` is ring buffer memory for one RawPathOpen, which is the leading part
+        // of the RawPath map value `path` (same layout, checked in tracer-common).
+        unsafe {
+            core::ptr::copy_nonoverlapping(path.cast::<RawPathOpen>(), entry.as_mut_ptr(), 1)
+        };
+        // SAFETY: as above: the reserved record, now a full copy.
+        let record = unsafe { &mut *entry.as_mut_ptr() };
+        port_if_unset(sk, &mut record.head);
         entry.submit(maps::submit_flags());
     }
     let _ = maps::PATHS.remove(sk as u64);
+}
+
+/// connect() picks the local port after SYN_SENT (the addresses are set before): read it now.
+#[inline(always)]
+fn port_if_unset(sk: *const u8, head: &mut RawEvent) {
+    if head.sport == 0 {
+        head.sport = sock::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
+    }
 }
 
 /// Remembers that `sk` entered CLOSE_WAIT, with its addressing, for the agent's once-a-second

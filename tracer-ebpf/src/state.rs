@@ -30,6 +30,10 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         return send_alone(sk, old, new, owner);
     }
     let opening = (old == CLOSE && new == SYN_SENT) || (old == LISTEN && new == SYN_RECV);
+    if old == CLOSE_WAIT || opening {
+        // Leaving CLOSE_WAIT, or a new socket at an address whose old entry was never cleared.
+        paths::close_wait_left(sk);
+    }
     // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(path) = paths::keep(sk, now, old, new, owner, opening) else {
@@ -39,14 +43,10 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         }
         return send_alone(sk, old, new, owner);
     };
-    if new == CLOSE_WAIT {
-        if !paths::close_wait_entered(sk, path, now, old) {
-            // Not followed once a second: send it now, as it happened.
-            paths::send_kept(sk, path, false);
-            return 0;
-        }
-    } else if old == CLOSE_WAIT {
-        paths::close_wait_left(sk);
+    if new == CLOSE_WAIT && !paths::close_wait_entered(sk, path, now, old) {
+        // Not followed once a second: send it now, as it happened.
+        paths::send_kept(sk, path, false);
+        return 0;
     }
     if new == ESTABLISHED || new == CLOSE {
         paths::send_kept(sk, path, new == CLOSE);

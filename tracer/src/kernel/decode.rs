@@ -1,12 +1,12 @@
 //! Decoding ring buffer records into typed events. Pure; the reading loop lives in `agent`.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use tracer_common::ConnCost;
 use tracer_common::{
     AF_INET, AF_INET6, EVENT_DELAYED_ACK, EVENT_NAGLE_HELD, EVENT_PATH, EVENT_RESET_RECEIVED,
     EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE, EVENT_SYNACK_RETRANSMIT, EVENT_TW_CANCEL,
     EVENT_TW_EXPIRE, EVENT_TW_START, PATH_STEPS, RST_REASON_UNKNOWN, RawEvent, RawPath,
 };
+use tracer_common::{ConnCost, RawPathOpen};
 
 use tracer_core::model::{
     Comm, ConnectionCost, Event, ResetDirection, RetransmitKind, Task, TcpState, TimerPhase, Tuple,
@@ -39,12 +39,25 @@ pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeErr
     let raw = parse(bytes)?;
     match raw.kind {
         EVENT_PATH => {
-            if bytes.len() < size_of::<RawPath>() {
+            let path = if bytes.len() >= size_of::<RawPath>() {
+                // SAFETY: the length was checked, RawPath is Pod (any bit pattern is valid), and
+                // read_unaligned makes no alignment assumption about the record.
+                unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPath>()) }
+            } else if bytes.len() >= size_of::<RawPathOpen>() {
+                // SAFETY: as above, for the leading part a run that does not close is sent as.
+                let open =
+                    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPathOpen>()) };
+                RawPath {
+                    head: open.head,
+                    steps: open.steps,
+                    len: open.len,
+                    has_task: open.has_task,
+                    cgroup: open.cgroup,
+                    ..RawPath::default()
+                }
+            } else {
                 return Err(DecodeError::Truncated);
-            }
-            // SAFETY: the length was checked above, RawPath is Pod (any bit pattern is valid),
-            // and read_unaligned makes no alignment assumption about the record.
-            let path = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPath>()) };
+            };
             path_events(&path, out)
         }
         EVENT_TW_CANCEL if raw.aux == 1 => {
@@ -526,6 +539,14 @@ mod tests {
         assert_eq!(
             decode_record(&bytes[..size_of::<RawEvent>() + 8], &mut events),
             Err(DecodeError::Truncated)
+        );
+        // The leading part alone is what a run that does not close is sent as.
+        events.clear();
+        decode_record(&bytes[..size_of::<RawPathOpen>()], &mut events).expect("short run");
+        assert_eq!(
+            events.len(),
+            3,
+            "two steps and the socket's info: {events:?}"
         );
         let mut bad = bytes.clone();
         bad[size_of::<RawEvent>() + 9] = 77; // the first step's new state
