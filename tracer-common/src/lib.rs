@@ -68,6 +68,9 @@ pub const COUNT_CLOSE_WAIT_TABLE_FULL: u32 = 1;
 pub const COUNT_CONG_TABLE_FULL: u32 = 2;
 pub const COUNT_SLOTS: u32 = 3;
 
+/// Bytes of `struct tcp_sock` the closing socket's cost is copied from in one read.
+pub const COST_WINDOW: u32 = 1024;
+
 /// State changes one [`RawPath`] carries at most; a longer run is sent in several records.
 pub const PATH_STEPS: usize = 6;
 
@@ -311,6 +314,10 @@ pub struct KernelOffsets {
     pub tcp_snd_cwnd: u32,
     /// `chrono_stat[1]` (TCP_CHRONO_RWND_LIMITED).
     pub tcp_rwnd_limited: u32,
+    /// When every `tcp_*` cost field above lies within [`COST_WINDOW`] bytes from this
+    /// offset, the lowest of them: the program then copies that window once instead of
+    /// reading each field on its own. 0: read each field.
+    pub tcp_cost_base: u32,
     /// Non-zero when the head of `struct sock_common` has the layout every kernel since 2.6 has
     /// (daddr 0, rcv_saddr 4, dport 12, num 14, family 16, state 18), checked against BTF: the
     /// programs then read it in one call instead of one per field.
@@ -352,7 +359,7 @@ mod user {
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 41 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 42 * 4);
 const _: () = assert!(core::mem::size_of::<PathStep>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
 const _: () = assert!(core::mem::size_of::<RawPathOpen>() == 96 + 16 * PATH_STEPS + 16);

@@ -40,6 +40,11 @@ pub static PATHS: HashMap<u64, RawPath> = HashMap::with_max_entries(262_144, NO_
 pub static CLOSE_WAIT: HashMap<u64, CloseWaitEntry> =
     HashMap::with_max_entries(65_536, NO_PREALLOC);
 
+/// Per CPU: the window of `struct tcp_sock` a closing socket's cost is read from.
+#[map]
+pub static COST_SCRATCH: PerCpuArray<[u8; tracer_common::COST_WINDOW as usize]> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// What `tcp_cong_state_set` saw of each socket (congestion states entered, largest window),
 /// keyed by the socket's address, taken into its closing record (and dropped when a new socket
 /// opens at the same address). Not LRU: when full, what is not kept is counted.
@@ -114,6 +119,7 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_rtt_min: 0,
     tcp_snd_cwnd: 0,
     tcp_rwnd_limited: 0,
+    tcp_cost_base: 0,
     sock_head_standard: 0,
     valid: 0,
 };
