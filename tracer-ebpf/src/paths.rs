@@ -100,9 +100,6 @@ pub fn keep(
         send_kept(sk, path, false);
         existing = None;
     }
-    if opening {
-        cost::forget(sk);
-    }
     let path = match existing {
         Some(path) => path,
         None => {
