@@ -246,6 +246,62 @@ pub struct RawEvent {
     pub aux: u64,
 }
 
+impl RawEvent {
+    /// Every field zero (the kernel programs build records from it without a stack copy).
+    pub const ZERO: RawEvent = RawEvent {
+        ts_ns: 0,
+        skaddr: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: [0; 16],
+        pid: 0,
+        tid: 0,
+        netns: 0,
+        sport: 0,
+        dport: 0,
+        family: 0,
+        segs: 0,
+        kind: 0,
+        oldstate: 0,
+        newstate: 0,
+        ca_state: 0,
+        aux: 0,
+    };
+}
+
+impl RawPath {
+    /// Every field zero.
+    pub const ZERO: RawPath = RawPath {
+        head: RawEvent::ZERO,
+        steps: [PathStep {
+            ts_ns: 0,
+            old: 0,
+            new: 0,
+            _pad: [0; 6],
+        }; PATH_STEPS],
+        len: 0,
+        has_task: 0,
+        cgroup: 0,
+        cost: ConnCost {
+            bytes_acked: 0,
+            bytes_received: 0,
+            segs_in: 0,
+            segs_out: 0,
+            total_retrans: 0,
+            srtt_us_x8: 0,
+            mdev_us_x4: 0,
+            rtt_min_us: 0,
+            snd_cwnd: 0,
+            max_cwnd: 0,
+            rwnd_limited_jiffies: 0,
+            ca_states: 0,
+            valid: 0,
+            _pad: 0,
+        },
+        tw: RawEvent::ZERO,
+    };
+}
+
 /// Byte offsets into kernel structures, discovered from the running kernel's BTF by the agent
 /// and written into the programs' read-only data before they load (Rust eBPF has no CO-RE).
 #[repr(C)]

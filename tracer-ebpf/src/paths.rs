@@ -5,8 +5,8 @@
 //! A connection then costs two records instead of one per state change.
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use tracer_common::{
-    COUNT_CLOSE_WAIT_TABLE_FULL, COUNT_PATH_TABLE_FULL, CloseWaitEntry, ConnCost, EVENT_PATH,
-    EVENT_STATE, LOST_STATE, PATH_STEPS, PathStep, RawEvent, RawPath, RawPathOpen,
+    COUNT_CLOSE_WAIT_TABLE_FULL, COUNT_PATH_TABLE_FULL, CloseWaitEntry, EVENT_PATH, EVENT_STATE,
+    LOST_STATE, PATH_STEPS, RawEvent, RawPath, RawPathOpen,
 };
 
 use crate::maps::off;
@@ -15,68 +15,10 @@ use crate::{cost, maps, sock, timers};
 /// What a new entry starts from; inserted from here rather than from the stack.
 static EMPTY: RawPath = RawPath {
     head: RawEvent {
-        ts_ns: 0,
-        skaddr: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
-        comm: [0; 16],
-        pid: 0,
-        tid: 0,
-        netns: 0,
-        sport: 0,
-        dport: 0,
-        family: 0,
-        segs: 0,
         kind: EVENT_PATH,
-        oldstate: 0,
-        newstate: 0,
-        ca_state: 0,
-        aux: 0,
+        ..RawEvent::ZERO
     },
-    steps: [PathStep {
-        ts_ns: 0,
-        old: 0,
-        new: 0,
-        _pad: [0; 6],
-    }; PATH_STEPS],
-    len: 0,
-    has_task: 0,
-    cgroup: 0,
-    cost: ConnCost {
-        bytes_acked: 0,
-        bytes_received: 0,
-        segs_in: 0,
-        segs_out: 0,
-        total_retrans: 0,
-        srtt_us_x8: 0,
-        mdev_us_x4: 0,
-        rtt_min_us: 0,
-        snd_cwnd: 0,
-        max_cwnd: 0,
-        rwnd_limited_jiffies: 0,
-        ca_states: 0,
-        valid: 0,
-        _pad: 0,
-    },
-    tw: RawEvent {
-        ts_ns: 0,
-        skaddr: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
-        comm: [0; 16],
-        pid: 0,
-        tid: 0,
-        netns: 0,
-        sport: 0,
-        dport: 0,
-        family: 0,
-        segs: 0,
-        kind: 0,
-        oldstate: 0,
-        newstate: 0,
-        ca_state: 0,
-        aux: 0,
-    },
+    ..RawPath::ZERO
 };
 
 /// Keeps one state change of `sk` and returns its entry, or `None` when the table is full (the

@@ -79,9 +79,7 @@ pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeErr
 /// the transitions made in its own system call, as in single records.
 fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> {
     let head = &path.head;
-    let tuple = tuple(head)?;
     let len = (path.len as usize).min(PATH_STEPS);
-    let state = |value: u8| TcpState::from_kernel(value).ok_or(DecodeError::UnknownState(value));
     let info = Event::SocketInfo {
         ts_ns: head.ts_ns,
         sock: head.skaddr,
@@ -99,28 +97,19 @@ fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> 
                 out.push(decode(&path.tw)?);
             }
         }
+        // Each step decodes as the single record it would have been: the head's addressing,
+        // and the owner only on the transitions made in its own system call.
         let owner = path.has_task != 0 && tracer_common::owner_transition(step.old, step.new);
-        out.push(Event::StateChange {
+        out.push(decode(&RawEvent {
             ts_ns: step.ts_ns,
-            sock: head.skaddr,
-            netns: head.netns,
-            tuple,
-            old: state(step.old)?,
-            new: state(step.new)?,
-            task: if owner {
-                Task {
-                    pid: head.pid,
-                    tid: head.tid,
-                    comm: Comm(head.comm),
-                }
-            } else {
-                Task {
-                    pid: 0,
-                    tid: 0,
-                    comm: Comm([0; 16]),
-                }
-            },
-        });
+            kind: EVENT_STATE,
+            oldstate: step.old,
+            newstate: step.new,
+            pid: if owner { head.pid } else { 0 },
+            tid: if owner { head.tid } else { 0 },
+            comm: if owner { head.comm } else { [0; 16] },
+            ..*head
+        })?);
     }
     if !closes {
         out.push(info);
