@@ -68,6 +68,9 @@ pub const COUNT_CLOSE_WAIT_TABLE_FULL: u32 = 1;
 pub const COUNT_CONG_TABLE_FULL: u32 = 2;
 pub const COUNT_SLOTS: u32 = 3;
 
+/// Bytes of `struct tcp_sock` the closing socket's cost is copied from in one read.
+pub const COST_WINDOW: u32 = 1024;
+
 /// State changes one [`RawPath`] carries at most; a longer run is sent in several records.
 pub const PATH_STEPS: usize = 6;
 
@@ -103,6 +106,22 @@ pub struct RawPath {
     pub cgroup: u64,
     /// What the connection cost, read from the socket when the run ends in CLOSE.
     pub cost: ConnCost,
+    /// The timewait socket that replaced this one, when the run ends in CLOSE through
+    /// TIME_WAIT: its timer's start (`EVENT_TW_START`; kind 0 when none). The kernel arms it
+    /// just before the socket's CLOSE, on the same CPU, so it rides in the same record.
+    pub tw: RawEvent,
+}
+
+/// The leading part of a [`RawPath`], sent alone for a run that does not end in CLOSE (it has
+/// no cost and no timewait socket): the same layout, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawPathOpen {
+    pub head: RawEvent,
+    pub steps: [PathStep; PATH_STEPS],
+    pub len: u32,
+    pub has_task: u32,
+    pub cgroup: u64,
 }
 
 /// What a connection cost, read from its `struct tcp_sock` as it closes (`valid` non-zero),
@@ -227,6 +246,62 @@ pub struct RawEvent {
     pub aux: u64,
 }
 
+impl RawEvent {
+    /// Every field zero (the kernel programs build records from it without a stack copy).
+    pub const ZERO: RawEvent = RawEvent {
+        ts_ns: 0,
+        skaddr: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: [0; 16],
+        pid: 0,
+        tid: 0,
+        netns: 0,
+        sport: 0,
+        dport: 0,
+        family: 0,
+        segs: 0,
+        kind: 0,
+        oldstate: 0,
+        newstate: 0,
+        ca_state: 0,
+        aux: 0,
+    };
+}
+
+impl RawPath {
+    /// Every field zero.
+    pub const ZERO: RawPath = RawPath {
+        head: RawEvent::ZERO,
+        steps: [PathStep {
+            ts_ns: 0,
+            old: 0,
+            new: 0,
+            _pad: [0; 6],
+        }; PATH_STEPS],
+        len: 0,
+        has_task: 0,
+        cgroup: 0,
+        cost: ConnCost {
+            bytes_acked: 0,
+            bytes_received: 0,
+            segs_in: 0,
+            segs_out: 0,
+            total_retrans: 0,
+            srtt_us_x8: 0,
+            mdev_us_x4: 0,
+            rtt_min_us: 0,
+            snd_cwnd: 0,
+            max_cwnd: 0,
+            rwnd_limited_jiffies: 0,
+            ca_states: 0,
+            valid: 0,
+            _pad: 0,
+        },
+        tw: RawEvent::ZERO,
+    };
+}
+
 /// Byte offsets into kernel structures, discovered from the running kernel's BTF by the agent
 /// and written into the programs' read-only data before they load (Rust eBPF has no CO-RE).
 #[repr(C)]
@@ -295,6 +370,10 @@ pub struct KernelOffsets {
     pub tcp_snd_cwnd: u32,
     /// `chrono_stat[1]` (TCP_CHRONO_RWND_LIMITED).
     pub tcp_rwnd_limited: u32,
+    /// When every `tcp_*` cost field above lies within [`COST_WINDOW`] bytes from this
+    /// offset, the lowest of them: the program then copies that window once instead of
+    /// reading each field on its own. 0: read each field.
+    pub tcp_cost_base: u32,
     /// Non-zero when the head of `struct sock_common` has the layout every kernel since 2.6 has
     /// (daddr 0, rcv_saddr 4, dport 12, num 14, family 16, state 18), checked against BTF: the
     /// programs then read it in one call instead of one per field.
@@ -326,6 +405,8 @@ mod user {
     // SAFETY: repr(C), Copy, integers and byte arrays only, no implicit padding (size checked
     // below): any bit pattern is valid.
     unsafe impl aya::Pod for super::RawPath {}
+    // SAFETY: as for RawPath, whose leading part it is.
+    unsafe impl aya::Pod for super::RawPathOpen {}
     // SAFETY: as for RawPath: a u64, a RawEvent and a u64, no implicit padding.
     unsafe impl aya::Pod for super::CloseWaitEntry {}
     // SAFETY: as for RawPath: two u32, no padding.
@@ -334,8 +415,12 @@ mod user {
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 41 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 42 * 4);
 const _: () = assert!(core::mem::size_of::<PathStep>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
-const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8 + 8 + 64);
+const _: () = assert!(core::mem::size_of::<RawPathOpen>() == 96 + 16 * PATH_STEPS + 16);
+const _: () =
+    assert!(core::mem::offset_of!(RawPath, cgroup) == core::mem::offset_of!(RawPathOpen, cgroup));
+const _: () = assert!(core::mem::offset_of!(RawPath, cost) == core::mem::size_of::<RawPathOpen>());
+const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8 + 8 + 64 + 96);
 const _: () = assert!(core::mem::size_of::<CloseWaitEntry>() == 112);

@@ -42,7 +42,7 @@ pub struct Connection {
     pub owner: Option<Owner>,
     /// States in the order entered; the first is the state the agent first saw it in. Inline:
     /// no allocation per connection for the usual handful of states.
-    pub states: SmallVec<[StateStamp; 4]>,
+    pub states: SmallVec<[StateStamp; 2]>,
     /// When it was opened; `None` when it was opened before the agent saw it.
     pub opened_ns: Option<u64>,
     pub established_ns: Option<u64>,

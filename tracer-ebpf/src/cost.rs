@@ -1,7 +1,9 @@
 //! What a connection cost: read from its `struct tcp_sock` once, as it closes, plus the
 //! congestion states it went through (`tcp_cong_state_set`, kept per socket in `CONG`).
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use tracer_common::{COUNT_CONG_TABLE_FULL, CongSeen, ConnCost};
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel_buf, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
+use tracer_common::{COST_WINDOW, COUNT_CONG_TABLE_FULL, CongSeen, ConnCost};
 
 use crate::maps::{self, off};
 use crate::sock;
@@ -51,16 +53,47 @@ pub fn read_at_close(sk: *const u8, cost: &mut ConnCost) {
     if off!(tcp_bytes_acked) == 0 {
         return;
     }
-    cost.bytes_acked = sock::read(sk, off!(tcp_bytes_acked)).unwrap_or(0);
-    cost.bytes_received = sock::read(sk, off!(tcp_bytes_received)).unwrap_or(0);
-    cost.segs_in = sock::read(sk, off!(tcp_segs_in)).unwrap_or(0);
-    cost.segs_out = sock::read(sk, off!(tcp_segs_out)).unwrap_or(0);
-    cost.total_retrans = sock::read(sk, off!(tcp_total_retrans)).unwrap_or(0);
-    cost.srtt_us_x8 = sock::read(sk, off!(tcp_srtt_us)).unwrap_or(0);
-    cost.mdev_us_x4 = sock::read(sk, off!(tcp_mdev_us)).unwrap_or(0);
-    cost.rtt_min_us = sock::read(sk, off!(tcp_rtt_min)).unwrap_or(0);
-    cost.snd_cwnd = sock::read(sk, off!(tcp_snd_cwnd)).unwrap_or(0);
-    cost.rwnd_limited_jiffies = sock::read(sk, off!(tcp_rwnd_limited)).unwrap_or(0);
+    let base = off!(tcp_cost_base);
+    let window = if base == 0 {
+        None
+    } else {
+        maps::COST_SCRATCH.get_ptr_mut(0).and_then(|buf| {
+            // SAFETY: this CPU's scratch buffer, valid for the program's run; nothing else on
+            // this CPU uses it while this program runs (a program does not nest with itself).
+            let buf = unsafe { &mut *buf };
+            // SAFETY: the helper copies through the kernel's fault-tolerant accessor.
+            unsafe { bpf_probe_read_kernel_buf(sk.wrapping_add(base as usize), buf) }
+                .ok()
+                .map(|()| &*buf)
+        })
+    };
+    // One field: from the window when it was copied, else read on its own.
+    let u32_at = |at: u32| -> u32 {
+        match window {
+            Some(buf) => window_u32(buf, at.wrapping_sub(base)),
+            None => sock::read(sk, at).unwrap_or(0),
+        }
+    };
+    let u64_at = |at: u32| -> u64 {
+        match window {
+            Some(buf) => {
+                let low = window_u32(buf, at.wrapping_sub(base));
+                let high = window_u32(buf, at.wrapping_sub(base).wrapping_add(4));
+                u64::from(low) | u64::from(high) << 32
+            }
+            None => sock::read(sk, at).unwrap_or(0),
+        }
+    };
+    cost.bytes_acked = u64_at(off!(tcp_bytes_acked));
+    cost.bytes_received = u64_at(off!(tcp_bytes_received));
+    cost.segs_in = u32_at(off!(tcp_segs_in));
+    cost.segs_out = u32_at(off!(tcp_segs_out));
+    cost.total_retrans = u32_at(off!(tcp_total_retrans));
+    cost.srtt_us_x8 = u32_at(off!(tcp_srtt_us));
+    cost.mdev_us_x4 = u32_at(off!(tcp_mdev_us));
+    cost.rtt_min_us = u32_at(off!(tcp_rtt_min));
+    cost.snd_cwnd = u32_at(off!(tcp_snd_cwnd));
+    cost.rwnd_limited_jiffies = u32_at(off!(tcp_rwnd_limited));
     cost.max_cwnd = cost.snd_cwnd;
     cost.ca_states = 0;
     let key = sk as u64;
@@ -72,6 +105,16 @@ pub fn read_at_close(sk: *const u8, cost: &mut ConnCost) {
         let _ = maps::CONG.remove(key);
     }
     cost.valid = 1;
+}
+
+/// The native-endian u32 at `at` in the window; 0 outside it.
+#[inline(always)]
+fn window_u32(buf: &[u8; COST_WINDOW as usize], at: u32) -> u32 {
+    let at = at as usize;
+    match buf.get(at..at + 4) {
+        Some(&[a, b, c, d]) => u32::from_ne_bytes([a, b, c, d]),
+        _ => 0,
+    }
 }
 
 /// The socket's cgroup v2 id, 0 when the kernel does not say.

@@ -23,22 +23,48 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0)
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT_SLOTS, 0);
 
+/// `BPF_F_NO_PREALLOC`: entries take kernel memory only while they exist (tracing programs may
+/// use such maps since 6.1, the oldest kernel supported), so the tables can be sized for a
+/// burst of closes without holding that memory all the time.
+const NO_PREALLOC: u32 = 1;
+
 /// State changes of each socket not yet sent, keyed by the socket's address: sent as one record
 /// when the handshake completes, at CLOSE, or before any other record of the socket. Not LRU:
 /// an entry is never dropped silently; when the table is full a change goes out on its own.
 #[map]
-pub static PATHS: HashMap<u64, RawPath> = HashMap::with_max_entries(32768, 0);
+pub static PATHS: HashMap<u64, RawPath> = HashMap::with_max_entries(262_144, NO_PREALLOC);
 
 /// Sockets in CLOSE_WAIT right now, keyed by the socket's address; the agent reads it once a
 /// second to follow CLOSE_WAIT sockets (and leaks) without a record per socket.
 #[map]
-pub static CLOSE_WAIT: HashMap<u64, CloseWaitEntry> = HashMap::with_max_entries(16384, 0);
+pub static CLOSE_WAIT: HashMap<u64, CloseWaitEntry> =
+    HashMap::with_max_entries(65_536, NO_PREALLOC);
+
+/// Per CPU: the window of `struct tcp_sock` a closing socket's cost is read from.
+#[map]
+pub static COST_SCRATCH: PerCpuArray<[u8; tracer_common::COST_WINDOW as usize]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// What `tcp_cong_state_set` saw of each socket (congestion states entered, largest window),
 /// keyed by the socket's address, taken into its closing record (and dropped when a new socket
 /// opens at the same address). Not LRU: when full, what is not kept is counted.
 #[map]
-pub static CONG: HashMap<u64, CongSeen> = HashMap::with_max_entries(65536, 0);
+pub static CONG: HashMap<u64, CongSeen> = HashMap::with_max_entries(65_536, NO_PREALLOC);
+
+/// Per CPU: the start of a TIME_WAIT timer just armed for a new timewait socket, held until
+/// the CLOSE of the socket it replaces (which follows on the same CPU, BHs off) takes it into
+/// its record; and the last TIME_WAIT timer detached here, to tell a re-arm (detach + start in
+/// one `mod_timer`, sent at once as before) from a birth.
+#[map]
+pub static TW_BORN: PerCpuArray<TwSlot> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TwSlot {
+    /// `kind` 0: empty.
+    pub born: RawEvent,
+    pub last_cancel: u64,
+}
 
 /// Adds one to a `COUNTERS` slot.
 #[inline(always)]
@@ -93,6 +119,7 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_rtt_min: 0,
     tcp_snd_cwnd: 0,
     tcp_rwnd_limited: 0,
+    tcp_cost_base: 0,
     sock_head_standard: 0,
     valid: 0,
 };

@@ -5,59 +5,20 @@
 //! A connection then costs two records instead of one per state change.
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use tracer_common::{
-    COUNT_CLOSE_WAIT_TABLE_FULL, COUNT_PATH_TABLE_FULL, CloseWaitEntry, ConnCost, EVENT_PATH,
-    EVENT_STATE, LOST_STATE, PATH_STEPS, PathStep, RawEvent, RawPath,
+    COUNT_CLOSE_WAIT_TABLE_FULL, COUNT_PATH_TABLE_FULL, CloseWaitEntry, EVENT_PATH, EVENT_STATE,
+    LOST_STATE, PATH_STEPS, RawEvent, RawPath, RawPathOpen,
 };
 
 use crate::maps::off;
-use crate::{cost, maps, sock};
+use crate::{cost, maps, sock, timers};
 
 /// What a new entry starts from; inserted from here rather than from the stack.
 static EMPTY: RawPath = RawPath {
     head: RawEvent {
-        ts_ns: 0,
-        skaddr: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
-        comm: [0; 16],
-        pid: 0,
-        tid: 0,
-        netns: 0,
-        sport: 0,
-        dport: 0,
-        family: 0,
-        segs: 0,
         kind: EVENT_PATH,
-        oldstate: 0,
-        newstate: 0,
-        ca_state: 0,
-        aux: 0,
+        ..RawEvent::ZERO
     },
-    steps: [PathStep {
-        ts_ns: 0,
-        old: 0,
-        new: 0,
-        _pad: [0; 6],
-    }; PATH_STEPS],
-    len: 0,
-    has_task: 0,
-    cgroup: 0,
-    cost: ConnCost {
-        bytes_acked: 0,
-        bytes_received: 0,
-        segs_in: 0,
-        segs_out: 0,
-        total_retrans: 0,
-        srtt_us_x8: 0,
-        mdev_us_x4: 0,
-        rtt_min_us: 0,
-        snd_cwnd: 0,
-        max_cwnd: 0,
-        rwnd_limited_jiffies: 0,
-        ca_states: 0,
-        valid: 0,
-        _pad: 0,
-    },
+    ..RawPath::ZERO
 };
 
 /// Keeps one state change of `sk` and returns its entry, or `None` when the table is full (the
@@ -80,9 +41,6 @@ pub fn keep(
     {
         send_kept(sk, path, false);
         existing = None;
-    }
-    if opening {
-        cost::forget(sk);
     }
     let path = match existing {
         Some(path) => path,
@@ -131,29 +89,45 @@ pub fn send(sk: *const u8) {
 }
 
 /// Sends `path`, the entry of `sk`, and forgets it; `closing`: the run ends in CLOSE, so the
-/// record also carries what the connection cost.
+/// record also carries what the connection cost and the timewait socket that replaces it
+/// (otherwise only the leading part goes: [`RawPathOpen`]).
 #[inline(always)]
 pub fn send_kept(sk: *const u8, path: *mut RawPath, closing: bool) {
     // SAFETY: `path` comes from a lookup in `PATHS` during this program's run.
     let len = unsafe { (*path).len };
-    if len > 0
-        && let Some(mut entry) = maps::reserve_for::<RawPath>(LOST_STATE, u64::from(len))
-    {
-        // SAFETY: `entry` is ring buffer memory reserved for one RawPath and `path` a valid map
-        // value of the same type; they do not overlap.
-        unsafe { core::ptr::copy_nonoverlapping(path, entry.as_mut_ptr(), 1) };
+    if len == 0 {
+    } else if closing {
+        if let Some(mut entry) = maps::reserve_for::<RawPath>(LOST_STATE, u64::from(len)) {
+            // SAFETY: `entry` is ring buffer memory reserved for one RawPath and `path` a valid
+            // map value of the same type; they do not overlap.
+            unsafe { core::ptr::copy_nonoverlapping(path, entry.as_mut_ptr(), 1) };
+            // SAFETY: as above: the reserved record, now a full copy.
+            let record = unsafe { &mut *entry.as_mut_ptr() };
+            port_if_unset(sk, &mut record.head);
+            cost::read_at_close(sk, &mut record.cost);
+            timers::take_born(&mut record.tw);
+            entry.submit(maps::submit_flags());
+        }
+    } else if let Some(mut entry) = maps::reserve_for::<RawPathOpen>(LOST_STATE, u64::from(len)) {
+        // SAFETY: `entry` is ring buffer memory for one RawPathOpen, which is the leading part
+        // of the RawPath map value `path` (same layout, checked in tracer-common).
+        unsafe {
+            core::ptr::copy_nonoverlapping(path.cast::<RawPathOpen>(), entry.as_mut_ptr(), 1)
+        };
         // SAFETY: as above: the reserved record, now a full copy.
         let record = unsafe { &mut *entry.as_mut_ptr() };
-        if record.head.sport == 0 {
-            // connect() picks the local port after SYN_SENT (the addresses are set before).
-            record.head.sport = sock::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
-        }
-        if closing {
-            cost::read_at_close(sk, &mut record.cost);
-        }
+        port_if_unset(sk, &mut record.head);
         entry.submit(maps::submit_flags());
     }
     let _ = maps::PATHS.remove(sk as u64);
+}
+
+/// connect() picks the local port after SYN_SENT (the addresses are set before): read it now.
+#[inline(always)]
+fn port_if_unset(sk: *const u8, head: &mut RawEvent) {
+    if head.sport == 0 {
+        head.sport = sock::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
+    }
 }
 
 /// Remembers that `sk` entered CLOSE_WAIT, with its addressing, for the agent's once-a-second

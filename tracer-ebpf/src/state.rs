@@ -4,7 +4,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::EVENT_STATE;
 
-use crate::{maps, paths, sock};
+use crate::{cost, maps, paths, sock, timers};
 
 const ESTABLISHED: u8 = 1;
 const SYN_SENT: u8 = 2;
@@ -30,19 +30,24 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         return send_alone(sk, old, new, owner);
     }
     let opening = (old == CLOSE && new == SYN_SENT) || (old == LISTEN && new == SYN_RECV);
+    if old == CLOSE_WAIT {
+        paths::close_wait_left(sk);
+    }
     // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(path) = paths::keep(sk, now, old, new, owner, opening) else {
+        if new == CLOSE {
+            // The timewait socket's birth, if held, must still arrive before this CLOSE; and
+            // nothing of this socket may stay for the next one at its address.
+            timers::flush_born(tracer_common::LOST_STATE);
+            cost::forget(sk);
+        }
         return send_alone(sk, old, new, owner);
     };
-    if new == CLOSE_WAIT {
-        if !paths::close_wait_entered(sk, path, now, old) {
-            // Not followed once a second: send it now, as it happened.
-            paths::send_kept(sk, path, false);
-            return 0;
-        }
-    } else if old == CLOSE_WAIT {
-        paths::close_wait_left(sk);
+    if new == CLOSE_WAIT && !paths::close_wait_entered(sk, path, now, old) {
+        // Not followed once a second: send it now, as it happened.
+        paths::send_kept(sk, path, false);
+        return 0;
     }
     if new == ESTABLISHED || new == CLOSE {
         paths::send_kept(sk, path, new == CLOSE);

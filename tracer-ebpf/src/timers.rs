@@ -80,6 +80,27 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         // `expires` is an unsigned long compared as the kernel's time_after_eq does.
         (now.wrapping_sub(expires) as i64) >= 0
     };
+    if let Some(slot) = maps::TW_BORN.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, valid for the program's run. Its writers (this program and
+        // the CLOSE that takes a birth) run with BHs off around the birth and its CLOSE.
+        let slot = unsafe { &mut *slot };
+        if phase == Phase::Cancel {
+            // Whatever birth is still held goes first, in order.
+            send_born(slot, tracer_common::LOST_TIMER_CANCEL);
+            slot.last_cancel = timer as u64;
+        } else if slot.last_cancel == timer as u64 {
+            // A re-arm: detached then started again by one mod_timer. Sent at once.
+            slot.last_cancel = 0;
+        } else {
+            // A birth: held for the CLOSE of the socket it replaces.
+            send_born(slot, tracer_common::LOST_TIMER_START);
+            sock::fill(&mut slot.born, tw, false);
+            slot.born.kind = EVENT_TW_START;
+            slot.born.oldstate = 0;
+            slot.born.newstate = substate;
+            return 0;
+        }
+    }
     let Some(mut entry) = maps::reserve(match phase {
         Phase::Start => tracer_common::LOST_TIMER_START,
         _ => tracer_common::LOST_TIMER_CANCEL,
@@ -100,6 +121,43 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     event.aux = u64::from(expired);
     entry.submit(maps::submit_flags());
     0
+}
+
+/// Sends a held TIME_WAIT birth in a record of its own (nobody took it), and empties the slot.
+#[inline(always)]
+pub fn send_born(slot: &mut maps::TwSlot, lost_slot: u32) {
+    if slot.born.kind == 0 {
+        return;
+    }
+    if let Some(mut entry) = maps::reserve(lost_slot) {
+        // SAFETY: entry points at ring buffer memory reserved for one RawEvent.
+        unsafe { *entry.as_mut_ptr() = slot.born };
+        entry.submit(maps::submit_flags());
+    }
+    slot.born.kind = 0;
+}
+
+/// Takes the held TIME_WAIT birth, if any, into `into` (kind 0 when none).
+#[inline(always)]
+pub fn take_born(into: &mut tracer_common::RawEvent) {
+    into.kind = 0;
+    if let Some(slot) = maps::TW_BORN.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, valid for the program's run (see `on_timer`).
+        let slot = unsafe { &mut *slot };
+        if slot.born.kind != 0 {
+            *into = slot.born;
+            slot.born.kind = 0;
+        }
+    }
+}
+
+/// Sends the held TIME_WAIT birth on its own, if any (its CLOSE could not take it).
+#[inline(always)]
+pub fn flush_born(lost_slot: u32) {
+    if let Some(slot) = maps::TW_BORN.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, valid for the program's run (see `on_timer`).
+        send_born(unsafe { &mut *slot }, lost_slot);
+    }
 }
 
 /// Remembers when the ACK started waiting. A re-arm for the same expiry is the kernel keeping

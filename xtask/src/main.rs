@@ -7,6 +7,7 @@ mod install;
 mod layout;
 mod plots;
 mod setup;
+mod soak;
 mod test;
 
 use std::ffi::OsStr;
@@ -31,7 +32,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install what the build and the tests need (Debian packages, rust-src, bpf-linker).
+    /// Install what the build and the tests need (Debian packages, rust-src, bpf-linker,
+    /// cargo-deny).
     Setup,
     /// Set up, then build the agent in release mode (target/release/tracer).
     Build,
@@ -55,6 +57,9 @@ enum Cmd {
     Bench(bench::Args),
     /// Draw the dashboard's key panels to PNG (docs/img/) from Prometheus range queries of a run.
     Plots(plots::Args),
+    /// Run the release agent for a long time under mixed traffic (as root, not in CI) and report
+    /// RSS over time, CPU, lost events and its agreement with `ss` and `nstat`.
+    Soak(soak::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => bench::run(args),
         Cmd::Install(args) => install::run(args),
         Cmd::Plots(args) => plots::run(args),
+        Cmd::Soak(args) => soak::run(args),
         Cmd::Layout { root } => layout::check(root.as_deref().unwrap_or(workspace_root())),
     };
     match result {
@@ -83,7 +89,7 @@ fn build() -> Result<PathBuf> {
     setup::run()?;
     step("building the agent (release)");
     run_cmd(cargo().args(["build", "--release", "--package", "tracer"]))?;
-    let binary = workspace_root().join("target/release/tracer");
+    let binary = target_dir().join("release/tracer");
     if !binary.is_file() {
         bail!("the build finished but {} is missing", binary.display());
     }
@@ -109,6 +115,12 @@ fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or_else(|| Path::new("."))
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR` (relative to the workspace root) or `target/`.
+fn target_dir() -> PathBuf {
+    let root = workspace_root();
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir))
 }
 
 /// The cargo that runs us (stable), in the workspace root.

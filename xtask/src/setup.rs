@@ -10,6 +10,7 @@ use crate::{is_root, output_of, run_cmd, step, workspace_root};
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ss, nstat, ip"),
     ("nftables", "nft"),
+    ("iperf3", "iperf3, the reference for what a connection cost"),
     ("prometheus", "promtool"),
     ("tmux", "tmux, for the test of `tracer top`"),
     ("systemd", "systemd-analyze"),
@@ -18,11 +19,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The cargo-deny `cargo xtask test` checks the dependency tree with (see deny.toml).
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
 pub fn run() -> Result<()> {
     debian_packages()?;
     let sysroot = nightly_sysroot()?;
     rust_src(&sysroot)?;
     bpf_linker(&sysroot)?;
+    cargo_deny()?;
     step("setup complete");
     Ok(())
 }
@@ -169,6 +174,28 @@ fn bpf_linker(sysroot: &Path) -> Result<()> {
     }
     let version = output_of("bpf-linker", &["--version"])
         .context("bpf-linker was installed but does not run: is cargo's bin directory on PATH?")?;
+    step(&format!("{version} installed"));
+    Ok(())
+}
+
+fn cargo_deny() -> Result<()> {
+    if let Some(version) = output_of("cargo", &["deny", "--version"]) {
+        step(&format!("{version} present"));
+        return Ok(());
+    }
+    // Measured on a 2-core machine: about five and a half minutes.
+    step(&format!(
+        "building cargo-deny {CARGO_DENY_VERSION} from the Rust registry (about 6 minutes on 2 cores)"
+    ));
+    run_cmd(Command::new("cargo").args([
+        "install",
+        "--locked",
+        "cargo-deny",
+        "--version",
+        CARGO_DENY_VERSION,
+    ]))?;
+    let version = output_of("cargo", &["deny", "--version"])
+        .context("cargo-deny was installed but does not run: is cargo's bin directory on PATH?")?;
     step(&format!("{version} installed"));
     Ok(())
 }

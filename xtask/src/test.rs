@@ -31,6 +31,10 @@ pub fn run() -> Result<()> {
     step("checking formatting (cargo fmt)");
     run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
 
+    // Early: a new dependency's licence or source is cheaper to hear about than a test run.
+    step("checking dependencies: licences, duplicate versions, sources (cargo deny)");
+    run_cmd(cargo().args(["deny", "check", "licenses", "bans", "sources"]))?;
+
     step("checking that tracer-core stays pure (cargo tree)");
     core_is_pure()?;
 

@@ -82,7 +82,17 @@ pub struct TimeWaitTable {
     /// Ports with a listener, by namespace: a server on a port inside the ephemeral range is
     /// still the server.
     listening: HashMap<(u32, u16), u32>,
+    /// Cancels of timewait sockets not known yet, by socket, with their time: the kernel sends
+    /// a birth with the CLOSE of the socket it replaces, so a kill on another CPU in between
+    /// can arrive first. A start older than its remembered cancel is a socket already gone.
+    early_cancels: HashMap<SockId, u64>,
+    early_cancel_order: VecDeque<(u64, SockId)>,
 }
+
+/// How long (event time) a cancel of an unknown timewait socket waits for its start.
+const EARLY_CANCEL_WINDOW_NS: u64 = 1_000_000_000;
+/// The most such cancels remembered at once.
+const EARLY_CANCEL_MAX: usize = 4096;
 
 impl TimeWaitTable {
     pub fn new(config: TimeWaitConfig) -> TimeWaitTable {
@@ -98,6 +108,8 @@ impl TimeWaitTable {
             in_time_wait: 0,
             dropped: 0,
             listening: HashMap::default(),
+            early_cancels: HashMap::default(),
+            early_cancel_order: VecDeque::new(),
         }
     }
 
@@ -133,6 +145,8 @@ impl TimeWaitTable {
         shrank |= shrink_map(&mut self.seeded);
         shrank |= shrink_map(&mut self.early_exits);
         shrank |= shrink_map(&mut self.peers);
+        shrank |= shrink_map(&mut self.early_cancels);
+        shrank |= shrink_queue(&mut self.early_cancel_order);
         shrank |= shrink_queue(&mut self.cancels);
         shrank | shrink_queue(&mut self.early_order)
     }
@@ -297,6 +311,12 @@ impl TimeWaitTable {
             self.dropped += 1;
             return;
         }
+        // Its cancel already came (a kill on another CPU overtook this birth): it enters and
+        // leaves at once, as it did in the kernel.
+        let gone_at = self
+            .early_cancels
+            .remove(&tw)
+            .filter(|&cancel_ns| cancel_ns >= ts_ns);
         let peer = self.peer_key(netns, &tuple);
         self.entries.insert(
             tw,
@@ -318,6 +338,9 @@ impl TimeWaitTable {
         if seeded.is_none() {
             obs.time_wait_entered(netns, &tuple);
         }
+        if let Some(cancel_ns) = gone_at {
+            self.on_cancel(cancel_ns, tw, netns, tuple, substate);
+        }
     }
 
     fn on_cancel(&mut self, ts_ns: u64, tw: SockId, netns: u32, tuple: Tuple, substate: TcpState) {
@@ -325,6 +348,10 @@ impl TimeWaitTable {
             // A socket that was in TIME_WAIT before we started is leaving: track it from now.
             let key = (netns, tuple);
             let Some(peer) = self.seeded.remove(&key) else {
+                if self.early_cancels.len() < EARLY_CANCEL_MAX {
+                    self.early_cancels.insert(tw, ts_ns);
+                    self.early_cancel_order.push_back((ts_ns, tw));
+                }
                 return;
             };
             self.entries.insert(
@@ -412,6 +439,15 @@ impl TimeWaitTable {
     /// Settles cancels that no re-arm or expiry followed, and early exits that no reuse
     /// followed, as of `now_ns`.
     pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
+        while let Some(&(ts, tw)) = self.early_cancel_order.front() {
+            if ts.saturating_add(EARLY_CANCEL_WINDOW_NS) > now_ns {
+                break;
+            }
+            self.early_cancel_order.pop_front();
+            if self.early_cancels.get(&tw) == Some(&ts) {
+                self.early_cancels.remove(&tw);
+            }
+        }
         while let Some(&(ts, tw)) = self.cancels.front() {
             if ts.saturating_add(self.config.settle_ns) > now_ns {
                 break;
@@ -905,5 +941,39 @@ mod tests {
             );
         }
         assert_eq!((t.count(), t.dropped()), (2, 1));
+    }
+
+    #[test]
+    fn a_kill_that_overtakes_the_birth_it_ends_leaves_nothing_counted() {
+        let mut t = TimeWaitTable::new(TimeWaitConfig::default());
+        let mut rec = Recorder::default();
+        let tp = tuple(40000, 80);
+        // The kill on another CPU arrives before the birth, carried by the CLOSE record.
+        t.on_timer(2 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.on_timer(MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        t.tick(2_000 * MS, &mut rec);
+        assert_eq!(t.count(), 0, "entered and left");
+        assert_eq!(rec.time_wait_exited.len(), 1);
+        // A cancel of an unknown socket long before a start of the same address is forgotten.
+        t.on_timer(
+            3_000 * MS,
+            TW,
+            NS,
+            tp,
+            TimeWait,
+            TimerPhase::Cancel,
+            &mut rec,
+        );
+        t.tick(5_000 * MS, &mut rec);
+        t.on_timer(
+            5_001 * MS,
+            TW,
+            NS,
+            tp,
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        assert_eq!(t.count(), 1);
     }
 }

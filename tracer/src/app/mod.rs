@@ -3,6 +3,7 @@
 pub mod diagnose;
 pub mod listen;
 pub mod memory;
+pub mod privileges;
 pub mod pump;
 pub mod resync;
 pub mod run;

@@ -55,6 +55,8 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
         max_connections: args.max_connections as usize,
         close_wait_threshold: args.close_wait_threshold,
     })?;
+    // Attached and seeded: give up what is not needed any more, before any thread starts.
+    crate::app::privileges::drop_unneeded()?;
     let clock = WallClock::new().context("reading the clocks")?;
     let listen_worker = ListenWorker::start(
         session.metrics.clone(),

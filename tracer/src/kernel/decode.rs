@@ -1,12 +1,12 @@
 //! Decoding ring buffer records into typed events. Pure; the reading loop lives in `agent`.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use tracer_common::ConnCost;
 use tracer_common::{
     AF_INET, AF_INET6, EVENT_DELAYED_ACK, EVENT_NAGLE_HELD, EVENT_PATH, EVENT_RESET_RECEIVED,
     EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE, EVENT_SYNACK_RETRANSMIT, EVENT_TW_CANCEL,
     EVENT_TW_EXPIRE, EVENT_TW_START, PATH_STEPS, RST_REASON_UNKNOWN, RawEvent, RawPath,
 };
+use tracer_common::{ConnCost, RawPathOpen};
 
 use tracer_core::model::{
     Comm, ConnectionCost, Event, ResetDirection, RetransmitKind, Task, TcpState, TimerPhase, Tuple,
@@ -39,12 +39,25 @@ pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeErr
     let raw = parse(bytes)?;
     match raw.kind {
         EVENT_PATH => {
-            if bytes.len() < size_of::<RawPath>() {
+            let path = if bytes.len() >= size_of::<RawPath>() {
+                // SAFETY: the length was checked, RawPath is Pod (any bit pattern is valid), and
+                // read_unaligned makes no alignment assumption about the record.
+                unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPath>()) }
+            } else if bytes.len() >= size_of::<RawPathOpen>() {
+                // SAFETY: as above, for the leading part a run that does not close is sent as.
+                let open =
+                    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPathOpen>()) };
+                RawPath {
+                    head: open.head,
+                    steps: open.steps,
+                    len: open.len,
+                    has_task: open.has_task,
+                    cgroup: open.cgroup,
+                    ..RawPath::default()
+                }
+            } else {
                 return Err(DecodeError::Truncated);
-            }
-            // SAFETY: the length was checked above, RawPath is Pod (any bit pattern is valid),
-            // and read_unaligned makes no alignment assumption about the record.
-            let path = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPath>()) };
+            };
             path_events(&path, out)
         }
         EVENT_TW_CANCEL if raw.aux == 1 => {
@@ -66,9 +79,7 @@ pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeErr
 /// the transitions made in its own system call, as in single records.
 fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> {
     let head = &path.head;
-    let tuple = tuple(head)?;
     let len = (path.len as usize).min(PATH_STEPS);
-    let state = |value: u8| TcpState::from_kernel(value).ok_or(DecodeError::UnknownState(value));
     let info = Event::SocketInfo {
         ts_ns: head.ts_ns,
         sock: head.skaddr,
@@ -81,29 +92,24 @@ fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> 
     for (at, step) in path.steps[..len].iter().enumerate() {
         if closes && at == len - 1 {
             out.push(info);
+            // The timewait socket that replaces it was born just before this CLOSE.
+            if path.tw.kind == EVENT_TW_START {
+                out.push(decode(&path.tw)?);
+            }
         }
+        // Each step decodes as the single record it would have been: the head's addressing,
+        // and the owner only on the transitions made in its own system call.
         let owner = path.has_task != 0 && tracer_common::owner_transition(step.old, step.new);
-        out.push(Event::StateChange {
+        out.push(decode(&RawEvent {
             ts_ns: step.ts_ns,
-            sock: head.skaddr,
-            netns: head.netns,
-            tuple,
-            old: state(step.old)?,
-            new: state(step.new)?,
-            task: if owner {
-                Task {
-                    pid: head.pid,
-                    tid: head.tid,
-                    comm: Comm(head.comm),
-                }
-            } else {
-                Task {
-                    pid: 0,
-                    tid: 0,
-                    comm: Comm([0; 16]),
-                }
-            },
-        });
+            kind: EVENT_STATE,
+            oldstate: step.old,
+            newstate: step.new,
+            pid: if owner { head.pid } else { 0 },
+            tid: if owner { head.tid } else { 0 },
+            comm: if owner { head.comm } else { [0; 16] },
+            ..*head
+        })?);
     }
     if !closes {
         out.push(info);
@@ -457,6 +463,12 @@ mod tests {
             step.old = old;
             step.new = new;
         }
+        path.tw = RawEvent {
+            kind: EVENT_TW_START,
+            skaddr: 0xffff_8880_0000_7700,
+            newstate: 6,
+            ..path.head
+        };
         path.cost = ConnCost {
             bytes_acked: 1_000_000,
             bytes_received: 5,
@@ -475,7 +487,19 @@ mod tests {
         };
         let mut events = Vec::new();
         decode_record(bytes, &mut events).expect("decode");
-        assert_eq!(events.len(), 4);
+        assert_eq!(events.len(), 5);
+        assert!(
+            matches!(
+                events[3],
+                Event::TimeWait {
+                    tw: 0xffff_8880_0000_7700,
+                    timer: TimerPhase::Start,
+                    substate: TcpState::TimeWait,
+                    ..
+                }
+            ),
+            "the timewait socket's birth comes just before the CLOSE: {events:?}"
+        );
         let Event::SocketInfo {
             cost: Some(cost), ..
         } = events[2]
@@ -489,7 +513,7 @@ mod tests {
         );
         assert_eq!((cost.cwnd, cost.max_cwnd, cost.ca_states), (10, 80, 0b1001));
         assert!(matches!(
-            events[3],
+            events[4],
             Event::StateChange {
                 new: TcpState::Close,
                 ..
@@ -504,6 +528,14 @@ mod tests {
         assert_eq!(
             decode_record(&bytes[..size_of::<RawEvent>() + 8], &mut events),
             Err(DecodeError::Truncated)
+        );
+        // The leading part alone is what a run that does not close is sent as.
+        events.clear();
+        decode_record(&bytes[..size_of::<RawPathOpen>()], &mut events).expect("short run");
+        assert_eq!(
+            events.len(),
+            3,
+            "two steps and the socket's info: {events:?}"
         );
         let mut bad = bytes.clone();
         bad[size_of::<RawEvent>() + 9] = 77; // the first step's new state

@@ -24,7 +24,7 @@ mod profile;
 mod render;
 mod report;
 mod ringbuf;
-mod sys;
+pub(crate) mod sys;
 use crate::{require_root, step, workspace_root};
 use anyhow::{Context as _, Result, bail};
 use clap::value_parser;
@@ -62,6 +62,10 @@ pub struct Args {
     /// Measure this agent binary instead of building target/release/tracer.
     #[arg(long, value_name = "PATH")]
     tracer_bin: Option<PathBuf>,
+    /// Only the memory phase (idle connections held open), for quick checks of the agent's
+    /// memory; prints its figures and writes no results file.
+    #[arg(long, conflicts_with_all = ["skip_idle", "quick"])]
+    memory_only: bool,
     /// Idle connections held open in the memory phase.
     #[arg(long, default_value_t = 50_000, value_parser = value_parser!(u32).range(1..=500_000))]
     idle_connections: u32,
@@ -221,6 +225,16 @@ pub fn run(args: Args) -> Result<()> {
     // The churn needs no more than the default limit, but a raised soft limit costs nothing.
     if let Ok((_, hard)) = sys::nofile_limit() {
         let _ = sys::raise_nofile(hard);
+    }
+
+    if args.memory_only {
+        step(&format!(
+            "memory: the agent with {} idle connections held open",
+            args.idle_connections
+        ));
+        let idle = idle::run(&env, args.idle_connections)?;
+        print!("{}", render::idle_text(&idle));
+        return Ok(());
     }
 
     check_foreign();

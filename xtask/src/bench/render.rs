@@ -182,31 +182,39 @@ pub(super) fn render_text(
     out.push_str(&profile.render());
 
     if let Some(idle) = idle {
-        let kib = |v: Option<u64>| v.map_or("?".into(), |k| mib(k as f64));
-        let _ = writeln!(
-            out,
-            "\nMemory with idle connections: {} of {} loopback connections open in {:.1} s ({} helper process pairs, {} ports)",
-            int(idle.connected as f64),
-            int(idle.wanted as f64),
-            idle.open_seconds,
-            idle.helper_pairs,
-            idle.listeners
-        );
-        let _ = writeln!(
-            out,
-            "  agent RSS: {} before, {} with them open ({} tracked), {} after closing; peak {}{}",
-            kib(idle.rss_before_kib),
-            kib(idle.rss_with_kib),
-            idle.tracked_with.map_or("?".into(), int),
-            kib(idle.rss_after_kib),
-            kib(idle.hwm_kib),
-            idle.bytes_per_socket()
-                .map(|b| format!("; about {} bytes per tracked socket", int(b)))
-                .unwrap_or_default()
-        );
-        for note in &idle.notes {
-            let _ = writeln!(out, "  note: {note}");
-        }
+        out.push_str(&idle_text(idle));
+    }
+    out
+}
+
+/// The memory phase's figures.
+pub(super) fn idle_text(idle: &idle::IdleResult) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let kib = |v: Option<u64>| v.map_or("?".into(), |k| mib(k as f64));
+    let _ = writeln!(
+        out,
+        "\nMemory with idle connections: {} of {} loopback connections open in {:.1} s ({} helper process pairs, {} ports)",
+        int(idle.connected as f64),
+        int(idle.wanted as f64),
+        idle.open_seconds,
+        idle.helper_pairs,
+        idle.listeners
+    );
+    let _ = writeln!(
+        out,
+        "  agent RSS: {} before, {} with them open ({} tracked), {} after closing; peak {}{}",
+        kib(idle.rss_before_kib),
+        kib(idle.rss_with_kib),
+        idle.tracked_with.map_or("?".into(), int),
+        kib(idle.rss_after_kib),
+        kib(idle.hwm_kib),
+        idle.bytes_per_socket()
+            .map(|b| format!("; about {} bytes per tracked socket", int(b)))
+            .unwrap_or_default()
+    );
+    for note in &idle.notes {
+        let _ = writeln!(out, "  note: {note}");
     }
     out
 }

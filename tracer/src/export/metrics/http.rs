@@ -1,5 +1,9 @@
-//! The HTTP endpoint: `GET /metrics` in the Prometheus text format (HTTP/1.1, one connection
-//! at a time per task, header read timeout, graceful shutdown).
+//! The HTTP endpoint: `GET /metrics` in the Prometheus text format (HTTP/1.1, one task per
+//! connection, graceful shutdown). A client can hold only so much: the request head must arrive
+//! whole, and small, within a timeout (also between the requests of a kept-alive connection), a
+//! connection lives at most a bounded time whatever it does, and at most so many are open at
+//! once (more wait in the kernel's accept queue): a client that connects and sends nothing, or
+//! sends an endless header, delays nobody else.
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -16,14 +20,40 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use super::{CONTENT_TYPE_TEXT, Metrics, MetricsError};
 
 /// How long `serve` waits for in-flight requests once shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// What one client may hold of the endpoint; [`Limits::default`] is what the agent uses.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// How long a client may take to send its request head, from when the connection is
+    /// accepted or its previous response was sent.
+    pub header_read_timeout: Duration,
+    /// The longest a request head may be (request line and headers, at least 8 KiB); longer
+    /// ones are answered 431 and the connection closed. A scrape's head is a few hundred bytes.
+    pub max_head_bytes: usize,
+    /// How long a connection may stay open at all, however it behaves (a client that never
+    /// reads its response, or trickles its head, included). Prometheus reconnects when a
+    /// kept-alive connection is closed.
+    pub connection_timeout: Duration,
+    /// Connections served at once; more wait to be accepted. Each costs a task and a descriptor.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            max_head_bytes: 16 << 10,
+            connection_timeout: Duration::from_secs(60),
+            max_connections: 128,
+        }
+    }
+}
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves, then lets in-flight requests
 /// finish (for a few seconds at most). Binding is left to the caller so that it can report an
@@ -33,12 +63,29 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), MetricsError> {
+    serve_with(listener, metrics, shutdown, Limits::default()).await
+}
+
+/// [`serve`] with other [`Limits`].
+pub async fn serve_with(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> Result<(), MetricsError> {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let http = builder(&limits);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                // Never closed while serving; stop as if asked.
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -59,9 +106,15 @@ pub async fn serve(
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                log::debug!("metrics endpoint: connection from {peer}: {err}");
+            match tokio::time::timeout(limits.connection_timeout, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => log::debug!("metrics endpoint: connection from {peer}: {err}"),
+                Err(_) => log::debug!(
+                    "metrics endpoint: closed the connection from {peer} after {:?}",
+                    limits.connection_timeout
+                ),
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -72,6 +125,18 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// The HTTP/1.1 settings that enforce `limits` on each connection.
+fn builder(limits: &Limits) -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // The read buffer bounds a head still incomplete (hyper refuses one under 8 KiB); the
+        // response body is queued whole, whatever its size.
+        .max_buf_size(limits.max_head_bytes.max(8 << 10))
+        .max_header_size(limits.max_head_bytes);
+    http
 }
 
 /// Accept errors that concern one connection or a passing shortage, not the listener.
@@ -251,5 +316,186 @@ mod tests {
             .unwrap();
         // The listener is closed once serve returns.
         assert!(std::net::TcpStream::connect(addr).is_err());
+    }
+
+    const ENDLESS_MAX: usize = 64 << 20;
+
+    /// Starts `serve_with(limits)` on a free loopback port; the sender stops it.
+    async fn start(
+        limits: Limits,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), MetricsError>>,
+    ) {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        feed(&metrics);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_with(
+            listener,
+            metrics,
+            async {
+                let _ = stopped.await;
+            },
+            limits,
+        ));
+        (addr, stop, server)
+    }
+
+    /// Reads until the server closes; what it sent. Bounded by a read timeout.
+    fn until_closed(stream: &mut std::net::TcpStream) -> Vec<u8> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+                Err(e) => panic!("waiting for the server to close: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_slow_and_oversized_clients_are_cut_off_and_block_nobody() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            max_head_bytes: 8 << 10,
+            connection_timeout: Duration::from_secs(2),
+            max_connections: 3,
+        };
+        let (addr, stop, server) = start(limits).await;
+        let client = tokio::task::spawn_blocking(move || {
+            // Takes the three slots: silent, trickling, and a head that never ends.
+            let mut silent = std::net::TcpStream::connect(addr).unwrap();
+            let mut trickle = std::net::TcpStream::connect(addr).unwrap();
+            let mut endless = std::net::TcpStream::connect(addr).unwrap();
+            let trickler = std::thread::spawn(move || {
+                // One byte every 50 ms (each well within the head timeout of a naive
+                // per-read timer), for at most 10 s: cut off by the head timeout.
+                trickle.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+                for _ in 0..200 {
+                    if trickle.write_all(b"X").is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                until_closed(&mut trickle)
+            });
+            let writer = std::thread::spawn(move || {
+                let mut sent = endless.write(b"GET /metrics HTTP/1.1\r\nX-Long: ").unwrap();
+                let chunk = [b'a'; 16 << 10];
+                // At most 64 MiB, more than loopback socket buffers hold: it only all goes
+                // out if the server reads it all.
+                while sent < ENDLESS_MAX {
+                    match endless.write(&chunk) {
+                        Ok(n) => sent += n,
+                        Err(_) => break,
+                    }
+                }
+                (sent, until_closed(&mut endless))
+            });
+            // A scrape still answers: it waits for a slot the limits free.
+            let scraped = get(addr, "/metrics");
+            let silent_got = until_closed(&mut silent);
+            (
+                scraped,
+                silent_got,
+                trickler.join().unwrap(),
+                writer.join().unwrap(),
+            )
+        });
+        let (scraped, silent_got, trickled_got, (sent, endless_got)) =
+            tokio::time::timeout(Duration::from_secs(60), client)
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(scraped.0, 200, "{}", scraped.1);
+        assert!(
+            silent_got.is_empty()
+                || String::from_utf8_lossy(&silent_got).starts_with("HTTP/1.1 408"),
+            "{silent_got:?}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&trickled_got).contains("200 OK"),
+            "{trickled_got:?}"
+        );
+        // The endless head was refused: 431 and closed, not read to its end.
+        assert!(sent < ENDLESS_MAX, "the server read all {sent} bytes");
+        let answer = String::from_utf8_lossy(&endless_got);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+            "{answer}"
+        );
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_is_closed_once_idle_past_the_head_timeout() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (addr, stop, server) = start(limits).await;
+        let client = tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            // The response, then nothing more from us: the server closes.
+            until_closed(&mut stream)
+        });
+        let got = tokio::time::timeout(Duration::from_secs(60), client)
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_response_far_larger_than_the_head_limit_goes_out_whole() {
+        const BODY: usize = 4 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = service_fn(|_request: Request<Incoming>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'm'; BODY]))))
+            });
+            builder(&Limits::default())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+        });
+        let client = tokio::task::spawn_blocking(move || get(addr, "/metrics"));
+        let (status, head, body) = tokio::time::timeout(Duration::from_secs(60), client)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200, "{head}");
+        assert_eq!(body.len(), BODY);
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }

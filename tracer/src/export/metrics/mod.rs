@@ -32,7 +32,7 @@ pub use acks::AckMetrics;
 pub use close_wait::CloseWaitMetrics;
 pub use features::FeatureMetrics;
 
-pub use http::serve;
+pub use http::{Limits, serve, serve_with};
 pub use listen::ListenMetrics;
 use time_wait::TimeWaitMetrics;
 
