@@ -596,6 +596,7 @@ mod tests {
         for event in events {
             tracker.on_event(event, &mut closed);
         }
+        tracker.flush_closed(&mut closed);
         assert_eq!(closed.0.len(), 1, "{:?}", closed.0);
         closed.0.remove(0)
     }

@@ -788,6 +788,7 @@ mod tests {
         for event in &events {
             tracker.on_event(event, &mut observer);
         }
+        tracker.flush_closed(&mut observer);
         metrics.set_active(7);
         let out = metrics.render().unwrap();
         let expect = |series: &str, expected: f64| {
