@@ -5,6 +5,8 @@
 //! event loop calls [`EventSink::flush`] after each batch. A write error (EPIPE when the reader
 //! went away, as with `| head`) never panics: the first one is kept, later lines are dropped,
 //! and `flush` / `take_error` hand it to the event loop so that it can stop cleanly.
+mod cost;
+
 use std::borrow::Cow;
 
 use std::fmt;
@@ -31,6 +33,8 @@ use tracer_core::record::TimeWaitRecord;
 
 use tracer_core::record::{Connection, StateStamp};
 
+pub use crate::export::cost::CostContext;
+
 /// How per-connection events are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventFormat {
@@ -55,6 +59,8 @@ pub struct EventSink<W: Write> {
     /// Where CLOSE_WAIT leaks of unknown owner wait for their `/proc` lookup, off the event
     /// path; without it they are written with an unknown owner.
     owners: Option<OwnerLookups>,
+    /// Units and names for the cost fields.
+    cost: CostContext,
 }
 
 // Text columns: widths of TIME, PID, COMM, LADDR:LPORT, RADDR:RPORT, DIR, CLOSE, RETX, MS.
@@ -66,6 +72,9 @@ const W_DIR: usize = 7;
 const W_CLOSE: usize = 14;
 const W_RETX: usize = 5;
 const W_MS: usize = 11;
+// TX_KB, RX_KB, RTT_MS.
+const W_KB: usize = 8;
+const W_RTT: usize = 9;
 
 impl<W: Write> EventSink<W> {
     pub fn new(format: EventFormat, out: W, clock: WallClock) -> EventSink<W> {
@@ -77,7 +86,14 @@ impl<W: Write> EventSink<W> {
             cell: String::with_capacity(64),
             error: None,
             owners: None,
+            cost: CostContext::default(),
         }
+    }
+
+    /// The jiffy length and RST reason names the cost fields are written with.
+    pub fn with_cost_context(mut self, cost: CostContext) -> EventSink<W> {
+        self.cost = cost;
+        self
     }
 
     /// Looks up the owners of CLOSE_WAIT leaks the kernel events could not name on `owners`'
@@ -115,8 +131,19 @@ impl<W: Write> EventSink<W> {
         let _ = writeln!(
             self.line,
             "{:<W_TIME$} {:<W_PID$} {:<W_COMM$} {:<W_ADDR$} {:<W_ADDR$} {:<W_DIR$} {:<W_CLOSE$} \
-             {:>W_RETX$} {:>W_MS$} STATES",
-            "TIME(UTC)", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "DIR", "CLOSE", "RETX", "MS",
+             {:>W_RETX$} {:>W_KB$} {:>W_KB$} {:>W_RTT$} {:>W_MS$} STATES",
+            "TIME(UTC)",
+            "PID",
+            "COMM",
+            "LADDR:LPORT",
+            "RADDR:RPORT",
+            "DIR",
+            "CLOSE",
+            "RETX",
+            "TX_KB",
+            "RX_KB",
+            "RTT_MS",
+            "MS",
         );
         self.emit();
     }
@@ -152,9 +179,12 @@ impl<W: Write> EventSink<W> {
         match self.format {
             EventFormat::None => {}
             EventFormat::Json => {
+                // An Arc count, not a copy of the names.
+                let cost = self.cost.clone();
                 let record = JsonRecord {
                     conn,
                     clock: self.clock,
+                    cost: &cost,
                 };
                 self.write_json(&record);
             }
@@ -224,9 +254,11 @@ impl<W: Write> EventSink<W> {
             }
             None => cell.push('-'),
         }
+        let [tx_kb, rx_kb, rtt_ms] = cost::text_columns(conn);
         let _ = write!(
             line,
-            "{:<W_DIR$} {:<W_CLOSE$} {:>W_RETX$} {cell:>W_MS$} ",
+            "{:<W_DIR$} {:<W_CLOSE$} {:>W_RETX$} {tx_kb:>W_KB$} {rx_kb:>W_KB$} {rtt_ms:>W_RTT$} \
+             {cell:>W_MS$} ",
             conn.direction.as_str(),
             close_str(conn),
             conn.retransmits,
@@ -478,12 +510,13 @@ fn micros(ns: u64) -> u64 {
 struct JsonRecord<'a> {
     conn: &'a Connection,
     clock: WallClock,
+    cost: &'a CostContext,
 }
 
 impl Serialize for JsonRecord<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let conn = self.conn;
-        let mut s = serializer.serialize_struct("ConnectionClosed", 25)?;
+        let mut s = serializer.serialize_struct("ConnectionClosed", 25 + cost::FIELDS)?;
         s.serialize_field("ts", &self.clock.rfc3339(close_ns(conn)))?;
         s.serialize_field("event", "connection_closed")?;
         Addressing::of(&conn.tuple, conn.netns).write(&mut s)?;
@@ -503,6 +536,7 @@ impl Serialize for JsonRecord<'_> {
         s.serialize_field("delayed_ack_us", &micros(conn.acks.delayed_ack_ns))?;
         s.serialize_field("nagle_stalls", &conn.acks.nagle_stalls)?;
         s.serialize_field("nagle_lost_us", &micros(conn.acks.nagle_lost_ns))?;
+        cost::write(conn, self.cost, &mut s)?;
         s.end()
     }
 }
