@@ -50,8 +50,7 @@ pub fn payload_sent(conn: &Connection, bytes_acked: u64) -> Option<u64> {
     }
     let syn = u64::from(conn.direction == Direction::Active);
     // Was our FIN acknowledged?
-    let fin = if saw(conn, TcpState::FinWait2) || (saw(conn, TcpState::Closing) && conn.time_wait)
-    {
+    let fin = if saw(conn, TcpState::FinWait2) || (saw(conn, TcpState::Closing) && conn.time_wait) {
         1
     } else {
         match before_close(conn)? {
@@ -126,11 +125,19 @@ mod tests {
         assert_eq!(payload_sent(&s, 501), Some(500));
         assert_eq!(payload_received(&s, 1001), Some(1000));
         // An abort: nothing but the SYN.
-        let a = closed(&[(Close, SynSent), (SynSent, Established), (Established, Close)]);
+        let a = closed(&[
+            (Close, SynSent),
+            (SynSent, Established),
+            (Established, Close),
+        ]);
         assert_eq!(payload_sent(&a, 11), Some(10));
         assert_eq!(payload_received(&a, 7), Some(7));
         // Seen from the middle: unknown.
-        let m = closed(&[(Established, FinWait1), (FinWait1, FinWait2), (FinWait2, Close)]);
+        let m = closed(&[
+            (Established, FinWait1),
+            (FinWait1, FinWait2),
+            (FinWait2, Close),
+        ]);
         assert_eq!(payload_sent(&m, 10), None);
     }
 

@@ -35,4 +35,3 @@ impl CostContext {
         Some(u64::from(cost.rwnd_limited_jiffies).saturating_mul(self.jiffy_ns?))
     }
 }
-

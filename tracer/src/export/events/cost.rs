@@ -37,7 +37,11 @@ pub fn write<S: SerializeStruct>(
     s.serialize_field("retransmits_by_kind", &Kinds(&conn.retransmit_kinds))?;
     s.serialize_field("kernel_retransmits", &cost.map(|c| c.total_retrans))?;
     s.serialize_field("srtt_us", &rtt(|c| c.srtt_ns))?;
-    s.serialize_field("rttvar_us", &cost.map(|c| us(c.rttvar_ns)))?;
+    // Without an RTT sample the variance is the kernel's initial guess (TCP_TIMEOUT_INIT).
+    s.serialize_field(
+        "rttvar_us",
+        &cost.filter(|c| c.srtt_ns > 0).map(|c| us(c.rttvar_ns)),
+    )?;
     s.serialize_field("min_rtt_us", &rtt(|c| c.min_rtt_ns))?;
     s.serialize_field("cwnd", &cost.map(|c| c.cwnd))?;
     s.serialize_field("max_cwnd", &cost.map(|c| c.max_cwnd))?;
