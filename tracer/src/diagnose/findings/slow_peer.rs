@@ -231,6 +231,11 @@ impl Diagnosis {
     }
 }
 
+/// A share with one decimal: retransmit shares of a few per cent need it.
+fn pct(ratio: f64) -> String {
+    format!("{:.1}%", ratio * 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use tracer_core::model::{ConnectionCost, Event};
@@ -298,9 +303,4 @@ mod tests {
         let _ = ip(2);
         assert!(run.report(sysctls()).finding(TOPIC_SLOW_PEERS).is_none());
     }
-}
-
-/// A share with one decimal: retransmit shares of a few per cent need it.
-fn pct(ratio: f64) -> String {
-    format!("{:.1}%", ratio * 100.0)
 }
