@@ -9,6 +9,7 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 mod common;
+mod support_cost;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use support_cost::{diagnose_during, finding};
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 const SETTLE: Duration = Duration::from_secs(1);
@@ -170,14 +172,10 @@ fn cost_at_close_equals_what_tcp_info_said_just_before() {
     agent.stop();
 }
 
-/// A receiver with a small buffer stops reading while the sender writes: the sender waits
-/// on a zero window. Its event shows the rwnd-limited time `TCP_INFO` shows, and the metrics
-/// count it.
-#[test]
-fn a_receiver_that_stops_reading_makes_its_sender_window_limited() {
-    require_root();
-    let mut agent = Agent::start(&[]);
-    let before = agent.scrape();
+/// A sender whose receiver stops reading (for 1.5 s, with a receive buffer far below what is
+/// sent): its local address and its `TCP_INFO` once everything is acknowledged, just before
+/// it aborts.
+fn stalled_sender() -> (SocketAddr, libc::tcp_info) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     // Accepted sockets inherit it: a window far below what the sender has to send, yet
     // several loopback MSS (64 KiB) wide, so that window updates flow once reading resumes.
@@ -218,6 +216,17 @@ fn a_receiver_that_stops_reading_makes_its_sender_window_limited() {
         info.tcpi_rwnd_limited > 0,
         "the kernel saw no rwnd-limited time: the test did not stall the sender"
     );
+    (local, info)
+}
+
+/// A receiver that stops reading: the sender's event shows the rwnd-limited time `TCP_INFO`
+/// shows, and the metrics count it.
+#[test]
+fn a_receiver_that_stops_reading_makes_its_sender_window_limited() {
+    require_root();
+    let mut agent = Agent::start(&[]);
+    let before = agent.scrape();
+    let (local, info) = stalled_sender();
 
     let ev = agent.wait_for_exactly(is_from(local), 1, EVENT_TIMEOUT, SETTLE);
     let ev = &ev[0];
@@ -241,6 +250,31 @@ fn a_receiver_that_stops_reading_makes_its_sender_window_limited() {
         "rwnd-limited seconds +{seconds}, the connection alone {held_us} us"
     );
     agent.stop();
+}
+
+/// `tracer diagnose` names the stalled connection, its sender and the time it waited.
+#[test]
+fn diagnose_names_the_connection_a_slow_reader_stalled() {
+    require_root();
+    let ((local, info), report) = diagnose_during(12, stalled_sender);
+    let f = finding(&report, "zero_window");
+    let rows = f["details"]["connections_by_time"]["top"]
+        .as_array()
+        .expect("connections");
+    let row = rows
+        .iter()
+        .find(|r| r["local"] == local.to_string())
+        .unwrap_or_else(|| panic!("{local} not among {f:#}"));
+    eprintln!(
+        "TCP_INFO rwnd_limited {} us; finding row {row}",
+        info.tcpi_rwnd_limited
+    );
+    assert_eq!(
+        row["held_ms"].as_f64(),
+        Some(info.tcpi_rwnd_limited as f64 / 1000.0),
+        "{row}"
+    );
+    assert_eq!(row["sender"]["pid"], u64::from(std::process::id()), "{row}");
 }
 
 fn set_rcvbuf(fd: std::os::fd::RawFd, bytes: libc::c_int) {
