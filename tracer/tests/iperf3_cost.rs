@@ -18,6 +18,7 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 mod common;
+mod support_cost;
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use support_cost::{diagnose_during, finding};
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(1);
@@ -122,26 +124,14 @@ fn num(ev: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} missing or null in {ev}"))
 }
 
-#[test]
-fn iperf3_bytes_and_retransmits_match_the_agent_across_a_lossy_veth() {
-    require_root();
-    require_tool("iperf3");
-    require_tool("nstat");
-    let ns = Netns::create();
-    let port = free_port();
-    let ns_ip = ns.ns_ip.to_string();
-    let _drops = HostDrops::add(&ns.host_if, port, 40);
-    let _server = IperfServer::start(&ns, &ns_ip, port);
-    let mut agent = Agent::start(&[]);
-    let metrics_before = agent.scrape();
-    let before = nstat_in(&ns);
-
+/// `iperf3 -J -R -n BYTES` from the host to the server in the namespace: its JSON report.
+fn run_client(ns_ip: &str, port: u16) -> Value {
     let mut client = Command::new("iperf3")
         .args([
             "-J",
             "-R",
             "-c",
-            &ns_ip,
+            ns_ip,
             "-p",
             &port.to_string(),
             "-n",
@@ -164,6 +154,25 @@ fn iperf3_bytes_and_retransmits_match_the_agent_across_a_lossy_veth() {
     });
     let report: Value = serde_json::from_str(&reader.join().unwrap()).expect("iperf3 -J output");
     assert!(status.success(), "iperf3 -c failed: {report}");
+    report
+}
+
+#[test]
+fn iperf3_bytes_and_retransmits_match_the_agent_across_a_lossy_veth() {
+    require_root();
+    require_tool("iperf3");
+    require_tool("nstat");
+    let ns = Netns::create();
+    let port = free_port();
+    let ns_ip = ns.ns_ip.to_string();
+    let _drops = HostDrops::add(&ns.host_if, port, 40);
+    let _server = IperfServer::start(&ns, &ns_ip, port);
+    let mut agent = Agent::start(&[]);
+    let metrics_before = agent.scrape();
+    let before = nstat_in(&ns);
+
+    // `tracer diagnose` watches the same run: it must name the lossy peer.
+    let (report, diagnosis) = diagnose_during(12, || run_client(&ns_ip, port));
     let sent = report["end"]["sum_sent"]["bytes"].as_u64().expect("bytes");
     let iperf_retrans = report["end"]["sum_sent"]["retransmits"]
         .as_u64()
@@ -252,6 +261,19 @@ fn iperf3_bytes_and_retransmits_match_the_agent_across_a_lossy_veth() {
     if kind("timeout") > 0 {
         assert!(states.contains(&"loss"), "{data}");
     }
+
+    // The diagnosis: the server's peer (the host's end of the veth) is lossy, with the
+    // connection's retransmits (the control connection had none to add).
+    let lossy = finding(&diagnosis, "slow_peers");
+    let peers = lossy["details"]["peers"]["top"].as_array().expect("peers");
+    let host_ip = ns.host_ip.to_string();
+    let row = peers
+        .iter()
+        .find(|p| p["peer"] == host_ip.as_str())
+        .unwrap_or_else(|| panic!("{host_ip} not among {lossy:#}"));
+    eprintln!("slow_peers row: {row}");
+    assert_eq!(row["retransmitted"].as_u64(), Some(iperf_retrans), "{row}");
+    assert!(row["connections"].as_u64() >= Some(2), "{row}");
 
     // The metrics saw it close.
     let metrics_after = agent.scrape();
