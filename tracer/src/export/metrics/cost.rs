@@ -144,3 +144,86 @@ impl CostMetrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tracer_core::model::{ConnectionCost, Event, TcpState};
+    use tracer_core::testkit::{loopback, replay, state, task};
+
+    use super::*;
+    use crate::export::metrics::Metrics;
+
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    }
+
+    #[test]
+    fn a_closed_connection_feeds_the_histograms_and_a_reset_its_reason() {
+        use TcpState::*;
+        let metrics = Metrics::new().unwrap();
+        metrics.cost.configure(CostContext {
+            jiffy_ns: Some(4_000_000),
+            rst_reasons: Arc::new([(3, "tcp_state".to_owned())].into_iter().collect()),
+        });
+        let t = loopback(40000, 8080);
+        let (_, rec) = replay(&[
+            state(1, 0x10, t, Close, SynSent, task(1, "c")),
+            state(2, 0x10, t, SynSent, Established, task(1, "c")),
+            Event::SocketInfo {
+                ts_ns: 3,
+                sock: 0x10,
+                cgroup: 0,
+                cost: Some(ConnectionCost {
+                    bytes_sent: 1_001,
+                    bytes_received: 20,
+                    srtt_ns: 300_000,
+                    min_rtt_ns: 20_000,
+                    rwnd_limited_jiffies: 50,
+                    ..ConnectionCost::default()
+                }),
+            },
+            state(4, 0x10, t, Established, Close, task(1, "c")),
+        ]);
+        metrics.cost.closed(&rec.closed[0]);
+        metrics.cost.reset_sent(Some(3));
+        metrics.cost.reset_sent(Some(999));
+        metrics.cost.reset_sent(None);
+        let out = metrics.render().unwrap();
+        assert_eq!(value(&out, "tracer_connection_srtt_seconds_sum"), 0.0003);
+        assert_eq!(
+            value(
+                &out,
+                r#"tracer_connection_srtt_seconds_bucket{le="0.0005"}"#
+            ),
+            1.0
+        );
+        assert_eq!(value(&out, "tracer_connection_min_rtt_seconds_count"), 1.0);
+        // An abort: the SYN comes off what was acknowledged, nothing off what was received.
+        assert_eq!(
+            value(&out, r#"tracer_connection_bytes_sum{direction="sent"}"#),
+            1000.0
+        );
+        assert_eq!(
+            value(&out, r#"tracer_connection_bytes_sum{direction="received"}"#),
+            20.0
+        );
+        assert_eq!(value(&out, "tracer_connections_rwnd_limited_total"), 1.0);
+        assert_eq!(
+            value(&out, "tracer_connection_rwnd_limited_seconds_total"),
+            0.2
+        );
+        assert_eq!(
+            value(&out, r#"tracer_resets_sent_total{reason="tcp_state"}"#),
+            1.0
+        );
+        assert_eq!(
+            value(&out, r#"tracer_resets_sent_total{reason="unknown"}"#),
+            2.0,
+            "an unnamed code and no code"
+        );
+    }
+}
