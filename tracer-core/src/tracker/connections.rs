@@ -269,6 +269,7 @@ impl Tracker {
             } => {
                 obs.reset(&tuple, direction, reason);
                 if direction == ResetDirection::Sent
+                    && state == TcpState::Close
                     && let Some(at) = self.aborted.iter().position(|c| c.sock == sock)
                 {
                     // The RST of an abort: traced after its CLOSE, it completes the record.
