@@ -7,6 +7,7 @@
 //! ([`acks`]) and the CLOSE_WAIT deadlines, and tells an [`observer::Observer`] what it derives
 //! ([`record`]s).
 pub mod acks;
+pub mod cost;
 pub mod model;
 pub mod observer;
 pub mod record;

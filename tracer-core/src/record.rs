@@ -54,6 +54,8 @@ pub struct Connection {
     pub retransmit_kinds: [u32; RetransmitKind::ALL.len()],
     pub resets_sent: u32,
     pub resets_received: u32,
+    /// The kernel's `enum sk_rst_reason` of the last RST it sent, when the kernel gave one.
+    pub reset_sent_reason: Option<u16>,
     /// Known from sock_diag rather than from its opening event.
     pub seeded: bool,
     /// Every state change from open to close was seen in order.

@@ -146,6 +146,7 @@ pub fn replay_with(config: TrackerConfig, events: &[Event]) -> (Tracker, Recorde
     for event in events {
         tracker.on_event(event, &mut recorder);
     }
+    tracker.flush_closed(&mut recorder);
     (tracker, recorder)
 }
 

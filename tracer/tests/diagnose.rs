@@ -29,7 +29,7 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// After the watch ends: detaching and writing the report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
 
-const TOPICS: [&str; 7] = [
+const TOPICS: [&str; 9] = [
     "time_wait",
     "nagle_delayed_ack",
     "delayed_ack",
@@ -37,6 +37,8 @@ const TOPICS: [&str; 7] = [
     "close_wait",
     "resets",
     "listen_overflows",
+    "slow_peers",
+    "zero_window",
 ];
 
 /// A `tracer diagnose` run in progress.

@@ -37,6 +37,12 @@ const STATES: &[&str] = &[
     "NEW_SYN_RECV",
 ];
 
+/// The congestion state names `congestion_states` may hold.
+const CA_STATES: &[&str] = &["open", "disorder", "cwr", "recovery", "loss"];
+
+/// The retransmit kinds, as the metric's `kind` label.
+const RETRANSMIT_KINDS: &[&str] = &["syn", "fast", "timeout", "other", "synack"];
+
 /// The kinds of event `--events json` writes.
 const KINDS: &[&str] = &[
     "connection_closed",
@@ -87,9 +93,28 @@ fn check_event(ev: &Value) {
         "close",
         "seeded",
         "complete",
+        "bytes_sent",
+        "bytes_received",
+        "seq_bytes_acked",
+        "seq_bytes_received",
+        "segs_out",
+        "segs_in",
+        "retransmits_by_kind",
+        "kernel_retransmits",
+        "srtt_us",
+        "rttvar_us",
+        "min_rtt_us",
+        "cwnd",
+        "max_cwnd",
+        "congestion_states",
+        "rwnd_limited_us",
+        "reset_sent_reason",
+        "reset_received",
+        "cost_known",
     ] {
         assert!(obj.contains_key(key), "missing `{key}`: {line}");
     }
+    check_cost(ev);
     let ts = ev_str(ev, "ts");
     assert!(
         ts.len() >= 20 && ts.as_bytes()[10] == b'T' && ts.ends_with('Z'),
@@ -136,6 +161,67 @@ fn check_event(ev: &Value) {
         states.last().and_then(|s| s["state"].as_str()),
         Some("CLOSE"),
         "a finished connection ends at CLOSE: {line}"
+    );
+}
+
+/// The cost fields: numbers or null, as documented; this kernel has the feature, so every
+/// connection the test made carries its cost.
+fn check_cost(ev: &Value) {
+    let line = ev.to_string();
+    assert_eq!(ev["cost_known"], true, "{line}");
+    for key in [
+        "bytes_sent",
+        "bytes_received",
+        "srtt_us",
+        "rttvar_us",
+        "min_rtt_us",
+        "rwnd_limited_us",
+    ] {
+        assert!(is_u64_or_null(&ev[key]), "{key}: {line}");
+    }
+    for key in [
+        "seq_bytes_acked",
+        "seq_bytes_received",
+        "segs_out",
+        "segs_in",
+        "kernel_retransmits",
+        "cwnd",
+        "max_cwnd",
+    ] {
+        ev_u64(ev, key);
+    }
+    // The payload is the sequence count less the SYN and FIN, at most 2.
+    for (payload, seq) in [
+        ("bytes_sent", "seq_bytes_acked"),
+        ("bytes_received", "seq_bytes_received"),
+    ] {
+        if let Some(p) = ev[payload].as_u64() {
+            let s = ev_u64(ev, seq);
+            assert!(p <= s && s <= p + 2, "{payload} vs {seq}: {line}");
+        }
+    }
+    let kinds = ev["retransmits_by_kind"]
+        .as_object()
+        .expect("retransmits_by_kind");
+    assert_eq!(kinds.len(), RETRANSMIT_KINDS.len(), "{line}");
+    let sum: u64 = RETRANSMIT_KINDS
+        .iter()
+        .map(|k| kinds[*k].as_u64().expect("a count per kind"))
+        .sum();
+    assert_eq!(sum, ev_u64(ev, "retransmits"), "{line}");
+    for state in ev["congestion_states"].as_array().expect("states") {
+        assert!(
+            CA_STATES.contains(&state.as_str().unwrap_or_default()),
+            "{line}"
+        );
+    }
+    let reason = &ev["reset_sent_reason"];
+    assert!(reason.is_null() || reason.is_string(), "{line}");
+    assert_eq!(reason.is_null(), ev_u64(ev, "resets_sent") == 0, "{line}");
+    assert_eq!(
+        ev["reset_received"].as_bool(),
+        Some(ev_u64(ev, "resets_received") > 0),
+        "{line}"
     );
 }
 

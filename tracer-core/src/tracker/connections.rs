@@ -77,7 +77,14 @@ pub struct Tracker {
     listeners: HashMap<SockId, (u32, u16)>,
     /// While a sock_diag dump is under way: the keys events touched (see `resync`).
     journal: Option<resync::Journal>,
+    /// Connections this host aborted (closed with no FIN and no RST received), held back until
+    /// the RST the kernel sends for them, traced just after the CLOSE, names its reason; given
+    /// out at the next `tick` (after each ring buffer drain) at the latest.
+    aborted: Vec<Connection>,
 }
+
+/// Aborted connections held back at most, so that a storm of aborts stays bounded.
+const MAX_HELD_ABORTS: usize = 1024;
 
 impl Tracker {
     pub fn new(config: TrackerConfig) -> Tracker {
@@ -95,6 +102,14 @@ impl Tracker {
             leaked_seeds: HashSet::default(),
             listeners: HashMap::default(),
             journal: None,
+            aborted: Vec::new(),
+        }
+    }
+
+    /// Gives out the aborted connections held back for their RST (see `aborted`).
+    pub fn flush_closed(&mut self, obs: &mut impl Observer) {
+        for conn in self.aborted.drain(..) {
+            obs.closed(&conn);
         }
     }
 
@@ -133,6 +148,7 @@ impl Tracker {
     /// Settles what only the passing of time decides (TIME_WAIT exits), as of `now_ns`
     /// (CLOCK_MONOTONIC, the events' clock).
     pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
+        self.flush_closed(obs);
         self.time_wait.tick(now_ns, obs);
         let threshold = self.config.close_wait_threshold_ns;
         while let Some(&(since, key)) = self.close_wait_queue.front() {
@@ -263,9 +279,21 @@ impl Tracker {
                 task: _,
             } => {
                 obs.reset(&tuple, direction, reason);
-                if let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, state, obs) {
+                if direction == ResetDirection::Sent
+                    && state == TcpState::Close
+                    && let Some(at) = self.aborted.iter().position(|c| c.sock == sock)
+                {
+                    // The RST of an abort: traced after its CLOSE, it completes the record.
+                    let mut conn = self.aborted.swap_remove(at);
+                    conn.resets_sent += 1;
+                    conn.reset_sent_reason = reason;
+                    obs.closed(&conn);
+                } else if let Some(conn) = self.lookup(ts_ns, sock, netns, tuple, state, obs) {
                     match direction {
-                        ResetDirection::Sent => conn.resets_sent += 1,
+                        ResetDirection::Sent => {
+                            conn.resets_sent += 1;
+                            conn.reset_sent_reason = reason;
+                        }
                         ResetDirection::Received => conn.resets_received += 1,
                     }
                 }
@@ -454,7 +482,14 @@ impl Tracker {
                 if conn.acks.report_due(ts_ns, true) {
                     obs.nagle_stall_report(&conn);
                 }
-                obs.closed(&conn);
+                if cause == CloseCause::Aborted && conn.resets_sent == 0 {
+                    if self.aborted.len() >= MAX_HELD_ABORTS {
+                        self.flush_closed(obs);
+                    }
+                    self.aborted.push(*conn);
+                } else {
+                    obs.closed(&conn);
+                }
             }
         } else if established_now {
             let conn = &*conn;
@@ -613,6 +648,7 @@ impl Connection {
             retransmit_kinds: [0; RetransmitKind::ALL.len()],
             resets_sent: 0,
             resets_received: 0,
+            reset_sent_reason: None,
             seeded: false,
             complete: false,
             time_wait: false,
@@ -686,6 +722,7 @@ mod tests {
         for e in events {
             tracker.on_event(e, &mut rec);
         }
+        tracker.flush_closed(&mut rec);
         (tracker, rec)
     }
 
@@ -873,11 +910,44 @@ mod tests {
             state(2, SERVER, t, SynRecv, Established, task(1, "a")),
             state(3, SERVER, t, Established, Close, task(9, "srv")),
             // The RST is traced after the CLOSE transition; it must not resurrect the record.
-            reset(4, SERVER, t, Close, ResetDirection::Sent),
+            Event::Reset {
+                ts_ns: 4,
+                sock: SERVER,
+                netns: NS,
+                tuple: t,
+                state: Close,
+                direction: ResetDirection::Sent,
+                reason: Some(3),
+                task: task(0, "swapper/0"),
+            },
         ]);
         assert_eq!(rec.closed.len(), 1);
         assert_eq!(rec.closed[0].close, Some(CloseCause::Aborted));
         assert_eq!(rec.resets, vec![ResetDirection::Sent]);
+        // The record waited for its RST, which names the reason.
+        assert_eq!(rec.closed[0].resets_sent, 1);
+        assert_eq!(rec.closed[0].reset_sent_reason, Some(3));
+    }
+
+    #[test]
+    fn an_abort_without_a_rst_is_given_out_at_the_next_tick() {
+        let t = loopback(8080, 40000);
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        for e in [
+            state(1, SERVER, t, Listen, SynRecv, task(1, "a")),
+            state(2, SERVER, t, SynRecv, Established, task(1, "a")),
+            state(3, SERVER, t, Established, Close, task(9, "srv")),
+        ] {
+            tracker.on_event(&e, &mut rec);
+        }
+        assert!(rec.closed.is_empty(), "held for its RST");
+        tracker.tick(4, &mut rec);
+        assert_eq!(rec.closed.len(), 1);
+        assert_eq!(
+            (rec.closed[0].resets_sent, rec.closed[0].reset_sent_reason),
+            (0, None)
+        );
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
             session.rst_reasons.clone(),
         ),
     };
+    consumer
+        .diagnosis
+        .set_jiffy_ns(crate::app::run::cost_context(&session).jiffy_ns);
     // The kernel counts listen-queue overflows itself: read its counters at both ends.
     let listeners_before = read_listeners();
     eprintln!(

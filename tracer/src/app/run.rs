@@ -10,10 +10,10 @@ use log::{info, warn};
 use crate::app::listen::ListenWorker;
 use crate::app::pump::{Consumer, block_on, pump};
 use crate::app::session::{Session, SessionConfig};
-use crate::export::events::{EventFormat, EventSink};
+use crate::export::events::{CostContext, EventFormat, EventSink};
 use crate::export::metrics::{self, Metrics};
 use crate::host::owner_lookups::{self, OwnerLookups};
-use crate::host::proc_owners;
+use crate::host::{hz, proc_owners};
 use crate::kernel::clock::WallClock;
 use crate::kernel::system::{self, TcpSysctls};
 use tracer_core::observer::Observer;
@@ -58,6 +58,8 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
     // Attached and seeded: give up what is not needed any more, before any thread starts.
     crate::app::privileges::drop_unneeded()?;
     let clock = WallClock::new().context("reading the clocks")?;
+    let cost = cost_context(&session);
+    session.metrics.cost.configure(cost.clone());
     let listen_worker = ListenWorker::start(
         session.metrics.clone(),
         args.listen_overflow_top_ports as usize,
@@ -69,6 +71,7 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
             BufWriter::with_capacity(64 << 10, io::stdout()),
             clock,
         )
+        .with_cost_context(cost)
         .with_owner_lookups(
             OwnerLookups::start(
                 proc_owners::socket_owner,
@@ -115,6 +118,25 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
     }
     info!("detached; stopped");
     result
+}
+
+/// The jiffy length (HZ measured now, about 200 ms) and the RST reason names, for the cost
+/// fields. Without HZ the jiffy-based times stay unknown; the rest works.
+pub(crate) fn cost_context(session: &Session) -> CostContext {
+    let jiffy_ns = match hz::measure() {
+        Ok(hz) => {
+            info!("kernel HZ {}", hz.0);
+            Some(hz.jiffy_ns())
+        }
+        Err(e) => {
+            warn!("kernel HZ unknown ({e}): rwnd-limited times are not reported");
+            None
+        }
+    };
+    CostContext {
+        jiffy_ns,
+        rst_reasons: std::sync::Arc::new(session.rst_reasons.clone()),
+    }
 }
 
 /// `tracer run`: events to stdout, TIME_WAIT gauges and warnings.

@@ -28,6 +28,7 @@ use tracer_core::record::{CloseWaitLeak, TimeWaitExit};
 use tracer_core::tracker::Tracker;
 
 use crate::kernel::system::TcpSysctls;
+use findings::{PeerCost, WindowStall};
 use tally::{Capped, DelayedAcks, KINDS, Stalls};
 
 pub use findings::{
@@ -43,6 +44,8 @@ pub const TOPIC_RETRANSMISSIONS: &str = "retransmissions";
 pub const TOPIC_CLOSE_WAIT: &str = "close_wait";
 pub const TOPIC_RESETS: &str = "resets";
 pub const TOPIC_LISTEN_OVERFLOWS: &str = "listen_overflows";
+pub const TOPIC_SLOW_PEERS: &str = "slow_peers";
+pub const TOPIC_ZERO_WINDOW: &str = "zero_window";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DiagnoseConfig {
@@ -184,6 +187,13 @@ pub struct Diagnosis {
     leaks_total: u64,
     /// Listeners that dropped connection attempts, read from the host by the caller.
     listen: ListenOverflows,
+    /// What connections cost (read at close): per peer, and the window-limited ones.
+    costed_conns: u64,
+    peer_costs: Capped<IpAddr, PeerCost>,
+    window_total: WindowStall,
+    window_conns: Capped<ConnKey, WindowStall>,
+    /// Length of the kernel's jiffy, when its HZ is known.
+    jiffy_ns: Option<u64>,
 }
 
 impl Diagnosis {
@@ -214,7 +224,17 @@ impl Diagnosis {
             leaks: Vec::new(),
             leaks_total: 0,
             listen: ListenOverflows::default(),
+            costed_conns: 0,
+            peer_costs: Capped::new(cap),
+            window_total: WindowStall::default(),
+            window_conns: Capped::new(cap),
+            jiffy_ns: None,
         }
+    }
+
+    /// The length of the kernel's jiffy (`host::hz`), for the window-limited times.
+    pub fn set_jiffy_ns(&mut self, jiffy_ns: Option<u64>) {
+        self.jiffy_ns = jiffy_ns;
     }
 
     /// What the host's listeners dropped during the run (`ListenOverflows::between`, owners
@@ -246,6 +266,8 @@ impl Diagnosis {
             self.close_wait_finding(tracker, owner_of),
             self.reset_finding(),
             self.listen_overflow_finding(),
+            self.slow_peer_finding(),
+            self.zero_window_finding(),
         ]
         .into_iter()
         .flatten()

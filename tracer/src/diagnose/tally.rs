@@ -9,7 +9,7 @@ use tracer_core::observer::Observer;
 use tracer_core::record::{CloseWaitLeak, Connection, TimeWaitExit, TimeWaitRecord};
 
 use crate::diagnose::render::{extend, grouped, plural};
-use crate::diagnose::{Diagnosis, ProcKey};
+use crate::diagnose::{Diagnosis, ProcKey, WindowStall};
 
 /// Retransmissions are counted per kind, in arrays indexed like `RetransmitKind::ALL`.
 pub(super) const KINDS: usize = RetransmitKind::ALL.len();
@@ -36,6 +36,16 @@ impl Observer for Diagnosis {
         self.closed += 1;
         if conn.time_wait {
             *self.tw_closers.slot(proc_key(conn.owner)) += 1;
+        }
+        if conn.cost.is_some() {
+            self.costed_conns += 1;
+            self.peer_costs.slot(conn.tuple.dst).add(conn);
+        }
+        if let Some(stall) = WindowStall::of(conn) {
+            self.window_total.merge(&stall);
+            self.window_conns
+                .slot((conn.netns, conn.tuple))
+                .merge(&stall);
         }
     }
 

@@ -78,6 +78,7 @@ impl Run {
         for e in events {
             self.tracker.on_event(e, &mut self.diagnosis);
         }
+        self.tracker.flush_closed(&mut self.diagnosis);
     }
 
     /// The report, with no owner found for leaked CLOSE_WAIT sockets.

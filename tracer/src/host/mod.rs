@@ -3,6 +3,7 @@
 //! (from `/proc`), the cgroup a cgroup id names, and listeners' accept queues. Slow lookups:
 //! never per event.
 pub mod cgroups;
+pub mod hz;
 pub mod listeners;
 pub mod namespaces;
 pub mod owner_lookups;

@@ -5,6 +5,8 @@
 //! event loop calls [`EventSink::flush`] after each batch. A write error (EPIPE when the reader
 //! went away, as with `| head`) never panics: the first one is kept, later lines are dropped,
 //! and `flush` / `take_error` hand it to the event loop so that it can stop cleanly.
+mod cost;
+
 use std::borrow::Cow;
 
 use std::fmt;
@@ -31,6 +33,8 @@ use tracer_core::record::TimeWaitRecord;
 
 use tracer_core::record::{Connection, StateStamp};
 
+pub use crate::export::cost::CostContext;
+
 /// How per-connection events are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventFormat {
@@ -55,6 +59,8 @@ pub struct EventSink<W: Write> {
     /// Where CLOSE_WAIT leaks of unknown owner wait for their `/proc` lookup, off the event
     /// path; without it they are written with an unknown owner.
     owners: Option<OwnerLookups>,
+    /// Units and names for the cost fields.
+    cost: CostContext,
 }
 
 // Text columns: widths of TIME, PID, COMM, LADDR:LPORT, RADDR:RPORT, DIR, CLOSE, RETX, MS.
@@ -66,6 +72,9 @@ const W_DIR: usize = 7;
 const W_CLOSE: usize = 14;
 const W_RETX: usize = 5;
 const W_MS: usize = 11;
+// TX_KB, RX_KB, RTT_MS.
+const W_KB: usize = 8;
+const W_RTT: usize = 9;
 
 impl<W: Write> EventSink<W> {
     pub fn new(format: EventFormat, out: W, clock: WallClock) -> EventSink<W> {
@@ -77,7 +86,14 @@ impl<W: Write> EventSink<W> {
             cell: String::with_capacity(64),
             error: None,
             owners: None,
+            cost: CostContext::default(),
         }
+    }
+
+    /// The jiffy length and RST reason names the cost fields are written with.
+    pub fn with_cost_context(mut self, cost: CostContext) -> EventSink<W> {
+        self.cost = cost;
+        self
     }
 
     /// Looks up the owners of CLOSE_WAIT leaks the kernel events could not name on `owners`'
@@ -115,8 +131,19 @@ impl<W: Write> EventSink<W> {
         let _ = writeln!(
             self.line,
             "{:<W_TIME$} {:<W_PID$} {:<W_COMM$} {:<W_ADDR$} {:<W_ADDR$} {:<W_DIR$} {:<W_CLOSE$} \
-             {:>W_RETX$} {:>W_MS$} STATES",
-            "TIME(UTC)", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "DIR", "CLOSE", "RETX", "MS",
+             {:>W_RETX$} {:>W_KB$} {:>W_KB$} {:>W_RTT$} {:>W_MS$} STATES",
+            "TIME(UTC)",
+            "PID",
+            "COMM",
+            "LADDR:LPORT",
+            "RADDR:RPORT",
+            "DIR",
+            "CLOSE",
+            "RETX",
+            "TX_KB",
+            "RX_KB",
+            "RTT_MS",
+            "MS",
         );
         self.emit();
     }
@@ -152,9 +179,12 @@ impl<W: Write> EventSink<W> {
         match self.format {
             EventFormat::None => {}
             EventFormat::Json => {
+                // An Arc count, not a copy of the names.
+                let cost = self.cost.clone();
                 let record = JsonRecord {
                     conn,
                     clock: self.clock,
+                    cost: &cost,
                 };
                 self.write_json(&record);
             }
@@ -224,9 +254,11 @@ impl<W: Write> EventSink<W> {
             }
             None => cell.push('-'),
         }
+        let [tx_kb, rx_kb, rtt_ms] = cost::text_columns(conn);
         let _ = write!(
             line,
-            "{:<W_DIR$} {:<W_CLOSE$} {:>W_RETX$} {cell:>W_MS$} ",
+            "{:<W_DIR$} {:<W_CLOSE$} {:>W_RETX$} {tx_kb:>W_KB$} {rx_kb:>W_KB$} {rtt_ms:>W_RTT$} \
+             {cell:>W_MS$} ",
             conn.direction.as_str(),
             close_str(conn),
             conn.retransmits,
@@ -478,12 +510,13 @@ fn micros(ns: u64) -> u64 {
 struct JsonRecord<'a> {
     conn: &'a Connection,
     clock: WallClock,
+    cost: &'a CostContext,
 }
 
 impl Serialize for JsonRecord<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let conn = self.conn;
-        let mut s = serializer.serialize_struct("ConnectionClosed", 25)?;
+        let mut s = serializer.serialize_struct("ConnectionClosed", 25 + cost::FIELDS)?;
         s.serialize_field("ts", &self.clock.rfc3339(close_ns(conn)))?;
         s.serialize_field("event", "connection_closed")?;
         Addressing::of(&conn.tuple, conn.netns).write(&mut s)?;
@@ -503,6 +536,7 @@ impl Serialize for JsonRecord<'_> {
         s.serialize_field("delayed_ack_us", &micros(conn.acks.delayed_ack_ns))?;
         s.serialize_field("nagle_stalls", &conn.acks.nagle_stalls)?;
         s.serialize_field("nagle_lost_us", &micros(conn.acks.nagle_lost_ns))?;
+        cost::write(conn, self.cost, &mut s)?;
         s.end()
     }
 }
@@ -596,6 +630,7 @@ mod tests {
         for event in events {
             tracker.on_event(event, &mut closed);
         }
+        tracker.flush_closed(&mut closed);
         assert_eq!(closed.0.len(), 1, "{:?}", closed.0);
         closed.0.remove(0)
     }
@@ -640,9 +675,7 @@ mod tests {
             "{line:?}"
         );
         let value: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(
-            value,
-            json!({
+        let mut expected = json!({
                 "ts": "2026-11-23T12:00:00.123456Z",
                 "event": "connection_closed",
                 "family": "ipv4",
@@ -674,8 +707,34 @@ mod tests {
                 "delayed_ack_us": 0,
                 "nagle_stalls": 0,
                 "nagle_lost_us": 0,
+        });
+        // No cost from the kernel: every cost key is there, null.
+        expected.as_object_mut().unwrap().extend(
+            json!({
+                "bytes_sent": null,
+                "bytes_received": null,
+                "seq_bytes_acked": null,
+                "seq_bytes_received": null,
+                "segs_out": null,
+                "segs_in": null,
+                "retransmits_by_kind": {"syn": 0, "fast": 0, "timeout": 0, "other": 0, "synack": 0},
+                "kernel_retransmits": null,
+                "srtt_us": null,
+                "rttvar_us": null,
+                "min_rtt_us": null,
+                "cwnd": null,
+                "max_cwnd": null,
+                "congestion_states": null,
+                "rwnd_limited_us": null,
+                "reset_sent_reason": null,
+                "reset_received": false,
+                "cost_known": false,
             })
+            .as_object()
+            .unwrap()
+            .clone(),
         );
+        assert_eq!(value, expected);
         // Keys in the documented order.
         let keys = [
             "ts",
@@ -703,6 +762,24 @@ mod tests {
             "delayed_ack_us",
             "nagle_stalls",
             "nagle_lost_us",
+            "bytes_sent",
+            "bytes_received",
+            "seq_bytes_acked",
+            "seq_bytes_received",
+            "segs_out",
+            "segs_in",
+            "retransmits_by_kind",
+            "kernel_retransmits",
+            "srtt_us",
+            "rttvar_us",
+            "min_rtt_us",
+            "cwnd",
+            "max_cwnd",
+            "congestion_states",
+            "rwnd_limited_us",
+            "reset_sent_reason",
+            "reset_received",
+            "cost_known",
         ];
         let positions: Vec<usize> = keys
             .iter()
@@ -747,7 +824,7 @@ mod tests {
         ]);
         let value: Value = serde_json::from_str(&json_line(&conn)).unwrap();
         let object = value.as_object().unwrap();
-        assert_eq!(object.len(), 25);
+        assert_eq!(object.len(), 25 + cost::FIELDS);
         assert_eq!(value["time_wait"], false);
         assert_eq!(value["ts"], "2026-11-23T12:00:00.000000Z");
         assert_eq!(value["family"], "ipv6");
@@ -803,6 +880,9 @@ mod tests {
                 "DIR",
                 "CLOSE",
                 "RETX",
+                "TX_KB",
+                "RX_KB",
+                "RTT_MS",
                 "MS",
                 "STATES"
             ]
@@ -819,6 +899,9 @@ mod tests {
                 "active",
                 "local",
                 "0",
+                "-",
+                "-",
+                "-",
                 "1.234",
                 "SYN_SENT>ESTABLISHED>FIN_WAIT1>FIN_WAIT2>CLOSE",
             ]
@@ -838,15 +921,21 @@ mod tests {
         .enumerate()
         {
             let col = lines[0].find(heading).unwrap();
-            let field = [1, 2, 3, 4, 5, 6, 9][i];
+            let field = [1, 2, 3, 4, 5, 6, 12][i];
             assert_eq!(
                 lines[1][col..].split_whitespace().next(),
                 Some(fields[field])
             );
             assert_eq!(&lines[1][col - 1..col], " ");
         }
-        for (heading, field) in [("RETX", 7), ("MS", 8)] {
-            let end = lines[0].find(heading).unwrap() + heading.len();
+        for (heading, field) in [
+            ("RETX", 7),
+            ("TX_KB", 8),
+            ("RX_KB", 9),
+            ("RTT_MS", 10),
+            ("MS", 11),
+        ] {
+            let end = lines[0].rfind(heading).unwrap() + heading.len();
             assert!(lines[1][..end].ends_with(fields[field]), "{heading}");
         }
     }
@@ -875,6 +964,9 @@ mod tests {
                 "aborted",
                 "0",
                 "-",
+                "-",
+                "-",
+                "-",
                 "ESTABLISHED>CLOSE",
             ]
         );
@@ -897,7 +989,84 @@ mod tests {
         assert_eq!(out.lines().count(), 2, "{out}");
         let fields: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(fields[2], "my?app?");
-        assert_eq!(fields[8], "2500.000");
+        assert_eq!(fields[11], "2500.000");
+    }
+
+    /// `curl()` with what the kernel said it cost, and a RST it sent with reason 3.
+    #[test]
+    fn json_and_text_show_the_cost() {
+        use TcpState::*;
+        let curl = task(123, "curl");
+        let t = v4_tuple(40000);
+        let conn = run(&[
+            change(T0, v4_tuple(0), Close, SynSent, curl),
+            change(T0 + 50_000, t, SynSent, Established, curl),
+            change(T0 + 1_000_000, t, Established, FinWait1, curl),
+            change(T0 + 1_100_000, t, FinWait1, FinWait2, curl),
+            Event::SocketInfo {
+                ts_ns: T0 + 1_200_000,
+                sock: 0xffff_8880_0000_1000,
+                cgroup: 0,
+                cost: Some(tracer_core::model::ConnectionCost {
+                    bytes_sent: 204_802,
+                    bytes_received: 501,
+                    segs_in: 40,
+                    segs_out: 160,
+                    total_retrans: 3,
+                    srtt_ns: 1_250_000,
+                    rttvar_ns: 300_000,
+                    min_rtt_ns: 900_000,
+                    cwnd: 20,
+                    max_cwnd: 64,
+                    rwnd_limited_jiffies: 25,
+                    ca_states: 0b11001,
+                }),
+            },
+            change(T0 + 1_300_000, t, FinWait2, Close, curl),
+        ]);
+        let mut sink =
+            EventSink::new(EventFormat::Json, Vec::new(), clock()).with_cost_context(CostContext {
+                jiffy_ns: Some(4_000_000),
+                rst_reasons: std::sync::Arc::new(
+                    [(3, "tcp_state".to_owned())].into_iter().collect(),
+                ),
+            });
+        let mut reset = conn.clone();
+        reset.resets_sent = 1;
+        reset.reset_sent_reason = Some(3);
+        sink.closed(&reset);
+        let value: Value = serde_json::from_slice(sink.get_ref()).unwrap();
+        assert_eq!(value["bytes_sent"], 204_800, "SYN and FIN taken out");
+        assert_eq!(
+            value["bytes_received"],
+            Value::Null,
+            "the peer's FIN unknown"
+        );
+        assert_eq!(value["seq_bytes_acked"], 204_802);
+        assert_eq!(value["seq_bytes_received"], 501);
+        assert_eq!(
+            (value["segs_out"].clone(), value["segs_in"].clone()),
+            (json!(160), json!(40))
+        );
+        assert_eq!(value["kernel_retransmits"], 3);
+        assert_eq!(value["srtt_us"], 1250);
+        assert_eq!(value["rttvar_us"], 300);
+        assert_eq!(value["min_rtt_us"], 900);
+        assert_eq!(
+            (value["cwnd"].clone(), value["max_cwnd"].clone()),
+            (json!(20), json!(64))
+        );
+        assert_eq!(
+            value["congestion_states"],
+            json!(["open", "recovery", "loss"])
+        );
+        assert_eq!(value["rwnd_limited_us"], 100_000, "25 jiffies of 4 ms");
+        assert_eq!(value["reset_sent_reason"], "tcp_state");
+        assert_eq!(value["cost_known"], true);
+
+        let out = text_lines(&conn);
+        let fields: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(&fields[8..11], ["200", "0", "1.250"], "{out}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use prometheus::{
 
 mod acks;
 mod close_wait;
+mod cost;
 mod features;
 
 mod http;
@@ -30,6 +31,7 @@ mod time_wait;
 
 pub use acks::AckMetrics;
 pub use close_wait::CloseWaitMetrics;
+pub use cost::CostMetrics;
 pub use features::FeatureMetrics;
 
 pub use http::{Limits, serve, serve_with};
@@ -144,6 +146,7 @@ pub struct Metrics {
     pub close_wait: CloseWaitMetrics,
     pub features: FeatureMetrics,
     pub listen: ListenMetrics,
+    pub cost: CostMetrics,
 }
 
 /// TcpState discriminants run from 1 to 12.
@@ -373,6 +376,7 @@ impl Metrics {
         let close_wait = CloseWaitMetrics::register(&registry)?;
         let features = FeatureMetrics::register(&registry)?;
         let listen = ListenMetrics::register(&registry)?;
+        let cost = CostMetrics::register(&registry)?;
 
         Ok(Metrics {
             registry,
@@ -400,6 +404,7 @@ impl Metrics {
             close_wait,
             features,
             listen,
+            cost,
         })
     }
 
@@ -519,14 +524,18 @@ impl Observer for &Metrics {
         if let (Some(ns), Some(histogram)) = (conn.duration_ns(), &self.duration[direction]) {
             histogram.observe(seconds(ns));
         }
+        self.cost.closed(conn);
     }
 
     fn retransmit(&mut self, _tuple: &Tuple, kind: RetransmitKind, segs: u32) {
         self.retransmits[kind as usize].inc_by(u64::from(segs));
     }
 
-    fn reset(&mut self, _tuple: &Tuple, direction: ResetDirection, _reason: Option<u16>) {
+    fn reset(&mut self, _tuple: &Tuple, direction: ResetDirection, reason: Option<u16>) {
         self.resets[direction as usize].inc();
+        if direction == ResetDirection::Sent {
+            self.cost.reset_sent(reason);
+        }
     }
 
     fn evicted(&mut self, _conn: &Connection) {
@@ -802,6 +811,7 @@ mod tests {
         for event in &events {
             tracker.on_event(event, &mut observer);
         }
+        tracker.flush_closed(&mut observer);
         metrics.set_active(7);
         let out = metrics.render().unwrap();
         let expect = |series: &str, expected: f64| {
