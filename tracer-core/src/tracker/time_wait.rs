@@ -58,6 +58,8 @@ struct Entry {
     pending_cancel: Option<u64>,
     direction: Option<Direction>,
     owner: Option<Owner>,
+    /// The cgroup of the connection it came from (0: unknown).
+    cgroup: u64,
 }
 
 /// Live timewait sockets.
@@ -133,6 +135,20 @@ impl TimeWaitTable {
         shrank |= shrink_map(&mut self.peers);
         shrank |= shrink_queue(&mut self.cancels);
         shrank | shrink_queue(&mut self.early_order)
+    }
+
+    /// Timewait sockets now by the cgroup of the connection each came from (0: unknown, those
+    /// already there at start-up included); the counts add up to [`TimeWaitTable::count`].
+    pub fn by_cgroup(&self) -> HashMap<u64, usize> {
+        let mut counts: HashMap<u64, usize> = HashMap::default();
+        for entry in self.entries.values() {
+            *counts.entry(entry.cgroup).or_default() += 1;
+        }
+        let seeded = self.in_time_wait.saturating_sub(self.entries.len());
+        if seeded > 0 {
+            *counts.entry(0).or_default() += seeded;
+        }
+        counts
     }
 
     /// Timewait sockets not tracked because the table was full.
@@ -272,6 +288,7 @@ impl TimeWaitTable {
                 pending_cancel: None,
                 direction: None,
                 owner: None,
+                cgroup: 0,
             },
         );
         self.by_tuple.insert(key, tw);
@@ -300,6 +317,7 @@ impl TimeWaitTable {
                     pending_cancel: None,
                     direction: None,
                     owner: None,
+                    cgroup: 0,
                 },
             );
             self.by_tuple.insert(key, tw);
@@ -325,6 +343,7 @@ impl TimeWaitTable {
         }
         entry.direction = Some(conn.direction);
         entry.owner = conn.owner;
+        entry.cgroup = conn.cgroup;
         // The connection's direction says the role better than the port guess made at the
         // start (the listener may have closed before its last connection did).
         let client = match conn.direction {
@@ -422,6 +441,7 @@ impl TimeWaitTable {
             substate: entry.substate,
             direction: entry.direction,
             owner: entry.owner,
+            cgroup: entry.cgroup,
         };
         match exit {
             Some(_) => obs.time_wait_exited(&record),

@@ -7,3 +7,4 @@ pub mod pump;
 pub mod run;
 pub mod session;
 pub mod top;
+pub mod workloads;

@@ -109,6 +109,7 @@ pub async fn pump(
             }
             _ = refresh.tick() => {
                 promote_close_wait(session, &metrics, consumer.observer());
+                crate::app::workloads::refresh(&session.workloads, &session.tracker, &metrics);
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
                 match session.counters.totals() {
                     Ok(totals) => metrics.set_table_full(totals),

@@ -48,6 +48,8 @@ pub struct Session {
     /// When to look again at the start-up dump's TIME_WAIT sockets (see
     /// [`recheck_seeded_time_wait`]); `None` once done.
     pub(super) recheck_seeded_at: Option<Instant>,
+    /// Cgroup ids to workload names (see `app::workloads`).
+    pub workloads: crate::host::workloads::WorkloadNames,
 }
 
 impl Session {
@@ -127,6 +129,7 @@ impl Session {
             resynced: None,
             loss: LossLog::default(),
             recheck_seeded_at: Some(Instant::now() + SEEDED_RECHECK_AFTER),
+            workloads: crate::host::workloads::WorkloadNames::start(),
         })
     }
 

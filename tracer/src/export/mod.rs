@@ -1,4 +1,5 @@
 //! Stage 3, the exporters: Prometheus metrics (definitions and the HTTP endpoint) and
 //! per-connection events (JSON or text lines). Both observe the tracker.
 pub mod events;
+pub mod filter;
 pub mod metrics;

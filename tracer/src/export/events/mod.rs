@@ -17,7 +17,10 @@ use serde::Serialize;
 
 use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
+use crate::export::filter::Filter;
+use crate::host::cgroups::Cgroup;
 use crate::host::owner_lookups::OwnerLookups;
+use crate::host::workloads::WorkloadNames;
 use crate::kernel::clock::{Rfc3339, TimeOfDay, WallClock};
 use tracer_core::model::Owner;
 
@@ -30,6 +33,9 @@ use tracer_core::record::CloseWaitLeak;
 use tracer_core::record::TimeWaitRecord;
 
 use tracer_core::record::{Connection, StateStamp};
+
+mod workload;
+use workload::{Held, SinkWorkloads, WorkloadFields};
 
 /// How per-connection events are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,12 +61,15 @@ pub struct EventSink<W: Write> {
     /// Where CLOSE_WAIT leaks of unknown owner wait for their `/proc` lookup, off the event
     /// path; without it they are written with an unknown owner.
     owners: Option<OwnerLookups>,
+    /// Workload names, `--filter`, and the records waiting for a name.
+    workloads: SinkWorkloads,
 }
 
 // Text columns: widths of TIME, PID, COMM, LADDR:LPORT, RADDR:RPORT, DIR, CLOSE, RETX, MS.
 const W_TIME: usize = 12;
 const W_PID: usize = 7;
 const W_COMM: usize = 15;
+const W_WORKLOAD: usize = 24;
 const W_ADDR: usize = 21;
 const W_DIR: usize = 7;
 const W_CLOSE: usize = 14;
@@ -77,6 +86,50 @@ impl<W: Write> EventSink<W> {
             cell: String::with_capacity(64),
             error: None,
             owners: None,
+            workloads: SinkWorkloads::default(),
+        }
+    }
+
+    /// Names each record's workload from `names` (records of a cgroup not named yet wait for
+    /// the next walk) and writes only the records `filter` lets through.
+    pub fn with_workloads(mut self, names: Option<WorkloadNames>, filter: Filter) -> EventSink<W> {
+        self.workloads.names = names;
+        self.workloads.filter = filter;
+        self
+    }
+
+    /// Holds `record` for its name, or writes it now.
+    fn offer(&mut self, record: Held) {
+        if self.format == EventFormat::None {
+            return;
+        }
+        let cgroup = match &record {
+            Held::Closed(c) | Held::NagleReport(c) => c.cgroup,
+            Held::Leak(l) => l.cgroup,
+            Held::TimeWait(r) => r.cgroup,
+        };
+        if self.workloads.must_hold(cgroup) {
+            if let Some(oldest) = self.workloads.hold(record) {
+                self.dispatch(oldest);
+            }
+        } else {
+            self.dispatch(record);
+        }
+    }
+
+    fn dispatch(&mut self, record: Held) {
+        match record {
+            Held::Closed(conn) => self.write_connection(&conn),
+            Held::NagleReport(conn) => self.write_nagle(&conn),
+            Held::Leak(leak) => self.leak_owner_then_write(&leak),
+            Held::TimeWait(record) => self.write_time_wait(&record),
+        }
+    }
+
+    /// Writes the held records now due (all of them with `all`).
+    fn release(&mut self, all: bool) {
+        for record in self.workloads.due(all) {
+            self.dispatch(record);
         }
     }
 
@@ -89,6 +142,10 @@ impl<W: Write> EventSink<W> {
 
     /// At shutdown: writes the leaks whose owner lookup finishes within `timeout`.
     pub fn finish_lookups(&mut self, timeout: std::time::Duration) {
+        if let Some(names) = &self.workloads.names {
+            names.refresh_now();
+        }
+        self.release(true);
         self.write_looked_up(|owners| owners.finish(timeout));
     }
 
@@ -114,9 +171,18 @@ impl<W: Write> EventSink<W> {
         // Writing to a Vec cannot fail.
         let _ = writeln!(
             self.line,
-            "{:<W_TIME$} {:<W_PID$} {:<W_COMM$} {:<W_ADDR$} {:<W_ADDR$} {:<W_DIR$} {:<W_CLOSE$} \
-             {:>W_RETX$} {:>W_MS$} STATES",
-            "TIME(UTC)", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "DIR", "CLOSE", "RETX", "MS",
+            "{:<W_TIME$} {:<W_PID$} {:<W_COMM$} {:<W_WORKLOAD$} {:<W_ADDR$} {:<W_ADDR$} {:<W_DIR$} \
+             {:<W_CLOSE$} {:>W_RETX$} {:>W_MS$} STATES",
+            "TIME(UTC)",
+            "PID",
+            "COMM",
+            "WORKLOAD",
+            "LADDR:LPORT",
+            "RADDR:RPORT",
+            "DIR",
+            "CLOSE",
+            "RETX",
+            "MS",
         );
         self.emit();
     }
@@ -124,6 +190,7 @@ impl<W: Write> EventSink<W> {
     /// Flushes the output. Returns the first write error seen since the last call, if any,
     /// before trying to flush.
     pub fn flush(&mut self) -> io::Result<()> {
+        self.release(false);
         self.write_looked_up(OwnerLookups::finished);
         if let Some(err) = self.error.take() {
             return Err(err);
@@ -149,18 +216,23 @@ impl<W: Write> EventSink<W> {
         if self.error.is_some() {
             return;
         }
+        let cgroup = self.workloads.cgroup(conn.cgroup);
+        if !self.workloads.passes(&conn.tuple, cgroup.as_deref()) {
+            return;
+        }
         match self.format {
             EventFormat::None => {}
             EventFormat::Json => {
                 let record = JsonRecord {
                     conn,
                     clock: self.clock,
+                    cgroup: cgroup.as_deref(),
                 };
                 self.write_json(&record);
             }
             EventFormat::Text => {
                 self.line.clear();
-                self.text_line(conn);
+                self.text_line(conn, cgroup.as_deref());
                 self.emit();
             }
         }
@@ -175,7 +247,7 @@ impl<W: Write> EventSink<W> {
         }
     }
 
-    fn text_line(&mut self, conn: &Connection) {
+    fn text_line(&mut self, conn: &Connection, cgroup: Option<&Cgroup>) {
         use fmt::Write as _;
         let line = &mut self.line;
         let cell = &mut self.cell;
@@ -206,6 +278,17 @@ impl<W: Write> EventSink<W> {
             None => cell.push('-'),
         }
         let _ = write!(line, "{cell:<W_COMM$} ");
+        cell.clear();
+        match cgroup {
+            Some(c) => cell.extend(
+                c.workload
+                    .name
+                    .chars()
+                    .map(|c| if c.is_control() || c == ' ' { '?' } else { c }),
+            ),
+            None => cell.push('-'),
+        }
+        let _ = write!(line, "{cell:<W_WORKLOAD$} ");
         for (addr, port) in [
             (conn.tuple.src, conn.tuple.sport),
             (conn.tuple.dst, conn.tuple.dport),
@@ -246,15 +329,32 @@ impl<W: Write> EventSink<W> {
 
 impl<W: Write> Observer for EventSink<W> {
     fn closed(&mut self, conn: &Connection) {
-        self.write_connection(conn);
+        self.offer(Held::Closed(Box::new(conn.clone())));
     }
 
     fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
-        self.write_time_wait(record);
+        if self.format == EventFormat::Json {
+            self.offer(Held::TimeWait(Box::new(record.clone())));
+        }
     }
 
     fn nagle_stall_report(&mut self, conn: &Connection) {
-        if self.format != EventFormat::Json {
+        if self.format == EventFormat::Json {
+            self.offer(Held::NagleReport(Box::new(conn.clone())));
+        }
+    }
+
+    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+        self.offer(Held::Leak(*leak));
+    }
+}
+
+impl<W: Write> EventSink<W> {
+    fn write_nagle(&mut self, conn: &Connection) {
+        let cgroup = self.workloads.cgroup(conn.cgroup);
+        if self.format != EventFormat::Json
+            || !self.workloads.passes(&conn.tuple, cgroup.as_deref())
+        {
             return;
         }
         let writer = conn.acks.writer;
@@ -263,6 +363,10 @@ impl<W: Write> Observer for EventSink<W> {
             event: "nagle_delack_stall",
             address: Addressing::of(&conn.tuple, conn.netns),
             process: Process(writer.as_ref()),
+            workload: WorkloadFields {
+                id: conn.cgroup,
+                cgroup: cgroup.as_deref(),
+            },
             stalls: conn.acks.nagle_stalls,
             lost_us: micros(conn.acks.nagle_lost_ns),
             held_writes: conn.acks.nagle_held_writes,
@@ -271,7 +375,7 @@ impl<W: Write> Observer for EventSink<W> {
         self.write_json(&line);
     }
 
-    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+    fn leak_owner_then_write(&mut self, leak: &CloseWaitLeak) {
         if self.format == EventFormat::None {
             return;
         }
@@ -285,17 +389,22 @@ impl<W: Write> Observer for EventSink<W> {
         }
         self.write_close_wait_leak(leak);
     }
-}
 
-impl<W: Write> EventSink<W> {
     fn write_close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+        let cgroup = self.workloads.cgroup(leak.cgroup);
+        if !self.workloads.passes(&leak.tuple, cgroup.as_deref()) {
+            return;
+        }
         let owner = leak.owner;
         if self.format == EventFormat::Text {
             self.line.clear();
-            let owner = owner.map_or_else(
+            let mut owner = owner.map_or_else(
                 || "unknown process".to_owned(),
                 |o| format!("pid {} ({})", o.pid, o.comm.as_str()),
             );
+            if let Some(c) = &cgroup {
+                owner.push_str(&format!(" in {}", c.workload.name.escape_debug()));
+            }
             self.line.extend_from_slice(
                 format!(
                     "# CLOSE_WAIT leak: {}:{} -> {}:{} held by {owner} for {} s: the peer closed and the application never called close()\n",
@@ -316,6 +425,10 @@ impl<W: Write> EventSink<W> {
             address: Addressing::of(&leak.tuple, leak.netns),
             direction: leak.direction.as_str(),
             process: Process(owner.as_ref()),
+            workload: WorkloadFields {
+                id: leak.cgroup,
+                cgroup: cgroup.as_deref(),
+            },
             close_wait_us: micros(leak.detected_ns.saturating_sub(leak.since_ns)),
             seeded: leak.seeded,
             fix: CLOSE_WAIT_FIX,
@@ -388,6 +501,8 @@ struct NagleStallLine<'a> {
     address: Addressing<'a>,
     #[serde(flatten)]
     process: Process<'a>,
+    #[serde(flatten)]
+    workload: WorkloadFields<'a>,
     stalls: u32,
     lost_us: u64,
     held_writes: u32,
@@ -403,6 +518,8 @@ struct CloseWaitLine<'a> {
     direction: &'static str,
     #[serde(flatten)]
     process: Process<'a>,
+    #[serde(flatten)]
+    workload: WorkloadFields<'a>,
     close_wait_us: u64,
     seeded: bool,
     fix: &'static str,
@@ -414,9 +531,14 @@ impl<W: Write> EventSink<W> {
         if self.error.is_some() || self.format != EventFormat::Json {
             return;
         }
+        let cgroup = self.workloads.cgroup(record.cgroup);
+        if !self.workloads.passes(&record.tuple, cgroup.as_deref()) {
+            return;
+        }
         let json = JsonTimeWait {
             record,
             clock: self.clock,
+            cgroup: cgroup.as_deref(),
         };
         self.write_json(&json);
     }
@@ -440,6 +562,7 @@ impl<W: Write> EventSink<W> {
 struct JsonTimeWait<'a> {
     record: &'a TimeWaitRecord,
     clock: WallClock,
+    cgroup: Option<&'a Cgroup>,
 }
 
 impl Serialize for JsonTimeWait<'_> {
@@ -451,6 +574,7 @@ impl Serialize for JsonTimeWait<'_> {
         Addressing::of(&r.tuple, r.netns).write(&mut s)?;
         s.serialize_field("direction", &r.direction.map(|d| d.as_str()))?;
         Process(r.owner.as_ref()).write(&mut s)?;
+        workload::write_fields(&mut s, r.cgroup, self.cgroup)?;
         s.serialize_field("time_wait_us", &r.duration_ns().map(micros))?;
         s.serialize_field("exit", r.exit.as_str())?;
         s.serialize_field("substate", r.substate.as_str())?;
@@ -478,6 +602,7 @@ fn micros(ns: u64) -> u64 {
 struct JsonRecord<'a> {
     conn: &'a Connection,
     clock: WallClock,
+    cgroup: Option<&'a Cgroup>,
 }
 
 impl Serialize for JsonRecord<'_> {
@@ -489,6 +614,7 @@ impl Serialize for JsonRecord<'_> {
         Addressing::of(&conn.tuple, conn.netns).write(&mut s)?;
         s.serialize_field("direction", conn.direction.as_str())?;
         Process(conn.owner.as_ref()).write(&mut s)?;
+        workload::write_fields(&mut s, conn.cgroup, self.cgroup)?;
         s.serialize_field("states", &JsonStates(&conn.states))?;
         s.serialize_field("duration_us", &conn.duration_ns().map(micros))?;
         s.serialize_field("handshake_us", &conn.handshake_ns().map(micros))?;
