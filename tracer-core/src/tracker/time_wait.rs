@@ -82,6 +82,8 @@ pub struct TimeWaitTable {
     /// Ports with a listener, by namespace: a server on a port inside the ephemeral range is
     /// still the server.
     listening: HashMap<(u32, u16), u32>,
+    /// Timewait sockets now by their connection's cgroup, for the cgroups known (not 0).
+    cgroups: HashMap<u64, usize>,
 }
 
 impl TimeWaitTable {
@@ -98,6 +100,7 @@ impl TimeWaitTable {
             in_time_wait: 0,
             dropped: 0,
             listening: HashMap::default(),
+            cgroups: HashMap::default(),
         }
     }
 
@@ -133,6 +136,7 @@ impl TimeWaitTable {
         shrank |= shrink_map(&mut self.seeded);
         shrank |= shrink_map(&mut self.early_exits);
         shrank |= shrink_map(&mut self.peers);
+        shrank |= shrink_map(&mut self.cgroups);
         shrank |= shrink_queue(&mut self.cancels);
         shrank | shrink_queue(&mut self.early_order)
     }
@@ -140,13 +144,11 @@ impl TimeWaitTable {
     /// Timewait sockets now by the cgroup of the connection each came from (0: unknown, those
     /// already there at start-up included); the counts add up to [`TimeWaitTable::count`].
     pub fn by_cgroup(&self) -> HashMap<u64, usize> {
-        let mut counts: HashMap<u64, usize> = HashMap::default();
-        for entry in self.entries.values() {
-            *counts.entry(entry.cgroup).or_default() += 1;
-        }
-        let seeded = self.in_time_wait.saturating_sub(self.entries.len());
-        if seeded > 0 {
-            *counts.entry(0).or_default() += seeded;
+        let mut counts = self.cgroups.clone();
+        let known: usize = counts.values().sum();
+        let unknown = self.in_time_wait.saturating_sub(known);
+        if unknown > 0 {
+            counts.insert(0, unknown);
         }
         counts
     }
@@ -187,6 +189,7 @@ impl TimeWaitTable {
         self.seeded.clear();
         self.cancels.clear();
         self.peers.clear();
+        self.cgroups.clear();
         self.in_time_wait = 0;
         self.seed(sockets);
     }
@@ -343,7 +346,10 @@ impl TimeWaitTable {
         }
         entry.direction = Some(conn.direction);
         entry.owner = conn.owner;
-        entry.cgroup = conn.cgroup;
+        if entry.cgroup == 0 && conn.cgroup != 0 {
+            entry.cgroup = conn.cgroup;
+            *self.cgroups.entry(conn.cgroup).or_default() += 1;
+        }
         // The connection's direction says the role better than the port guess made at the
         // start (the listener may have closed before its last connection did).
         let client = match conn.direction {
@@ -432,6 +438,14 @@ impl TimeWaitTable {
         }
         self.in_time_wait = self.in_time_wait.saturating_sub(1);
         self.remove_peer(entry.peer);
+        if entry.cgroup != 0
+            && let Some(count) = self.cgroups.get_mut(&entry.cgroup)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.cgroups.remove(&entry.cgroup);
+            }
+        }
         let record = TimeWaitRecord {
             netns: entry.netns,
             tuple: entry.tuple,

@@ -231,5 +231,9 @@ fn drain(
     metrics.set_active(tracker.active());
     metrics.set_evictions(tracker.evictions());
     metrics.time_wait.set_sockets(tracker.time_wait().count());
+    if let Some(by_workload) = metrics.workloads.get() {
+        // With the host gauge, so that the breakdown always adds up to it.
+        by_workload.set_time_wait(&tracker.time_wait().by_cgroup().into_iter().collect());
+    }
     metrics.close_wait.set_close_wait(tracker.close_wait());
 }

@@ -31,6 +31,8 @@ pub fn refresh(names: &WorkloadNames, tracker: &Tracker, metrics: &Metrics) {
         *active.entry(0).or_default() += seeded;
     }
     let time_wait: HashMap<u64, usize> = tracker.time_wait().by_cgroup().into_iter().collect();
+    // Both from the same table state: the breakdown adds up to the host gauge.
+    metrics.time_wait.set_sockets(tracker.time_wait().count());
     by_workload.update(
         |id| match names.cached(id) {
             Some(cgroup) => WorkloadLabel::Named(cgroup.workload.name.clone()),

@@ -68,6 +68,9 @@ impl Counts {
 struct State {
     window: HashMap<u64, Counts>,
     top: TopLabels,
+    /// The label exported for each cgroup id named at the last update (ids since then count
+    /// as unknown until the next).
+    labels: HashMap<u64, String>,
 }
 
 pub struct WorkloadMetrics {
@@ -150,6 +153,7 @@ impl WorkloadMetrics {
             state: Mutex::new(State {
                 window: HashMap::new(),
                 top: TopLabels::new(top_n),
+                labels: HashMap::new(),
             }),
         };
         // `other` is always there, so the breakdown always adds up.
@@ -208,13 +212,22 @@ impl WorkloadMetrics {
         let window = std::mem::take(&mut state.window);
         let mut counts: HashMap<String, Counts> = HashMap::new();
         let mut gauges: HashMap<String, (usize, usize)> = HashMap::new();
-        let named = |id: u64| match label(id) {
-            Label::Named(name) => Some(name),
-            Label::Wait | Label::Unknown => None,
+        let mut names: HashMap<u64, String> = HashMap::new();
+        let mut named = |id: u64| {
+            names
+                .entry(id)
+                .or_insert_with(|| match label(id) {
+                    Label::Named(name) => name,
+                    Label::Wait | Label::Unknown => UNKNOWN.to_owned(),
+                })
+                .clone()
         };
         for (id, mut c) in window {
             let name = match label(id) {
-                Label::Named(name) => name,
+                Label::Named(name) => {
+                    named(id);
+                    name
+                }
                 Label::Wait if c.waited < MAX_WAIT => {
                     // Counted once it is named, within a few windows.
                     c.waited += 1;
@@ -226,12 +239,10 @@ impl WorkloadMetrics {
             counts.entry(name).or_default().add(&c);
         }
         for (id, n) in active {
-            let name = named(*id).unwrap_or_else(|| UNKNOWN.to_owned());
-            gauges.entry(name).or_default().0 += n;
+            gauges.entry(named(*id)).or_default().0 += n;
         }
         for (id, n) in time_wait {
-            let name = named(*id).unwrap_or_else(|| UNKNOWN.to_owned());
-            gauges.entry(name).or_default().1 += n;
+            gauges.entry(named(*id)).or_default().1 += n;
         }
         let activity: Vec<(&str, u64)> = counts
             .iter()
@@ -278,18 +289,52 @@ impl WorkloadMetrics {
             entry.0 += a;
             entry.1 += t;
         }
-        for (name, (a, t)) in shown_gauges {
-            for (vec, n) in [(&self.active, a), (&self.time_wait, t)] {
-                if let Ok(gauge) = vec.get_metric_with_label_values(&[name]) {
-                    gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
-                }
-            }
+        for (name, (a, _)) in shown_gauges {
+            set(&self.active, name, a);
         }
         for name in &changes.added {
             for vec in self.counters() {
                 let _ = vec.get_metric_with_label_values(&[name]);
             }
         }
+        let top = &state.top;
+        let labels: HashMap<u64, String> = names
+            .into_iter()
+            .map(|(id, name)| (id, top.label(&name).to_owned()))
+            .collect();
+        state.labels = labels;
+        self.set_time_wait_locked(&state, time_wait);
+    }
+
+    /// Sets the TIME_WAIT gauges from the table's counts by cgroup (`TimeWaitTable::by_cgroup`),
+    /// with the labels of the last update. Called with every update of
+    /// `tracer_time_wait_sockets`, so that the breakdown always adds up to it.
+    pub fn set_time_wait(&self, by_cgroup: &HashMap<u64, usize>) {
+        if let Ok(state) = self.state.lock() {
+            self.set_time_wait_locked(&state, by_cgroup);
+        }
+    }
+
+    fn set_time_wait_locked(&self, state: &State, by_cgroup: &HashMap<u64, usize>) {
+        let mut sums: HashMap<&str, usize> = HashMap::new();
+        sums.insert(OTHER, 0);
+        for name in state.top.chosen() {
+            sums.insert(name, 0);
+        }
+        let unknown = state.top.label(UNKNOWN);
+        for (id, n) in by_cgroup {
+            let label = state.labels.get(id).map_or(unknown, String::as_str);
+            *sums.entry(label).or_default() += n;
+        }
+        for (name, n) in sums {
+            set(&self.time_wait, name, n);
+        }
+    }
+}
+
+fn set(vec: &IntGaugeVec, label: &str, n: usize) {
+    if let Ok(gauge) = vec.get_metric_with_label_values(&[label]) {
+        gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
