@@ -780,6 +780,15 @@ mod tests {
                 "direction": "active",
                 "pid": 123,
                 "comm": "curl",
+                "cgroup": null,
+                "workload": null,
+                "workload_kind": null,
+                "unit": null,
+                "uid": null,
+                "container_id": null,
+                "runtime": null,
+                "pod_uid": null,
+                "qos": null,
                 "states": [
                     {"state": "SYN_SENT", "t_us": 0},
                     {"state": "ESTABLISHED", "t_us": 52},
@@ -815,6 +824,15 @@ mod tests {
             "direction",
             "pid",
             "comm",
+            "cgroup",
+            "workload",
+            "workload_kind",
+            "unit",
+            "uid",
+            "container_id",
+            "runtime",
+            "pod_uid",
+            "qos",
             "states",
             "duration_us",
             "handshake_us",
@@ -873,7 +891,7 @@ mod tests {
         ]);
         let value: Value = serde_json::from_str(&json_line(&conn)).unwrap();
         let object = value.as_object().unwrap();
-        assert_eq!(object.len(), 25);
+        assert_eq!(object.len(), 34);
         assert_eq!(value["time_wait"], false);
         assert_eq!(value["ts"], "2026-11-23T12:00:00.000000Z");
         assert_eq!(value["family"], "ipv6");
@@ -924,6 +942,7 @@ mod tests {
                 "TIME(UTC)",
                 "PID",
                 "COMM",
+                "WORKLOAD",
                 "LADDR:LPORT",
                 "RADDR:RPORT",
                 "DIR",
@@ -940,6 +959,7 @@ mod tests {
                 "12:00:00.123",
                 "123",
                 "curl",
+                "-",
                 "127.0.0.1:40000",
                 "127.0.0.1:8080",
                 "active",
@@ -954,6 +974,7 @@ mod tests {
         for (i, heading) in [
             "PID",
             "COMM",
+            "WORKLOAD",
             "LADDR:LPORT",
             "RADDR:RPORT",
             "DIR",
@@ -964,14 +985,14 @@ mod tests {
         .enumerate()
         {
             let col = lines[0].find(heading).unwrap();
-            let field = [1, 2, 3, 4, 5, 6, 9][i];
+            let field = [1, 2, 3, 4, 5, 6, 7, 10][i];
             assert_eq!(
                 lines[1][col..].split_whitespace().next(),
                 Some(fields[field])
             );
             assert_eq!(&lines[1][col - 1..col], " ");
         }
-        for (heading, field) in [("RETX", 7), ("MS", 8)] {
+        for (heading, field) in [("RETX", 8), ("MS", 9)] {
             let end = lines[0].find(heading).unwrap() + heading.len();
             assert!(lines[1][..end].ends_with(fields[field]), "{heading}");
         }
@@ -993,6 +1014,7 @@ mod tests {
             fields,
             [
                 "12:00:00.000",
+                "-",
                 "-",
                 "-",
                 "[::1]:443",
@@ -1023,7 +1045,7 @@ mod tests {
         assert_eq!(out.lines().count(), 2, "{out}");
         let fields: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(fields[2], "my?app?");
-        assert_eq!(fields[8], "2500.000");
+        assert_eq!(fields[9], "2500.000");
     }
 
     #[test]

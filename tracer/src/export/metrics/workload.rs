@@ -350,11 +350,8 @@ mod tests {
             }
             for m in family.get_metric() {
                 let label = m.get_label()[0].value().to_owned();
-                let value = if m.get_counter().has_value() {
-                    m.get_counter().value()
-                } else {
-                    m.get_gauge().value()
-                };
+                // The other of the two is 0.
+                let value = m.get_counter().get_value() + m.get_gauge().get_value();
                 out.push((label, value));
             }
         }
