@@ -540,3 +540,131 @@ fn bad_filter_is_a_one_line_error() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// Accepts `count` connections and never closes them (a CLOSE_WAIT leak once the clients
+/// close), until its stdin closes or it is killed.
+const LEAKING_SERVER: &str = r"
+import socket, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', port))
+s.listen(256)
+s.settimeout(60)
+print('ready', flush=True)
+kept = [s.accept()[0] for _ in range(count)]
+print('done', flush=True)
+sys.stdin.read()
+";
+
+/// `tracer diagnose` names the workloads of its findings: the service whose server leaks
+/// CLOSE_WAIT sockets, and the pod whose client connections end in TIME_WAIT.
+#[test]
+fn diagnose_names_the_workload_of_each_finding() {
+    const LEAKS: usize = 5;
+    const POD_CONNS: usize = 8;
+    let ns = Netns::create();
+    let cgroups = TestCgroups::create();
+    let service = format!("tracer-wl-leak-{}.service", std::process::id());
+    let service_rel = format!("system.slice/{service}");
+    let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let mut diagnose = Command::new(AGENT_BIN)
+        .args([
+            "diagnose",
+            "--duration",
+            "8s",
+            "--json",
+            "--top",
+            "50",
+            "--close-wait-threshold",
+            "1s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tracer diagnose");
+    // It says when it is watching.
+    let mut stderr = BufReader::new(diagnose.stderr.take().expect("piped stderr"));
+    let mut line = String::new();
+    while !line.contains("watching") {
+        line.clear();
+        let n = stderr.read_line(&mut line).expect("read diagnose stderr");
+        assert!(n > 0, "tracer diagnose ended before watching");
+    }
+    let mut leaker = Proc::start(
+        &cgroups,
+        &service_rel,
+        &ns,
+        LEAKING_SERVER,
+        &args(&["18082", &LEAKS.to_string()]),
+    );
+    assert_eq!(leaker.line(), "ready");
+    let mut server = Proc::start(
+        &cgroups,
+        "system.slice/tracer-wl-echo.service",
+        &ns,
+        SERVER,
+        &args(&["18083", &POD_CONNS.to_string()]),
+    );
+    assert_eq!(server.line(), "ready");
+    let mut docker = Proc::start(
+        &cgroups,
+        &docker_rel(),
+        &ns,
+        CLIENT,
+        &args(&["18082", &LEAKS.to_string(), "close"]),
+    );
+    docker.ports();
+    docker.wait_ok();
+    assert_eq!(leaker.line(), "done");
+    let mut pod = Proc::start(
+        &cgroups,
+        &kube_rel(),
+        &ns,
+        CLIENT,
+        &args(&["18083", &POD_CONNS.to_string(), "close"]),
+    );
+    pod.ports();
+    pod.wait_ok();
+    server.wait_ok();
+    let status = wait_timeout(&mut diagnose, Duration::from_secs(60))
+        .expect("tracer diagnose did not end within 60 s");
+    let mut out = String::new();
+    std::io::Read::read_to_string(diagnose.stdout.as_mut().expect("piped stdout"), &mut out)
+        .expect("read the report");
+    assert!(status.success(), "tracer diagnose failed: {status}\n{out}");
+    let report: Value = serde_json::from_str(&out).expect("the report is JSON");
+    let finding = |topic: &str| -> Value {
+        report["findings"]
+            .as_array()
+            .expect("findings")
+            .iter()
+            .find(|f| f["topic"] == topic)
+            .unwrap_or_else(|| panic!("no {topic} finding in {out}"))
+            .clone()
+    };
+    let count_of = |finding: &Value, name: &str| -> u64 {
+        finding["details"]["workloads"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no workloads in {finding}"))
+            .iter()
+            .find(|w| w["workload"] == name)
+            .unwrap_or_else(|| panic!("{name} not among the workloads of {finding}"))["count"]
+            .as_u64()
+            .expect("a count")
+    };
+    let leaks = finding("close_wait");
+    assert_eq!(count_of(&leaks, &service), LEAKS as u64, "{leaks}");
+    let time_wait = finding("time_wait");
+    assert_eq!(
+        count_of(&time_wait, &pod_name()),
+        POD_CONNS as u64,
+        "{time_wait}"
+    );
+    eprintln!(
+        "diagnose: close_wait workloads {}, time_wait workloads {}",
+        leaks["details"]["workloads"], time_wait["details"]["workloads"]
+    );
+    drop(leaker);
+}

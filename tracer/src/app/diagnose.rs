@@ -66,6 +66,15 @@ pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
         sysctls: session.sysctls,
         events_lost: session.events_lost(),
     };
+    // Name the workloads the findings are about: one last walk for the ids not cached yet.
+    for id in consumer.diagnosis.workload_ids() {
+        let _ = session.workloads.cached(id);
+    }
+    session.workloads.refresh_now();
+    let names = &session.workloads;
+    consumer
+        .diagnosis
+        .name_workloads(|id| names.cached(id).map(|c| c.workload.name.clone()));
     let report = consumer.diagnosis.report(&session.tracker, &context);
     if args.json {
         let text = serde_json::to_string_pretty(&report).context("encoding the report")?;

@@ -16,6 +16,7 @@ mod render;
 mod tally;
 #[cfg(test)]
 mod test_support;
+mod workloads;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -184,6 +185,8 @@ pub struct Diagnosis {
     leaks_total: u64,
     /// Listeners that dropped connection attempts, read from the host by the caller.
     listen: ListenOverflows,
+    /// The topics' tallies by workload.
+    workloads: workloads::ByWorkload,
 }
 
 impl Diagnosis {
@@ -214,7 +217,19 @@ impl Diagnosis {
             leaks: Vec::new(),
             leaks_total: 0,
             listen: ListenOverflows::default(),
+            workloads: workloads::ByWorkload::new(cap),
         }
+    }
+
+    /// Names the workloads the run saw (`name_of`: a cgroup id's workload name, if known), for
+    /// the findings to show. Call it before [`Diagnosis::report`].
+    pub fn name_workloads(&mut self, name_of: impl Fn(u64) -> Option<String>) {
+        self.workloads.name(name_of);
+    }
+
+    /// The cgroup ids the run saw, to be named.
+    pub fn workload_ids(&self) -> Vec<u64> {
+        self.workloads.ids()
     }
 
     /// What the host's listeners dropped during the run (`ListenOverflows::between`, owners
@@ -251,6 +266,9 @@ impl Diagnosis {
         .flatten()
         .collect();
         findings.sort_by_key(|f| f.severity);
+        for finding in &mut findings {
+            self.workloads.annotate(finding, self.config.top);
+        }
         Report {
             duration_seconds: context.duration.as_secs_f64(),
             connections_opened: self.opened,
