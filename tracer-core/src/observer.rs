@@ -35,9 +35,9 @@ pub trait Observer {
     /// The kernel named `conn`'s cgroup (`conn.cgroup`), first or anew.
     fn cgroup_known(&mut self, _conn: &Connection) {}
     /// `segs` segments of a tracked connection were retransmitted (after [`Observer::retransmit`]).
-    fn retransmit_on(&mut self, _conn: &Connection, _segs: u32) {}
+    fn retransmit_on(&mut self, _conn: &Connection, _kind: RetransmitKind, _segs: u32) {}
     /// A RST was sent or received on a tracked connection (after [`Observer::reset`]).
-    fn reset_on(&mut self, _conn: &Connection, _direction: ResetDirection) {}
+    fn reset_on(&mut self, _conn: &Connection, _direction: ResetDirection, _reason: Option<u16>) {}
 }
 
 /// Lets several exporters observe one tracker: `(&mut metrics, &mut sink)`.
@@ -98,13 +98,13 @@ impl<A: Observer, B: Observer> Observer for (A, B) {
         self.0.cgroup_known(conn);
         self.1.cgroup_known(conn);
     }
-    fn retransmit_on(&mut self, conn: &Connection, segs: u32) {
-        self.0.retransmit_on(conn, segs);
-        self.1.retransmit_on(conn, segs);
+    fn retransmit_on(&mut self, conn: &Connection, kind: RetransmitKind, segs: u32) {
+        self.0.retransmit_on(conn, kind, segs);
+        self.1.retransmit_on(conn, kind, segs);
     }
-    fn reset_on(&mut self, conn: &Connection, direction: ResetDirection) {
-        self.0.reset_on(conn, direction);
-        self.1.reset_on(conn, direction);
+    fn reset_on(&mut self, conn: &Connection, direction: ResetDirection, reason: Option<u16>) {
+        self.0.reset_on(conn, direction, reason);
+        self.1.reset_on(conn, direction, reason);
     }
 }
 
@@ -151,10 +151,10 @@ impl<T: Observer + ?Sized> Observer for &mut T {
     fn cgroup_known(&mut self, conn: &Connection) {
         (**self).cgroup_known(conn);
     }
-    fn retransmit_on(&mut self, conn: &Connection, segs: u32) {
-        (**self).retransmit_on(conn, segs);
+    fn retransmit_on(&mut self, conn: &Connection, kind: RetransmitKind, segs: u32) {
+        (**self).retransmit_on(conn, kind, segs);
     }
-    fn reset_on(&mut self, conn: &Connection, direction: ResetDirection) {
-        (**self).reset_on(conn, direction);
+    fn reset_on(&mut self, conn: &Connection, direction: ResetDirection, reason: Option<u16>) {
+        (**self).reset_on(conn, direction, reason);
     }
 }

@@ -95,6 +95,11 @@ pub struct DiagnoseArgs {
     /// Diagnostics on stderr: error, warn, info, debug or trace.
     #[arg(long, default_value = "warn", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
+
+    /// Only findings about these connections: `workload=GLOB`, `port=N`, `addr=IP[/PREFIX]`
+    /// (as `tracer run --filter`).
+    #[arg(long, value_name = "EXPR", value_parser = parse_filter)]
+    pub filter: Vec<Filter>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -210,6 +215,7 @@ impl DiagnoseArgs {
             port_exhaustion_warning: self.port_exhaustion_warning,
             close_wait_threshold: self.close_wait_threshold,
             ring_buffer_bytes: self.ring_buffer_bytes,
+            filter: Filter::all(self.filter.clone()),
         }
     }
 }

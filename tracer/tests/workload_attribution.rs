@@ -557,17 +557,8 @@ print('done', flush=True)
 sys.stdin.read()
 ";
 
-/// `tracer diagnose` names the workloads of its findings: the service whose server leaks
-/// CLOSE_WAIT sockets, and the pod whose client connections end in TIME_WAIT.
-#[test]
-fn diagnose_names_the_workload_of_each_finding() {
-    const LEAKS: usize = 5;
-    const POD_CONNS: usize = 8;
-    let ns = Netns::create();
-    let cgroups = TestCgroups::create();
-    let service = format!("tracer-wl-leak-{}.service", std::process::id());
-    let service_rel = format!("system.slice/{service}");
-    let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+/// `tracer diagnose --duration 8s --json` with `extra` arguments, once it says it is watching.
+fn start_diagnose(extra: &[&str]) -> Child {
     let mut diagnose = Command::new(AGENT_BIN)
         .args([
             "diagnose",
@@ -579,12 +570,12 @@ fn diagnose_names_the_workload_of_each_finding() {
             "--close-wait-threshold",
             "1s",
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start tracer diagnose");
-    // It says when it is watching.
     let mut stderr = BufReader::new(diagnose.stderr.take().expect("piped stderr"));
     let mut line = String::new();
     while !line.contains("watching") {
@@ -592,6 +583,59 @@ fn diagnose_names_the_workload_of_each_finding() {
         let n = stderr.read_line(&mut line).expect("read diagnose stderr");
         assert!(n > 0, "tracer diagnose ended before watching");
     }
+    diagnose
+}
+
+/// The report of a `start_diagnose` run.
+fn diagnose_report(mut diagnose: Child) -> Value {
+    let status = wait_timeout(&mut diagnose, Duration::from_secs(60))
+        .expect("tracer diagnose did not end within 60 s");
+    let mut out = String::new();
+    std::io::Read::read_to_string(diagnose.stdout.as_mut().expect("piped stdout"), &mut out)
+        .expect("read the report");
+    assert!(status.success(), "tracer diagnose failed: {status}\n{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("the report is not JSON ({e}): {out}"))
+}
+
+fn finding(report: &Value, topic: &str) -> Value {
+    report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .find(|f| f["topic"] == topic)
+        .unwrap_or_else(|| panic!("no {topic} finding in {report}"))
+        .clone()
+}
+
+/// The workloads a finding names, with their counts.
+fn workloads_of(finding: &Value) -> Vec<(String, u64)> {
+    finding["details"]["workloads"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no workloads in {finding}"))
+        .iter()
+        .map(|w| {
+            (
+                w["workload"].as_str().expect("a name").to_owned(),
+                w["count"].as_u64().expect("a count"),
+            )
+        })
+        .collect()
+}
+
+/// `tracer diagnose` names the workloads of its findings: the service whose server leaks
+/// CLOSE_WAIT sockets, and the pod whose client connections end in TIME_WAIT; with
+/// `--filter workload=...` its findings are about that service only.
+#[test]
+fn diagnose_names_the_workload_of_each_finding() {
+    const LEAKS: usize = 5;
+    const POD_CONNS: usize = 8;
+    let ns = Netns::create();
+    let cgroups = TestCgroups::create();
+    let service = format!("tracer-wl-leak-{}.service", std::process::id());
+    let service_rel = format!("system.slice/{service}");
+    let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let diagnose = start_diagnose(&[]);
+    let filtered = start_diagnose(&["--filter", "workload=tracer-wl-leak-*"]);
     let mut leaker = Proc::start(
         &cgroups,
         &service_rel,
@@ -628,43 +672,51 @@ fn diagnose_names_the_workload_of_each_finding() {
     pod.ports();
     pod.wait_ok();
     server.wait_ok();
-    let status = wait_timeout(&mut diagnose, Duration::from_secs(60))
-        .expect("tracer diagnose did not end within 60 s");
-    let mut out = String::new();
-    std::io::Read::read_to_string(diagnose.stdout.as_mut().expect("piped stdout"), &mut out)
-        .expect("read the report");
-    assert!(status.success(), "tracer diagnose failed: {status}\n{out}");
-    let report: Value = serde_json::from_str(&out).expect("the report is JSON");
-    let finding = |topic: &str| -> Value {
-        report["findings"]
-            .as_array()
-            .expect("findings")
-            .iter()
-            .find(|f| f["topic"] == topic)
-            .unwrap_or_else(|| panic!("no {topic} finding in {out}"))
-            .clone()
-    };
+    let report = diagnose_report(diagnose);
     let count_of = |finding: &Value, name: &str| -> u64 {
-        finding["details"]["workloads"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no workloads in {finding}"))
-            .iter()
-            .find(|w| w["workload"] == name)
-            .unwrap_or_else(|| panic!("{name} not among the workloads of {finding}"))["count"]
-            .as_u64()
-            .expect("a count")
+        workloads_of(finding)
+            .into_iter()
+            .find(|(w, _)| w == name)
+            .unwrap_or_else(|| panic!("{name} not among the workloads of {finding}"))
+            .1
     };
-    let leaks = finding("close_wait");
+    let leaks = finding(&report, "close_wait");
     assert_eq!(count_of(&leaks, &service), LEAKS as u64, "{leaks}");
-    let time_wait = finding("time_wait");
+    let time_wait = finding(&report, "time_wait");
     assert_eq!(
         count_of(&time_wait, &pod_name()),
         POD_CONNS as u64,
         "{time_wait}"
     );
     eprintln!(
-        "diagnose: close_wait workloads {}, time_wait workloads {}",
-        leaks["details"]["workloads"], time_wait["details"]["workloads"]
+        "diagnose: close_wait workloads {:?}, time_wait workloads {:?}",
+        workloads_of(&leaks),
+        workloads_of(&time_wait)
+    );
+    // Filtered to the leaking service: its leaks, and nothing of the others.
+    let report = diagnose_report(filtered);
+    let leaks = finding(&report, "close_wait");
+    assert_eq!(
+        workloads_of(&leaks),
+        [(service.clone(), LEAKS as u64)],
+        "{leaks}"
+    );
+    assert_eq!(leaks["details"]["leaks"], LEAKS, "{leaks}");
+    for f in report["findings"].as_array().expect("findings") {
+        if let Some(rows) = f["details"]["workloads"].as_array() {
+            for row in rows {
+                assert_eq!(
+                    row["workload"],
+                    service.as_str(),
+                    "the filter let through: {f}"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "diagnose --filter: {} findings, close_wait workloads {:?}",
+        report["findings"].as_array().map_or(0, Vec::len),
+        workloads_of(&leaks)
     );
     drop(leaker);
 }

@@ -241,7 +241,7 @@ impl Tracker {
                     conn.retransmits = conn.retransmits.saturating_add(segs);
                     let by_kind = &mut conn.retransmit_kinds[kind as usize];
                     *by_kind = by_kind.saturating_add(segs);
-                    obs.retransmit_on(conn, segs);
+                    obs.retransmit_on(conn, kind, segs);
                 }
             }
             Event::Reset {
@@ -260,7 +260,7 @@ impl Tracker {
                         ResetDirection::Sent => conn.resets_sent += 1,
                         ResetDirection::Received => conn.resets_received += 1,
                     }
-                    obs.reset_on(conn, direction);
+                    obs.reset_on(conn, direction, reason);
                 }
             }
             Event::TimeWait {

@@ -93,12 +93,12 @@ impl Observer for Diagnosis {
         per_conn.who = writer.or(per_conn.who);
     }
 
-    fn retransmit_on(&mut self, conn: &Connection, segs: u32) {
+    fn retransmit_on(&mut self, conn: &Connection, _kind: RetransmitKind, segs: u32) {
         self.workloads
             .add(super::TOPIC_RETRANSMISSIONS, conn.cgroup, u64::from(segs));
     }
 
-    fn reset_on(&mut self, conn: &Connection, _direction: ResetDirection) {
+    fn reset_on(&mut self, conn: &Connection, _direction: ResetDirection, _reason: Option<u16>) {
         self.workloads.add(super::TOPIC_RESETS, conn.cgroup, 1);
     }
 

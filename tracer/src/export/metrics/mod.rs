@@ -570,11 +570,11 @@ impl Observer for &Metrics {
         }
     }
 
-    fn retransmit_on(&mut self, conn: &Connection, segs: u32) {
+    fn retransmit_on(&mut self, conn: &Connection, _kind: RetransmitKind, segs: u32) {
         self.by_workload(conn.cgroup, WorkloadCount::Retransmits(segs));
     }
 
-    fn reset_on(&mut self, conn: &Connection, _direction: ResetDirection) {
+    fn reset_on(&mut self, conn: &Connection, _direction: ResetDirection, _reason: Option<u16>) {
         self.by_workload(conn.cgroup, WorkloadCount::Reset);
     }
 }
