@@ -110,9 +110,6 @@ impl<O: Observer> Filtered<O> {
     }
 
     fn offer(&mut self, held: Held) {
-        if self.filter.is_empty() {
-            return self.dispatch(held);
-        }
         let (_, cgroup) = held.about();
         let wait =
             self.filter.has_workload() && (!self.held.is_empty() || self.names.unresolved(cgroup));
@@ -192,7 +189,11 @@ impl<O: Observer> Observer for Filtered<O> {
         }
     }
     fn closed(&mut self, conn: &Connection) {
-        self.offer(Held::Closed(Box::new(conn.clone())));
+        if self.filter.is_empty() {
+            self.inner.closed(conn);
+        } else {
+            self.offer(Held::Closed(Box::new(conn.clone())));
+        }
     }
     fn retransmit(&mut self, tuple: &Tuple, kind: RetransmitKind, segs: u32) {
         if self.filter.is_empty() {
@@ -230,13 +231,25 @@ impl<O: Observer> Observer for Filtered<O> {
         }
     }
     fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
-        self.offer(Held::TimeWait(Box::new(record.clone())));
+        if self.filter.is_empty() {
+            self.inner.time_wait_exited(record);
+        } else {
+            self.offer(Held::TimeWait(Box::new(record.clone())));
+        }
     }
     fn delayed_ack(&mut self, conn: &Connection, held_ns: Option<u64>, pingpong: bool) {
-        self.offer(Held::DelayedAck(Box::new(conn.clone()), held_ns, pingpong));
+        if self.filter.is_empty() {
+            self.inner.delayed_ack(conn, held_ns, pingpong);
+        } else {
+            self.offer(Held::DelayedAck(Box::new(conn.clone()), held_ns, pingpong));
+        }
     }
     fn nagle_stall(&mut self, conn: &Connection, lost_ns: u64) {
-        self.offer(Held::Nagle(Box::new(conn.clone()), lost_ns));
+        if self.filter.is_empty() {
+            self.inner.nagle_stall(conn, lost_ns);
+        } else {
+            self.offer(Held::Nagle(Box::new(conn.clone()), lost_ns));
+        }
     }
     fn nagle_stall_report(&mut self, conn: &Connection) {
         if self.filter.is_empty() || self.passes(&conn.tuple, conn.cgroup) {
@@ -244,6 +257,10 @@ impl<O: Observer> Observer for Filtered<O> {
         }
     }
     fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
-        self.offer(Held::Leak(*leak));
+        if self.filter.is_empty() {
+            self.inner.close_wait_leak(leak);
+        } else {
+            self.offer(Held::Leak(*leak));
+        }
     }
 }

@@ -98,23 +98,19 @@ impl<W: Write> EventSink<W> {
         self
     }
 
-    /// Holds `record` for its name, or writes it now.
-    fn offer(&mut self, record: Held) {
+    /// Holds the record `make` builds (a copy) when its cgroup `id` is not named yet or
+    /// records before it wait; otherwise returns `false`: the caller writes it now.
+    fn held(&mut self, id: u64, make: impl FnOnce() -> Held) -> bool {
         if self.format == EventFormat::None {
-            return;
+            return true;
         }
-        let cgroup = match &record {
-            Held::Closed(c) | Held::NagleReport(c) => c.cgroup,
-            Held::Leak(l) => l.cgroup,
-            Held::TimeWait(r) => r.cgroup,
-        };
-        if self.workloads.must_hold(cgroup) {
-            if let Some(oldest) = self.workloads.hold(record) {
-                self.dispatch(oldest);
-            }
-        } else {
-            self.dispatch(record);
+        if !self.workloads.must_hold(id) {
+            return false;
         }
+        if let Some(oldest) = self.workloads.hold(make()) {
+            self.dispatch(oldest);
+        }
+        true
     }
 
     fn dispatch(&mut self, record: Held) {
@@ -329,23 +325,31 @@ impl<W: Write> EventSink<W> {
 
 impl<W: Write> Observer for EventSink<W> {
     fn closed(&mut self, conn: &Connection) {
-        self.offer(Held::Closed(Box::new(conn.clone())));
+        if !self.held(conn.cgroup, || Held::Closed(Box::new(conn.clone()))) {
+            self.write_connection(conn);
+        }
     }
 
     fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
-        if self.format == EventFormat::Json {
-            self.offer(Held::TimeWait(Box::new(record.clone())));
+        if self.format == EventFormat::Json
+            && !self.held(record.cgroup, || Held::TimeWait(Box::new(record.clone())))
+        {
+            self.write_time_wait(record);
         }
     }
 
     fn nagle_stall_report(&mut self, conn: &Connection) {
-        if self.format == EventFormat::Json {
-            self.offer(Held::NagleReport(Box::new(conn.clone())));
+        if self.format == EventFormat::Json
+            && !self.held(conn.cgroup, || Held::NagleReport(Box::new(conn.clone())))
+        {
+            self.write_nagle(conn);
         }
     }
 
     fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
-        self.offer(Held::Leak(*leak));
+        if !self.held(leak.cgroup, || Held::Leak(*leak)) {
+            self.leak_owner_then_write(leak);
+        }
     }
 }
 

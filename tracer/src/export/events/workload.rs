@@ -132,3 +132,155 @@ impl serde::Serialize for WorkloadFields<'_> {
         s.end()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    use crate::export::events::{EventFormat, EventSink};
+    use crate::export::filter::Filter;
+    use crate::host::cgroups::{Cgroup2Mount, CgroupResolver, ResolverConfig};
+    use crate::host::workloads::WorkloadNames;
+    use crate::kernel::clock::WallClock;
+    use tracer_core::model::{Direction, TcpState};
+    use tracer_core::observer::Observer;
+    use tracer_core::record::Connection;
+    use tracer_core::testkit::tuple;
+
+    /// A directory tree standing in for the cgroup2 hierarchy (the walk reads only directories
+    /// and their inode numbers).
+    struct Tree(PathBuf);
+
+    impl Tree {
+        fn mkdir(&self, rel: &str) -> u64 {
+            let dir = self.0.join(rel);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::metadata(&dir).expect("stat").ino()
+        }
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn closed(sport: u16, cgroup: u64) -> Connection {
+        use tracer_core::model::Event;
+        use tracer_core::tracker::{Tracker, TrackerConfig};
+        let lo = std::net::IpAddr::from([127, 0, 0, 1]);
+        let t = tuple(lo, sport, lo, 80);
+        let sock = u64::from(sport);
+        let task = tracer_core::testkit::task(9, "client");
+        let events = [
+            Event::StateChange {
+                ts_ns: 1,
+                sock,
+                netns: 1,
+                tuple: t,
+                old: TcpState::Close,
+                new: TcpState::SynSent,
+                task,
+            },
+            Event::SocketInfo {
+                ts_ns: 2,
+                sock,
+                cgroup,
+                cost: None,
+            },
+            Event::StateChange {
+                ts_ns: 3,
+                sock,
+                netns: 1,
+                tuple: t,
+                old: TcpState::SynSent,
+                new: TcpState::Close,
+                task,
+            },
+        ];
+        struct Last(Option<Connection>);
+        impl Observer for Last {
+            fn closed(&mut self, conn: &Connection) {
+                self.0 = Some(conn.clone());
+            }
+        }
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut last = Last(None);
+        for e in &events {
+            tracker.on_event(e, &mut last);
+        }
+        let conn = last.0.expect("closed");
+        assert_eq!((conn.cgroup, conn.direction), (cgroup, Direction::Active));
+        conn
+    }
+
+    fn lines(sink: &EventSink<Vec<u8>>) -> Vec<Value> {
+        String::from_utf8_lossy(sink.get_ref())
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect()
+    }
+
+    #[test]
+    fn records_wait_for_their_name_in_order_and_the_filter_applies() {
+        let tree =
+            Tree(std::env::temp_dir().join(format!("tracer-sink-wl-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&tree.0);
+        let nginx = tree.mkdir("system.slice/nginx.service");
+        let mount = Cgroup2Mount {
+            mount_point: tree.0.clone(),
+            root: "/".into(),
+        };
+        let config = ResolverConfig {
+            rescan_interval: Duration::ZERO,
+            ..ResolverConfig::default()
+        };
+        let names = WorkloadNames::with_resolver(Some(
+            CgroupResolver::with_mount(mount, config).expect("walk"),
+        ));
+        let filter = Filter::parse(&["port=40001,40002,40003"]).expect("filter");
+        let mut sink = EventSink::new(EventFormat::Json, Vec::new(), WallClock::with_offset(0))
+            .with_workloads(Some(names.clone()), filter);
+        // Known: written at once, named.
+        sink.closed(&closed(40001, nginx));
+        sink.flush().expect("flush");
+        let first = lines(&sink);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0]["workload"], "nginx.service");
+        assert_eq!(first[0]["cgroup"], nginx);
+        // A container started since the last walk: held, and so is what follows it.
+        let docker = tree.mkdir(&format!("docker/{}", "ab".repeat(32)));
+        sink.closed(&closed(40002, docker));
+        sink.closed(&closed(40003, nginx));
+        sink.closed(&closed(50000, nginx)); // filtered out
+        sink.flush().expect("flush");
+        assert_eq!(lines(&sink).len(), 1, "held until the next walk");
+        names.refresh();
+        sink.flush().expect("flush");
+        let all = lines(&sink);
+        let got: Vec<(u64, &str)> = all
+            .iter()
+            .map(|e| {
+                (
+                    e["sport"].as_u64().unwrap(),
+                    e["workload"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (40001, "nginx.service"),
+                (40002, "docker/abababababab"),
+                (40003, "nginx.service")
+            ]
+        );
+        assert_eq!(all[1]["container_id"], "ab".repeat(32));
+        assert_eq!(all[1]["runtime"], "docker");
+        assert_eq!(all[1]["workload_kind"], "container");
+    }
+}
