@@ -32,6 +32,12 @@ pub trait Observer {
     /// A connection has stayed in CLOSE_WAIT past the threshold: the application never closed
     /// its socket after the peer did.
     fn close_wait_leak(&mut self, _leak: &CloseWaitLeak) {}
+    /// The kernel named `conn`'s cgroup (`conn.cgroup`), first or anew.
+    fn cgroup_known(&mut self, _conn: &Connection) {}
+    /// `segs` segments of a tracked connection were retransmitted (after [`Observer::retransmit`]).
+    fn retransmit_on(&mut self, _conn: &Connection, _kind: RetransmitKind, _segs: u32) {}
+    /// A RST was sent or received on a tracked connection (after [`Observer::reset`]).
+    fn reset_on(&mut self, _conn: &Connection, _direction: ResetDirection, _reason: Option<u16>) {}
 }
 
 /// Lets several exporters observe one tracker: `(&mut metrics, &mut sink)`.
@@ -88,6 +94,18 @@ impl<A: Observer, B: Observer> Observer for (A, B) {
         self.0.close_wait_leak(leak);
         self.1.close_wait_leak(leak);
     }
+    fn cgroup_known(&mut self, conn: &Connection) {
+        self.0.cgroup_known(conn);
+        self.1.cgroup_known(conn);
+    }
+    fn retransmit_on(&mut self, conn: &Connection, kind: RetransmitKind, segs: u32) {
+        self.0.retransmit_on(conn, kind, segs);
+        self.1.retransmit_on(conn, kind, segs);
+    }
+    fn reset_on(&mut self, conn: &Connection, direction: ResetDirection, reason: Option<u16>) {
+        self.0.reset_on(conn, direction, reason);
+        self.1.reset_on(conn, direction, reason);
+    }
 }
 
 impl<T: Observer + ?Sized> Observer for &mut T {
@@ -129,5 +147,14 @@ impl<T: Observer + ?Sized> Observer for &mut T {
     }
     fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
         (**self).close_wait_leak(leak);
+    }
+    fn cgroup_known(&mut self, conn: &Connection) {
+        (**self).cgroup_known(conn);
+    }
+    fn retransmit_on(&mut self, conn: &Connection, kind: RetransmitKind, segs: u32) {
+        (**self).retransmit_on(conn, kind, segs);
+    }
+    fn reset_on(&mut self, conn: &Connection, direction: ResetDirection, reason: Option<u16>) {
+        (**self).reset_on(conn, direction, reason);
     }
 }

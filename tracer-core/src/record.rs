@@ -112,6 +112,8 @@ pub struct CloseWaitLeak {
     pub owner: Option<Owner>,
     /// Already in CLOSE_WAIT when the agent started.
     pub seeded: bool,
+    /// The socket's cgroup v2 id (0: unknown).
+    pub cgroup: u64,
 }
 
 #[derive(
@@ -162,6 +164,8 @@ pub struct TimeWaitRecord {
     /// From the connection that entered TIME_WAIT, when the agent saw it.
     pub direction: Option<Direction>,
     pub owner: Option<Owner>,
+    /// The cgroup v2 id of the connection that entered TIME_WAIT (0: unknown).
+    pub cgroup: u64,
 }
 
 impl TimeWaitRecord {

@@ -80,3 +80,44 @@ fn connection_closed_without_time_wait_is_not_marked() {
     assert_eq!(tracker.time_wait().count(), 0);
     assert_eq!(rec.closed[0].netns, NETNS);
 }
+
+/// A TIME_WAIT stay carries the cgroup of the connection it came from (the kernel names it in
+/// the run before the final CLOSE), and the table's counts by cgroup add up to its count, the
+/// sockets of connections not seen (or with no cgroup) under 0.
+#[test]
+fn time_wait_stays_carry_the_cgroup_of_their_connection() {
+    use tracer_core::model::Event;
+    let (a, b) = (remote(40001, 80), remote(40002, 80));
+    let mut events = Vec::new();
+    for (sock, tw, t, cgroup) in [(0x10, TW, a, 386), (0x20, TW + 1, b, 0)] {
+        let mut run = active_close_first(0, sock, tw, t, FinWait2, task(42, "curl"));
+        let close = run.pop().expect("the final CLOSE");
+        run.push(Event::SocketInfo {
+            ts_ns: close.ts_ns(),
+            sock,
+            cgroup,
+            cost: None,
+        });
+        run.push(close);
+        events.extend(run);
+    }
+    // A third timewait socket whose connection the tracker never saw.
+    let c = remote(40003, 80);
+    events.push(time_wait(SEC, TW + 2, c, TimeWait, TimerPhase::Start));
+    let (mut tracker, mut rec) = replay(&events);
+    assert_eq!(rec.closed[0].cgroup, 386);
+    let by_cgroup = tracker.time_wait().by_cgroup();
+    assert_eq!(by_cgroup.get(&386), Some(&1));
+    assert_eq!(by_cgroup.get(&0), Some(&2));
+    assert_eq!(
+        by_cgroup.values().sum::<usize>(),
+        tracker.time_wait().count()
+    );
+    for phase in [TimerPhase::Cancel, TimerPhase::Expire] {
+        tracker.on_event(&time_wait(61 * SEC, TW, a, TimeWait, phase), &mut rec);
+    }
+    assert_eq!(rec.time_wait_exited[0].cgroup, 386);
+    let by_cgroup = tracker.time_wait().by_cgroup();
+    assert_eq!(by_cgroup.get(&386), None);
+    assert_eq!(by_cgroup.values().sum::<usize>(), 2);
+}

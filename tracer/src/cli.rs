@@ -8,6 +8,7 @@ use crate::app::diagnose::{DiagnoseOptions, diagnose};
 use crate::app::run::{RunConfig, run};
 use crate::app::top::{TopOptions, top};
 use crate::export::events::EventFormat;
+use crate::export::filter::Filter;
 
 /// Default metrics port (Prometheus exporters conventionally take one in the 9xxx range).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9645";
@@ -94,6 +95,11 @@ pub struct DiagnoseArgs {
     /// Diagnostics on stderr: error, warn, info, debug or trace.
     #[arg(long, default_value = "warn", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
+
+    /// Only findings about these connections: `workload=GLOB`, `port=N`, `addr=IP[/PREFIX]`
+    /// (as `tracer run --filter`).
+    #[arg(long, value_name = "EXPR", value_parser = parse_filter)]
+    pub filter: Vec<Filter>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -136,6 +142,33 @@ pub struct RunArgs {
     /// Diagnostics on stderr: error, warn, info, debug or trace.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
+
+    /// Opt-in metric breakdowns: `workload` adds the `tracer_workload_*` metrics (connections,
+    /// retransmits, resets, TIME_WAIT, Nagle stalls, CLOSE_WAIT leaks by systemd unit,
+    /// container or pod).
+    #[arg(long, value_enum, value_name = "BREAKDOWN")]
+    pub metrics_by: Vec<MetricsBy>,
+
+    /// Workloads with their own series in the metrics by workload; the rest are summed under
+    /// workload="other".
+    #[arg(long, default_value_t = 10, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub workload_top: u32,
+
+    /// Only events about these connections: `workload=GLOB`, `port=N`, `addr=IP[/PREFIX]`,
+    /// alternatives with `,`; several flags (or terms joined with ` and `) must all match.
+    #[arg(long, value_name = "EXPR", value_parser = parse_filter)]
+    pub filter: Vec<Filter>,
+}
+
+/// `--metrics-by`: an opt-in breakdown of the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricsBy {
+    /// By the workload (systemd unit, container, pod) of each socket's cgroup.
+    Workload,
+}
+
+fn parse_filter(text: &str) -> Result<Filter, String> {
+    Filter::parse(&[text]).map_err(|e| e.to_string())
 }
 
 /// `--events`: how per-connection events are written.
@@ -164,6 +197,11 @@ impl RunArgs {
             listen_overflow_top_ports: self.listen_overflow_top_ports,
             port_exhaustion_warning: self.port_exhaustion_warning,
             close_wait_threshold: self.close_wait_threshold,
+            workload_top: self
+                .metrics_by
+                .contains(&MetricsBy::Workload)
+                .then_some(self.workload_top),
+            filter: Filter::all(self.filter.clone()),
         }
     }
 }
@@ -177,6 +215,7 @@ impl DiagnoseArgs {
             port_exhaustion_warning: self.port_exhaustion_warning,
             close_wait_threshold: self.close_wait_threshold,
             ring_buffer_bytes: self.ring_buffer_bytes,
+            filter: Filter::all(self.filter.clone()),
         }
     }
 }

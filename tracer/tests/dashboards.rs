@@ -658,7 +658,8 @@ fn every_metric_the_files_name_is_exported_by_a_real_agent() {
 
     // Many TIME_WAIT peers may exist on a shared machine: show them all, so the test's own
     // peer gets its per-peer series.
-    let mut agent = Agent::start(&["--time-wait-top-peers", "1000"]);
+    // The metrics by workload are opt-in: ask for them, so that their panels are checked too.
+    let mut agent = Agent::start(&["--time-wait-top-peers", "1000", "--metrics-by", "workload"]);
     // Connections the client closes first: state transitions, and client-side TIME_WAIT
     // sockets toward the server, whose per-peer and port-exhaustion series appear within a
     // refresh (1 s).

@@ -84,6 +84,15 @@ fn check_event(ev: &Value) {
         "direction",
         "pid",
         "comm",
+        "cgroup",
+        "workload",
+        "workload_kind",
+        "unit",
+        "uid",
+        "container_id",
+        "runtime",
+        "pod_uid",
+        "qos",
         "states",
         "duration_us",
         "handshake_us",
@@ -136,6 +145,11 @@ fn check_event(ev: &Value) {
     assert!(CLOSES.contains(&ev_str(ev, "close")), "{line}");
     assert!(is_u64_or_null(&ev["pid"]), "{line}");
     assert!(ev["comm"].is_null() || ev["comm"].is_string(), "{line}");
+    assert!(is_u64_or_null(&ev["cgroup"]), "{line}");
+    assert!(
+        ev["workload"].is_null() || ev["workload"].is_string(),
+        "{line}"
+    );
     assert!(is_u64_or_null(&ev["duration_us"]), "{line}");
     assert!(is_u64_or_null(&ev["handshake_us"]), "{line}");
     ev_u64(ev, "retransmits");

@@ -490,11 +490,14 @@ fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheu
     }
     // Many TIME_WAIT peers may exist on a shared machine: show them all, so the test's own
     // peer gets its per-peer series. CLOSE_WAIT past 2 s is a leak.
+    // The metrics by workload are opt-in: ask for them, so that their panels are checked too.
     let agent = Agent::start(&[
         "--time-wait-top-peers",
         "1000",
         "--close-wait-threshold",
         "2s",
+        "--metrics-by",
+        "workload",
     ]);
     let prometheus = Prometheus::start(agent.listen);
     let started = Instant::now();

@@ -170,6 +170,7 @@ impl Tracker {
                             direction: conn.direction,
                             owner: conn.owner,
                             seeded: conn.seeded,
+                            cgroup: conn.cgroup,
                         })
                     }
                     _ => None,
@@ -183,6 +184,7 @@ impl Tracker {
                         direction: seed.direction,
                         owner: None,
                         seeded: true,
+                        cgroup: 0,
                     }),
                     _ => None,
                 },
@@ -266,6 +268,7 @@ impl Tracker {
                     conn.retransmits = conn.retransmits.saturating_add(segs);
                     let by_kind = &mut conn.retransmit_kinds[kind as usize];
                     *by_kind = by_kind.saturating_add(segs);
+                    obs.retransmit_on(conn, kind, segs);
                 }
             }
             Event::Reset {
@@ -296,6 +299,7 @@ impl Tracker {
                         }
                         ResetDirection::Received => conn.resets_received += 1,
                     }
+                    obs.reset_on(conn, direction, reason);
                 }
             }
             Event::TimeWait {
@@ -347,8 +351,9 @@ impl Tracker {
             } => {
                 // Only for a connection already known: this never opens a record.
                 if let Some(conn) = self.conns.get_mut(&sock) {
-                    if cgroup != 0 {
+                    if cgroup != 0 && conn.cgroup != cgroup {
                         conn.cgroup = cgroup;
+                        obs.cgroup_known(conn);
                     }
                     if let Some(cost) = cost {
                         conn.cost = Some(Box::new(cost));

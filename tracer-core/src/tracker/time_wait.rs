@@ -60,6 +60,8 @@ struct Entry {
     last_event_ns: u64,
     direction: Option<Direction>,
     owner: Option<Owner>,
+    /// The cgroup of the connection it came from (0: unknown).
+    cgroup: u64,
 }
 
 /// Live timewait sockets.
@@ -87,6 +89,8 @@ pub struct TimeWaitTable {
     /// can arrive first. A start older than its remembered cancel is a socket already gone.
     early_cancels: HashMap<SockId, u64>,
     early_cancel_order: VecDeque<(u64, SockId)>,
+    /// Timewait sockets now by their connection's cgroup, for the cgroups known (not 0).
+    cgroups: HashMap<u64, usize>,
 }
 
 /// How long (event time) a cancel of an unknown timewait socket waits for its start.
@@ -110,6 +114,7 @@ impl TimeWaitTable {
             listening: HashMap::default(),
             early_cancels: HashMap::default(),
             early_cancel_order: VecDeque::new(),
+            cgroups: HashMap::default(),
         }
     }
 
@@ -147,8 +152,21 @@ impl TimeWaitTable {
         shrank |= shrink_map(&mut self.peers);
         shrank |= shrink_map(&mut self.early_cancels);
         shrank |= shrink_queue(&mut self.early_cancel_order);
+        shrank |= shrink_map(&mut self.cgroups);
         shrank |= shrink_queue(&mut self.cancels);
         shrank | shrink_queue(&mut self.early_order)
+    }
+
+    /// Timewait sockets now by the cgroup of the connection each came from (0: unknown, those
+    /// already there at start-up included); the counts add up to [`TimeWaitTable::count`].
+    pub fn by_cgroup(&self) -> HashMap<u64, usize> {
+        let mut counts = self.cgroups.clone();
+        let known: usize = counts.values().sum();
+        let unknown = self.in_time_wait.saturating_sub(known);
+        if unknown > 0 {
+            counts.insert(0, unknown);
+        }
+        counts
     }
 
     /// Timewait sockets not tracked because the table was full.
@@ -214,6 +232,7 @@ impl TimeWaitTable {
                 }
                 self.in_time_wait = self.in_time_wait.saturating_sub(1);
                 self.remove_peer(entry.peer);
+                self.forget_cgroup(entry.cgroup);
                 dropped += 1;
             }
         }
@@ -330,6 +349,7 @@ impl TimeWaitTable {
                 last_event_ns: ts_ns,
                 direction: None,
                 owner: None,
+                cgroup: 0,
             },
         );
         self.by_tuple.insert(key, tw);
@@ -366,6 +386,7 @@ impl TimeWaitTable {
                     last_event_ns: ts_ns,
                     direction: None,
                     owner: None,
+                    cgroup: 0,
                 },
             );
             self.by_tuple.insert(key, tw);
@@ -392,6 +413,10 @@ impl TimeWaitTable {
         }
         entry.direction = Some(conn.direction);
         entry.owner = conn.owner;
+        if entry.cgroup == 0 && conn.cgroup != 0 {
+            entry.cgroup = conn.cgroup;
+            *self.cgroups.entry(conn.cgroup).or_default() += 1;
+        }
         // The connection's direction says the role better than the port guess made at the
         // start (the listener may have closed before its last connection did).
         let client = match conn.direction {
@@ -489,6 +514,7 @@ impl TimeWaitTable {
         }
         self.in_time_wait = self.in_time_wait.saturating_sub(1);
         self.remove_peer(entry.peer);
+        self.forget_cgroup(entry.cgroup);
         let record = TimeWaitRecord {
             netns: entry.netns,
             tuple: entry.tuple,
@@ -498,6 +524,7 @@ impl TimeWaitTable {
             substate: entry.substate,
             direction: entry.direction,
             owner: entry.owner,
+            cgroup: entry.cgroup,
         };
         match exit {
             Some(_) => obs.time_wait_exited(&record),
@@ -518,6 +545,18 @@ impl TimeWaitTable {
             peer: tuple.dst,
             port: if client { tuple.dport } else { tuple.sport },
             client,
+        }
+    }
+
+    /// One timewait socket of `cgroup` fewer (0: none known).
+    fn forget_cgroup(&mut self, cgroup: u64) {
+        if cgroup != 0
+            && let Some(count) = self.cgroups.get_mut(&cgroup)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.cgroups.remove(&cgroup);
+            }
         }
     }
 

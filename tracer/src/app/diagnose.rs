@@ -5,7 +5,10 @@ use anyhow::Context as _;
 
 use crate::app::pump::{Consumer, block_on, pump};
 use crate::app::session::{Session, SessionConfig};
+use crate::app::workloads::Filtered;
 use crate::diagnose::{DiagnoseConfig, Diagnosis, ListenOverflows, ReportContext};
+use crate::export::filter::Filter;
+use crate::export::metrics::Metrics;
 use crate::host::{listeners, proc_owners};
 use tracer_core::observer::Observer;
 use tracer_core::tracker::TrackerConfig;
@@ -23,6 +26,8 @@ pub struct DiagnoseOptions {
     pub port_exhaustion_warning: f64,
     pub close_wait_threshold: Duration,
     pub ring_buffer_bytes: u32,
+    /// `--filter`: which connections the findings are about.
+    pub filter: Filter,
 }
 
 pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
@@ -31,18 +36,20 @@ pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
         max_connections: TrackerConfig::default().max_connections,
         close_wait_threshold: args.close_wait_threshold,
     })?;
+    let diagnosis = Diagnosis::new(
+        DiagnoseConfig {
+            top: args.top as usize,
+            port_exhaustion_warning: args.port_exhaustion_warning,
+            ..DiagnoseConfig::default()
+        },
+        session.rst_reasons.clone(),
+    );
     let mut consumer = DiagnoseConsumer {
-        diagnosis: Diagnosis::new(
-            DiagnoseConfig {
-                top: args.top as usize,
-                port_exhaustion_warning: args.port_exhaustion_warning,
-                ..DiagnoseConfig::default()
-            },
-            session.rst_reasons.clone(),
-        ),
+        diagnosis: Filtered::new(diagnosis, args.filter.clone(), session.workloads.clone()),
     };
     consumer
         .diagnosis
+        .inner
         .set_jiffy_ns(crate::app::run::cost_context(&session).jiffy_ns);
     // The kernel counts listen-queue overflows itself: read its counters at both ends.
     let listeners_before = read_listeners();
@@ -62,14 +69,25 @@ pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
         for listener in seen.listeners.iter_mut().take(args.top as usize) {
             listener.owner = proc_owners::inode_owner(listener.inode);
         }
-        consumer.diagnosis.set_listen_overflows(seen);
+        consumer.diagnosis.inner.set_listen_overflows(seen);
     }
     let context = ReportContext {
         duration: started.elapsed(),
         sysctls: session.sysctls,
         events_lost: session.events_lost(),
     };
-    let report = consumer.diagnosis.report(&session.tracker, &context);
+    // Name the workloads the findings are about: one last walk for the ids not cached yet
+    // (those the filter still holds included).
+    session.workloads.refresh_now();
+    consumer.diagnosis.release(true);
+    for id in consumer.diagnosis.inner.workload_ids() {
+        let _ = session.workloads.cached(id);
+    }
+    session.workloads.refresh_now();
+    let names = &session.workloads;
+    let diagnosis = &mut consumer.diagnosis.inner;
+    diagnosis.name_workloads(|id| names.cached(id).map(|c| c.workload.name.clone()));
+    let report = diagnosis.report(&session.tracker, &context);
     if args.json {
         let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
         println!("{text}");
@@ -80,12 +98,17 @@ pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
 }
 
 struct DiagnoseConsumer {
-    diagnosis: Diagnosis,
+    diagnosis: Filtered<Diagnosis>,
 }
 
 impl Consumer for DiagnoseConsumer {
     fn observer(&mut self) -> &mut dyn Observer {
         &mut self.diagnosis
+    }
+
+    fn refresh(&mut self, _tracker: &mut tracer_core::tracker::Tracker, _metrics: &Metrics) {
+        // The tick's walk has run: decide what waited for a name.
+        self.diagnosis.release(false);
     }
 }
 

@@ -9,3 +9,4 @@ pub mod resync;
 pub mod run;
 pub mod session;
 pub mod top;
+pub mod workloads;

@@ -112,6 +112,7 @@ pub async fn pump(
             }
             _ = refresh.tick() => {
                 promote_close_wait(session, &metrics, consumer.observer());
+                crate::app::workloads::refresh(&session.workloads, &session.tracker, &metrics);
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
                 match session.counters.totals() {
                     Ok(totals) => metrics.set_table_full(totals),
@@ -223,5 +224,9 @@ fn drain(
     metrics.set_active(tracker.active());
     metrics.set_evictions(tracker.evictions());
     metrics.time_wait.set_sockets(tracker.time_wait().count());
+    if let Some(by_workload) = metrics.workloads.get() {
+        // With the host gauge, so that the breakdown always adds up to it.
+        by_workload.set_time_wait(&tracker.time_wait().by_cgroup().into_iter().collect());
+    }
     metrics.close_wait.set_close_wait(tracker.close_wait());
 }

@@ -11,6 +11,7 @@ use crate::app::listen::ListenWorker;
 use crate::app::pump::{Consumer, block_on, pump};
 use crate::app::session::{Session, SessionConfig};
 use crate::export::events::{CostContext, EventFormat, EventSink};
+use crate::export::filter::Filter;
 use crate::export::metrics::{self, Metrics};
 use crate::host::owner_lookups::{self, OwnerLookups};
 use crate::host::{hz, proc_owners};
@@ -39,6 +40,10 @@ pub struct RunConfig {
     pub listen_overflow_top_ports: u32,
     pub port_exhaustion_warning: f64,
     pub close_wait_threshold: Duration,
+    /// With `--metrics-by workload`: the workloads with their own series.
+    pub workload_top: Option<u32>,
+    /// `--filter`: which connections the events are about.
+    pub filter: Filter,
 }
 
 pub fn run(args: RunConfig) -> anyhow::Result<()> {
@@ -60,6 +65,12 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
     let clock = WallClock::new().context("reading the clocks")?;
     let cost = cost_context(&session);
     session.metrics.cost.configure(cost.clone());
+    if let Some(top) = args.workload_top {
+        session
+            .metrics
+            .enable_workloads(top as usize)
+            .context("creating the metrics by workload")?;
+    }
     let listen_worker = ListenWorker::start(
         session.metrics.clone(),
         args.listen_overflow_top_ports as usize,
@@ -79,7 +90,8 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
                 owner_lookups::PER_SECOND,
             )
             .context("starting the owner lookup worker")?,
-        ),
+        )
+        .with_workloads(Some(session.workloads.clone()), args.filter.clone()),
         time_wait_top_peers: args.time_wait_top_peers as usize,
         port_exhaustion_warning: args.port_exhaustion_warning,
         port_warnings: HashMap::new(),

@@ -46,6 +46,8 @@ pub struct Session {
     pub(super) resync: Resync,
     /// When loss starts and stops, for the log.
     pub(super) loss: LossLog,
+    /// Cgroup ids to workload names (see `app::workloads`).
+    pub workloads: crate::host::workloads::WorkloadNames,
 }
 
 impl Session {
@@ -123,6 +125,7 @@ impl Session {
             metrics,
             resync: Resync::start(),
             loss: LossLog::default(),
+            workloads: crate::host::workloads::WorkloadNames::start(),
         })
     }
 

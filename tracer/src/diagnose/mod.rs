@@ -16,6 +16,7 @@ mod render;
 mod tally;
 #[cfg(test)]
 mod test_support;
+mod workloads;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -194,6 +195,8 @@ pub struct Diagnosis {
     window_conns: Capped<ConnKey, WindowStall>,
     /// Length of the kernel's jiffy, when its HZ is known.
     jiffy_ns: Option<u64>,
+    /// The topics' tallies by workload.
+    workloads: workloads::ByWorkload,
 }
 
 impl Diagnosis {
@@ -229,12 +232,24 @@ impl Diagnosis {
             window_total: WindowStall::default(),
             window_conns: Capped::new(cap),
             jiffy_ns: None,
+            workloads: workloads::ByWorkload::new(cap),
         }
     }
 
     /// The length of the kernel's jiffy (`host::hz`), for the window-limited times.
     pub fn set_jiffy_ns(&mut self, jiffy_ns: Option<u64>) {
         self.jiffy_ns = jiffy_ns;
+    }
+
+    /// Names the workloads the run saw (`name_of`: a cgroup id's workload name, if known), for
+    /// the findings to show. Call it before [`Diagnosis::report`].
+    pub fn name_workloads(&mut self, name_of: impl Fn(u64) -> Option<String>) {
+        self.workloads.name(name_of);
+    }
+
+    /// The cgroup ids the run saw, to be named.
+    pub fn workload_ids(&self) -> Vec<u64> {
+        self.workloads.ids()
     }
 
     /// What the host's listeners dropped during the run (`ListenOverflows::between`, owners
@@ -273,6 +288,9 @@ impl Diagnosis {
         .flatten()
         .collect();
         findings.sort_by_key(|f| f.severity);
+        for finding in &mut findings {
+            self.workloads.annotate(finding, self.config.top);
+        }
         Report {
             duration_seconds: context.duration.as_secs_f64(),
             connections_opened: self.opened,

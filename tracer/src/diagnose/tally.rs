@@ -36,6 +36,7 @@ impl Observer for Diagnosis {
         self.closed += 1;
         if conn.time_wait {
             *self.tw_closers.slot(proc_key(conn.owner)) += 1;
+            self.workloads.add(super::TOPIC_TIME_WAIT, conn.cgroup, 1);
         }
         if conn.cost.is_some() {
             self.costed_conns += 1;
@@ -85,6 +86,7 @@ impl Observer for Diagnosis {
 
     fn delayed_ack(&mut self, conn: &Connection, held_ns: Option<u64>, _pingpong: bool) {
         self.delayed.add(held_ns);
+        self.workloads.add(super::TOPIC_DELAYED_ACK, conn.cgroup, 1);
         self.delayed_procs.slot(proc_key(conn.owner)).add(held_ns);
         let per_conn = self.delayed_conns.slot((conn.netns, conn.tuple));
         per_conn.add(held_ns);
@@ -94,10 +96,20 @@ impl Observer for Diagnosis {
     fn nagle_stall(&mut self, conn: &Connection, lost_ns: u64) {
         let writer = conn.acks.writer;
         self.stalls.add(lost_ns);
+        self.workloads.add(super::TOPIC_NAGLE, conn.cgroup, 1);
         self.stall_writers.slot(proc_key(writer)).add(lost_ns);
         let per_conn = self.stall_conns.slot((conn.netns, conn.tuple));
         per_conn.add(lost_ns);
         per_conn.who = writer.or(per_conn.who);
+    }
+
+    fn retransmit_on(&mut self, conn: &Connection, _kind: RetransmitKind, segs: u32) {
+        self.workloads
+            .add(super::TOPIC_RETRANSMISSIONS, conn.cgroup, u64::from(segs));
+    }
+
+    fn reset_on(&mut self, conn: &Connection, _direction: ResetDirection, _reason: Option<u16>) {
+        self.workloads.add(super::TOPIC_RESETS, conn.cgroup, 1);
     }
 
     // Every stall arrives through `nagle_stall`; the rate-limited summaries add nothing.
@@ -105,6 +117,7 @@ impl Observer for Diagnosis {
 
     fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
         self.leaks_total += 1;
+        self.workloads.add(super::TOPIC_CLOSE_WAIT, leak.cgroup, 1);
         if self.leaks.len() < self.config.max_keys {
             self.leaks.push(*leak);
         }

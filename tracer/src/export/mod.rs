@@ -2,4 +2,5 @@
 //! per-connection events (JSON or text lines). Both observe the tracker.
 pub mod cost;
 pub mod events;
+pub mod filter;
 pub mod metrics;

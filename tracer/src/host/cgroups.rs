@@ -209,6 +209,11 @@ impl CgroupResolver {
         })
     }
 
+    /// A complete walk after `id` was asked for did not find it: it will never be named.
+    pub fn is_gone(&self, id: u64) -> bool {
+        self.gone.contains(&id)
+    }
+
     /// `id`'s cgroup: from the cache, or else from a new walk if none ran in the last
     /// [`ResolverConfig::rescan_interval`]. `None` for an id not found (yet, or ever: a later
     /// call after the interval tries again, unless the id is known to be gone).

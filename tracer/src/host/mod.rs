@@ -10,3 +10,4 @@ pub mod owner_lookups;
 pub mod proc_owners;
 pub mod seeds;
 pub mod sock_diag;
+pub mod workloads;

@@ -138,6 +138,7 @@ mod tests {
             detected_ns: 1,
             direction: Direction::Passive,
             owner: None,
+            cgroup: 0,
             seeded: false,
         }
     }

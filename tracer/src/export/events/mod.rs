@@ -19,7 +19,10 @@ use serde::Serialize;
 
 use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 
+use crate::export::filter::Filter;
+use crate::host::cgroups::Cgroup;
 use crate::host::owner_lookups::OwnerLookups;
+use crate::host::workloads::WorkloadNames;
 use crate::kernel::clock::{Rfc3339, TimeOfDay, WallClock};
 use tracer_core::model::Owner;
 
@@ -34,6 +37,8 @@ use tracer_core::record::TimeWaitRecord;
 use tracer_core::record::{Connection, StateStamp};
 
 pub use crate::export::cost::CostContext;
+mod workload;
+use workload::{Held, SinkWorkloads, WorkloadFields};
 
 /// How per-connection events are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,12 +66,15 @@ pub struct EventSink<W: Write> {
     owners: Option<OwnerLookups>,
     /// Units and names for the cost fields.
     cost: CostContext,
+    /// Workload names, `--filter`, and the records waiting for a name.
+    workloads: SinkWorkloads,
 }
 
 // Text columns: widths of TIME, PID, COMM, LADDR:LPORT, RADDR:RPORT, DIR, CLOSE, RETX, MS.
 const W_TIME: usize = 12;
 const W_PID: usize = 7;
 const W_COMM: usize = 15;
+const W_WORKLOAD: usize = 24;
 const W_ADDR: usize = 21;
 const W_DIR: usize = 7;
 const W_CLOSE: usize = 14;
@@ -87,6 +95,46 @@ impl<W: Write> EventSink<W> {
             error: None,
             owners: None,
             cost: CostContext::default(),
+            workloads: SinkWorkloads::default(),
+        }
+    }
+
+    /// Names each record's workload from `names` (records of a cgroup not named yet wait for
+    /// the next walk) and writes only the records `filter` lets through.
+    pub fn with_workloads(mut self, names: Option<WorkloadNames>, filter: Filter) -> EventSink<W> {
+        self.workloads.names = names;
+        self.workloads.filter = filter;
+        self
+    }
+
+    /// Holds the record `make` builds (a copy) when its cgroup `id` is not named yet or
+    /// records before it wait; otherwise returns `false`: the caller writes it now.
+    fn held(&mut self, id: u64, make: impl FnOnce() -> Held) -> bool {
+        if self.format == EventFormat::None {
+            return true;
+        }
+        if !self.workloads.must_hold(id) {
+            return false;
+        }
+        if let Some(oldest) = self.workloads.hold(make()) {
+            self.dispatch(oldest);
+        }
+        true
+    }
+
+    fn dispatch(&mut self, record: Held) {
+        match record {
+            Held::Closed(conn) => self.write_connection(&conn),
+            Held::NagleReport(conn) => self.write_nagle(&conn),
+            Held::Leak(leak) => self.leak_owner_then_write(&leak),
+            Held::TimeWait(record) => self.write_time_wait(&record),
+        }
+    }
+
+    /// Writes the held records now due (all of them with `all`).
+    fn release(&mut self, all: bool) {
+        for record in self.workloads.due(all) {
+            self.dispatch(record);
         }
     }
 
@@ -105,6 +153,10 @@ impl<W: Write> EventSink<W> {
 
     /// At shutdown: writes the leaks whose owner lookup finishes within `timeout`.
     pub fn finish_lookups(&mut self, timeout: std::time::Duration) {
+        if let Some(names) = &self.workloads.names {
+            names.refresh_now();
+        }
+        self.release(true);
         self.write_looked_up(|owners| owners.finish(timeout));
     }
 
@@ -130,11 +182,12 @@ impl<W: Write> EventSink<W> {
         // Writing to a Vec cannot fail.
         let _ = writeln!(
             self.line,
-            "{:<W_TIME$} {:<W_PID$} {:<W_COMM$} {:<W_ADDR$} {:<W_ADDR$} {:<W_DIR$} {:<W_CLOSE$} \
-             {:>W_RETX$} {:>W_KB$} {:>W_KB$} {:>W_RTT$} {:>W_MS$} STATES",
+            "{:<W_TIME$} {:<W_PID$} {:<W_COMM$} {:<W_WORKLOAD$} {:<W_ADDR$} {:<W_ADDR$} {:<W_DIR$} \
+             {:<W_CLOSE$} {:>W_RETX$} {:>W_KB$} {:>W_KB$} {:>W_RTT$} {:>W_MS$} STATES",
             "TIME(UTC)",
             "PID",
             "COMM",
+            "WORKLOAD",
             "LADDR:LPORT",
             "RADDR:RPORT",
             "DIR",
@@ -151,6 +204,7 @@ impl<W: Write> EventSink<W> {
     /// Flushes the output. Returns the first write error seen since the last call, if any,
     /// before trying to flush.
     pub fn flush(&mut self) -> io::Result<()> {
+        self.release(false);
         self.write_looked_up(OwnerLookups::finished);
         if let Some(err) = self.error.take() {
             return Err(err);
@@ -176,6 +230,10 @@ impl<W: Write> EventSink<W> {
         if self.error.is_some() {
             return;
         }
+        let cgroup = self.workloads.cgroup(conn.cgroup);
+        if !self.workloads.passes(&conn.tuple, cgroup.as_deref()) {
+            return;
+        }
         match self.format {
             EventFormat::None => {}
             EventFormat::Json => {
@@ -185,12 +243,13 @@ impl<W: Write> EventSink<W> {
                     conn,
                     clock: self.clock,
                     cost: &cost,
+                    cgroup: cgroup.as_deref(),
                 };
                 self.write_json(&record);
             }
             EventFormat::Text => {
                 self.line.clear();
-                self.text_line(conn);
+                self.text_line(conn, cgroup.as_deref());
                 self.emit();
             }
         }
@@ -205,7 +264,7 @@ impl<W: Write> EventSink<W> {
         }
     }
 
-    fn text_line(&mut self, conn: &Connection) {
+    fn text_line(&mut self, conn: &Connection, cgroup: Option<&Cgroup>) {
         use fmt::Write as _;
         let line = &mut self.line;
         let cell = &mut self.cell;
@@ -236,6 +295,17 @@ impl<W: Write> EventSink<W> {
             None => cell.push('-'),
         }
         let _ = write!(line, "{cell:<W_COMM$} ");
+        cell.clear();
+        match cgroup {
+            Some(c) => cell.extend(
+                c.workload
+                    .name
+                    .chars()
+                    .map(|c| if c.is_control() || c == ' ' { '?' } else { c }),
+            ),
+            None => cell.push('-'),
+        }
+        let _ = write!(line, "{cell:<W_WORKLOAD$} ");
         for (addr, port) in [
             (conn.tuple.src, conn.tuple.sport),
             (conn.tuple.dst, conn.tuple.dport),
@@ -278,15 +348,40 @@ impl<W: Write> EventSink<W> {
 
 impl<W: Write> Observer for EventSink<W> {
     fn closed(&mut self, conn: &Connection) {
-        self.write_connection(conn);
+        if !self.held(conn.cgroup, || Held::Closed(Box::new(conn.clone()))) {
+            self.write_connection(conn);
+        }
     }
 
     fn time_wait_exited(&mut self, record: &TimeWaitRecord) {
-        self.write_time_wait(record);
+        if self.format == EventFormat::Json
+            && !self.held(record.cgroup, || Held::TimeWait(Box::new(record.clone())))
+        {
+            self.write_time_wait(record);
+        }
     }
 
     fn nagle_stall_report(&mut self, conn: &Connection) {
-        if self.format != EventFormat::Json {
+        if self.format == EventFormat::Json
+            && !self.held(conn.cgroup, || Held::NagleReport(Box::new(conn.clone())))
+        {
+            self.write_nagle(conn);
+        }
+    }
+
+    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+        if !self.held(leak.cgroup, || Held::Leak(*leak)) {
+            self.leak_owner_then_write(leak);
+        }
+    }
+}
+
+impl<W: Write> EventSink<W> {
+    fn write_nagle(&mut self, conn: &Connection) {
+        let cgroup = self.workloads.cgroup(conn.cgroup);
+        if self.format != EventFormat::Json
+            || !self.workloads.passes(&conn.tuple, cgroup.as_deref())
+        {
             return;
         }
         let writer = conn.acks.writer;
@@ -295,6 +390,10 @@ impl<W: Write> Observer for EventSink<W> {
             event: "nagle_delack_stall",
             address: Addressing::of(&conn.tuple, conn.netns),
             process: Process(writer.as_ref()),
+            workload: WorkloadFields {
+                id: conn.cgroup,
+                cgroup: cgroup.as_deref(),
+            },
             stalls: conn.acks.nagle_stalls,
             lost_us: micros(conn.acks.nagle_lost_ns),
             held_writes: conn.acks.nagle_held_writes,
@@ -303,7 +402,7 @@ impl<W: Write> Observer for EventSink<W> {
         self.write_json(&line);
     }
 
-    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+    fn leak_owner_then_write(&mut self, leak: &CloseWaitLeak) {
         if self.format == EventFormat::None {
             return;
         }
@@ -317,17 +416,22 @@ impl<W: Write> Observer for EventSink<W> {
         }
         self.write_close_wait_leak(leak);
     }
-}
 
-impl<W: Write> EventSink<W> {
     fn write_close_wait_leak(&mut self, leak: &CloseWaitLeak) {
+        let cgroup = self.workloads.cgroup(leak.cgroup);
+        if !self.workloads.passes(&leak.tuple, cgroup.as_deref()) {
+            return;
+        }
         let owner = leak.owner;
         if self.format == EventFormat::Text {
             self.line.clear();
-            let owner = owner.map_or_else(
+            let mut owner = owner.map_or_else(
                 || "unknown process".to_owned(),
                 |o| format!("pid {} ({})", o.pid, o.comm.as_str()),
             );
+            if let Some(c) = &cgroup {
+                owner.push_str(&format!(" in {}", c.workload.name.escape_debug()));
+            }
             self.line.extend_from_slice(
                 format!(
                     "# CLOSE_WAIT leak: {}:{} -> {}:{} held by {owner} for {} s: the peer closed and the application never called close()\n",
@@ -348,6 +452,10 @@ impl<W: Write> EventSink<W> {
             address: Addressing::of(&leak.tuple, leak.netns),
             direction: leak.direction.as_str(),
             process: Process(owner.as_ref()),
+            workload: WorkloadFields {
+                id: leak.cgroup,
+                cgroup: cgroup.as_deref(),
+            },
             close_wait_us: micros(leak.detected_ns.saturating_sub(leak.since_ns)),
             seeded: leak.seeded,
             fix: CLOSE_WAIT_FIX,
@@ -420,6 +528,8 @@ struct NagleStallLine<'a> {
     address: Addressing<'a>,
     #[serde(flatten)]
     process: Process<'a>,
+    #[serde(flatten)]
+    workload: WorkloadFields<'a>,
     stalls: u32,
     lost_us: u64,
     held_writes: u32,
@@ -435,6 +545,8 @@ struct CloseWaitLine<'a> {
     direction: &'static str,
     #[serde(flatten)]
     process: Process<'a>,
+    #[serde(flatten)]
+    workload: WorkloadFields<'a>,
     close_wait_us: u64,
     seeded: bool,
     fix: &'static str,
@@ -446,9 +558,14 @@ impl<W: Write> EventSink<W> {
         if self.error.is_some() || self.format != EventFormat::Json {
             return;
         }
+        let cgroup = self.workloads.cgroup(record.cgroup);
+        if !self.workloads.passes(&record.tuple, cgroup.as_deref()) {
+            return;
+        }
         let json = JsonTimeWait {
             record,
             clock: self.clock,
+            cgroup: cgroup.as_deref(),
         };
         self.write_json(&json);
     }
@@ -472,6 +589,7 @@ impl<W: Write> EventSink<W> {
 struct JsonTimeWait<'a> {
     record: &'a TimeWaitRecord,
     clock: WallClock,
+    cgroup: Option<&'a Cgroup>,
 }
 
 impl Serialize for JsonTimeWait<'_> {
@@ -483,6 +601,7 @@ impl Serialize for JsonTimeWait<'_> {
         Addressing::of(&r.tuple, r.netns).write(&mut s)?;
         s.serialize_field("direction", &r.direction.map(|d| d.as_str()))?;
         Process(r.owner.as_ref()).write(&mut s)?;
+        workload::write_fields(&mut s, r.cgroup, self.cgroup)?;
         s.serialize_field("time_wait_us", &r.duration_ns().map(micros))?;
         s.serialize_field("exit", r.exit.as_str())?;
         s.serialize_field("substate", r.substate.as_str())?;
@@ -511,6 +630,7 @@ struct JsonRecord<'a> {
     conn: &'a Connection,
     clock: WallClock,
     cost: &'a CostContext,
+    cgroup: Option<&'a Cgroup>,
 }
 
 impl Serialize for JsonRecord<'_> {
@@ -522,6 +642,7 @@ impl Serialize for JsonRecord<'_> {
         Addressing::of(&conn.tuple, conn.netns).write(&mut s)?;
         s.serialize_field("direction", conn.direction.as_str())?;
         Process(conn.owner.as_ref()).write(&mut s)?;
+        workload::write_fields(&mut s, conn.cgroup, self.cgroup)?;
         s.serialize_field("states", &JsonStates(&conn.states))?;
         s.serialize_field("duration_us", &conn.duration_ns().map(micros))?;
         s.serialize_field("handshake_us", &conn.handshake_ns().map(micros))?;
@@ -687,6 +808,15 @@ mod tests {
                 "direction": "active",
                 "pid": 123,
                 "comm": "curl",
+                "cgroup": null,
+                "workload": null,
+                "workload_kind": null,
+                "unit": null,
+                "uid": null,
+                "container_id": null,
+                "runtime": null,
+                "pod_uid": null,
+                "qos": null,
                 "states": [
                     {"state": "SYN_SENT", "t_us": 0},
                     {"state": "ESTABLISHED", "t_us": 52},
@@ -748,6 +878,15 @@ mod tests {
             "direction",
             "pid",
             "comm",
+            "cgroup",
+            "workload",
+            "workload_kind",
+            "unit",
+            "uid",
+            "container_id",
+            "runtime",
+            "pod_uid",
+            "qos",
             "states",
             "duration_us",
             "handshake_us",
@@ -824,7 +963,7 @@ mod tests {
         ]);
         let value: Value = serde_json::from_str(&json_line(&conn)).unwrap();
         let object = value.as_object().unwrap();
-        assert_eq!(object.len(), 25 + cost::FIELDS);
+        assert_eq!(object.len(), 34 + cost::FIELDS);
         assert_eq!(value["time_wait"], false);
         assert_eq!(value["ts"], "2026-11-23T12:00:00.000000Z");
         assert_eq!(value["family"], "ipv6");
@@ -875,6 +1014,7 @@ mod tests {
                 "TIME(UTC)",
                 "PID",
                 "COMM",
+                "WORKLOAD",
                 "LADDR:LPORT",
                 "RADDR:RPORT",
                 "DIR",
@@ -894,6 +1034,7 @@ mod tests {
                 "12:00:00.123",
                 "123",
                 "curl",
+                "-",
                 "127.0.0.1:40000",
                 "127.0.0.1:8080",
                 "active",
@@ -911,6 +1052,7 @@ mod tests {
         for (i, heading) in [
             "PID",
             "COMM",
+            "WORKLOAD",
             "LADDR:LPORT",
             "RADDR:RPORT",
             "DIR",
@@ -921,7 +1063,7 @@ mod tests {
         .enumerate()
         {
             let col = lines[0].find(heading).unwrap();
-            let field = [1, 2, 3, 4, 5, 6, 12][i];
+            let field = [1, 2, 3, 4, 5, 6, 7, 13][i];
             assert_eq!(
                 lines[1][col..].split_whitespace().next(),
                 Some(fields[field])
@@ -929,11 +1071,11 @@ mod tests {
             assert_eq!(&lines[1][col - 1..col], " ");
         }
         for (heading, field) in [
-            ("RETX", 7),
-            ("TX_KB", 8),
-            ("RX_KB", 9),
-            ("RTT_MS", 10),
-            ("MS", 11),
+            ("RETX", 8),
+            ("TX_KB", 9),
+            ("RX_KB", 10),
+            ("RTT_MS", 11),
+            ("MS", 12),
         ] {
             let end = lines[0].rfind(heading).unwrap() + heading.len();
             assert!(lines[1][..end].ends_with(fields[field]), "{heading}");
@@ -956,6 +1098,7 @@ mod tests {
             fields,
             [
                 "12:00:00.000",
+                "-",
                 "-",
                 "-",
                 "[::1]:443",
@@ -989,7 +1132,7 @@ mod tests {
         assert_eq!(out.lines().count(), 2, "{out}");
         let fields: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(fields[2], "my?app?");
-        assert_eq!(fields[11], "2500.000");
+        assert_eq!(fields[12], "2500.000");
     }
 
     /// `curl()` with what the kernel said it cost, and a RST it sent with reason 3.
@@ -1066,7 +1209,7 @@ mod tests {
 
         let out = text_lines(&conn);
         let fields: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(&fields[8..11], ["200", "0", "1.250"], "{out}");
+        assert_eq!(&fields[9..12], ["200", "0", "1.250"], "{out}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod features;
 mod http;
 mod listen;
 mod time_wait;
+mod workload;
 
 pub use acks::AckMetrics;
 pub use close_wait::CloseWaitMetrics;
@@ -37,6 +38,7 @@ pub use features::FeatureMetrics;
 pub use http::{Limits, serve, serve_with};
 pub use listen::ListenMetrics;
 use time_wait::TimeWaitMetrics;
+pub use workload::{Count as WorkloadCount, Label as WorkloadLabel, WorkloadMetrics};
 
 use tracer_core::observer::Observer;
 
@@ -147,6 +149,8 @@ pub struct Metrics {
     pub features: FeatureMetrics,
     pub listen: ListenMetrics,
     pub cost: CostMetrics,
+    /// By workload, with `--metrics-by workload` only ([`Metrics::enable_workloads`]).
+    pub workloads: OnceLock<WorkloadMetrics>,
 }
 
 /// TcpState discriminants run from 1 to 12.
@@ -405,7 +409,24 @@ impl Metrics {
             features,
             listen,
             cost,
+            workloads: OnceLock::new(),
         })
+    }
+
+    /// Adds the metrics by workload, `top_n` workloads with their own series.
+    pub fn enable_workloads(&self, top_n: usize) -> Result<(), MetricsError> {
+        if self.workloads.get().is_none() {
+            let metrics =
+                WorkloadMetrics::register(&self.registry, top_n).map_err(MetricsError::Register)?;
+            let _ = self.workloads.set(metrics);
+        }
+        Ok(())
+    }
+
+    fn by_workload(&self, cgroup: u64, what: WorkloadCount) {
+        if let Some(workloads) = self.workloads.get() {
+            workloads.count(cgroup, what);
+        }
     }
 
     /// The registry holding these metrics, for callers that add their own.
@@ -521,6 +542,7 @@ impl Observer for &Metrics {
         let direction = conn.direction as usize;
         let cause = conn.close.unwrap_or(CloseCause::Unknown) as usize;
         self.closed[direction][cause].inc();
+        self.by_workload(conn.cgroup, WorkloadCount::Closed);
         if let (Some(ns), Some(histogram)) = (conn.duration_ns(), &self.duration[direction]) {
             histogram.observe(seconds(ns));
         }
@@ -555,12 +577,28 @@ impl Observer for &Metrics {
         self.acks.delayed_ack(held_ns, pingpong);
     }
 
-    fn nagle_stall(&mut self, _conn: &Connection, lost_ns: u64) {
+    fn nagle_stall(&mut self, conn: &Connection, lost_ns: u64) {
         self.acks.nagle_stall(lost_ns);
+        self.by_workload(conn.cgroup, WorkloadCount::NagleStall);
     }
 
-    fn close_wait_leak(&mut self, _leak: &CloseWaitLeak) {
+    fn close_wait_leak(&mut self, leak: &CloseWaitLeak) {
         self.close_wait.close_wait_leak();
+        self.by_workload(leak.cgroup, WorkloadCount::CloseWaitLeak);
+    }
+
+    fn cgroup_known(&mut self, conn: &Connection) {
+        if conn.opened_ns.is_some() {
+            self.by_workload(conn.cgroup, WorkloadCount::Opened);
+        }
+    }
+
+    fn retransmit_on(&mut self, conn: &Connection, _kind: RetransmitKind, segs: u32) {
+        self.by_workload(conn.cgroup, WorkloadCount::Retransmits(segs));
+    }
+
+    fn reset_on(&mut self, conn: &Connection, _direction: ResetDirection, _reason: Option<u16>) {
+        self.by_workload(conn.cgroup, WorkloadCount::Reset);
     }
 }
 
