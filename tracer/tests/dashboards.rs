@@ -671,6 +671,12 @@ fn every_metric_the_files_name_is_exported_by_a_real_agent() {
     let server_addr = server.addr;
     run_clients(server_addr, ClientMode::CloseFirst, 5, "tracer-dashbrd");
     server.join();
+    // A listener that never accepts, with backlog 1, and a few connects: its accept queue fills
+    // and overflows, so the per-listener families (queue length and limit, overflows by port)
+    // appear at the listener worker's next read.
+    let slow = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    set_backlog(&slow, 1);
+    let overflowing = nonblocking_connects(slow.local_addr().unwrap(), 8);
 
     // The labelled families appear with traffic: wait (bounded) for them all, and for the
     // test's own peer in the port-exhaustion series that feed the TIME_WAIT panels.
@@ -699,6 +705,8 @@ fn every_metric_the_files_name_is_exported_by_a_real_agent() {
         }
         thread::sleep(Duration::from_millis(500));
     };
+    abort_all(overflowing);
+    drop(slow);
     assert!(
         missing.is_empty(),
         "metrics named in dashboards/ that the agent does not export (within \
