@@ -71,6 +71,11 @@ pub const COUNT_SLOTS: u32 = 3;
 /// Bytes of `struct tcp_sock` the closing socket's cost is copied from in one read.
 pub const COST_WINDOW: u32 = 1024;
 
+/// Slots of the `RST_NO_SOCKET` per-CPU array: RSTs the host sent answering a segment no
+/// socket matched (a closed port), by the kernel's `enum sk_rst_reason` value; a reason past
+/// the last slot, or none (kernels before 6.10), counts in the last slot.
+pub const RST_NO_SOCKET_SLOTS: u32 = 64;
+
 /// State changes one [`RawPath`] carries at most; a longer run is sent in several records.
 pub const PATH_STEPS: usize = 6;
 

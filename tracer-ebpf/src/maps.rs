@@ -40,6 +40,23 @@ pub static PATHS: HashMap<u64, RawPath> = HashMap::with_max_entries(262_144, NO_
 pub static CLOSE_WAIT: HashMap<u64, CloseWaitEntry> =
     HashMap::with_max_entries(65_536, NO_PREALLOC);
 
+/// RSTs sent for no socket, by reason (`RST_NO_SOCKET_SLOTS`); one writer per CPU (the
+/// `tcp_send_reset` program does not nest with itself).
+#[map]
+pub static RST_NO_SOCKET: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(tracer_common::RST_NO_SOCKET_SLOTS, 0);
+
+/// Adds one to `RST_NO_SOCKET`'s slot for `reason`.
+#[inline(always)]
+pub fn count_rst_no_socket(reason: u32) {
+    let last = tracer_common::RST_NO_SOCKET_SLOTS - 1;
+    if let Some(counter) = RST_NO_SOCKET.get_ptr_mut(reason.min(last)) {
+        // SAFETY: a pointer from the lookup of an existing index, valid for the program's run;
+        // only the reset program writes this array and it does not nest with itself on a CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
 /// Per CPU: the window of `struct tcp_sock` a closing socket's cost is read from.
 #[map]
 pub static COST_SCRATCH: PerCpuArray<[u8; tracer_common::COST_WINDOW as usize]> =

@@ -14,12 +14,13 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
+    let reason: u32 = ctx.arg(2);
     if sk.is_null() {
-        // A RST answering a segment that matched no socket (a closed port): there is no
-        // connection of ours to attribute it to.
+        // A RST answering a segment that matched no socket (a refused connection, a scan):
+        // no connection of ours to attribute it to, only counted by reason.
+        maps::count_rst_no_socket(reason);
         return 0;
     }
-    let reason: u32 = ctx.arg(2);
     emit(&ctx, sk, EVENT_RESET_SENT, reason as u16)
 }
 
@@ -29,6 +30,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
 pub fn tcp_send_reset_noreason(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     if sk.is_null() {
+        maps::count_rst_no_socket(u32::MAX);
         return 0;
     }
     emit(&ctx, sk, EVENT_RESET_SENT, RST_REASON_UNKNOWN)

@@ -389,5 +389,26 @@ fn aborts_and_refusals_show_their_reset_reasons() {
             - metric_value(&before, "tracer_resets_sent_total", &[("reason", reason)]);
         assert!(d >= 1.0, "tracer_resets_sent_total{{reason={reason}}} +{d}");
     }
+    // The refusal's RST answered no socket: counted by its reason, once the agent has read the
+    // kernel's counters (each refresh, once a second).
+    let no_socket = |page: &str| {
+        metric_value_or_zero(
+            page,
+            "tracer_resets_sent_no_socket_total",
+            &[("reason", "no_socket")],
+        )
+    };
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    let grew = loop {
+        let d = no_socket(&agent.scrape()) - no_socket(&before);
+        if d >= 1.0 || Instant::now() >= deadline {
+            break d;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        grew >= 1.0,
+        "tracer_resets_sent_no_socket_total{{reason=no_socket}} +{grew}"
+    );
     agent.stop();
 }

@@ -118,6 +118,10 @@ pub async fn pump(
                     Ok(totals) => metrics.set_table_full(totals),
                     Err(e) => warn!("{e}"),
                 }
+                match session.counters.rst_no_socket() {
+                    Ok(totals) => metrics.cost.set_resets_no_socket(&totals),
+                    Err(e) => warn!("{e}"),
+                }
                 if session.tracker.shrink() {
                     crate::app::memory::give_back();
                 }

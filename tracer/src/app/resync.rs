@@ -28,6 +28,10 @@ pub const AFTER_START: Duration = Duration::from_secs(2);
 /// When to resync, and the worker that does it.
 pub struct Resync {
     worker: Option<Worker>,
+    /// The worker is started at the first refresh, not at start-up: a thread keeps the
+    /// capabilities it was born with, and the agent drops the ones it no longer needs between
+    /// the two (`app::privileges`).
+    started: bool,
     /// The lost-event total when the last dump was asked for: more since means another is due.
     lost_at_request: u64,
     requested: Option<Instant>,
@@ -40,19 +44,12 @@ pub struct Resync {
 }
 
 impl Resync {
-    /// Starts the worker; without a thread there are no resyncs (said once), not a failure.
+    /// The schedule; the worker starts at the first refresh. Without a thread there are no
+    /// resyncs (said once), not a failure.
     pub fn start() -> Resync {
-        let worker = match Worker::start() {
-            Ok(worker) => Some(worker),
-            Err(e) => {
-                warn!(
-                    "cannot start the resync thread ({e}): counts will not heal after lost events"
-                );
-                None
-            }
-        };
         Resync {
-            worker,
+            worker: None,
+            started: false,
             lost_at_request: 0,
             requested: None,
             first: Some(Instant::now() + AFTER_START),
@@ -64,6 +61,19 @@ impl Resync {
     /// On each refresh, with the kernel's lost-event total: asks for a dump when one is due and
     /// none is under way. The tracker's journal starts now, before the dump can.
     pub fn refresh(&mut self, lost_total: u64, tracker: &mut Tracker) {
+        if !self.started {
+            self.started = true;
+            self.worker = match Worker::start() {
+                Ok(worker) => Some(worker),
+                Err(e) => {
+                    warn!(
+                        "cannot start the resync thread ({e}): counts will not heal after lost \
+                         events"
+                    );
+                    None
+                }
+            };
+        }
         let Some(worker) = &mut self.worker else {
             return;
         };

@@ -41,13 +41,15 @@ pub fn inode_owner(inode: u32) -> Option<Owner> {
 
 fn socket_inode(netns: u32, tuple: &Tuple) -> Option<u32> {
     let own = namespaces::current_netns_inode().ok()?;
+    // Only sockets a process can hold with a peer: TIME_WAIT and request sockets, the bulk of
+    // a busy host's, have no file.
     let sockets = if netns == own || netns == 0 {
-        sock_diag::dump_tcp().ok()?
+        sock_diag::dump_tcp_connections().ok()?
     } else {
         let namespace = namespaces::other_namespaces(own)
             .into_iter()
             .find(|ns| ns.inode == netns)?;
-        namespaces::dump_tcp_in(&namespace).ok()?
+        namespaces::in_namespace(&namespace, sock_diag::dump_tcp_connections).ok()?
     };
     sockets
         .iter()

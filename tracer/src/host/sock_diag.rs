@@ -151,6 +151,29 @@ pub fn dump_tcp_no_requests() -> Result<Vec<SocketEntry>, HostError> {
     Ok(entries)
 }
 
+/// The TCP sockets a process can hold a file of, with a peer: every state but LISTEN, TIME_WAIT
+/// and request sockets (`NEW_SYN_RECV`), which are most of a busy host's sockets. What an
+/// owner lookup by 4-tuple searches.
+pub fn dump_tcp_connections() -> Result<Vec<SocketEntry>, HostError> {
+    let skip = [TcpState::Listen, TcpState::TimeWait, TcpState::NewSynRecv]
+        .iter()
+        .fold(0, |mask, state| mask | 1 << *state as u32);
+    let mut entries = Vec::new();
+    dump(
+        Query {
+            states: ALL_STATES & !skip,
+            extensions: 0,
+        },
+        &mut |header, _attributes| {
+            if let Some(entry) = socket_entry(header) {
+                entries.push(entry);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(entries)
+}
+
 /// What a dump asks the kernel for.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Query {
@@ -610,6 +633,32 @@ mod tests {
             "{err}"
         );
         assert!(entries.is_empty());
+    }
+
+    #[test]
+    fn a_connections_dump_lists_both_ends_and_leaves_listeners_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let at = listener.local_addr().expect("addr");
+        let client = std::net::TcpStream::connect(at).expect("connect");
+        let (_accepted, _) = listener.accept().expect("accept");
+        let local = client.local_addr().expect("addr");
+        let sockets = dump_tcp_connections().expect("dump");
+        let ends = |src: std::net::SocketAddr, dst: std::net::SocketAddr| {
+            sockets.iter().any(|s| {
+                (s.tuple.src, s.tuple.sport, s.tuple.dst, s.tuple.dport)
+                    == (src.ip(), src.port(), dst.ip(), dst.port())
+            })
+        };
+        assert!(
+            ends(local, at) && ends(at, local),
+            "both ends of the connection"
+        );
+        assert!(
+            !sockets
+                .iter()
+                .any(|s| s.state == TcpState::Listen || s.state == TcpState::TimeWait),
+            "no listener and no TIME_WAIT socket"
+        );
     }
 
     #[test]

@@ -99,16 +99,40 @@ impl Promotions {
     }
 }
 
-/// The programs' `COUNTERS` (`COUNT_*` slots), summed over CPUs.
+/// The programs' `COUNTERS` (`COUNT_*` slots) and `RST_NO_SOCKET` counts, summed over CPUs.
 pub struct KernelCounters {
     array: PerCpuArray<MapData, u64>,
+    rst_no_socket: PerCpuArray<MapData, u64>,
 }
 
 impl KernelCounters {
     pub fn take(probes: &mut Probes) -> Result<KernelCounters, ProbeError> {
         let map = probes.take_map("COUNTERS")?;
         let array = PerCpuArray::try_from(map).map_err(|e| ProbeError::Map("COUNTERS", e))?;
-        Ok(KernelCounters { array })
+        let map = probes.take_map("RST_NO_SOCKET")?;
+        let rst_no_socket =
+            PerCpuArray::try_from(map).map_err(|e| ProbeError::Map("RST_NO_SOCKET", e))?;
+        Ok(KernelCounters {
+            array,
+            rst_no_socket,
+        })
+    }
+
+    /// RSTs sent for no socket since the programs were loaded: `(reason code, total)` for each
+    /// reason seen (the last slot: unknown).
+    pub fn rst_no_socket(&self) -> Result<Vec<(u32, u64)>, ProbeError> {
+        let mut seen = Vec::new();
+        for code in 0..tracer_common::RST_NO_SOCKET_SLOTS {
+            let values = self
+                .rst_no_socket
+                .get(&code, 0)
+                .map_err(|e| ProbeError::Map("RST_NO_SOCKET", e))?;
+            let total: u64 = values.iter().sum();
+            if total > 0 {
+                seen.push((code, total));
+            }
+        }
+        Ok(seen)
     }
 
     /// Every slot's total since the programs were loaded.

@@ -27,6 +27,9 @@ pub struct CostMetrics {
     /// `[sent, received]`.
     bytes: [Histogram; 2],
     resets_sent: IntCounterVec,
+    /// RSTs sent for no socket, and the kernel's totals by reason code seen so far.
+    resets_no_socket: IntCounterVec,
+    resets_no_socket_seen: std::sync::Mutex<HashMap<u32, u64>>,
     rwnd_limited_conns: IntCounter,
     rwnd_limited_seconds: Counter,
     /// Set once at start-up; until then RST reasons are `unknown` and rwnd time is not counted.
@@ -72,6 +75,16 @@ impl CostMetrics {
             &["reason"],
         )?;
         registry.register(Box::new(resets_sent.clone()))?;
+        let resets_no_socket = IntCounterVec::new(
+            Opts::new(
+                "tracer_resets_sent_no_socket_total",
+                "RSTs this host sent answering a segment no socket matched (a connection \
+                 refused by a closed port, a scan), by the kernel's reason (unknown on kernels \
+                 that give none).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(resets_no_socket.clone()))?;
         let rwnd_limited_conns = IntCounter::with_opts(Opts::new(
             "tracer_connections_rwnd_limited_total",
             "Connections closed that spent some time with data to send held back by the \
@@ -90,6 +103,8 @@ impl CostMetrics {
             min_rtt,
             bytes,
             resets_sent,
+            resets_no_socket,
+            resets_no_socket_seen: std::sync::Mutex::new(HashMap::new()),
             rwnd_limited_conns,
             rwnd_limited_seconds,
             context: OnceLock::new(),
@@ -118,6 +133,27 @@ impl CostMetrics {
             .map_or("unknown", String::as_str);
         if let Ok(counter) = self.resets_sent.get_metric_with_label_values(&[name]) {
             counter.inc();
+        }
+    }
+
+    /// Takes the kernel's cumulative counts of RSTs sent for no socket, `(reason code, total)`
+    /// (the code `RST_NO_SOCKET_SLOTS - 1` stands for unknown); adds what each grew by.
+    pub fn set_resets_no_socket(&self, totals: &[(u32, u64)]) {
+        let Ok(mut seen) = self.resets_no_socket_seen.lock() else {
+            return;
+        };
+        for &(code, total) in totals {
+            let before = seen.insert(code, total).unwrap_or(0);
+            if total <= before {
+                continue;
+            }
+            let name = u16::try_from(code)
+                .ok()
+                .and_then(|code| self.reasons()?.get(&code))
+                .map_or("unknown", String::as_str);
+            if let Ok(counter) = self.resets_no_socket.get_metric_with_label_values(&[name]) {
+                counter.inc_by(total - before);
+            }
         }
     }
 
@@ -224,6 +260,32 @@ mod tests {
             value(&out, r#"tracer_resets_sent_total{reason="unknown"}"#),
             2.0,
             "an unnamed code and no code"
+        );
+    }
+
+    #[test]
+    fn resets_for_no_socket_follow_the_kernels_totals_by_reason() {
+        let metrics = Metrics::new().unwrap();
+        metrics.cost.configure(CostContext {
+            jiffy_ns: None,
+            rst_reasons: Arc::new([(2, "no_socket".to_owned())].into_iter().collect()),
+        });
+        metrics.cost.set_resets_no_socket(&[(2, 5), (63, 1)]);
+        metrics.cost.set_resets_no_socket(&[(2, 7), (63, 1)]);
+        let out = metrics.render().unwrap();
+        assert_eq!(
+            value(
+                &out,
+                r#"tracer_resets_sent_no_socket_total{reason="no_socket"}"#
+            ),
+            7.0
+        );
+        assert_eq!(
+            value(
+                &out,
+                r#"tracer_resets_sent_no_socket_total{reason="unknown"}"#
+            ),
+            1.0
         );
     }
 }
