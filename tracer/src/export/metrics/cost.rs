@@ -115,10 +115,15 @@ impl CostMetrics {
     /// reason the kernel names gets its series at once, at 0.
     pub fn configure(&self, context: CostContext) {
         let names: Vec<String> = context.rst_reasons.values().cloned().collect();
+        let no_socket = names.iter().any(|name| name == "no_socket");
         if self.context.set(context).is_ok() {
             for name in names.iter().map(String::as_str).chain(["unknown"]) {
                 let _ = self.resets_sent.get_metric_with_label_values(&[name]);
             }
+            // A RST for no socket names `no_socket` where the kernel gives reasons: that series
+            // (or `unknown`) exists from the start.
+            let first = if no_socket { "no_socket" } else { "unknown" };
+            let _ = self.resets_no_socket.get_metric_with_label_values(&[first]);
         }
     }
 
