@@ -13,12 +13,15 @@ use crate::maps::off;
 use crate::{cost, maps, sock, timers};
 
 /// What a new entry starts from; inserted from here rather than from the stack.
-static EMPTY: RawPath = RawPath {
+static EMPTY: RawPathOpen = RawPathOpen {
     head: RawEvent {
         kind: EVENT_PATH,
         ..RawEvent::ZERO
     },
-    ..RawPath::ZERO
+    steps: RawPath::ZERO.steps,
+    len: 0,
+    has_task: 0,
+    cgroup: 0,
 };
 
 /// Keeps one state change of `sk` and returns its entry, or `None` when the table is full (the
@@ -32,7 +35,7 @@ pub fn keep(
     new: u8,
     owner: bool,
     opening: bool,
-) -> Option<*mut RawPath> {
+) -> Option<*mut RawPathOpen> {
     let key = sk as u64;
     let mut existing = maps::PATHS.get_ptr_mut(key);
     if let Some(path) = existing
@@ -92,28 +95,30 @@ pub fn send(sk: *const u8) {
 /// record also carries what the connection cost and the timewait socket that replaces it
 /// (otherwise only the leading part goes: [`RawPathOpen`]).
 #[inline(always)]
-pub fn send_kept(sk: *const u8, path: *mut RawPath, closing: bool) {
+pub fn send_kept(sk: *const u8, path: *mut RawPathOpen, closing: bool) {
     // SAFETY: `path` comes from a lookup in `PATHS` during this program's run.
     let len = unsafe { (*path).len };
     if len == 0 {
     } else if closing {
         if let Some(mut entry) = maps::reserve_for::<RawPath>(LOST_STATE, u64::from(len)) {
-            // SAFETY: `entry` is ring buffer memory reserved for one RawPath and `path` a valid
-            // map value of the same type; they do not overlap.
-            unsafe { core::ptr::copy_nonoverlapping(path, entry.as_mut_ptr(), 1) };
-            // SAFETY: as above: the reserved record, now a full copy.
+            // SAFETY: `entry` is ring buffer memory reserved for one RawPath, whose leading part
+            // has the layout of the RawPathOpen map value `path` (checked in tracer-common);
+            // they do not overlap.
+            unsafe {
+                core::ptr::copy_nonoverlapping(path, entry.as_mut_ptr().cast::<RawPathOpen>(), 1)
+            };
+            // SAFETY: as above: the reserved record, its leading part now written.
             let record = unsafe { &mut *entry.as_mut_ptr() };
             port_if_unset(sk, &mut record.head);
+            record.cost = RawPath::ZERO.cost;
             cost::read_at_close(sk, &mut record.cost);
             timers::take_born(&mut record.tw);
             entry.submit(maps::submit_flags());
         }
     } else if let Some(mut entry) = maps::reserve_for::<RawPathOpen>(LOST_STATE, u64::from(len)) {
-        // SAFETY: `entry` is ring buffer memory for one RawPathOpen, which is the leading part
-        // of the RawPath map value `path` (same layout, checked in tracer-common).
-        unsafe {
-            core::ptr::copy_nonoverlapping(path.cast::<RawPathOpen>(), entry.as_mut_ptr(), 1)
-        };
+        // SAFETY: `entry` is ring buffer memory for one RawPathOpen and `path` a valid map value
+        // of the same type; they do not overlap.
+        unsafe { core::ptr::copy_nonoverlapping(path, entry.as_mut_ptr(), 1) };
         // SAFETY: as above: the reserved record, now a full copy.
         let record = unsafe { &mut *entry.as_mut_ptr() };
         port_if_unset(sk, &mut record.head);
@@ -133,7 +138,7 @@ fn port_if_unset(sk: *const u8, head: &mut RawEvent) {
 /// Remembers that `sk` entered CLOSE_WAIT, with its addressing, for the agent's once-a-second
 /// read. `false` when the table is full (the caller then sends the path at once, as before).
 #[inline(always)]
-pub fn close_wait_entered(sk: *const u8, path: *const RawPath, now: u64, old: u8) -> bool {
+pub fn close_wait_entered(sk: *const u8, path: *const RawPathOpen, now: u64, old: u8) -> bool {
     let key = sk as u64;
     // SAFETY: a pointer from a lookup in this map, valid for the program's run.
     let kept = unsafe { &*path };
