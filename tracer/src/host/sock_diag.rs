@@ -116,39 +116,13 @@ pub struct SocketEntry {
 /// Every TCP socket of both address families, in all states, in the calling thread's network
 /// namespace.
 pub fn dump_tcp() -> Result<Vec<SocketEntry>, HostError> {
-    let mut entries = Vec::new();
-    dump(
-        Query {
-            states: ALL_STATES,
-            extensions: 0,
-        },
-        &mut |header, _attributes| {
-            if let Some(entry) = socket_entry(header) {
-                entries.push(entry);
-            }
-            Ok(())
-        },
-    )?;
-    Ok(entries)
+    dump_states(ALL_STATES)
 }
 
 /// Every TCP socket except request sockets (`NEW_SYN_RECV`, a SYN flood's worth), in the
 /// calling thread's network namespace: what a resync compares the tracker with.
 pub fn dump_tcp_no_requests() -> Result<Vec<SocketEntry>, HostError> {
-    let mut entries = Vec::new();
-    dump(
-        Query {
-            states: ALL_STATES & !(1 << TcpState::NewSynRecv as u32),
-            extensions: 0,
-        },
-        &mut |header, _attributes| {
-            if let Some(entry) = socket_entry(header) {
-                entries.push(entry);
-            }
-            Ok(())
-        },
-    )?;
-    Ok(entries)
+    dump_states(ALL_STATES & !(1 << TcpState::NewSynRecv as u32))
 }
 
 /// The TCP sockets a process can hold a file of, with a peer: every state but LISTEN, TIME_WAIT
@@ -158,10 +132,15 @@ pub fn dump_tcp_connections() -> Result<Vec<SocketEntry>, HostError> {
     let skip = [TcpState::Listen, TcpState::TimeWait, TcpState::NewSynRecv]
         .iter()
         .fold(0, |mask, state| mask | 1 << *state as u32);
+    dump_states(ALL_STATES & !skip)
+}
+
+/// The TCP sockets in `states` (`1 << state` bits), in the calling thread's network namespace.
+fn dump_states(states: u32) -> Result<Vec<SocketEntry>, HostError> {
     let mut entries = Vec::new();
     dump(
         Query {
-            states: ALL_STATES & !skip,
+            states,
             extensions: 0,
         },
         &mut |header, _attributes| {
