@@ -2,7 +2,8 @@
 //! moments user space needs them: when the handshake completes (the connection becomes live),
 //! at CLOSE (the connection is finished), before any other record of the same socket (so that
 //! user space still sees everything in order), and when the run is longer than a record holds.
-//! A connection then costs two records instead of one per state change.
+//! A socket then costs two records (its opening and its closing run) instead of one per state
+//! change.
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use tracer_common::{
     COUNT_CLOSE_WAIT_TABLE_FULL, COUNT_PATH_TABLE_FULL, CloseWaitEntry, EVENT_PATH, EVENT_STATE,
@@ -50,7 +51,7 @@ pub fn keep(
         None => {
             #[expect(
                 clippy::needless_borrows_for_generic_args,
-                reason = "by value would copy 200 bytes onto the 512-byte BPF stack"
+                reason = "by value would copy 208 bytes onto the 512-byte BPF stack"
             )]
             let inserted = maps::PATHS.insert(key, &EMPTY, 0);
             if inserted.is_err() {
