@@ -31,6 +31,10 @@ fn gauges_return_to_what_ss_shows_after_lost_events() {
     let mut agent = Agent::start(&["--ring-buffer-bytes", TINY_RING]);
     let server = ChurnServer::start();
     let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ours = [
+        server.addr.to_string(),
+        held.local_addr().unwrap().to_string(),
+    ];
 
     // Connections the agent sees open; their close will come while the ring buffer is full.
     let doomed = pairs(&held, 32);
@@ -116,4 +120,26 @@ fn gauges_return_to_what_ss_shows_after_lost_events() {
     );
     drop((stay, close_wait));
     agent.stop();
+
+    // Tens of thousands of TIME_WAIT sockets toward these two ports would outlive the test by
+    // a minute, and a later test whose server gets one of those ports would find sockets it did
+    // not make: wait (bounded: they expire after 60 s) until they are gone.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = kernel_sockets()
+            .map(|all| {
+                all.iter()
+                    .filter(|s| s.timewait && ours.contains(&s.peer))
+                    .count()
+            })
+            .unwrap_or(usize::MAX);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} TIME_WAIT sockets toward {ours:?} still listed 90 s after the test"
+        );
+        thread::sleep(Duration::from_secs(1));
+    }
 }
