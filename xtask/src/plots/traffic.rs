@@ -172,8 +172,46 @@ impl Phases {
 
 /// The running mix; stopped and joined by [`Mix::finish`] (or on drop).
 pub struct Mix {
+    workers: Workers,
+}
+
+/// Threads that share a stop flag: stopped and joined by [`Workers::finish`] (which reports
+/// their errors) or, on an early return, when dropped.
+pub struct Workers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Result<()>>>,
+}
+
+impl Workers {
+    pub fn new(stop: Arc<AtomicBool>, threads: Vec<JoinHandle<Result<()>>>) -> Workers {
+        Workers { stop, threads }
+    }
+
+    /// Stops and joins every thread; an error names `what` and every thread's failure.
+    pub fn finish(mut self, what: &str) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut errors = Vec::new();
+        for t in self.threads.drain(..) {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(format!("{e:#}")),
+                Err(_) => errors.push(format!("a {what} thread panicked")),
+            }
+        }
+        if !errors.is_empty() {
+            bail!("{what}: {}", errors.join("; "));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Mix {
@@ -214,32 +252,13 @@ impl Mix {
         // Nagle: write, write, read on one connection.
         let (s, w) = (stop.clone(), (at(phases.nagle.0), at(phases.nagle.1)));
         spawn("nagle", Box::new(move || nagle(w, &s)))?;
-        Ok(Mix { stop, threads })
+        Ok(Mix {
+            workers: Workers::new(stop, threads),
+        })
     }
 
-    pub fn finish(mut self) -> Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut errors = Vec::new();
-        for t in self.threads.drain(..) {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => errors.push(format!("{e:#}")),
-                Err(_) => errors.push("a traffic thread panicked".into()),
-            }
-        }
-        if !errors.is_empty() {
-            bail!("traffic: {}", errors.join("; "));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Mix {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+    pub fn finish(self) -> Result<()> {
+        self.workers.finish("traffic")
     }
 }
 

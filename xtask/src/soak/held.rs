@@ -12,14 +12,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::plots::traffic::Workers;
+
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections a holding server keeps at most.
 const MAX_HELD: usize = 1_000;
 
 /// Leaks and stalls, running until [`Held::finish`] (or drop), which closes everything.
 pub struct Held {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Result<()>>>,
+    workers: Workers,
     /// Leaks made and stalled connections opened, for the report.
     pub leaks: Arc<AtomicU64>,
     pub stalls: Arc<AtomicU64>,
@@ -148,37 +149,15 @@ impl Held {
                 .context("spawning the stalled clients")?,
         );
         Ok(Held {
-            stop,
-            threads,
+            workers: Workers::new(stop, threads),
             leaks,
             stalls: stalled,
             leak_port,
         })
     }
 
-    pub fn finish(mut self) -> Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut errors = Vec::new();
-        for t in self.threads.drain(..) {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => errors.push(format!("{e:#}")),
-                Err(_) => errors.push("a soak traffic thread panicked".into()),
-            }
-        }
-        if !errors.is_empty() {
-            bail!("soak traffic: {}", errors.join("; "));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+    pub fn finish(self) -> Result<()> {
+        self.workers.finish("soak traffic")
     }
 }
 
