@@ -66,6 +66,11 @@ pub struct Args {
     /// memory; prints its figures and writes no results file.
     #[arg(long, conflicts_with_all = ["skip_idle", "quick"])]
     memory_only: bool,
+    /// Only the eBPF program profile (kernel run time per call of each program, kernel records
+    /// per operation), for quick checks of the kernel side; prints it and writes no results
+    /// file.
+    #[arg(long, conflicts_with_all = ["skip_idle", "quick", "memory_only"])]
+    profile_only: bool,
     /// Idle connections held open in the memory phase.
     #[arg(long, default_value_t = 50_000, value_parser = value_parser!(u32).range(1..=500_000))]
     idle_connections: u32,
@@ -234,6 +239,15 @@ pub fn run(args: Args) -> Result<()> {
         ));
         let idle = idle::run(&env, args.idle_connections)?;
         print!("{}", render::idle_text(&idle));
+        return Ok(());
+    }
+
+    if args.profile_only {
+        check_foreign();
+        let server = load::ChurnServer::start()?;
+        step("profile: the agent's eBPF programs with kernel run-time statistics on");
+        let profile = profile::run(&env, &server, args.clients, duration, args.experiments)?;
+        print!("{}", profile.render());
         return Ok(());
     }
 

@@ -23,6 +23,8 @@ struct Phase {
     workload: &'static str,
     load: RoundLoad,
     programs: Vec<ProgCost>,
+    /// Kernel records the agent read per operation of the workload (agent phases only).
+    records_per_op: Option<f64>,
 }
 
 struct ProgCost {
@@ -50,17 +52,17 @@ pub fn run(
     let _stats = bpf::Stats::enable()?;
     let mut phases = Vec::new();
     let tracer = Tracer::start(env, None)?;
-    phases.push(phase("tracer", "churn", tracer.pid(), &churn)?);
-    phases.push(phase("tracer", "timers", tracer.pid(), &timers)?);
+    phases.push(phase("tracer", "churn", Some(&tracer), tracer.pid(), &churn)?);
+    phases.push(phase("tracer", "timers", Some(&tracer), tracer.pid(), &timers)?);
     tracer.stop()?;
     if experiments {
         let own = std::process::id();
         let floor = RawFloor::attach(&[CHURN_TRACEPOINT])?;
-        phases.push(phase("floor-raw", "churn", own, &churn)?);
+        phases.push(phase("floor-raw", "churn", None, own, &churn)?);
         drop(floor);
         for (tool, batched) in [("exp-ring-wakeup", false), ("exp-ring-batched", true)] {
             let ring = RingbufExperiment::attach(&[CHURN_TRACEPOINT], batched)?;
-            phases.push(phase(tool, "churn", own, &churn)?);
+            phases.push(phase(tool, "churn", None, own, &churn)?);
             drop(ring);
         }
     }
@@ -70,12 +72,21 @@ pub fn run(
 fn phase(
     tool: &'static str,
     workload: &'static str,
+    agent: Option<&Tracer>,
     pid: u32,
     round: &dyn Fn() -> Result<RoundLoad>,
 ) -> Result<Phase> {
+    let records_before = agent.and_then(|a| a.snapshot().records);
     let before = bpf::programs_of(pid)?;
     let load = round()?;
     let after = bpf::programs_of(pid)?;
+    // The agent reads what is queued within its drain interval: let it.
+    std::thread::sleep(Duration::from_millis(200));
+    let records_after = agent.and_then(|a| a.snapshot().records);
+    let records_per_op = match (records_before, records_after) {
+        (Some(b), Some(a)) if load.ops > 0 => Some((a - b) / load.ops as f64),
+        _ => None,
+    };
     let mut programs: Vec<ProgCost> = after
         .iter()
         .filter_map(|a| {
@@ -93,6 +104,7 @@ fn phase(
         workload,
         load,
         programs,
+        records_per_op,
     })
 }
 
@@ -111,6 +123,9 @@ impl Profile {
                 phase.workload,
                 int(phase.load.rate())
             );
+            if let Some(records) = phase.records_per_op {
+                let _ = writeln!(out, "    kernel records: {records:.2} per operation");
+            }
             for p in phase.programs.iter().filter(|p| p.calls > 0) {
                 let _ = writeln!(
                     out,
@@ -152,6 +167,7 @@ impl Phase {
             ("tool", Json::str(self.tool)),
             ("workload", Json::str(self.workload)),
             ("ops_per_s", Json::num(self.load.rate())),
+            ("records_per_op", Json::opt(self.records_per_op)),
             ("programs", Json::Arr(programs)),
         ])
     }
