@@ -39,8 +39,9 @@ pub const EVENT_NAGLE_HELD: u8 = 9;
 pub const EVENT_SYNACK_RETRANSMIT: u8 = 10;
 
 /// `RawEvent::kind`: the head of a [`RawPath`] record: a run of state changes of one socket,
-/// gathered in the kernel and sent at once (when the handshake completes, when the socket
-/// closes, or before any other record of that socket, so that user space sees them in order).
+/// gathered in the kernel and sent at once (when the socket closes, or before any other record
+/// of that socket, so that user space sees them in order). The agent reads the runs still in
+/// the kernel's table once a second, so that open connections are known while they live.
 pub const EVENT_PATH: u8 = 11;
 
 /// Slots of the `LOST` per-CPU array, one per program: a program never nests with itself on a
@@ -62,14 +63,13 @@ pub const LOST_SLOTS: u32 = 9;
 /// State changes sent one record each because the socket's path could not be kept in the
 /// kernel's table (it was full).
 pub const COUNT_PATH_TABLE_FULL: u32 = 0;
-/// Sockets in CLOSE_WAIT that could not be remembered for the leak check (its table was full).
-pub const COUNT_CLOSE_WAIT_TABLE_FULL: u32 = 1;
 /// Sockets whose congestion states could not be followed (the `CONG` table was full).
-pub const COUNT_CONG_TABLE_FULL: u32 = 2;
-pub const COUNT_SLOTS: u32 = 3;
+pub const COUNT_CONG_TABLE_FULL: u32 = 1;
+pub const COUNT_SLOTS: u32 = 2;
 
-/// Bytes of `struct tcp_sock` the closing socket's cost is copied from in one read.
-pub const COST_WINDOW: u32 = 1024;
+/// Sockets the kernel's `PATHS` table holds at most: every socket from its first state change
+/// to its CLOSE (preallocated: about 270 bytes each in kernel memory).
+pub const PATHS_MAX: u32 = 65_536;
 
 /// Slots of the `RST_NO_SOCKET` per-CPU array: RSTs the host sent answering a segment no
 /// socket matched (a closed port), by the kernel's `enum sk_rst_reason` value; a reason past
@@ -93,9 +93,9 @@ pub struct PathStep {
 
 /// A socket's state changes not yet sent, as kept in the kernel's `PATHS` table (keyed by the
 /// socket's address) and sent as one record. `head.kind` is [`EVENT_PATH`]; the head's
-/// addressing is read when the first step is kept (read again at sending while the local port
-/// is still unassigned: `connect()` picks it after SYN_SENT), before the kernel releases the
-/// port at CLOSE. Its task fields are the owner when `has_task` is set.
+/// addressing is read when the first step is kept, and its local port again at sending and at
+/// ESTABLISHED while still unassigned (`connect()` picks it after SYN_SENT). Its task fields
+/// are the owner when `has_task` is set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawPath {
@@ -117,8 +117,9 @@ pub struct RawPath {
     pub tw: RawEvent,
 }
 
-/// The leading part of a [`RawPath`], sent alone for a run that does not end in CLOSE (it has
-/// no cost and no timewait socket): the same layout, field for field.
+/// The leading part of a [`RawPath`]: the `PATHS` table's value, and the record of a run that
+/// does not end in CLOSE (it has no cost and no timewait socket); the same layout, field for
+/// field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawPathOpen {
@@ -168,21 +169,6 @@ pub struct ConnCost {
 pub struct CongSeen {
     pub ca_states: u32,
     pub max_cwnd: u32,
-}
-
-/// A socket in CLOSE_WAIT, kept in the kernel's `CLOSE_WAIT` table (keyed by the socket's
-/// address) until it leaves that state, so that user space can find the ones that stay (leaks)
-/// without a record for every socket passing through.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CloseWaitEntry {
-    /// When it entered CLOSE_WAIT (`bpf_ktime_get_ns()`).
-    pub since_ns: u64,
-    /// The socket's addressing at that moment (a `RawEvent` whose kind is `EVENT_STATE`,
-    /// ESTABLISHED -> CLOSE_WAIT).
-    pub event: RawEvent,
-    /// The socket's cgroup id, as in [`RawPath::cgroup`].
-    pub cgroup: u64,
 }
 
 /// Whether a state change (kernel `TCP_*` numbers) runs in the socket owner's own system call
@@ -375,10 +361,6 @@ pub struct KernelOffsets {
     pub tcp_snd_cwnd: u32,
     /// `chrono_stat[1]` (TCP_CHRONO_RWND_LIMITED).
     pub tcp_rwnd_limited: u32,
-    /// When every `tcp_*` cost field above lies within [`COST_WINDOW`] bytes from this
-    /// offset, the lowest of them: the program then copies that window once instead of
-    /// reading each field on its own. 0: read each field.
-    pub tcp_cost_base: u32,
     /// Non-zero when the head of `struct sock_common` has the layout every kernel since 2.6 has
     /// (daddr 0, rcv_saddr 4, dport 12, num 14, family 16, state 18), checked against BTF: the
     /// programs then read it in one call instead of one per field.
@@ -412,15 +394,13 @@ mod user {
     unsafe impl aya::Pod for super::RawPath {}
     // SAFETY: as for RawPath, whose leading part it is.
     unsafe impl aya::Pod for super::RawPathOpen {}
-    // SAFETY: as for RawPath: a u64, a RawEvent and a u64, no implicit padding.
-    unsafe impl aya::Pod for super::CloseWaitEntry {}
     // SAFETY: as for RawPath: two u32, no padding.
     unsafe impl aya::Pod for super::CongSeen {}
 }
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 42 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(core::mem::size_of::<PathStep>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
 const _: () = assert!(core::mem::size_of::<RawPathOpen>() == 96 + 16 * PATH_STEPS + 16);
@@ -428,4 +408,3 @@ const _: () =
     assert!(core::mem::offset_of!(RawPath, cgroup) == core::mem::offset_of!(RawPathOpen, cgroup));
 const _: () = assert!(core::mem::offset_of!(RawPath, cost) == core::mem::size_of::<RawPathOpen>());
 const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8 + 8 + 64 + 96);
-const _: () = assert!(core::mem::size_of::<CloseWaitEntry>() == 112);

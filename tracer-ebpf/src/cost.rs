@@ -1,12 +1,12 @@
 //! What a connection cost: read from its `struct tcp_sock` once, as it closes, plus the
 //! congestion states it went through (`tcp_cong_state_set`, kept per socket in `CONG`).
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel_buf, macros::btf_tracepoint, programs::BtfTracePointContext,
+    helpers::generated::bpf_skc_to_tcp_sock, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
-use tracer_common::{COST_WINDOW, COUNT_CONG_TABLE_FULL, CongSeen, ConnCost};
+use tracer_common::{COUNT_CONG_TABLE_FULL, CongSeen, ConnCost};
 
 use crate::maps::{self, off};
-use crate::sock;
+use crate::sock::{self, Mem, Typed};
 
 #[btf_tracepoint(function = "tcp_cong_state_set")]
 pub fn tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
@@ -47,43 +47,22 @@ pub fn forget(sk: *const u8) {
     let _ = maps::CONG.remove(sk as u64);
 }
 
-/// Fills `cost` from the closing socket and what `CONG` kept of it (then forgotten).
+/// Fills `cost` from the closing socket (a BTF-typed pointer) and what `CONG` kept of it (then
+/// forgotten).
 #[inline(always)]
 pub fn read_at_close(sk: *const u8, cost: &mut ConnCost) {
     if off!(tcp_bytes_acked) == 0 {
         return;
     }
-    let base = off!(tcp_cost_base);
-    let window = if base == 0 {
-        None
-    } else {
-        maps::COST_SCRATCH.get_ptr_mut(0).and_then(|buf| {
-            // SAFETY: this CPU's scratch buffer, valid for the program's run; nothing else on
-            // this CPU uses it while this program runs (a program does not nest with itself).
-            let buf = unsafe { &mut *buf };
-            // SAFETY: the helper copies through the kernel's fault-tolerant accessor.
-            unsafe { bpf_probe_read_kernel_buf(sk.wrapping_add(base as usize), buf) }
-                .ok()
-                .map(|()| &*buf)
-        })
-    };
-    // One field: from the window when it was copied, else read on its own.
-    let u32_at = |at: u32| -> u32 {
-        match window {
-            Some(buf) => window_u32(buf, at.wrapping_sub(base)),
-            None => sock::read(sk, at).unwrap_or(0),
-        }
-    };
-    let u64_at = |at: u32| -> u64 {
-        match window {
-            Some(buf) => {
-                let low = window_u32(buf, at.wrapping_sub(base));
-                let high = window_u32(buf, at.wrapping_sub(base).wrapping_add(4));
-                u64::from(low) | u64::from(high) << 32
-            }
-            None => sock::read(sk, at).unwrap_or(0),
-        }
-    };
+    // SAFETY: the helper checks that `sk` is a full TCP socket and returns it typed as
+    // `struct tcp_sock` (null otherwise), so that the verifier lets plain loads reach the
+    // fields past `struct sock`.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) }.cast::<u8>() as *const u8;
+    if tp.is_null() {
+        return;
+    }
+    let u32_at = |at: u32| Typed::read::<u32>(tp, at).unwrap_or(0);
+    let u64_at = |at: u32| Typed::read::<u64>(tp, at).unwrap_or(0);
     cost.bytes_acked = u64_at(off!(tcp_bytes_acked));
     cost.bytes_received = u64_at(off!(tcp_bytes_received));
     cost.segs_in = u32_at(off!(tcp_segs_in));
@@ -107,28 +86,19 @@ pub fn read_at_close(sk: *const u8, cost: &mut ConnCost) {
     cost.valid = 1;
 }
 
-/// The native-endian u32 at `at` in the window; 0 outside it.
-#[inline(always)]
-fn window_u32(buf: &[u8; COST_WINDOW as usize], at: u32) -> u32 {
-    let at = at as usize;
-    match buf.get(at..at + 4) {
-        Some(&[a, b, c, d]) => u32::from_ne_bytes([a, b, c, d]),
-        _ => 0,
-    }
-}
-
-/// The socket's cgroup v2 id, 0 when the kernel does not say.
+/// The socket's cgroup v2 id, 0 when the kernel does not say. `sk` is BTF-typed: the pointers
+/// loaded through it are too, so the whole chain is plain loads.
 #[inline(always)]
 pub fn cgroup(sk: *const u8) -> u64 {
     if off!(sk_cgroup) == 0 {
         return 0;
     }
-    let Some(cgroup) = sock::read::<u64>(sk, off!(sk_cgroup)).filter(|&p| p != 0) else {
+    let Some(cgroup) = Typed::read::<u64>(sk, off!(sk_cgroup)).filter(|&p| p != 0) else {
         return 0;
     };
-    let Some(kn) = sock::read::<u64>(cgroup as *const u8, off!(cgroup_kn)).filter(|&p| p != 0)
+    let Some(kn) = Typed::read::<u64>(cgroup as *const u8, off!(cgroup_kn)).filter(|&p| p != 0)
     else {
         return 0;
     };
-    sock::read::<u64>(kn as *const u8, off!(kernfs_id)).unwrap_or(0)
+    Typed::read::<u64>(kn as *const u8, off!(kernfs_id)).unwrap_or(0)
 }

@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    COUNT_SLOTS, CloseWaitEntry, CongSeen, KernelOffsets, KernelSymbols, LOST_SLOTS, RawEvent,
+    COUNT_SLOTS, CongSeen, KernelOffsets, KernelSymbols, LOST_SLOTS, PATHS_MAX, RawEvent,
     RawPathOpen,
 };
 
@@ -29,18 +29,12 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT_SLOT
 const NO_PREALLOC: u32 = 1;
 
 /// State changes of each socket not yet sent, keyed by the socket's address: sent as one record
-/// when the handshake completes, at CLOSE, or before any other record of the socket. Not LRU:
-/// an entry is never dropped silently; when the table is full a change goes out on its own.
-/// Preallocated: an allocation per run cost about 150 ns a state change (measured); the table
-/// holds only sockets between a run's first change and its sending (handshakes, closes).
+/// at CLOSE, or before any other record of the socket; the agent reads the table once a second
+/// to learn of the connections that stay open (and of CLOSE_WAIT leaks) without a record each.
+/// Not LRU: an entry is never dropped silently; when the table is full a change goes out on its
+/// own. Preallocated: an allocation per socket cost about 150 ns (measured).
 #[map]
-pub static PATHS: HashMap<u64, RawPathOpen> = HashMap::with_max_entries(32_768, 0);
-
-/// Sockets in CLOSE_WAIT right now, keyed by the socket's address; the agent reads it once a
-/// second to follow CLOSE_WAIT sockets (and leaks) without a record per socket.
-#[map]
-pub static CLOSE_WAIT: HashMap<u64, CloseWaitEntry> =
-    HashMap::with_max_entries(65_536, NO_PREALLOC);
+pub static PATHS: HashMap<u64, RawPathOpen> = HashMap::with_max_entries(PATHS_MAX, 0);
 
 /// RSTs sent for no socket, by reason (`RST_NO_SOCKET_SLOTS`); one writer per CPU (the
 /// `tcp_send_reset` program does not nest with itself).
@@ -58,11 +52,6 @@ pub fn count_rst_no_socket(reason: u32) {
         unsafe { *counter += 1 };
     }
 }
-
-/// Per CPU: the window of `struct tcp_sock` a closing socket's cost is read from.
-#[map]
-pub static COST_SCRATCH: PerCpuArray<[u8; tracer_common::COST_WINDOW as usize]> =
-    PerCpuArray::with_max_entries(1, 0);
 
 /// What `tcp_cong_state_set` saw of each socket (congestion states entered, largest window),
 /// keyed by the socket's address, taken into its closing record (and dropped when a new socket
@@ -138,7 +127,6 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_rtt_min: 0,
     tcp_snd_cwnd: 0,
     tcp_rwnd_limited: 0,
-    tcp_cost_base: 0,
     sock_head_standard: 0,
     valid: 0,
 };

@@ -1,16 +1,15 @@
-//! A socket's state changes are kept in the kernel (`PATHS`) and sent as one record at the
-//! moments user space needs them: when the handshake completes (the connection becomes live),
-//! at CLOSE (the connection is finished), before any other record of the same socket (so that
-//! user space still sees everything in order), and when the run is longer than a record holds.
-//! A socket then costs two records (its opening and its closing run) instead of one per state
-//! change.
+//! A socket's state changes are kept in the kernel (`PATHS`) and sent as one record when the
+//! socket closes, or before any other record of the same socket (so that user space still sees
+//! everything in order), or when the run is longer than a record holds. The agent reads the
+//! table once a second to learn of the connections that stay open. A connection then costs one
+//! record per socket, at its end.
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use tracer_common::{
-    COUNT_CLOSE_WAIT_TABLE_FULL, COUNT_PATH_TABLE_FULL, CloseWaitEntry, EVENT_PATH, EVENT_STATE,
-    LOST_STATE, PATH_STEPS, RawEvent, RawPath, RawPathOpen,
+    COUNT_PATH_TABLE_FULL, EVENT_PATH, LOST_STATE, PATH_STEPS, RawEvent, RawPath, RawPathOpen,
 };
 
 use crate::maps::off;
+use crate::sock::{Mem, Typed};
 use crate::{cost, maps, sock, timers};
 
 /// What a new entry starts from; inserted from here rather than from the stack.
@@ -25,9 +24,10 @@ static EMPTY: RawPathOpen = RawPathOpen {
     cgroup: 0,
 };
 
-/// Keeps one state change of `sk` and returns its entry, or `None` when the table is full (the
-/// caller then sends the change on its own). `opening` (connect, or a child of a listener):
-/// whatever is still kept under this address belonged to an earlier socket, and goes first.
+/// Keeps one state change of `sk` (a BTF-typed pointer) and returns its entry, or `None` when
+/// the table is full (the caller then sends the change on its own). `opening` (connect, or a
+/// child of a listener): whatever is still kept under this address belonged to an earlier
+/// socket, and goes first.
 #[inline(always)]
 pub fn keep(
     sk: *const u8,
@@ -43,7 +43,7 @@ pub fn keep(
         // SAFETY: a pointer from a lookup in this map, valid for the program's run.
         && (opening || unsafe { (*path).len } as usize >= PATH_STEPS)
     {
-        send_kept(sk, path, false);
+        send_kept::<Typed>(sk, path, false);
         existing = None;
     }
     let path = match existing {
@@ -62,7 +62,7 @@ pub fn keep(
             // SAFETY: a pointer from a lookup in this map, valid for the program's run; the
             // socket's state changes run under its lock, so no other program writes this entry.
             let fresh = unsafe { &mut *path };
-            sock::fill(&mut fresh.head, sk, false);
+            sock::fill_at::<Typed>(&mut fresh.head, sk, false, now);
             fresh.cgroup = cost::cgroup(sk);
             path
         }
@@ -86,17 +86,17 @@ pub fn keep(
 
 /// Sends the kept state changes of `sk`, if any, and forgets them.
 #[inline(always)]
-pub fn send(sk: *const u8) {
+pub fn send<M: Mem>(sk: *const u8) {
     if let Some(path) = maps::PATHS.get_ptr_mut(sk as u64) {
-        send_kept(sk, path, false);
+        send_kept::<M>(sk, path, false);
     }
 }
 
 /// Sends `path`, the entry of `sk`, and forgets it; `closing`: the run ends in CLOSE, so the
 /// record also carries what the connection cost and the timewait socket that replaces it
-/// (otherwise only the leading part goes: [`RawPathOpen`]).
+/// (otherwise only the leading part goes: [`RawPathOpen`]). `closing` needs a BTF-typed `sk`.
 #[inline(always)]
-pub fn send_kept(sk: *const u8, path: *mut RawPathOpen, closing: bool) {
+pub fn send_kept<M: Mem>(sk: *const u8, path: *mut RawPathOpen, closing: bool) {
     // SAFETY: `path` comes from a lookup in `PATHS` during this program's run.
     let len = unsafe { (*path).len };
     if len == 0 {
@@ -110,7 +110,7 @@ pub fn send_kept(sk: *const u8, path: *mut RawPathOpen, closing: bool) {
             };
             // SAFETY: as above: the reserved record, its leading part now written.
             let record = unsafe { &mut *entry.as_mut_ptr() };
-            port_if_unset(sk, &mut record.head);
+            port_if_unset::<M>(sk, &mut record.head);
             record.cost = RawPath::ZERO.cost;
             cost::read_at_close(sk, &mut record.cost);
             timers::take_born(&mut record.tw);
@@ -122,7 +122,7 @@ pub fn send_kept(sk: *const u8, path: *mut RawPathOpen, closing: bool) {
         unsafe { core::ptr::copy_nonoverlapping(path, entry.as_mut_ptr(), 1) };
         // SAFETY: as above: the reserved record, now a full copy.
         let record = unsafe { &mut *entry.as_mut_ptr() };
-        port_if_unset(sk, &mut record.head);
+        port_if_unset::<M>(sk, &mut record.head);
         entry.submit(maps::submit_flags());
     }
     let _ = maps::PATHS.remove(sk as u64);
@@ -130,43 +130,8 @@ pub fn send_kept(sk: *const u8, path: *mut RawPathOpen, closing: bool) {
 
 /// connect() picks the local port after SYN_SENT (the addresses are set before): read it now.
 #[inline(always)]
-fn port_if_unset(sk: *const u8, head: &mut RawEvent) {
+pub fn port_if_unset<M: Mem>(sk: *const u8, head: &mut RawEvent) {
     if head.sport == 0 {
-        head.sport = sock::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
+        head.sport = M::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
     }
-}
-
-/// Remembers that `sk` entered CLOSE_WAIT, with its addressing, for the agent's once-a-second
-/// read. `false` when the table is full (the caller then sends the path at once, as before).
-#[inline(always)]
-pub fn close_wait_entered(sk: *const u8, path: *const RawPathOpen, now: u64, old: u8) -> bool {
-    let key = sk as u64;
-    // SAFETY: a pointer from a lookup in this map, valid for the program's run.
-    let kept = unsafe { &*path };
-    let mut entry = CloseWaitEntry {
-        since_ns: now,
-        event: kept.head,
-        cgroup: kept.cgroup,
-    };
-    entry.event.kind = EVENT_STATE;
-    entry.event.ts_ns = now;
-    entry.event.oldstate = old;
-    entry.event.newstate = 8; // CLOSE_WAIT
-    entry.event.pid = 0;
-    entry.event.tid = 0;
-    #[expect(
-        clippy::needless_borrows_for_generic_args,
-        reason = "by value would copy the entry a second time onto the BPF stack"
-    )]
-    let inserted = maps::CLOSE_WAIT.insert(key, &entry, 0);
-    if inserted.is_err() {
-        maps::count(COUNT_CLOSE_WAIT_TABLE_FULL);
-        return false;
-    }
-    true
-}
-
-#[inline(always)]
-pub fn close_wait_left(sk: *const u8) {
-    let _ = maps::CLOSE_WAIT.remove(sk as u64);
 }

@@ -3,6 +3,7 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use aya_log_ebpf::debug;
 use tracer_common::{EVENT_RESET_RECEIVED, EVENT_RESET_SENT, RST_REASON_UNKNOWN};
 
+use crate::sock::Probed;
 use crate::{maps, paths, sock};
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
@@ -44,7 +45,7 @@ fn emit(ctx: &BtfTracePointContext, sk: *const u8, kind: u8, reason: u16) -> i32
     }
     // Both hooks sit in TCP code, so no protocol check; `sk` may be a TIME_WAIT or request
     // mini socket, whose `sock_common` part (all that `fill` reads) is valid.
-    paths::send(sk);
+    paths::send::<Probed>(sk);
     let Some(mut entry) = maps::reserve(if kind == EVENT_RESET_SENT {
         tracer_common::LOST_SEND_RESET
     } else {
@@ -55,10 +56,10 @@ fn emit(ctx: &BtfTracePointContext, sk: *const u8, kind: u8, reason: u16) -> i32
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk, false);
+    sock::fill::<Probed>(event, sk, false);
     event.kind = kind;
     event.oldstate = 0;
-    event.newstate = sock::state(sk);
+    event.newstate = sock::state::<Probed>(sk);
     event.segs = reason;
     entry.submit(maps::submit_flags());
     0

@@ -2,6 +2,7 @@
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{EVENT_RETRANSMIT, EVENT_SYNACK_RETRANSMIT};
 
+use crate::sock::Probed;
 use crate::{maps, paths, sock};
 
 /// Kernels since 6.10 fire the tracepoint for failed attempts too and pass the error as the
@@ -35,10 +36,10 @@ pub fn tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, req, false);
+    sock::fill::<Probed>(event, req, false);
     event.kind = EVENT_SYNACK_RETRANSMIT;
     event.oldstate = 0;
-    event.newstate = sock::state(req);
+    event.newstate = sock::state::<Probed>(req);
     event.segs = 1;
     entry.submit(maps::submit_flags());
     0
@@ -57,17 +58,17 @@ fn emit(ctx: &BtfTracePointContext) -> i32 {
         Some(n) => n,
     };
     let ca_byte: u8 = sock::read(sk, maps::off!(icsk_ca_state_byte)).unwrap_or(0);
-    paths::send(sk);
+    paths::send::<Probed>(sk);
     let Some(mut entry) = maps::reserve(tracer_common::LOST_RETRANSMIT) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk, false);
+    sock::fill::<Probed>(event, sk, false);
     event.kind = EVENT_RETRANSMIT;
     event.oldstate = 0;
-    event.newstate = sock::state(sk);
+    event.newstate = sock::state::<Probed>(sk);
     event.segs = segs;
     event.ca_state = (ca_byte >> (maps::off!(icsk_ca_state_shift) & 7)) & 0x1f;
     entry.submit(maps::submit_flags());

@@ -5,6 +5,7 @@
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::EVENT_NAGLE_HELD;
 
+use crate::sock::Probed;
 use crate::{maps, paths, sock};
 
 /// `TCP_NAGLE_OFF` (TCP_NODELAY) and `TCP_NAGLE_CORK` (TCP_CORK) in `tcp_sock.nonagle`.
@@ -32,17 +33,17 @@ pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
     if left == 0 || left >= u64::from(mss) {
         return 0;
     }
-    paths::send(sk);
+    paths::send::<Probed>(sk);
     let Some(mut entry) = maps::reserve(tracer_common::LOST_SENDMSG) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `fill` writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk, true);
+    sock::fill::<Probed>(event, sk, true);
     event.kind = EVENT_NAGLE_HELD;
     event.oldstate = 0;
-    event.newstate = sock::state(sk);
+    event.newstate = sock::state::<Probed>(sk);
     event.aux = left;
     entry.submit(maps::submit_flags());
     0

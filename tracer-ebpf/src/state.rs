@@ -4,13 +4,13 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::EVENT_STATE;
 
+use crate::sock::Typed;
 use crate::{cost, maps, paths, sock, timers};
 
 const ESTABLISHED: u8 = 1;
 const SYN_SENT: u8 = 2;
 const SYN_RECV: u8 = 3;
 const CLOSE: u8 = 7;
-const CLOSE_WAIT: u8 = 8;
 const LISTEN: u8 = 10;
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -18,8 +18,9 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     if maps::off!(valid) == 0 {
         return 0;
     }
+    // `const struct sock *`: typed, so its fields are read with plain loads.
     let sk: *const u8 = ctx.arg(0);
-    if !sock::is_tcp(sk) {
+    if !sock::is_tcp::<Typed>(sk) {
         return 0;
     }
     let old = ctx.arg::<i32>(1) as u8;
@@ -30,9 +31,6 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         return send_alone(sk, old, new, owner);
     }
     let opening = (old == CLOSE && new == SYN_SENT) || (old == LISTEN && new == SYN_RECV);
-    if old == CLOSE_WAIT {
-        paths::close_wait_left(sk);
-    }
     // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(path) = paths::keep(sk, now, old, new, owner, opening) else {
@@ -44,13 +42,14 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         }
         return send_alone(sk, old, new, owner);
     };
-    if new == CLOSE_WAIT && !paths::close_wait_entered(sk, path, now, old) {
-        // Not followed once a second: send it now, as it happened.
-        paths::send_kept(sk, path, false);
-        return 0;
-    }
-    if new == ESTABLISHED || new == CLOSE {
-        paths::send_kept(sk, path, new == CLOSE);
+    if new == ESTABLISHED {
+        // The agent may read the entry while the connection lives: give it the local port
+        // that connect() picked after SYN_SENT.
+        // SAFETY: a pointer from a lookup in `PATHS`, valid for the program's run; the
+        // socket's state changes run under its lock.
+        paths::port_if_unset::<Typed>(sk, unsafe { &mut (*path).head });
+    } else if new == CLOSE {
+        paths::send_kept::<Typed>(sk, path, true);
     }
     0
 }
@@ -64,7 +63,7 @@ fn send_alone(sk: *const u8, old: u8, new: u8, owner: bool) -> i32 {
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; every field is
     // written before submit (fill writes all fields not written here).
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk, owner);
+    sock::fill::<Typed>(event, sk, owner);
     event.kind = EVENT_STATE;
     event.oldstate = old;
     event.newstate = new;

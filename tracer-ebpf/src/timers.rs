@@ -16,6 +16,7 @@ use aya_ebpf::{
 };
 use tracer_common::{EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START};
 
+use crate::sock::Probed;
 use crate::{maps, paths, sock};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -94,7 +95,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         } else {
             // A birth: held for the CLOSE of the socket it replaces.
             send_born(slot, tracer_common::LOST_TIMER_START);
-            sock::fill(&mut slot.born, tw, false);
+            sock::fill::<Probed>(&mut slot.born, tw, false);
             slot.born.kind = EVENT_TW_START;
             slot.born.oldstate = 0;
             slot.born.newstate = substate;
@@ -111,7 +112,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     // field not written below. A timewait socket starts with a `sock_common`, which is all
     // that `fill` reads.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, tw, false);
+    sock::fill::<Probed>(event, tw, false);
     event.kind = match phase {
         Phase::Start => EVENT_TW_START,
         _ => EVENT_TW_CANCEL,
@@ -193,17 +194,17 @@ fn delack_fired(timer: *const u8) -> i32 {
         return 0;
     }
     let pingpong: u8 = sock::read(sk_addr, maps::off!(icsk_ack_pingpong)).unwrap_or(0);
-    paths::send(sk_addr);
+    paths::send::<Probed>(sk_addr);
     let Some(mut entry) = maps::reserve(tracer_common::LOST_TIMER_EXPIRE) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `fill` writes every
     // field not written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill(event, sk_addr, false);
+    sock::fill::<Probed>(event, sk_addr, false);
     event.kind = EVENT_DELAYED_ACK;
     event.oldstate = 0;
-    event.newstate = sock::state(sk_addr);
+    event.newstate = sock::state::<Probed>(sk_addr);
     event.ca_state = pingpong;
     event.aux = match armed {
         Some(at) if at > 0 && event.ts_ns > at => event.ts_ns - at,

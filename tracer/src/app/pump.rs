@@ -16,7 +16,7 @@ use crate::app::session::Session;
 use crate::export::metrics::Metrics;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::decode;
-use crate::kernel::tables::CloseWaitTable;
+use crate::kernel::tables::PathTable;
 use tracer_core::observer::Observer;
 use tracer_core::tracker::Tracker;
 
@@ -82,7 +82,7 @@ pub async fn pump(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut session.tracker, &mut session.close_wait, &metrics, consumer.observer());
+                drain(guard.get_inner_mut(), &mut session.tracker, &mut session.paths, &metrics, consumer.observer());
                 guard.clear_ready();
                 match consumer.batch_done() {
                     Ok(true) => {}
@@ -94,7 +94,7 @@ pub async fn pump(
                 // A dump that came back is applied after this drain, which takes every event of
                 // the dump's time first (see `app::resync`).
                 let resynced = session.resync.finished(&mut session.tracker);
-                drain(ring.get_mut(), &mut session.tracker, &mut session.close_wait, &metrics, consumer.observer());
+                drain(ring.get_mut(), &mut session.tracker, &mut session.paths, &metrics, consumer.observer());
                 if let Some(snapshot) = resynced {
                     session.resync.apply(&snapshot, &mut session.tracker, &metrics, consumer.observer());
                 }
@@ -111,7 +111,7 @@ pub async fn pump(
                 }
             }
             _ = refresh.tick() => {
-                promote_close_wait(session, &metrics, consumer.observer());
+                promote_open(session, &metrics, consumer.observer());
                 crate::app::workloads::refresh(&session.workloads, &session.tracker, &metrics);
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
                 match session.counters.totals() {
@@ -148,7 +148,7 @@ pub async fn pump(
     drain(
         ring.get_mut(),
         &mut session.tracker,
-        &mut session.close_wait,
+        &mut session.paths,
         &metrics,
         consumer.observer(),
     );
@@ -177,15 +177,13 @@ async fn readable<T: AsRawFd>(
     }
 }
 
-/// Hands the tracker the sockets sitting in CLOSE_WAIT that it has not heard of: the kernel
-/// sends their state changes only when they close.
-fn promote_close_wait(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Observer) {
+/// Hands the tracker the state changes of sockets still open that it has not been given: the
+/// kernel sends a socket's changes when it closes.
+fn promote_open(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Observer) {
     let mut events = Vec::new();
-    let tracker = &session.tracker;
-    session.close_wait.promote(
-        |sock| tracker.state_of(sock) == Some(tracer_core::model::TcpState::CloseWait),
-        &mut events,
-    );
+    if let Err(e) = session.paths.promote(&mut events) {
+        warn!("{e}");
+    }
     for event in &events {
         metrics.event(event);
         session
@@ -198,7 +196,7 @@ fn promote_close_wait(session: &mut Session, metrics: &Metrics, consumer: &mut d
 fn drain(
     ring: &mut RingBuf<MapData>,
     tracker: &mut Tracker,
-    close_wait: &mut CloseWaitTable,
+    paths: &mut PathTable,
     metrics: &Metrics,
     consumer: &mut dyn Observer,
 ) {
@@ -213,7 +211,7 @@ fn drain(
             continue;
         }
         for event in &events {
-            if close_wait.already_given(event) {
+            if paths.already_given(event) {
                 continue;
             }
             metrics.event(event);

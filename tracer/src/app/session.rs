@@ -16,7 +16,7 @@ use crate::kernel::btf::KernelBtf;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::programs::{HookPlan, KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::kernel::system::{self, TcpSysctls};
-use crate::kernel::tables::{CloseWaitTable, KernelCounters};
+use crate::kernel::tables::{KernelCounters, PathTable};
 use tracer_core::model::TcpState;
 use tracer_core::tracker::{Tracker, TrackerConfig};
 
@@ -34,7 +34,7 @@ pub struct Session {
     pub(super) ring: Option<RingBuf<MapData>>,
     pub(super) lost: LostCounter,
     /// Sockets in CLOSE_WAIT, read on each refresh.
-    pub(super) close_wait: CloseWaitTable,
+    pub(super) paths: PathTable,
     pub(super) counters: KernelCounters,
     pub(super) logger: Option<KernelLogger>,
     pub tracker: Tracker,
@@ -90,7 +90,7 @@ impl Session {
         info!("attached to {}", probes.attached().join(", "));
         let ring = probes.take_events()?;
         let lost = probes.take_lost_counter()?;
-        let close_wait = CloseWaitTable::take(&mut probes)?;
+        let paths = PathTable::take(&mut probes)?;
         let counters = KernelCounters::take(&mut probes)?;
         let logger = probes.logger();
 
@@ -116,7 +116,7 @@ impl Session {
             probes: Some(probes),
             ring: Some(ring),
             lost,
-            close_wait,
+            paths,
             counters,
             logger,
             tracker,

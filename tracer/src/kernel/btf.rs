@@ -232,7 +232,6 @@ impl KernelBtf {
             tcp_snd_cwnd: tcp("snd_cwnd")?,
             // `chrono_stat[TCP_CHRONO_RWND_LIMITED - 1]`, an array of u32.
             tcp_rwnd_limited: tcp("chrono_stat")? + 4,
-            tcp_cost_base: 0,
             skc_daddr: sock("__sk_common.skc_daddr")?,
             skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
             skc_dport: sock("__sk_common.skc_dport")?,
@@ -272,7 +271,6 @@ impl KernelBtf {
             valid: 1,
         })
         .map(|mut off| {
-            off.tcp_cost_base = cost_window_base(&off);
             off.sock_head_standard = u32::from(
                 (
                     off.skc_daddr,
@@ -285,37 +283,6 @@ impl KernelBtf {
             );
             off
         })
-    }
-}
-
-/// The lowest `tcp_sock` cost offset when all of them (and the bytes they span) fit in
-/// `COST_WINDOW`, else 0 (read one by one). An offset of 0 means the field is missing.
-pub fn cost_window_base(off: &KernelOffsets) -> u32 {
-    let fields = [
-        (off.tcp_bytes_acked, 8),
-        (off.tcp_bytes_received, 8),
-        (off.tcp_segs_in, 4),
-        (off.tcp_segs_out, 4),
-        (off.tcp_total_retrans, 4),
-        (off.tcp_srtt_us, 4),
-        (off.tcp_mdev_us, 4),
-        (off.tcp_rtt_min, 4),
-        (off.tcp_snd_cwnd, 4),
-        (off.tcp_rwnd_limited, 4),
-    ];
-    if fields.iter().any(|&(at, _)| at == 0) {
-        return 0;
-    }
-    let low = fields.iter().map(|&(at, _)| at).min().unwrap_or(0);
-    let high = fields
-        .iter()
-        .map(|&(at, size)| at + size)
-        .max()
-        .unwrap_or(0);
-    if high - low <= tracer_common::COST_WINDOW {
-        low
-    } else {
-        0
     }
 }
 
@@ -339,12 +306,7 @@ mod tests {
         assert_eq!(off.skc_num, 14);
         assert_eq!(off.skc_family, 16);
         assert_eq!(off.skc_state, 18);
-        assert_eq!(off.sock_head_standard, 1, "the one-read fast path applies");
-        assert_eq!(
-            off.tcp_cost_base,
-            off.tcp_rtt_min.min(off.tcp_snd_cwnd).min(off.tcp_segs_out),
-            "the cost fields fit one window here"
-        );
+        assert_eq!(off.sock_head_standard, 1, "the word-load fast path applies");
         assert_eq!(off.valid, 1);
     }
 

@@ -47,14 +47,7 @@ pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeErr
                 // SAFETY: as above, for the leading part a run that does not close is sent as.
                 let open =
                     unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPathOpen>()) };
-                RawPath {
-                    head: open.head,
-                    steps: open.steps,
-                    len: open.len,
-                    has_task: open.has_task,
-                    cgroup: open.cgroup,
-                    ..RawPath::default()
-                }
+                return open_path_events(&open, out);
             } else {
                 return Err(DecodeError::Truncated);
             };
@@ -73,6 +66,22 @@ pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeErr
             Ok(())
         }
     }
+}
+
+/// The state changes of a run that does not close (a record's or one read from the kernel's
+/// table), in the order they happened, then the socket's cgroup.
+pub fn open_path_events(open: &RawPathOpen, out: &mut Vec<Event>) -> Result<(), DecodeError> {
+    path_events(
+        &RawPath {
+            head: open.head,
+            steps: open.steps,
+            len: open.len,
+            has_task: open.has_task,
+            cgroup: open.cgroup,
+            ..RawPath::default()
+        },
+        out,
+    )
 }
 
 /// The state changes of a path record, in the order they happened. The owner rides only on

@@ -34,6 +34,8 @@ pub enum ProbeError {
     },
     #[error("map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
+    #[error("reading kernel table {0}: {1}")]
+    Table(&'static str, #[source] std::io::Error),
     #[error("reading kernel BTF for the loader: {0}")]
     Btf(#[source] aya::BtfError),
 }

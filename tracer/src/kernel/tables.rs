@@ -1,101 +1,204 @@
 //! The kernel-side tables the agent reads on its refresh rather than receiving records for:
-//! sockets in CLOSE_WAIT right now, and the programs' own counters.
-use std::collections::HashMap;
+//! the runs of state changes the kernel still holds (open connections, CLOSE_WAIT sockets),
+//! and the programs' own counters.
+use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use tracer_common::{COUNT_SLOTS, CloseWaitEntry};
+use aya::maps::{Map, MapData, PerCpuArray};
+use foldhash::HashMap;
+use tracer_common::{COUNT_SLOTS, RawPathOpen};
 use tracer_core::model::{Event, SockId, TcpState};
 
 use crate::kernel::decode;
 use crate::kernel::programs::{ProbeError, Probes};
 
-/// More promoted sockets than this means their closing runs were lost: start over.
-const MAX_PROMOTED: usize = 65_536;
+/// Entries asked for per `BPF_MAP_LOOKUP_BATCH` call (about 850 KiB of values).
+const BATCH: usize = 4096;
 
-/// Sockets in CLOSE_WAIT as the kernel keeps them (`CLOSE_WAIT` map). A socket passing through
-/// CLOSE_WAIT reaches the agent in its closing run; one still there at a refresh is handed to
-/// the tracker then ("promoted"), so that CLOSE_WAIT counts and leaks stay live, and the same
-/// transition in its later run is dropped.
-pub struct CloseWaitTable {
-    map: BpfHashMap<MapData, u64, CloseWaitEntry>,
+/// The kernel's `PATHS` table: each socket's state changes from its first to its CLOSE, when
+/// the kernel sends them as one record. A connection that stays open is read from here once a
+/// second and handed to the tracker then ("promoted"), so that it counts as open and its
+/// CLOSE_WAIT is followed while it lasts; [`Promotions`] drops those changes from the record
+/// that later carries them again.
+pub struct PathTable {
+    map: MapData,
+    keys: Vec<u64>,
+    values: Vec<RawPathOpen>,
     promotions: Promotions,
 }
 
-/// Promoted sockets and when they entered CLOSE_WAIT.
-#[derive(Default)]
-pub struct Promotions {
-    promoted: HashMap<SockId, u64>,
-}
-
-impl CloseWaitTable {
-    pub fn take(probes: &mut Probes) -> Result<CloseWaitTable, ProbeError> {
-        let map = probes.take_map("CLOSE_WAIT")?;
-        let map = BpfHashMap::try_from(map).map_err(|e| ProbeError::Map("CLOSE_WAIT", e))?;
-        Ok(CloseWaitTable {
+impl PathTable {
+    pub fn take(probes: &mut Probes) -> Result<PathTable, ProbeError> {
+        let Map::HashMap(map) = probes.take_map("PATHS")? else {
+            return Err(ProbeError::MissingMap("PATHS"));
+        };
+        Ok(PathTable {
             map,
+            keys: vec![0; BATCH],
+            values: vec![RawPathOpen::default(); BATCH],
             promotions: Promotions::default(),
         })
     }
 
-    /// Appends to `out` the move into CLOSE_WAIT of every socket there now that the tracker
-    /// has not heard of (`known` tells which it has).
-    pub fn promote(&mut self, known: impl Fn(SockId) -> bool, out: &mut Vec<Event>) {
-        // A socket that leaves while the table is walked is skipped by the walk: fine, its
-        // closing run carries the transition.
-        for (sock, entry) in self.map.iter().flatten() {
-            if known(sock) {
-                continue;
+    /// Appends to `out` the state changes of every socket in the table that the tracker has
+    /// not been given yet (see [`Promotions::promote`]).
+    pub fn promote(&mut self, out: &mut Vec<Event>) -> Result<(), ProbeError> {
+        self.promotions.begin_walk();
+        let mut token: u64 = 0;
+        let mut next: u64 = 0;
+        let mut first = true;
+        let mut run = Vec::new();
+        loop {
+            let from = if first { None } else { Some(token) };
+            let (count, done) = self.lookup_batch(from, &mut next)?;
+            for (&sock, path) in self.keys.iter().zip(&self.values).take(count) {
+                run.clear();
+                // A run that does not decode is what a malformed record would be: skipped.
+                if decode::open_path_events(path, &mut run).is_ok() {
+                    self.promotions.promote(sock, &run, out);
+                }
             }
-            if let Ok(event) = decode::decode(&entry.event)
-                && self.promotions.promote(event, out)
-            {
-                out.push(Event::SocketInfo {
-                    ts_ns: entry.since_ns,
-                    sock,
-                    cgroup: entry.cgroup,
-                    cost: None,
-                });
+            if done {
+                break;
             }
+            token = next;
+            first = false;
         }
+        self.promotions.end_walk();
+        Ok(())
     }
 
-    /// Whether `event` is the move into CLOSE_WAIT already handed over by [`Self::promote`].
+    /// One `BPF_MAP_LOOKUP_BATCH` call from `from` (the start when `None`): how many entries it
+    /// copied into `keys` / `values`, and whether the walk is done.
+    fn lookup_batch(
+        &mut self,
+        from: Option<u64>,
+        next: &mut u64,
+    ) -> Result<(usize, bool), ProbeError> {
+        let in_batch = from
+            .as_ref()
+            .map_or(0, |token| std::ptr::from_ref(token) as u64);
+        let mut attr = BatchAttr {
+            in_batch,
+            out_batch: std::ptr::from_mut(next) as u64,
+            keys: self.keys.as_mut_ptr() as u64,
+            values: self.values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is the `batch` member of `union bpf_attr` with every field set; the
+        // kernel writes at most `count` keys and values into buffers of BATCH entries each,
+        // of the map's key and value sizes (u64 and RawPathOpen), and the batch token (a u32
+        // for hash maps) into `next`, a u64.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                std::ptr::from_mut(&mut attr),
+                size_of::<BatchAttr>(),
+            )
+        };
+        let count = (attr.count as usize).min(BATCH);
+        if ret == 0 {
+            return Ok((count, false));
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ENOENT) {
+            return Ok((count, true));
+        }
+        Err(ProbeError::Table("PATHS", error))
+    }
+
+    /// Whether `event`, from a record, was handed over already by [`Self::promote`].
     pub fn already_given(&mut self, event: &Event) -> bool {
         self.promotions.already_given(event)
     }
 }
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// What was handed over of each socket's run still in the kernel's table.
+#[derive(Default)]
+pub struct Promotions {
+    given: HashMap<SockId, Given>,
+    walk: u64,
+}
+
+struct Given {
+    /// The time of the latest state change handed over: the kernel's clock is monotonic, so
+    /// the changes of the same socket (or of a later one at its address) after it are new.
+    last_ns: u64,
+    /// The walk that last saw the socket in the table.
+    seen_in: u64,
+}
+
 impl Promotions {
-    /// Hands `event` (a move into CLOSE_WAIT) over once per socket; `true` when it did now.
-    pub fn promote(&mut self, event: Event, out: &mut Vec<Event>) -> bool {
-        if self.promoted.len() >= MAX_PROMOTED {
-            self.promoted.clear();
-        }
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.promoted.entry(event.sock()) {
-            slot.insert(event.ts_ns());
-            out.push(event);
-            return true;
-        }
-        false
+    fn begin_walk(&mut self) {
+        self.walk += 1;
     }
 
-    /// Whether `event` was handed over already; forgets it then (the run that carries it is
-    /// the socket's last word on CLOSE_WAIT).
+    /// Forgets the sockets gone from the table for two walks: their record, sent when they
+    /// left it, was drained in between.
+    fn end_walk(&mut self) {
+        let walk = self.walk;
+        self.given.retain(|_, given| given.seen_in + 1 >= walk);
+    }
+
+    /// Hands over the state changes of `run` (a socket's run as the table holds it, decoded)
+    /// not handed over before, and the socket's cgroup with the first of them.
+    pub fn promote(&mut self, sock: SockId, run: &[Event], out: &mut Vec<Event>) {
+        let walk = self.walk;
+        let given = self.given.entry(sock).or_insert(Given {
+            last_ns: 0,
+            seen_in: walk,
+        });
+        given.seen_in = walk;
+        let first = given.last_ns == 0;
+        let mut any = false;
+        for event in run {
+            match *event {
+                Event::StateChange { ts_ns, .. } if ts_ns > given.last_ns => {
+                    given.last_ns = ts_ns;
+                    any = true;
+                    out.push(*event);
+                }
+                Event::SocketInfo { .. } if first && any => out.push(*event),
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether `event` (from a record) was handed over already. A socket's final CLOSE ends
+    /// what is remembered of it.
     pub fn already_given(&mut self, event: &Event) -> bool {
         let Event::StateChange {
-            ts_ns,
-            sock,
-            new: TcpState::CloseWait,
-            ..
+            ts_ns, sock, new, ..
         } = *event
         else {
             return false;
         };
-        if self.promoted.get(&sock) == Some(&ts_ns) {
-            self.promoted.remove(&sock);
-            return true;
+        let Some(given) = self.given.get(&sock) else {
+            return false;
+        };
+        let seen = ts_ns <= given.last_ns;
+        if new == TcpState::Close && !seen {
+            self.given.remove(&sock);
         }
-        false
+        seen
     }
 }
 
@@ -154,7 +257,7 @@ mod tests {
     use super::*;
     use tracer_core::model::{Comm, Task, Tuple};
 
-    fn into_close_wait(sock: SockId, ts_ns: u64) -> Event {
+    fn change(sock: SockId, ts_ns: u64, old: TcpState, new: TcpState) -> Event {
         Event::StateChange {
             ts_ns,
             sock,
@@ -165,8 +268,8 @@ mod tests {
                 dst: "127.0.0.1".parse().expect("ip"),
                 dport: 40000,
             },
-            old: TcpState::Established,
-            new: TcpState::CloseWait,
+            old,
+            new,
             task: Task {
                 pid: 0,
                 tid: 0,
@@ -175,20 +278,102 @@ mod tests {
         }
     }
 
+    fn info(sock: SockId) -> Event {
+        Event::SocketInfo {
+            ts_ns: 1,
+            sock,
+            cgroup: 42,
+            cost: None,
+        }
+    }
+
+    use TcpState::{Close, CloseWait, Established, LastAck, SynRecv};
+
     #[test]
-    fn a_promoted_move_is_handed_over_once_and_dropped_from_its_run() {
+    fn a_run_is_handed_over_once_then_only_its_new_changes() {
         let mut promotions = Promotions::default();
         let mut out = Vec::new();
-        assert!(promotions.promote(into_close_wait(7, 100), &mut out));
-        assert!(!promotions.promote(into_close_wait(7, 100), &mut out));
-        assert_eq!(out.len(), 1, "a second refresh does not hand it over again");
-        assert!(promotions.already_given(&into_close_wait(7, 100)));
-        assert!(
-            !promotions.already_given(&into_close_wait(7, 100)),
-            "only the run's own copy is dropped"
-        );
-        // The same address reused by a later socket entering CLOSE_WAIT at another time.
-        assert!(promotions.promote(into_close_wait(7, 100), &mut out));
-        assert!(!promotions.already_given(&into_close_wait(7, 900)));
+        let open = [
+            change(7, 100, TcpState::Listen, SynRecv),
+            change(7, 200, SynRecv, Established),
+            info(7),
+        ];
+        promotions.begin_walk();
+        promotions.promote(7, &open, &mut out);
+        promotions.end_walk();
+        assert_eq!(out, open.to_vec(), "the whole run and the cgroup, once");
+        out.clear();
+        promotions.begin_walk();
+        promotions.promote(7, &open, &mut out);
+        promotions.end_walk();
+        assert!(out.is_empty(), "a second walk hands nothing over again");
+        let longer = [
+            open[0],
+            open[1],
+            change(7, 300, Established, CloseWait),
+            info(7),
+        ];
+        promotions.begin_walk();
+        promotions.promote(7, &longer, &mut out);
+        promotions.end_walk();
+        assert_eq!(out, vec![longer[2]], "only the move into CLOSE_WAIT is new");
+    }
+
+    #[test]
+    fn the_closing_record_drops_what_was_handed_over_and_ends_the_socket() {
+        let mut promotions = Promotions::default();
+        let mut out = Vec::new();
+        let open = [
+            change(7, 100, TcpState::Listen, SynRecv),
+            change(7, 200, SynRecv, Established),
+            info(7),
+        ];
+        promotions.begin_walk();
+        promotions.promote(7, &open, &mut out);
+        promotions.end_walk();
+        let record = [
+            open[0],
+            open[1],
+            change(7, 300, Established, CloseWait),
+            change(7, 400, CloseWait, LastAck),
+            info(7),
+            change(7, 500, LastAck, Close),
+        ];
+        let kept: Vec<bool> = record
+            .iter()
+            .map(|event| !promotions.already_given(event))
+            .collect();
+        assert_eq!(kept, [false, false, true, true, true, true]);
+        // A later socket at the same address is new throughout.
+        assert!(!promotions.already_given(&change(7, 150, TcpState::Listen, SynRecv)));
+    }
+
+    #[test]
+    fn a_later_socket_at_the_same_address_is_handed_over_too() {
+        let mut promotions = Promotions::default();
+        let mut out = Vec::new();
+        promotions.begin_walk();
+        promotions.promote(7, &[change(7, 100, SynRecv, Established)], &mut out);
+        promotions.end_walk();
+        // Its CLOSE record was lost; a new socket took the address.
+        promotions.begin_walk();
+        promotions.promote(7, &[change(7, 900, SynRecv, Established)], &mut out);
+        promotions.end_walk();
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn sockets_gone_from_the_table_for_two_walks_are_forgotten() {
+        let mut promotions = Promotions::default();
+        let mut out = Vec::new();
+        promotions.begin_walk();
+        promotions.promote(7, &[change(7, 100, SynRecv, Established)], &mut out);
+        promotions.end_walk();
+        promotions.begin_walk();
+        promotions.end_walk();
+        assert_eq!(promotions.given.len(), 1, "its record may still be queued");
+        promotions.begin_walk();
+        promotions.end_walk();
+        assert!(promotions.given.is_empty());
     }
 }

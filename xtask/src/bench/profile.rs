@@ -52,8 +52,20 @@ pub fn run(
     let _stats = bpf::Stats::enable()?;
     let mut phases = Vec::new();
     let tracer = Tracer::start(env, None)?;
-    phases.push(phase("tracer", "churn", Some(&tracer), tracer.pid(), &churn)?);
-    phases.push(phase("tracer", "timers", Some(&tracer), tracer.pid(), &timers)?);
+    phases.push(phase(
+        "tracer",
+        "churn",
+        Some(&tracer),
+        tracer.pid(),
+        &churn,
+    )?);
+    phases.push(phase(
+        "tracer",
+        "timers",
+        Some(&tracer),
+        tracer.pid(),
+        &timers,
+    )?);
     tracer.stop()?;
     if experiments {
         let own = std::process::id();

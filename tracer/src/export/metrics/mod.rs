@@ -138,8 +138,8 @@ pub struct Metrics {
     events_lost_seen: AtomicU64,
     events_malformed: IntCounter,
     records: IntCounter,
-    table_full: [IntCounter; 3],
-    table_full_seen: [AtomicU64; 3],
+    table_full: [IntCounter; 2],
+    table_full_seen: [AtomicU64; 2],
     evicted: IntCounter,
     evicted_seen: AtomicU64,
     reconciled: IntCounter,
@@ -346,16 +346,14 @@ impl Metrics {
             Opts::new(
                 "tracer_kernel_table_full_total",
                 "Times a kernel-side table was full: `paths` (a state change was sent on its \
-                 own instead of in its socket's run), `close_wait` (a CLOSE_WAIT socket was \
-                 sent at once instead of being read once a second), `cong` (a socket's \
-                 congestion states were not followed).",
+                 own instead of in its socket's run), `cong` (a socket's congestion states \
+                 were not followed).",
             ),
             &["table"],
         )?;
         registry.register(Box::new(table_full_vec.clone()))?;
         let table_full = [
             table_full_vec.get_metric_with_label_values(&["paths"])?,
-            table_full_vec.get_metric_with_label_values(&["close_wait"])?,
             table_full_vec.get_metric_with_label_values(&["cong"])?,
         ];
 
@@ -399,7 +397,7 @@ impl Metrics {
             events_malformed,
             records,
             table_full,
-            table_full_seen: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            table_full_seen: [AtomicU64::new(0), AtomicU64::new(0)],
             evicted,
             evicted_seen: AtomicU64::new(0),
             reconciled,
@@ -466,7 +464,7 @@ impl Metrics {
     }
 
     /// Takes the kernel's cumulative table-full counts (`paths`, `close_wait`, `cong`).
-    pub fn set_table_full(&self, totals: [u64; 3]) {
+    pub fn set_table_full(&self, totals: [u64; 2]) {
         for ((counter, seen), total) in self
             .table_full
             .iter()
