@@ -61,8 +61,8 @@ pub static CONG: HashMap<u64, CongSeen> = HashMap::with_max_entries(65_536, NO_P
 
 /// Per CPU: the start of a TIME_WAIT timer just armed for a new timewait socket, held until
 /// the CLOSE of the socket it replaces (which follows on the same CPU, BHs off) takes it into
-/// its record; and the last TIME_WAIT timer detached here, to tell a re-arm (detach + start in
-/// one `mod_timer`, sent at once as before) from a birth.
+/// its record; and the last TIME_WAIT timer detached here and when, to tell a re-arm (detach +
+/// start in one `mod_timer`, sent at once as before) from a birth.
 #[map]
 pub static TW_BORN: PerCpuArray<TwSlot> = PerCpuArray::with_max_entries(1, 0);
 
@@ -72,6 +72,8 @@ pub struct TwSlot {
     /// `kind` 0: empty.
     pub born: RawEvent,
     pub last_cancel: u64,
+    /// When `last_cancel` was detached (`bpf_ktime_get_ns`).
+    pub last_cancel_ns: u64,
 }
 
 /// Adds one to a `COUNTERS` slot.

@@ -19,6 +19,12 @@ use tracer_common::{EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START};
 use crate::sock::Probed;
 use crate::{maps, paths, sock};
 
+/// A re-arm detaches and starts the timer in one `mod_timer` call, with interrupts off: within
+/// this much of each other. A kill followed by a new timewait socket at the same address (the
+/// slab hands the memory back out at once) takes a whole connection in between, far longer;
+/// without the bound that birth passed for a re-arm of the socket just killed.
+const REARM_NS: u64 = 10_000;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Start,
@@ -85,11 +91,16 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         // SAFETY: this CPU's slot, valid for the program's run. Its writers (this program and
         // the CLOSE that takes a birth) run with BHs off around the birth and its CLOSE.
         let slot = unsafe { &mut *slot };
+        // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
+        let now = unsafe { bpf_ktime_get_ns() };
         if phase == Phase::Cancel {
             // Whatever birth is still held goes first, in order.
             send_born(slot, tracer_common::LOST_TIMER_CANCEL);
             slot.last_cancel = timer as u64;
-        } else if slot.last_cancel == timer as u64 {
+            slot.last_cancel_ns = now;
+        } else if slot.last_cancel == timer as u64
+            && now.wrapping_sub(slot.last_cancel_ns) < REARM_NS
+        {
             // A re-arm: detached then started again by one mod_timer. Sent at once.
             slot.last_cancel = 0;
         } else {
