@@ -363,7 +363,8 @@ pub struct KernelOffsets {
     pub tcp_rwnd_limited: u32,
     /// Non-zero when the head of `struct sock_common` has the layout every kernel since 2.6 has
     /// (daddr 0, rcv_saddr 4, dport 12, num 14, family 16, state 18), checked against BTF: the
-    /// programs then read it in one call instead of one per field.
+    /// programs then read it in three loads (`skc_addrpair`, `skc_portpair`, the family)
+    /// instead of one per field.
     pub sock_head_standard: u32,
     /// Non-zero once the agent has filled this struct (programs do nothing before that).
     pub valid: u32,

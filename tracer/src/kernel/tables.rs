@@ -159,8 +159,17 @@ impl Promotions {
     }
 
     /// Hands over the state changes of `run` (a socket's run as the table holds it, decoded)
-    /// not handed over before, and the socket's cgroup with the first of them.
+    /// not handed over before, and the socket's cgroup with the first of them. A socket still
+    /// in its handshake waits: it is not a connection yet (a connect() retrying its SYN may
+    /// stay in SYN_SENT for a minute and never become one).
     pub fn promote(&mut self, sock: SockId, run: &[Event], out: &mut Vec<Event>) {
+        let latest = run.iter().rev().find_map(|event| match *event {
+            Event::StateChange { new, .. } => Some(new),
+            _ => None,
+        });
+        if matches!(latest, None | Some(TcpState::SynSent | TcpState::SynRecv)) {
+            return;
+        }
         let walk = self.walk;
         let given = self.given.entry(sock).or_insert(Given {
             last_ns: 0,
@@ -360,6 +369,30 @@ mod tests {
         promotions.promote(7, &[change(7, 900, SynRecv, Established)], &mut out);
         promotions.end_walk();
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn a_socket_in_its_handshake_waits_until_it_is_a_connection() {
+        let mut promotions = Promotions::default();
+        let mut out = Vec::new();
+        let connecting = [change(7, 100, Close, TcpState::SynSent), info(7)];
+        promotions.begin_walk();
+        promotions.promote(7, &connecting, &mut out);
+        promotions.end_walk();
+        assert!(out.is_empty());
+        let open = [
+            connecting[0],
+            change(7, 200, TcpState::SynSent, Established),
+            info(7),
+        ];
+        promotions.begin_walk();
+        promotions.promote(7, &open, &mut out);
+        promotions.end_walk();
+        assert_eq!(
+            out,
+            open.to_vec(),
+            "the whole run once the handshake is over"
+        );
     }
 
     #[test]
