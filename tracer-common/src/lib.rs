@@ -18,11 +18,12 @@ pub const EVENT_RESET_SENT: u8 = 4;
 pub const RST_REASON_UNKNOWN: u16 = u16::MAX;
 
 /// `RawEvent::kind`: a TIME_WAIT timer was armed (`timer_start` of `tw_timer_handler`): a
-/// timewait mini socket entered TIME_WAIT (or FIN_WAIT2), or was re-armed. `skaddr` is the
-/// timewait socket, `newstate` its `tw_substate`.
+/// timewait mini socket entered TIME_WAIT (or FIN_WAIT2), or was re-armed (`aux` 1). `skaddr`
+/// is the timewait socket, `newstate` its `tw_substate`.
 pub const EVENT_TW_START: u8 = 5;
 /// `RawEvent::kind`: a TIME_WAIT timer was detached (`timer_cancel`): every exit, including a
-/// normal expiry, which `EVENT_TW_EXPIRE` then follows.
+/// normal expiry (`aux` 1: detached at its deadline, an expiry). Kept in the `TW_EXITS` table
+/// for the agent's read, or sent as a record when the table is full.
 pub const EVENT_TW_CANCEL: u8 = 6;
 /// `RawEvent::kind`: a TIME_WAIT timer fired (`timer_expire_entry`): the 2MSL wait ran out.
 pub const EVENT_TW_EXPIRE: u8 = 7;
@@ -65,7 +66,22 @@ pub const LOST_SLOTS: u32 = 9;
 pub const COUNT_PATH_TABLE_FULL: u32 = 0;
 /// Sockets whose congestion states could not be followed (the `CONG` table was full).
 pub const COUNT_CONG_TABLE_FULL: u32 = 1;
-pub const COUNT_SLOTS: u32 = 2;
+/// Timewait sockets' exits sent as records because the `TW_EXITS` table was full.
+pub const COUNT_TW_EXITS_TABLE_FULL: u32 = 2;
+pub const COUNT_SLOTS: u32 = 3;
+
+/// Exits of timewait sockets the kernel's `TW_EXITS` table holds between two reads of the
+/// agent (once a second).
+pub const TW_EXITS_MAX: u32 = 65_536;
+
+/// Key of the `TW_EXITS` table: the timewait socket's address and when it left (the same
+/// address can leave twice within a read: the memory of a socket killed is handed out again).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TwExitKey {
+    pub tw: u64,
+    pub ts_ns: u64,
+}
 
 /// Sockets the kernel's `PATHS` table holds at most: every socket from its first state change
 /// to its CLOSE (preallocated: about 270 bytes each in kernel memory).
@@ -397,6 +413,8 @@ mod user {
     unsafe impl aya::Pod for super::RawPathOpen {}
     // SAFETY: as for RawPath: two u32, no padding.
     unsafe impl aya::Pod for super::CongSeen {}
+    // SAFETY: two u64, no padding.
+    unsafe impl aya::Pod for super::TwExitKey {}
 }
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.

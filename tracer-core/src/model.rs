@@ -258,7 +258,10 @@ pub enum Event {
 /// What happened to a timer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimerPhase {
+    /// Armed for a new timewait socket (a birth).
     Start,
+    /// Armed again for the same socket (its detach just before was no exit).
+    Rearm,
     Cancel,
     Expire,
 }

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     COUNT_SLOTS, CongSeen, KernelOffsets, KernelSymbols, LOST_SLOTS, PATHS_MAX, RawEvent,
-    RawPathOpen,
+    RawPathOpen, TW_EXITS_MAX, TwExitKey,
 };
 
 /// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
@@ -71,10 +71,19 @@ pub static TW_BORN: PerCpuArray<TwSlot> = PerCpuArray::with_max_entries(1, 0);
 pub struct TwSlot {
     /// `kind` 0: empty.
     pub born: RawEvent,
+    /// Scratch for the exit kept in `TW_EXITS` (too large for the BPF stack next to the rest).
+    pub exit: RawEvent,
     pub last_cancel: u64,
     /// When `last_cancel` was detached (`bpf_ktime_get_ns`).
     pub last_cancel_ns: u64,
 }
+
+/// Timewait sockets' exits (a kill, or an expiry told at the detach), keyed by the socket's
+/// address and the time: the agent reads and deletes them once a second instead of receiving a
+/// record each. Preallocated (an exit happens about once per connection under churn); when
+/// full, an exit is sent as a record and counted.
+#[map]
+pub static TW_EXITS: HashMap<TwExitKey, RawEvent> = HashMap::with_max_entries(TW_EXITS_MAX, 0);
 
 /// Adds one to a `COUNTERS` slot.
 #[inline(always)]

@@ -14,7 +14,9 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use tracer_common::{EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START};
+use tracer_common::{
+    COUNT_TW_EXITS_TABLE_FULL, EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START, TwExitKey,
+};
 
 use crate::sock::Probed;
 use crate::{maps, paths, sock};
@@ -87,6 +89,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         // `expires` is an unsigned long compared as the kernel's time_after_eq does.
         (now.wrapping_sub(expires) as i64) >= 0
     };
+    let mut rearm = false;
     if let Some(slot) = maps::TW_BORN.get_ptr_mut(0) {
         // SAFETY: this CPU's slot, valid for the program's run. Its writers (this program and
         // the CLOSE that takes a birth) run with BHs off around the birth and its CLOSE.
@@ -98,11 +101,20 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
             send_born(slot, tracer_common::LOST_TIMER_CANCEL);
             slot.last_cancel = timer as u64;
             slot.last_cancel_ns = now;
+            if keep_exit(slot, tw, now, substate, expired) {
+                return 0;
+            }
         } else if slot.last_cancel == timer as u64
             && now.wrapping_sub(slot.last_cancel_ns) < REARM_NS
         {
-            // A re-arm: detached then started again by one mod_timer. Sent at once.
+            // A re-arm: detached then started again by one mod_timer. The detach was no exit;
+            // the start is sent at once, marked as a re-arm.
+            let _ = maps::TW_EXITS.remove(&TwExitKey {
+                tw: tw as u64,
+                ts_ns: slot.last_cancel_ns,
+            });
             slot.last_cancel = 0;
+            rearm = true;
         } else {
             // A birth: held for the CLOSE of the socket it replaces.
             send_born(slot, tracer_common::LOST_TIMER_START);
@@ -130,9 +142,42 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     };
     event.oldstate = 0;
     event.newstate = substate;
-    event.aux = u64::from(expired);
+    event.aux = if phase == Phase::Start {
+        u64::from(rearm)
+    } else {
+        u64::from(expired)
+    };
     entry.submit(maps::submit_flags());
     0
+}
+
+/// Keeps the exit of the timewait socket `tw` in `TW_EXITS` for the agent's once-a-second
+/// read instead of a record; `false` when the table is full (it is sent as a record then).
+#[inline(always)]
+fn keep_exit(
+    slot: &mut maps::TwSlot,
+    tw: *const u8,
+    now: u64,
+    substate: u8,
+    expired: bool,
+) -> bool {
+    let exit = &mut slot.exit;
+    sock::fill_at::<Probed>(exit, tw, false, now);
+    exit.kind = EVENT_TW_CANCEL;
+    exit.oldstate = 0;
+    exit.newstate = substate;
+    exit.aux = u64::from(expired);
+    let key = TwExitKey {
+        tw: tw as u64,
+        ts_ns: now,
+    };
+    // BPF_NOEXIST: an exit is never overwritten (a timewait socket at the same address
+    // leaves under another time).
+    if maps::TW_EXITS.insert(&key, &slot.exit, 1).is_err() {
+        maps::count(COUNT_TW_EXITS_TABLE_FULL);
+        return false;
+    }
+    true
 }
 
 /// Sends a held TIME_WAIT birth in a record of its own (nobody took it), and empties the slot.

@@ -553,7 +553,8 @@ impl Tracker {
         }
         conn.tuple_matched = true;
         self.by_tuple.insert(conn.tuple, sock);
-        self.time_wait.connection_seen(conn.netns, &conn.tuple, obs);
+        self.time_wait
+            .connection_seen(conn.netns, &conn.tuple, conn.last_seen_ns, obs);
         let key = (conn.netns, conn.tuple);
         // Opened before the agent: adopt what sock_diag knew. A connection we saw open that
         // also appears in the seed dump (it opened between attach and dump) is the same

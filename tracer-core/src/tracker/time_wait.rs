@@ -41,7 +41,9 @@ impl Default for TimeWaitConfig {
         TimeWaitConfig {
             max_entries: 1 << 20,
             settle_ns: 10_000_000,
-            reuse_window_ns: 1_000_000_000,
+            // Kills are read from the kernel once a second, and a connection still open is
+            // read once a second too: either may come up to about two seconds after the other.
+            reuse_window_ns: 3_000_000_000,
             ephemeral_ports: (32768, 60999),
         }
     }
@@ -91,7 +93,23 @@ pub struct TimeWaitTable {
     early_cancel_order: VecDeque<(u64, SockId)>,
     /// Timewait sockets now by their connection's cgroup, for the cgroups known (not 0).
     cgroups: HashMap<u64, usize>,
+    /// Connections seen lately, by a 64-bit hash of namespace and 4-tuple (a quarter of the
+    /// memory of the key itself; a collision is one in 2^64), and when they opened (see
+    /// `connection_seen`).
+    recent_opens: HashMap<u64, u64>,
+    recent_order: VecDeque<(u64, u64)>,
 }
+
+fn open_key(netns: u32, tuple: &Tuple) -> u64 {
+    use std::hash::BuildHasher as _;
+    foldhash::fast::FixedState::with_seed(0).hash_one((netns, tuple))
+}
+
+/// Connections remembered for a later kill of a timewait socket on their 4-tuple.
+const RECENT_OPENS_MAX: usize = 65_536;
+/// How long before a timewait socket's kill the connection that reused its 4-tuple may open
+/// (connect() takes SYN_SENT, then picks the port and kills the socket holding it).
+const REUSE_BEFORE_NS: u64 = 10_000_000;
 
 /// How long (event time) a cancel of an unknown timewait socket waits for its start.
 const EARLY_CANCEL_WINDOW_NS: u64 = 1_000_000_000;
@@ -115,6 +133,8 @@ impl TimeWaitTable {
             early_cancels: HashMap::default(),
             early_cancel_order: VecDeque::new(),
             cgroups: HashMap::default(),
+            recent_opens: HashMap::default(),
+            recent_order: VecDeque::new(),
         }
     }
 
@@ -153,6 +173,8 @@ impl TimeWaitTable {
         shrank |= shrink_map(&mut self.early_cancels);
         shrank |= shrink_queue(&mut self.early_cancel_order);
         shrank |= shrink_map(&mut self.cgroups);
+        shrank |= shrink_map(&mut self.recent_opens);
+        shrank |= shrink_queue(&mut self.recent_order);
         shrank |= shrink_queue(&mut self.cancels);
         shrank | shrink_queue(&mut self.early_order)
     }
@@ -287,6 +309,20 @@ impl TimeWaitTable {
     ) {
         match phase {
             TimerPhase::Start => self.on_start(ts_ns, tw, netns, tuple, substate, obs),
+            TimerPhase::Rearm => {
+                if let Some(entry) = self.entries.get_mut(&tw)
+                    && (entry.netns, entry.tuple) == (netns, tuple)
+                {
+                    // The cancel before it, if it came, was no exit.
+                    entry.pending_cancel = None;
+                    entry.last_event_ns = ts_ns;
+                    entry.substate = substate;
+                } else {
+                    // Its socket is not known (its birth or start-up seed was not seen, or its
+                    // detach was read as an exit): from now on it is.
+                    self.on_start(ts_ns, tw, netns, tuple, substate, obs);
+                }
+            }
             TimerPhase::Cancel => self.on_cancel(ts_ns, tw, netns, tuple, substate),
             TimerPhase::Expire => {
                 if self.entries.contains_key(&tw) {
@@ -305,19 +341,13 @@ impl TimeWaitTable {
         substate: TcpState,
         obs: &mut impl Observer,
     ) {
-        if let Some(entry) = self.entries.get(&tw)
-            && (entry.netns, entry.tuple) != (netns, tuple)
-        {
-            // The old timewait socket was freed after its cancel and the memory reused for a
-            // new one before the cancel settled: the old one was killed.
-            self.exit(tw, ts_ns, None, obs);
-        }
-        if let Some(entry) = self.entries.get_mut(&tw) {
-            // A re-arm: the cancel before it was not an exit.
-            entry.pending_cancel = None;
-            entry.last_event_ns = ts_ns;
-            entry.substate = substate;
-            return;
+        if let Some(entry) = self.entries.get(&tw) {
+            // A birth at the address of a timewait socket still counted: that one is gone,
+            // its memory handed out again (its exit, read from the kernel's table once a
+            // second, may come later: it is then older than this birth and ignored). On the
+            // same 4-tuple, the connection that left this birth took that 4-tuple over.
+            let reused = (entry.netns, entry.tuple) == (netns, tuple);
+            self.exit(tw, ts_ns, reused.then_some(TimeWaitExit::Reused), obs);
         }
         let key = (netns, tuple);
         let seeded = self.seeded.remove(&key);
@@ -364,6 +394,15 @@ impl TimeWaitTable {
     }
 
     fn on_cancel(&mut self, ts_ns: u64, tw: SockId, netns: u32, tuple: Tuple, substate: TcpState) {
+        if self
+            .entries
+            .get(&tw)
+            .and_then(|entry| entry.entered_ns)
+            .is_some_and(|entered| ts_ns < entered)
+        {
+            // The exit of an earlier socket at this address, already ended by this one's birth.
+            return;
+        }
         if !self.entries.contains_key(&tw) {
             // A socket that was in TIME_WAIT before we started is leaving: track it from now.
             let key = (netns, tuple);
@@ -445,7 +484,23 @@ impl TimeWaitTable {
     /// A connection with a complete 4-tuple appeared: if a timewait socket on that 4-tuple just
     /// ended early, it was reused. On loopback the new connection shows up microseconds after
     /// the timewait socket's cancel, before that cancel settles: end it right away.
-    pub fn connection_seen(&mut self, netns: u32, tuple: &Tuple, obs: &mut impl Observer) {
+    pub fn connection_seen(
+        &mut self,
+        netns: u32,
+        tuple: &Tuple,
+        ts_ns: u64,
+        obs: &mut impl Observer,
+    ) {
+        // Kills are read from the kernel's table once a second, so the connection that took a
+        // 4-tuple over often arrives first: remember it for a while.
+        if self.recent_opens.len() >= RECENT_OPENS_MAX
+            && let Some((_, key)) = self.recent_order.pop_front()
+        {
+            self.recent_opens.remove(&key);
+        }
+        let key = open_key(netns, tuple);
+        self.recent_opens.insert(key, ts_ns);
+        self.recent_order.push_back((ts_ns, key));
         if let Some(&tw) = self.by_tuple.get(&(netns, *tuple))
             && self
                 .entries
@@ -464,6 +519,16 @@ impl TimeWaitTable {
     /// Settles cancels that no re-arm or expiry followed, and early exits that no reuse
     /// followed, as of `now_ns`.
     pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
+        let keep_opens_ns = self.config.reuse_window_ns;
+        while let Some(&(ts, key)) = self.recent_order.front() {
+            if ts.saturating_add(keep_opens_ns) > now_ns {
+                break;
+            }
+            self.recent_order.pop_front();
+            if self.recent_opens.get(&key) == Some(&ts) {
+                self.recent_opens.remove(&key);
+            }
+        }
         while let Some(&(ts, tw)) = self.early_cancel_order.front() {
             if ts.saturating_add(EARLY_CANCEL_WINDOW_NS) > now_ns {
                 break;
@@ -525,6 +590,26 @@ impl TimeWaitTable {
             direction: entry.direction,
             owner: entry.owner,
             cgroup: entry.cgroup,
+        };
+        // A connection on the same 4-tuple that opened around the exit (a connect() reusing
+        // the port opens just before it kills the timewait socket; a SYN taking it over, just
+        // after) and already arrived: a reuse.
+        let reused_by_earlier = exit.is_none()
+            && self
+                .recent_opens
+                .get(&open_key(key.0, &key.1))
+                .is_some_and(|&opened| {
+                    opened.saturating_add(REUSE_BEFORE_NS) >= record.exited_ns
+                        && opened <= record.exited_ns.saturating_add(self.config.reuse_window_ns)
+                });
+        let exit = if reused_by_earlier {
+            Some(TimeWaitExit::Reused)
+        } else {
+            exit
+        };
+        let record = TimeWaitRecord {
+            exit: exit.unwrap_or(TimeWaitExit::Killed),
+            ..record
         };
         match exit {
             Some(_) => obs.time_wait_exited(&record),
@@ -662,10 +747,10 @@ mod tests {
         let tp = tuple(40000, 80);
         t.on_timer(0, TW, NS, tp, FinWait2, TimerPhase::Start, &mut rec);
         t.on_timer(5 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
-        t.on_timer(5 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        t.on_timer(5 * MS, TW, NS, tp, TimeWait, TimerPhase::Rearm, &mut rec);
         t.tick(100 * MS, &mut rec);
         t.on_timer(6 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
-        t.on_timer(6 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        t.on_timer(6 * MS, TW, NS, tp, TimeWait, TimerPhase::Rearm, &mut rec);
         t.tick(200 * MS, &mut rec);
         assert_eq!(
             (
@@ -712,6 +797,11 @@ mod tests {
             "reason waits for a possible reuse"
         );
         t.tick(2_000 * MS, &mut rec);
+        assert!(
+            rec.time_wait_exited.is_empty(),
+            "a reusing connection may be read from the kernel up to seconds later"
+        );
+        t.tick(3_100 * MS, &mut rec);
         assert_eq!(rec.time_wait_exited.len(), 1);
         assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Killed);
         assert_eq!(
@@ -728,7 +818,7 @@ mod tests {
         t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
         t.on_timer(10 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
         t.tick(30 * MS, &mut rec);
-        t.connection_seen(NS, &tp, &mut rec);
+        t.connection_seen(NS, &tp, 40 * MS, &mut rec);
         assert_eq!(rec.time_wait_exited.len(), 1);
         assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Reused);
         t.tick(5_000 * MS, &mut rec);
@@ -742,7 +832,7 @@ mod tests {
         t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
         // A SYN takes the 4-tuple over: cancel, then the new connection, within microseconds.
         t.on_timer(100 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
-        t.connection_seen(NS, &tp, &mut rec);
+        t.connection_seen(NS, &tp, 100 * MS + 1, &mut rec);
         assert_eq!(rec.time_wait_exited.len(), 1);
         assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Reused);
         assert_eq!(rec.time_wait_exited[0].exited_ns, 100 * MS);
@@ -990,7 +1080,7 @@ mod tests {
         // The kill on another CPU arrives before the birth, carried by the CLOSE record.
         t.on_timer(2 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
         t.on_timer(MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
-        t.tick(2_000 * MS, &mut rec);
+        t.tick(3_100 * MS, &mut rec);
         assert_eq!(t.count(), 0, "entered and left");
         assert_eq!(rec.time_wait_exited.len(), 1);
         // A cancel of an unknown socket long before a start of the same address is forgotten.
@@ -1003,9 +1093,9 @@ mod tests {
             TimerPhase::Cancel,
             &mut rec,
         );
-        t.tick(5_000 * MS, &mut rec);
+        t.tick(6_000 * MS, &mut rec);
         t.on_timer(
-            5_001 * MS,
+            6_001 * MS,
             TW,
             NS,
             tp,
@@ -1014,5 +1104,59 @@ mod tests {
             &mut rec,
         );
         assert_eq!(t.count(), 1);
+    }
+
+    /// Kills are read from the kernel's table once a second: the connection that took the
+    /// 4-tuple over, and the timewait socket it left at the same address, often come first.
+    #[test]
+    fn a_birth_at_the_address_of_a_socket_whose_kill_is_still_on_its_way_ends_it() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(8080, 40000);
+        t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        t.connection_seen(NS, &tp, 20 * MS, &mut rec);
+        t.on_timer(30 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        assert_eq!((t.count(), rec.time_wait_entered.len()), (1, 2));
+        assert_eq!(rec.time_wait_exited.len(), 1);
+        assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Reused);
+        // The first socket's kill, read later, is older than the second's birth: ignored.
+        t.on_timer(10 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.tick(10_000 * MS, &mut rec);
+        assert_eq!((t.count(), rec.time_wait_exited.len()), (1, 1));
+    }
+
+    #[test]
+    fn a_kill_read_after_the_connection_that_reused_its_4_tuple_is_a_reuse() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(8080, 40000);
+        t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        // The SYN killed it at 10 ms; the new connection (at 11 ms) is known first.
+        t.connection_seen(NS, &tp, 11 * MS, &mut rec);
+        t.on_timer(10 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.tick(1_000 * MS, &mut rec);
+        assert_eq!(t.count(), 0);
+        assert_eq!(rec.time_wait_exited.len(), 1);
+        assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Reused);
+        // A connection on another 4-tuple does not make a kill a reuse.
+        let other = tuple(8080, 40001);
+        t.on_timer(
+            2_000 * MS,
+            0xcc00,
+            NS,
+            other,
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        t.on_timer(
+            2_010 * MS,
+            0xcc00,
+            NS,
+            other,
+            TimeWait,
+            TimerPhase::Cancel,
+            &mut rec,
+        );
+        t.tick(9_000 * MS, &mut rec);
+        assert_eq!(rec.time_wait_exited[1].exit, TimeWaitExit::Killed);
     }
 }

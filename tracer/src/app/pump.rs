@@ -111,7 +111,9 @@ pub async fn pump(
                 }
             }
             _ = refresh.tick() => {
-                promote_open(session, &metrics, consumer.observer());
+                // What the ring holds first: the births the kernel tables' exits refer to.
+                drain(ring.get_mut(), &mut session.tracker, &mut session.paths, &metrics, consumer.observer());
+                read_tables(session, &metrics, consumer.observer());
                 crate::app::workloads::refresh(&session.workloads, &session.tracker, &metrics);
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
                 match session.counters.totals() {
@@ -152,6 +154,7 @@ pub async fn pump(
         &metrics,
         consumer.observer(),
     );
+    read_tables(session, &metrics, consumer.observer());
     session
         .tracker
         .tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
@@ -177,11 +180,15 @@ async fn readable<T: AsRawFd>(
     }
 }
 
-/// Hands the tracker the state changes of sockets still open that it has not been given: the
-/// kernel sends a socket's changes when it closes.
-fn promote_open(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Observer) {
+/// Hands the tracker what the kernel keeps in tables rather than sending: the state changes of
+/// sockets still open that it has not been given (the kernel sends a socket's changes when it
+/// closes), then the timewait sockets' exits since the last read.
+fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Observer) {
     let mut events = Vec::new();
     if let Err(e) = session.paths.promote(&mut events) {
+        warn!("{e}");
+    }
+    if let Err(e) = session.tw_exits.take_exits(&mut events) {
         warn!("{e}");
     }
     for event in &events {

@@ -16,7 +16,7 @@ use crate::kernel::btf::KernelBtf;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::programs::{HookPlan, KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::kernel::system::{self, TcpSysctls};
-use crate::kernel::tables::{KernelCounters, PathTable};
+use crate::kernel::tables::{KernelCounters, PathTable, TimeWaitExits};
 use tracer_core::model::TcpState;
 use tracer_core::tracker::{Tracker, TrackerConfig};
 
@@ -35,6 +35,7 @@ pub struct Session {
     pub(super) lost: LostCounter,
     /// Sockets in CLOSE_WAIT, read on each refresh.
     pub(super) paths: PathTable,
+    pub(super) tw_exits: TimeWaitExits,
     pub(super) counters: KernelCounters,
     pub(super) logger: Option<KernelLogger>,
     pub tracker: Tracker,
@@ -91,6 +92,7 @@ impl Session {
         let ring = probes.take_events()?;
         let lost = probes.take_lost_counter()?;
         let paths = PathTable::take(&mut probes)?;
+        let tw_exits = TimeWaitExits::take(&mut probes)?;
         let counters = KernelCounters::take(&mut probes)?;
         let logger = probes.logger();
 
@@ -117,6 +119,7 @@ impl Session {
             ring: Some(ring),
             lost,
             paths,
+            tw_exits,
             counters,
             logger,
             tracker,

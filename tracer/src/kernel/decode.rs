@@ -53,19 +53,25 @@ pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeErr
             };
             path_events(&path, out)
         }
-        EVENT_TW_CANCEL if raw.aux == 1 => {
-            out.push(decode(&raw)?);
-            out.push(decode(&RawEvent {
-                kind: EVENT_TW_EXPIRE,
-                ..raw
-            })?);
-            Ok(())
-        }
+        EVENT_TW_CANCEL => exit_events(&raw, out),
         _ => {
             out.push(decode(&raw)?);
             Ok(())
         }
     }
+}
+
+/// A timewait socket's exit (a record's, or one read from the kernel's table): one detached at
+/// its deadline is an exit and an expiry.
+pub fn exit_events(raw: &RawEvent, out: &mut Vec<Event>) -> Result<(), DecodeError> {
+    out.push(decode(raw)?);
+    if raw.aux == 1 {
+        out.push(decode(&RawEvent {
+            kind: EVENT_TW_EXPIRE,
+            ..*raw
+        })?);
+    }
+    Ok(())
 }
 
 /// The state changes of a run that does not close (a record's or one read from the kernel's
@@ -212,6 +218,7 @@ pub fn decode(raw: &RawEvent) -> Result<Event, DecodeError> {
             tuple,
             substate: state(raw.newstate)?,
             timer: match raw.kind {
+                EVENT_TW_START if raw.aux == 1 => TimerPhase::Rearm,
                 EVENT_TW_START => TimerPhase::Start,
                 EVENT_TW_CANCEL => TimerPhase::Cancel,
                 _ => TimerPhase::Expire,

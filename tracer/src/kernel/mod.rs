@@ -1,6 +1,7 @@
 //! Stage 1, the kernel: what the agent learns from the running kernel (privileges, BTF offsets,
 //! timer symbols, sysctls, clocks), the eBPF programs it loads, and the decoding of their
 //! ring-buffer records into `tracer_core` events.
+pub mod batch;
 pub mod btf;
 pub mod clock;
 pub mod compat;

@@ -1,18 +1,22 @@
 //! The kernel-side tables the agent reads on its refresh rather than receiving records for:
 //! the runs of state changes the kernel still holds (open connections, CLOSE_WAIT sockets),
 //! and the programs' own counters.
-use std::os::fd::{AsFd as _, AsRawFd as _};
-
 use aya::maps::{Map, MapData, PerCpuArray};
 use foldhash::HashMap;
-use tracer_common::{COUNT_SLOTS, RawPathOpen};
+use tracer_common::{COUNT_SLOTS, RawEvent, RawPathOpen, TwExitKey};
 use tracer_core::model::{Event, SockId, TcpState};
 
+use crate::kernel::batch::BatchReader;
 use crate::kernel::decode;
 use crate::kernel::programs::{ProbeError, Probes};
 
-/// Entries asked for per `BPF_MAP_LOOKUP_BATCH` call (about 850 KiB of values).
-const BATCH: usize = 4096;
+/// Takes the hash map `name` out of the loaded object.
+fn hash_map(probes: &mut Probes, name: &'static str) -> Result<MapData, ProbeError> {
+    match probes.take_map(name)? {
+        Map::HashMap(map) => Ok(map),
+        _ => Err(ProbeError::MissingMap(name)),
+    }
+}
 
 /// The kernel's `PATHS` table: each socket's state changes from its first to its CLOSE, when
 /// the kernel sends them as one record. A connection that stays open is read from here once a
@@ -20,21 +24,14 @@ const BATCH: usize = 4096;
 /// CLOSE_WAIT is followed while it lasts; [`Promotions`] drops those changes from the record
 /// that later carries them again.
 pub struct PathTable {
-    map: MapData,
-    keys: Vec<u64>,
-    values: Vec<RawPathOpen>,
+    reader: BatchReader<u64, RawPathOpen>,
     promotions: Promotions,
 }
 
 impl PathTable {
     pub fn take(probes: &mut Probes) -> Result<PathTable, ProbeError> {
-        let Map::HashMap(map) = probes.take_map("PATHS")? else {
-            return Err(ProbeError::MissingMap("PATHS"));
-        };
         Ok(PathTable {
-            map,
-            keys: vec![0; BATCH],
-            values: vec![RawPathOpen::default(); BATCH],
+            reader: BatchReader::new(hash_map(probes, "PATHS")?),
             promotions: Promotions::default(),
         })
     }
@@ -43,71 +40,20 @@ impl PathTable {
     /// not been given yet (see [`Promotions::promote`]).
     pub fn promote(&mut self, out: &mut Vec<Event>) -> Result<(), ProbeError> {
         self.promotions.begin_walk();
-        let mut token: u64 = 0;
-        let mut next: u64 = 0;
-        let mut first = true;
         let mut run = Vec::new();
-        loop {
-            let from = if first { None } else { Some(token) };
-            let (count, done) = self.lookup_batch(from, &mut next)?;
-            for (&sock, path) in self.keys.iter().zip(&self.values).take(count) {
-                run.clear();
-                // A run that does not decode is what a malformed record would be: skipped.
-                if decode::open_path_events(path, &mut run).is_ok() {
-                    self.promotions.promote(sock, &run, out);
-                }
+        let promotions = &mut self.promotions;
+        let walked = self.reader.walk(false, |&sock, path| {
+            run.clear();
+            // A run that does not decode is what a malformed record would be: skipped.
+            if decode::open_path_events(path, &mut run).is_ok() {
+                promotions.promote(sock, &run, out);
             }
-            if done {
-                break;
-            }
-            token = next;
-            first = false;
+        });
+        // Only a whole walk tells which sockets left the table.
+        if walked.is_ok() {
+            self.promotions.end_walk();
         }
-        self.promotions.end_walk();
-        Ok(())
-    }
-
-    /// One `BPF_MAP_LOOKUP_BATCH` call from `from` (the start when `None`): how many entries it
-    /// copied into `keys` / `values`, and whether the walk is done.
-    fn lookup_batch(
-        &mut self,
-        from: Option<u64>,
-        next: &mut u64,
-    ) -> Result<(usize, bool), ProbeError> {
-        let in_batch = from
-            .as_ref()
-            .map_or(0, |token| std::ptr::from_ref(token) as u64);
-        let mut attr = BatchAttr {
-            in_batch,
-            out_batch: std::ptr::from_mut(next) as u64,
-            keys: self.keys.as_mut_ptr() as u64,
-            values: self.values.as_mut_ptr() as u64,
-            count: BATCH as u32,
-            map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: `attr` is the `batch` member of `union bpf_attr` with every field set; the
-        // kernel writes at most `count` keys and values into buffers of BATCH entries each,
-        // of the map's key and value sizes (u64 and RawPathOpen), and the batch token (a u32
-        // for hash maps) into `next`, a u64.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                std::ptr::from_mut(&mut attr),
-                size_of::<BatchAttr>(),
-            )
-        };
-        let count = (attr.count as usize).min(BATCH);
-        if ret == 0 {
-            return Ok((count, false));
-        }
-        let error = std::io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::ENOENT) {
-            return Ok((count, true));
-        }
-        Err(ProbeError::Table("PATHS", error))
+        walked.map_err(|e| ProbeError::Table("PATHS", e))
     }
 
     /// Whether `event`, from a record, was handed over already by [`Self::promote`].
@@ -116,19 +62,38 @@ impl PathTable {
     }
 }
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// The kernel's `TW_EXITS` table: timewait sockets' exits, read and emptied once a second
+/// instead of a record each.
+pub struct TimeWaitExits {
+    reader: BatchReader<TwExitKey, RawEvent>,
+    exits: Vec<RawEvent>,
+}
 
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+impl TimeWaitExits {
+    pub fn take(probes: &mut Probes) -> Result<TimeWaitExits, ProbeError> {
+        Ok(TimeWaitExits {
+            reader: BatchReader::new(hash_map(probes, "TW_EXITS")?),
+            exits: Vec::new(),
+        })
+    }
+
+    /// Takes every exit out of the table and appends them to `out` in the order they happened.
+    pub fn take_exits(&mut self, out: &mut Vec<Event>) -> Result<(), ProbeError> {
+        let exits = &mut self.exits;
+        exits.clear();
+        let walked = self.reader.walk(true, |_, exit| exits.push(*exit));
+        // The table is a hash: put the exits back in time order (the same address can leave
+        // twice within a walk).
+        self.exits.sort_unstable_by_key(|exit| exit.ts_ns);
+        for exit in &self.exits {
+            // An exit that does not decode is what a malformed record would be: skipped.
+            let _ = decode::exit_events(exit, out);
+        }
+        if self.exits.capacity() > 4 * self.exits.len().max(1024) {
+            self.exits = Vec::new();
+        }
+        walked.map_err(|e| ProbeError::Table("TW_EXITS", e))
+    }
 }
 
 /// What was handed over of each socket's run still in the kernel's table.

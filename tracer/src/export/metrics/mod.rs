@@ -138,8 +138,8 @@ pub struct Metrics {
     events_lost_seen: AtomicU64,
     events_malformed: IntCounter,
     records: IntCounter,
-    table_full: [IntCounter; 2],
-    table_full_seen: [AtomicU64; 2],
+    table_full: [IntCounter; 3],
+    table_full_seen: [AtomicU64; 3],
     evicted: IntCounter,
     evicted_seen: AtomicU64,
     reconciled: IntCounter,
@@ -347,7 +347,8 @@ impl Metrics {
                 "tracer_kernel_table_full_total",
                 "Times a kernel-side table was full: `paths` (a state change was sent on its \
                  own instead of in its socket's run), `cong` (a socket's congestion states \
-                 were not followed).",
+                 were not followed), `time_wait_exits` (a timewait socket's exit was sent as \
+                 a record instead of being read with the others once a second).",
             ),
             &["table"],
         )?;
@@ -355,6 +356,7 @@ impl Metrics {
         let table_full = [
             table_full_vec.get_metric_with_label_values(&["paths"])?,
             table_full_vec.get_metric_with_label_values(&["cong"])?,
+            table_full_vec.get_metric_with_label_values(&["time_wait_exits"])?,
         ];
 
         let evicted = IntCounter::with_opts(Opts::new(
@@ -397,7 +399,7 @@ impl Metrics {
             events_malformed,
             records,
             table_full,
-            table_full_seen: [AtomicU64::new(0), AtomicU64::new(0)],
+            table_full_seen: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             evicted,
             evicted_seen: AtomicU64::new(0),
             reconciled,
@@ -464,7 +466,7 @@ impl Metrics {
     }
 
     /// Takes the kernel's cumulative table-full counts (`paths`, `close_wait`, `cong`).
-    pub fn set_table_full(&self, totals: [u64; 2]) {
+    pub fn set_table_full(&self, totals: [u64; 3]) {
         for ((counter, seen), total) in self
             .table_full
             .iter()
