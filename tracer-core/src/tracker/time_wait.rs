@@ -107,8 +107,9 @@ fn open_key(netns: u32, tuple: &Tuple) -> u64 {
 
 /// Connections remembered for a later kill of a timewait socket on their 4-tuple.
 const RECENT_OPENS_MAX: usize = 65_536;
-/// How long before a timewait socket's kill the connection that reused its 4-tuple may open
-/// (connect() takes SYN_SENT, then picks the port and kills the socket holding it).
+/// For a timewait socket seeded at start-up (its birth unknown): how long before its kill the
+/// connection that reused its 4-tuple may open (connect() takes SYN_SENT, then picks the port
+/// and kills the socket holding it).
 const REUSE_BEFORE_NS: u64 = 10_000_000;
 
 /// How long (event time) a cancel of an unknown timewait socket waits for its start.
@@ -591,15 +592,19 @@ impl TimeWaitTable {
             owner: entry.owner,
             cgroup: entry.cgroup,
         };
-        // A connection on the same 4-tuple that opened around the exit (a connect() reusing
-        // the port opens just before it kills the timewait socket; a SYN taking it over, just
-        // after) and already arrived: a reuse.
+        // A connection on the same 4-tuple that opened after this socket was born and already
+        // arrived took the 4-tuple over: a reuse. (A connect() reusing the port opens just
+        // before it kills the timewait socket, a SYN taking it over just after; an exit time
+        // taken from the next birth at this address is later than the kill.)
+        let opened_since = record
+            .entered_ns
+            .unwrap_or(record.exited_ns.saturating_sub(REUSE_BEFORE_NS));
         let reused_by_earlier = exit.is_none()
             && self
                 .recent_opens
                 .get(&open_key(key.0, &key.1))
                 .is_some_and(|&opened| {
-                    opened.saturating_add(REUSE_BEFORE_NS) >= record.exited_ns
+                    opened >= opened_since
                         && opened <= record.exited_ns.saturating_add(self.config.reuse_window_ns)
                 });
         let exit = if reused_by_earlier {
@@ -1128,7 +1133,7 @@ mod tests {
     fn a_kill_read_after_the_connection_that_reused_its_4_tuple_is_a_reuse() {
         let (mut t, mut rec) = (table(), Recorder::default());
         let tp = tuple(8080, 40000);
-        t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
+        t.on_timer(5 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
         // The SYN killed it at 10 ms; the new connection (at 11 ms) is known first.
         t.connection_seen(NS, &tp, 11 * MS, &mut rec);
         t.on_timer(10 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
@@ -1136,8 +1141,9 @@ mod tests {
         assert_eq!(t.count(), 0);
         assert_eq!(rec.time_wait_exited.len(), 1);
         assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Reused);
-        // A connection on another 4-tuple does not make a kill a reuse.
+        // The connection a timewait socket came from (before its birth) makes no reuse.
         let other = tuple(8080, 40001);
+        t.connection_seen(NS, &other, 1_990 * MS, &mut rec);
         t.on_timer(
             2_000 * MS,
             0xcc00,
