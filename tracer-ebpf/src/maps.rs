@@ -78,6 +78,10 @@ pub struct TwSlot {
     pub last_cancel_ns: u64,
 }
 
+/// Per CPU: where a socket's new run is built before it is inserted into `PATHS` whole.
+#[map]
+pub static PATH_SCRATCH: PerCpuArray<RawPathOpen> = PerCpuArray::with_max_entries(1, 0);
+
 /// Timewait sockets' exits (a kill, or an expiry told at the detach), keyed by the socket's
 /// address and the time: the agent reads and deletes them once a second instead of receiving a
 /// record each. Preallocated (an exit happens about once per connection under churn); when

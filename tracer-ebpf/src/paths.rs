@@ -12,64 +12,82 @@ use crate::maps::off;
 use crate::sock::{Mem, Typed};
 use crate::{cost, maps, sock, timers};
 
-/// What a new entry starts from; inserted from here rather than from the stack.
-static EMPTY: RawPathOpen = RawPathOpen {
-    head: RawEvent {
-        kind: EVENT_PATH,
-        ..RawEvent::ZERO
-    },
-    steps: RawPath::ZERO.steps,
-    len: 0,
-    has_task: 0,
-    cgroup: 0,
-};
+/// Where [`keep`] put a state change.
+pub enum Kept {
+    /// Appended to the socket's entry in `PATHS`.
+    Entry(*mut RawPathOpen),
+    /// The first of a new run, inserted whole (or, for a run that is only its CLOSE, sent).
+    Fresh,
+    /// Not kept: the table is full (the caller sends the change on its own).
+    Full,
+}
 
-/// Keeps one state change of `sk` (a BTF-typed pointer) and returns its entry, or `None` when
-/// the table is full (the caller then sends the change on its own). `opening` (connect, or a
-/// child of a listener): whatever is still kept under this address belonged to an earlier
-/// socket, and goes first.
+/// `BPF_NOEXIST`, and the error the kernel gives for it.
+const NOEXIST: u64 = 1;
+const EEXIST: i32 = -17;
+
+/// Keeps one state change of `sk` (a BTF-typed pointer). `opening` (connect, or a child of a
+/// listener): whatever is still kept under this address belonged to an earlier socket, and goes
+/// first.
 #[inline(always)]
-pub fn keep(
-    sk: *const u8,
-    now: u64,
-    old: u8,
-    new: u8,
-    owner: bool,
-    opening: bool,
-) -> Option<*mut RawPathOpen> {
+pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool, opening: bool) -> Kept {
     let key = sk as u64;
-    let mut existing = maps::PATHS.get_ptr_mut(key);
-    if let Some(path) = existing
-        // SAFETY: a pointer from a lookup in this map, valid for the program's run.
-        && (opening || unsafe { (*path).len } as usize >= PATH_STEPS)
-    {
-        send_kept::<Typed>(sk, path, false);
-        existing = None;
-    }
-    let path = match existing {
-        Some(path) => path,
-        None => {
-            #[expect(
-                clippy::needless_borrows_for_generic_args,
-                reason = "by value would copy 208 bytes onto the 512-byte BPF stack"
-            )]
-            let inserted = maps::PATHS.insert(key, &EMPTY, 0);
-            if inserted.is_err() {
-                maps::count(COUNT_PATH_TABLE_FULL);
-                return None;
-            }
-            let path = maps::PATHS.get_ptr_mut(key)?;
-            // SAFETY: a pointer from a lookup in this map, valid for the program's run; the
-            // socket's state changes run under its lock, so no other program writes this entry.
-            let fresh = unsafe { &mut *path };
-            sock::fill_at::<Typed>(&mut fresh.head, sk, false, now);
-            fresh.cgroup = cost::cgroup(sk);
-            path
+    if !opening && let Some(path) = maps::PATHS.get_ptr_mut(key) {
+        // SAFETY: a pointer from a lookup in this map, valid for the program's run; the
+        // socket's state changes run under its lock, so no other program writes this entry.
+        let kept = unsafe { &mut *path };
+        if (kept.len as usize) < PATH_STEPS {
+            append(kept, now, old, new, owner);
+            return Kept::Entry(path);
         }
+        // A run longer than a record holds: it goes, and a new one starts.
+        send_kept::<Typed>(sk, path, false);
+    }
+    // A new run, built in this CPU's scratch and inserted whole: one map update instead of an
+    // insert, a lookup and the writes through it; for an opening, no lookup before either.
+    let Some(scratch) = maps::PATH_SCRATCH.get_ptr_mut(0) else {
+        return Kept::Full;
     };
-    // SAFETY: as above.
-    let kept = unsafe { &mut *path };
-    let step = kept.steps.get_mut(kept.len as usize)?;
+    // SAFETY: this CPU's scratch, valid for the program's run; only this program uses it, and
+    // a program does not nest with itself on a CPU.
+    let fresh = unsafe { &mut *scratch };
+    sock::fill_at::<Typed>(&mut fresh.head, sk, false, now);
+    fresh.head.kind = EVENT_PATH;
+    fresh.head.oldstate = 0;
+    fresh.head.newstate = 0;
+    fresh.steps = RawPath::ZERO.steps;
+    fresh.len = 0;
+    fresh.has_task = 0;
+    fresh.cgroup = cost::cgroup(sk);
+    append(fresh, now, old, new, owner);
+    if new == CLOSE {
+        // Nothing kept of it before (it predates the agent, or the table was full): its whole
+        // run is this change, sent at once.
+        send_kept::<Typed>(sk, scratch, true);
+        return Kept::Fresh;
+    }
+    if new == ESTABLISHED {
+        port_if_unset::<Typed>(sk, &mut fresh.head);
+    }
+    let mut inserted = maps::PATHS.insert(key, &*fresh, NOEXIST);
+    if inserted == Err(EEXIST) {
+        // An earlier socket's run under this address (it left without a CLOSE we saw).
+        send::<Typed>(sk);
+        inserted = maps::PATHS.insert(key, &*fresh, NOEXIST);
+    }
+    if inserted.is_err() {
+        maps::count(COUNT_PATH_TABLE_FULL);
+        return Kept::Full;
+    }
+    Kept::Fresh
+}
+
+/// Appends one state change to `kept` (which has room), with the owner when it is one.
+#[inline(always)]
+fn append(kept: &mut RawPathOpen, now: u64, old: u8, new: u8, owner: bool) {
+    let Some(step) = kept.steps.get_mut(kept.len as usize) else {
+        return;
+    };
     step.ts_ns = now;
     step.old = old;
     step.new = new;
@@ -81,8 +99,10 @@ pub fn keep(
         kept.head.comm = bpf_get_current_comm().unwrap_or([0; 16]);
         kept.has_task = 1;
     }
-    Some(path)
 }
+
+const ESTABLISHED: u8 = 1;
+const CLOSE: u8 = 7;
 
 /// Sends the kept state changes of `sk`, if any, and forgets them.
 #[inline(always)]
