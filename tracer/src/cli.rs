@@ -50,7 +50,7 @@ pub struct TopArgs {
     pub close_wait_threshold: std::time::Duration,
 
     /// Size of the kernel-to-agent ring buffer: a power of two, at least 64 KiB.
-    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_buffer_bytes: u32,
 }
 
@@ -89,7 +89,7 @@ pub struct DiagnoseArgs {
     pub close_wait_threshold: std::time::Duration,
 
     /// Size of the kernel-to-agent ring buffer: a power of two, at least 64 KiB.
-    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_buffer_bytes: u32,
 
     /// Diagnostics on stderr: error, warn, info, debug or trace.
@@ -113,7 +113,7 @@ pub struct RunArgs {
     pub events: EventsFlag,
 
     /// Size of the kernel-to-agent ring buffer: a power of two, at least 64 KiB.
-    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_buffer_bytes: u32,
 
     /// Live connections tracked at most; past it the least recently active is evicted (counted).
@@ -341,7 +341,7 @@ mod tests {
         };
         assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(args.events, EventsFlag::Text);
-        assert_eq!(args.ring_buffer_bytes, 8 << 20);
+        assert_eq!(args.ring_buffer_bytes, 4 << 20);
     }
 
     #[test]

@@ -40,7 +40,7 @@ const QUIET_ALERTS: &[(&str, &str)] = &[
     ),
     (
         "TracerEventsLost",
-        "the 8 MiB ring buffer keeps up with this traffic: nothing may be lost",
+        "the default 4 MiB ring buffer keeps up with this traffic: nothing may be lost",
     ),
     (
         "TracerEventsMalformed",

@@ -201,6 +201,15 @@ impl Tracker {
         self.conns.get(&sock).and_then(|conn| conn.state())
     }
 
+    /// When the tracked connection of `sock` entered its latest state: a state change of that
+    /// socket no later than this was handed over already (a socket's changes come in order).
+    pub fn last_state_ns(&self, sock: SockId) -> Option<u64> {
+        self.conns
+            .get(&sock)
+            .and_then(|conn| conn.states.last())
+            .map(|stamp| stamp.ts_ns)
+    }
+
     /// Connections open right now: tracked ones plus seeded ones not yet seen in an event.
     pub fn active(&self) -> usize {
         self.conns.len() + self.seeds.len()

@@ -16,7 +16,7 @@ use crate::app::session::Session;
 use crate::export::metrics::Metrics;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::decode;
-use crate::kernel::tables::PathTable;
+use crate::kernel::tables;
 use tracer_core::observer::Observer;
 use tracer_core::tracker::Tracker;
 
@@ -82,7 +82,7 @@ pub async fn pump(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut session.tracker, &mut session.paths, &metrics, consumer.observer());
+                drain(guard.get_inner_mut(), &mut session.tracker, &metrics, consumer.observer());
                 guard.clear_ready();
                 match consumer.batch_done() {
                     Ok(true) => {}
@@ -94,7 +94,7 @@ pub async fn pump(
                 // A dump that came back is applied after this drain, which takes every event of
                 // the dump's time first (see `app::resync`).
                 let resynced = session.resync.finished(&mut session.tracker);
-                drain(ring.get_mut(), &mut session.tracker, &mut session.paths, &metrics, consumer.observer());
+                drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
                 if let Some(snapshot) = resynced {
                     session.resync.apply(&snapshot, &mut session.tracker, &metrics, consumer.observer());
                 }
@@ -112,7 +112,7 @@ pub async fn pump(
             }
             _ = refresh.tick() => {
                 // What the ring holds first: the births the kernel tables' exits refer to.
-                drain(ring.get_mut(), &mut session.tracker, &mut session.paths, &metrics, consumer.observer());
+                drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
                 read_tables(session, &metrics, consumer.observer());
                 crate::app::workloads::refresh(&session.workloads, &session.tracker, &metrics);
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
@@ -150,7 +150,6 @@ pub async fn pump(
     drain(
         ring.get_mut(),
         &mut session.tracker,
-        &mut session.paths,
         &metrics,
         consumer.observer(),
     );
@@ -182,20 +181,33 @@ async fn readable<T: AsRawFd>(
 
 /// Hands the tracker what the kernel keeps in tables rather than sending: the state changes of
 /// sockets still open that it has not been given (the kernel sends a socket's changes when it
-/// closes), then the timewait sockets' exits since the last read.
+/// closes), then the timewait sockets' exits since the last read. Each socket's run goes to
+/// the tracker as it is read: no copy of the whole table is held.
 fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Observer) {
-    let mut events = Vec::new();
-    if let Err(e) = session.paths.promote(&mut events) {
+    let tracker = &mut session.tracker;
+    let (mut run, mut given) = (Vec::new(), Vec::new());
+    let walked = session.paths.walk(|sock, path| {
+        run.clear();
+        given.clear();
+        // A run that does not decode is what a malformed record would be: skipped.
+        if decode::open_path_events(path, &mut run).is_ok() {
+            tables::promotable(&run, tracker.last_state_ns(sock), &mut given);
+        }
+        for event in &given {
+            metrics.event(event);
+            tracker.on_event(event, &mut (metrics, &mut *consumer));
+        }
+    });
+    if let Err(e) = walked {
         warn!("{e}");
     }
-    if let Err(e) = session.tw_exits.take_exits(&mut events) {
+    let mut exits = Vec::new();
+    if let Err(e) = session.tw_exits.take_exits(&mut exits) {
         warn!("{e}");
     }
-    for event in &events {
+    for event in &exits {
         metrics.event(event);
-        session
-            .tracker
-            .on_event(event, &mut (metrics, &mut *consumer));
+        tracker.on_event(event, &mut (metrics, &mut *consumer));
     }
 }
 
@@ -203,7 +215,6 @@ fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Obse
 fn drain(
     ring: &mut RingBuf<MapData>,
     tracker: &mut Tracker,
-    paths: &mut PathTable,
     metrics: &Metrics,
     consumer: &mut dyn Observer,
 ) {
@@ -218,7 +229,7 @@ fn drain(
             continue;
         }
         for event in &events {
-            if paths.already_given(event) {
+            if tables::already_given(event, |sock| tracker.last_state_ns(sock)) {
                 continue;
             }
             metrics.event(event);

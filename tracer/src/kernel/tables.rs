@@ -2,7 +2,6 @@
 //! the runs of state changes the kernel still holds (open connections, CLOSE_WAIT sockets),
 //! and the programs' own counters.
 use aya::maps::{Map, MapData, PerCpuArray};
-use foldhash::HashMap;
 use tracer_common::{COUNT_SLOTS, RawEvent, RawPathOpen, TwExitKey};
 use tracer_core::model::{Event, SockId, TcpState};
 
@@ -20,45 +19,64 @@ fn hash_map(probes: &mut Probes, name: &'static str) -> Result<MapData, ProbeErr
 
 /// The kernel's `PATHS` table: each socket's state changes from its first to its CLOSE, when
 /// the kernel sends them as one record. A connection that stays open is read from here once a
-/// second and handed to the tracker then ("promoted"), so that it counts as open and its
-/// CLOSE_WAIT is followed while it lasts; [`Promotions`] drops those changes from the record
-/// that later carries them again.
+/// second and handed to the tracker then ("promoted", see [`promotable`]), so that it counts as
+/// open and its CLOSE_WAIT is followed while it lasts; [`already_given`] drops those changes
+/// from the record that later carries them again.
 pub struct PathTable {
     reader: BatchReader<u64, RawPathOpen>,
-    promotions: Promotions,
 }
 
 impl PathTable {
     pub fn take(probes: &mut Probes) -> Result<PathTable, ProbeError> {
         Ok(PathTable {
             reader: BatchReader::new(hash_map(probes, "PATHS")?),
-            promotions: Promotions::default(),
         })
     }
 
-    /// Appends to `out` the state changes of every socket in the table that the tracker has
-    /// not been given yet (see [`Promotions::promote`]).
-    pub fn promote(&mut self, out: &mut Vec<Event>) -> Result<(), ProbeError> {
-        self.promotions.begin_walk();
-        let mut run = Vec::new();
-        let promotions = &mut self.promotions;
-        let walked = self.reader.walk(false, |&sock, path| {
-            run.clear();
-            // A run that does not decode is what a malformed record would be: skipped.
-            if decode::open_path_events(path, &mut run).is_ok() {
-                promotions.promote(sock, &run, out);
-            }
-        });
-        // Only a whole walk tells which sockets left the table.
-        if walked.is_ok() {
-            self.promotions.end_walk();
-        }
-        walked.map_err(|e| ProbeError::Table("PATHS", e))
+    /// Calls `each` with every socket's run in the table.
+    pub fn walk(&mut self, mut each: impl FnMut(SockId, &RawPathOpen)) -> Result<(), ProbeError> {
+        self.reader
+            .walk(false, |&sock, path| each(sock, path))
+            .map_err(|e| ProbeError::Table("PATHS", e))
     }
+}
 
-    /// Whether `event`, from a record, was handed over already by [`Self::promote`].
-    pub fn already_given(&mut self, event: &Event) -> bool {
-        self.promotions.already_given(event)
+/// Appends to `out` what of `run` (a socket's run as the table holds it, decoded) the tracker
+/// has not been given: the state changes after `last_state_ns` (when it entered its latest
+/// state, `None` when it does not track the socket), and the socket's cgroup with the first
+/// of them. A socket still in its handshake waits: it is not a connection yet (a connect()
+/// retrying its SYN may stay in SYN_SENT for a minute and never become one).
+pub fn promotable(run: &[Event], last_state_ns: Option<u64>, out: &mut Vec<Event>) {
+    let latest = run.iter().rev().find_map(|event| match *event {
+        Event::StateChange { new, .. } => Some(new),
+        _ => None,
+    });
+    if matches!(latest, None | Some(TcpState::SynSent | TcpState::SynRecv)) {
+        return;
+    }
+    let given = last_state_ns.unwrap_or(0);
+    let mut any = false;
+    for event in run {
+        match *event {
+            Event::StateChange { ts_ns, .. } if ts_ns > given => {
+                any = true;
+                out.push(*event);
+            }
+            Event::SocketInfo { .. } if last_state_ns.is_none() && any => out.push(*event),
+            _ => {}
+        }
+    }
+}
+
+/// Whether `event` (from a record) is a state change the tracker was given already (by a
+/// promotion: `last_state_ns` is when the socket's tracked connection entered its latest
+/// state).
+pub fn already_given(event: &Event, last_state_ns: impl Fn(SockId) -> Option<u64>) -> bool {
+    match *event {
+        Event::StateChange { ts_ns, sock, .. } => {
+            last_state_ns(sock).is_some_and(|last| ts_ns <= last)
+        }
+        _ => false,
     }
 }
 
@@ -93,86 +111,6 @@ impl TimeWaitExits {
             self.exits = Vec::new();
         }
         walked.map_err(|e| ProbeError::Table("TW_EXITS", e))
-    }
-}
-
-/// What was handed over of each socket's run still in the kernel's table.
-#[derive(Default)]
-pub struct Promotions {
-    given: HashMap<SockId, Given>,
-    walk: u64,
-}
-
-struct Given {
-    /// The time of the latest state change handed over: the kernel's clock is monotonic, so
-    /// the changes of the same socket (or of a later one at its address) after it are new.
-    last_ns: u64,
-    /// The walk that last saw the socket in the table.
-    seen_in: u64,
-}
-
-impl Promotions {
-    fn begin_walk(&mut self) {
-        self.walk += 1;
-    }
-
-    /// Forgets the sockets gone from the table for two walks: their record, sent when they
-    /// left it, was drained in between.
-    fn end_walk(&mut self) {
-        let walk = self.walk;
-        self.given.retain(|_, given| given.seen_in + 1 >= walk);
-    }
-
-    /// Hands over the state changes of `run` (a socket's run as the table holds it, decoded)
-    /// not handed over before, and the socket's cgroup with the first of them. A socket still
-    /// in its handshake waits: it is not a connection yet (a connect() retrying its SYN may
-    /// stay in SYN_SENT for a minute and never become one).
-    pub fn promote(&mut self, sock: SockId, run: &[Event], out: &mut Vec<Event>) {
-        let latest = run.iter().rev().find_map(|event| match *event {
-            Event::StateChange { new, .. } => Some(new),
-            _ => None,
-        });
-        if matches!(latest, None | Some(TcpState::SynSent | TcpState::SynRecv)) {
-            return;
-        }
-        let walk = self.walk;
-        let given = self.given.entry(sock).or_insert(Given {
-            last_ns: 0,
-            seen_in: walk,
-        });
-        given.seen_in = walk;
-        let first = given.last_ns == 0;
-        let mut any = false;
-        for event in run {
-            match *event {
-                Event::StateChange { ts_ns, .. } if ts_ns > given.last_ns => {
-                    given.last_ns = ts_ns;
-                    any = true;
-                    out.push(*event);
-                }
-                Event::SocketInfo { .. } if first && any => out.push(*event),
-                _ => {}
-            }
-        }
-    }
-
-    /// Whether `event` (from a record) was handed over already. A socket's final CLOSE ends
-    /// what is remembered of it.
-    pub fn already_given(&mut self, event: &Event) -> bool {
-        let Event::StateChange {
-            ts_ns, sock, new, ..
-        } = *event
-        else {
-            return false;
-        };
-        let Some(given) = self.given.get(&sock) else {
-            return false;
-        };
-        let seen = ts_ns <= given.last_ns;
-        if new == TcpState::Close && !seen {
-            self.given.remove(&sock);
-        }
-        seen
     }
 }
 
@@ -261,117 +199,66 @@ mod tests {
         }
     }
 
-    use TcpState::{Close, CloseWait, Established, LastAck, SynRecv};
+    use TcpState::{Close, CloseWait, Established, LastAck, Listen, SynRecv, SynSent};
 
     #[test]
     fn a_run_is_handed_over_once_then_only_its_new_changes() {
-        let mut promotions = Promotions::default();
         let mut out = Vec::new();
         let open = [
-            change(7, 100, TcpState::Listen, SynRecv),
+            change(7, 100, Listen, SynRecv),
             change(7, 200, SynRecv, Established),
             info(7),
         ];
-        promotions.begin_walk();
-        promotions.promote(7, &open, &mut out);
-        promotions.end_walk();
+        promotable(&open, None, &mut out);
         assert_eq!(out, open.to_vec(), "the whole run and the cgroup, once");
         out.clear();
-        promotions.begin_walk();
-        promotions.promote(7, &open, &mut out);
-        promotions.end_walk();
-        assert!(out.is_empty(), "a second walk hands nothing over again");
+        promotable(&open, Some(200), &mut out);
+        assert!(
+            out.is_empty(),
+            "a tracked socket in that state gets nothing again"
+        );
         let longer = [
             open[0],
             open[1],
             change(7, 300, Established, CloseWait),
             info(7),
         ];
-        promotions.begin_walk();
-        promotions.promote(7, &longer, &mut out);
-        promotions.end_walk();
+        promotable(&longer, Some(200), &mut out);
         assert_eq!(out, vec![longer[2]], "only the move into CLOSE_WAIT is new");
     }
 
     #[test]
-    fn the_closing_record_drops_what_was_handed_over_and_ends_the_socket() {
-        let mut promotions = Promotions::default();
-        let mut out = Vec::new();
-        let open = [
-            change(7, 100, TcpState::Listen, SynRecv),
-            change(7, 200, SynRecv, Established),
-            info(7),
-        ];
-        promotions.begin_walk();
-        promotions.promote(7, &open, &mut out);
-        promotions.end_walk();
+    fn the_closing_record_drops_what_was_handed_over() {
         let record = [
-            open[0],
-            open[1],
+            change(7, 100, Listen, SynRecv),
+            change(7, 200, SynRecv, Established),
             change(7, 300, Established, CloseWait),
             change(7, 400, CloseWait, LastAck),
             info(7),
             change(7, 500, LastAck, Close),
         ];
+        let tracked = |sock: SockId| (sock == 7).then_some(200);
         let kept: Vec<bool> = record
             .iter()
-            .map(|event| !promotions.already_given(event))
+            .map(|event| !already_given(event, tracked))
             .collect();
         assert_eq!(kept, [false, false, true, true, true, true]);
-        // A later socket at the same address is new throughout.
-        assert!(!promotions.already_given(&change(7, 150, TcpState::Listen, SynRecv)));
-    }
-
-    #[test]
-    fn a_later_socket_at_the_same_address_is_handed_over_too() {
-        let mut promotions = Promotions::default();
-        let mut out = Vec::new();
-        promotions.begin_walk();
-        promotions.promote(7, &[change(7, 100, SynRecv, Established)], &mut out);
-        promotions.end_walk();
-        // Its CLOSE record was lost; a new socket took the address.
-        promotions.begin_walk();
-        promotions.promote(7, &[change(7, 900, SynRecv, Established)], &mut out);
-        promotions.end_walk();
-        assert_eq!(out.len(), 2);
+        let untracked = |_: SockId| None;
+        assert!(!already_given(&record[0], untracked));
     }
 
     #[test]
     fn a_socket_in_its_handshake_waits_until_it_is_a_connection() {
-        let mut promotions = Promotions::default();
         let mut out = Vec::new();
-        let connecting = [change(7, 100, Close, TcpState::SynSent), info(7)];
-        promotions.begin_walk();
-        promotions.promote(7, &connecting, &mut out);
-        promotions.end_walk();
+        let connecting = [change(7, 100, Close, SynSent), info(7)];
+        promotable(&connecting, None, &mut out);
         assert!(out.is_empty());
-        let open = [
-            connecting[0],
-            change(7, 200, TcpState::SynSent, Established),
-            info(7),
-        ];
-        promotions.begin_walk();
-        promotions.promote(7, &open, &mut out);
-        promotions.end_walk();
+        let open = [connecting[0], change(7, 200, SynSent, Established), info(7)];
+        promotable(&open, None, &mut out);
         assert_eq!(
             out,
             open.to_vec(),
             "the whole run once the handshake is over"
         );
-    }
-
-    #[test]
-    fn sockets_gone_from_the_table_for_two_walks_are_forgotten() {
-        let mut promotions = Promotions::default();
-        let mut out = Vec::new();
-        promotions.begin_walk();
-        promotions.promote(7, &[change(7, 100, SynRecv, Established)], &mut out);
-        promotions.end_walk();
-        promotions.begin_walk();
-        promotions.end_walk();
-        assert_eq!(promotions.given.len(), 1, "its record may still be queued");
-        promotions.begin_walk();
-        promotions.end_walk();
-        assert!(promotions.given.is_empty());
     }
 }
