@@ -69,11 +69,20 @@ pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool, opening: boo
     if new == ESTABLISHED {
         port_if_unset::<Typed>(sk, &mut fresh.head);
     }
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value would copy the entry onto the BPF stack"
+    )]
     let mut inserted = maps::PATHS.insert(key, &*fresh, NOEXIST);
     if inserted == Err(EEXIST) {
         // An earlier socket's run under this address (it left without a CLOSE we saw).
         send::<Typed>(sk);
-        inserted = maps::PATHS.insert(key, &*fresh, NOEXIST);
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "by value would copy the entry onto the BPF stack"
+        )]
+        let again = maps::PATHS.insert(key, &*fresh, NOEXIST);
+        inserted = again;
     }
     if inserted.is_err() {
         maps::count(COUNT_PATH_TABLE_FULL);

@@ -109,7 +109,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         {
             // A re-arm: detached then started again by one mod_timer. The detach was no exit;
             // the start is sent at once, marked as a re-arm.
-            let _ = maps::TW_EXITS.remove(&TwExitKey {
+            let _ = maps::TW_EXITS.remove(TwExitKey {
                 tw: tw as u64,
                 ts_ns: slot.last_cancel_ns,
             });
@@ -173,7 +173,12 @@ fn keep_exit(
     };
     // BPF_NOEXIST: an exit is never overwritten (a timewait socket at the same address
     // leaves under another time).
-    if maps::TW_EXITS.insert(&key, &slot.exit, 1).is_err() {
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value would copy the event onto the BPF stack"
+    )]
+    let kept = maps::TW_EXITS.insert(key, &slot.exit, 1);
+    if kept.is_err() {
         maps::count(COUNT_TW_EXITS_TABLE_FULL);
         return false;
     }
