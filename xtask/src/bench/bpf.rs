@@ -289,6 +289,29 @@ pub struct ProgStats {
 
 /// The programs a process holds open, with their run counters (non-zero only while statistics
 /// are enabled). Names come from the JIT symbols in `/proc/kallsyms` (`bpf_prog_TAG_NAME`).
+/// Kernel memory of the BPF maps `pid` holds (their `memlock` in `/proc/PID/fdinfo`, in KiB):
+/// memory the agent's RSS does not show (preallocated tables, the ring buffer).
+pub fn map_memory_kib(pid: u32) -> Option<u64> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut bytes = 0u64;
+    for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        if field("map_type").is_some()
+            && let Some(memlock) = field("memlock").and_then(|v| v.parse::<u64>().ok())
+        {
+            bytes += memlock;
+        }
+    }
+    Some(bytes / 1024)
+}
+
 pub fn programs_of(pid: u32) -> Result<Vec<ProgStats>> {
     let dir = format!("/proc/{pid}/fdinfo");
     let mut by_id: HashMap<u64, (String, u64, u64)> = HashMap::new();

@@ -28,6 +28,8 @@ pub struct IdleResult {
     pub rss_with_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
     pub hwm_kib: Option<u64>,
+    /// Kernel memory of the agent's BPF maps, with the connections open.
+    pub map_kib: Option<u64>,
     pub tracked_before: Option<f64>,
     pub tracked_with: Option<f64>,
     pub tracked_after: Option<f64>,
@@ -56,6 +58,7 @@ impl IdleResult {
             ("agent_rss_kib_with_connections", kib(self.rss_with_kib)),
             ("agent_rss_kib_after_close", kib(self.rss_after_kib)),
             ("agent_peak_rss_kib", kib(self.hwm_kib)),
+            ("agent_bpf_map_memory_kib", kib(self.map_kib)),
             ("tracked_connections_before", Json::opt(self.tracked_before)),
             ("tracked_connections_with", Json::opt(self.tracked_with)),
             (
@@ -186,6 +189,7 @@ pub fn run(env: &Env, wanted: u32) -> Result<IdleResult> {
         std::thread::sleep(Duration::from_secs(1));
         result.tracked_with = tracer.snapshot().active;
         result.rss_with_kib = sys::status_kib(pid, "VmRSS");
+        result.map_kib = super::bpf::map_memory_kib(pid);
     }
     // Servers first: the server side then holds the TIME_WAIT sockets, not the ephemeral ports.
     for server in servers {

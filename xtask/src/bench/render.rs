@@ -213,6 +213,13 @@ pub(super) fn idle_text(idle: &idle::IdleResult) -> String {
             .map(|b| format!("; about {} bytes per tracked socket", int(b)))
             .unwrap_or_default()
     );
+    if let Some(map) = idle.map_kib {
+        let _ = writeln!(
+            out,
+            "  kernel memory of the agent's BPF maps (not in its RSS): {}",
+            mib(map as f64)
+        );
+    }
     for note in &idle.notes {
         let _ = writeln!(out, "  note: {note}");
     }
