@@ -25,7 +25,19 @@ struct Phase {
     programs: Vec<ProgCost>,
     /// Kernel records the agent read per operation of the workload (agent phases only).
     records_per_op: Option<f64>,
+    /// Events by kind and kernel tables found full, per operation (agent phases only).
+    breakdown: Vec<(String, f64)>,
 }
+
+/// `tracer_events_total` kinds.
+const EVENT_KINDS: [&str; 6] = [
+    "state",
+    "time_wait_timer",
+    "delayed_ack",
+    "nagle_held_write",
+    "retransmit",
+    "reset",
+];
 
 struct ProgCost {
     name: String,
@@ -88,6 +100,7 @@ fn phase(
     pid: u32,
     round: &dyn Fn() -> Result<RoundLoad>,
 ) -> Result<Phase> {
+    let page_before = agent.and_then(|a| super::sys::scrape(a.metrics).ok());
     let records_before = agent.and_then(|a| a.snapshot().records);
     let before = bpf::programs_of(pid)?;
     let load = round()?;
@@ -95,6 +108,27 @@ fn phase(
     // The agent reads what is queued within its drain interval: let it.
     std::thread::sleep(Duration::from_millis(200));
     let records_after = agent.and_then(|a| a.snapshot().records);
+    let page_after = agent.and_then(|a| super::sys::scrape(a.metrics).ok());
+    // What the records carried and which kernel tables overflowed, per operation.
+    let mut breakdown = Vec::new();
+    if let (Some(b), Some(a)) = (&page_before, &page_after)
+        && load.ops > 0
+    {
+        let per_op = |name: &str, label: &str, value: &str| {
+            let delta = a.sum(name, &[(label, value)])? - b.sum(name, &[(label, value)])?;
+            (delta > 0.0).then(|| delta / load.ops as f64)
+        };
+        for kind in EVENT_KINDS {
+            if let Some(v) = per_op("tracer_events_total", "kind", kind) {
+                breakdown.push((format!("{kind} events"), v));
+            }
+        }
+        for table in ["paths", "cong", "time_wait_exits"] {
+            if let Some(v) = per_op("tracer_kernel_table_full_total", "table", table) {
+                breakdown.push((format!("{table} table full"), v));
+            }
+        }
+    }
     let records_per_op = match (records_before, records_after) {
         (Some(b), Some(a)) if load.ops > 0 => Some((a - b) / load.ops as f64),
         _ => None,
@@ -117,6 +151,7 @@ fn phase(
         load,
         programs,
         records_per_op,
+        breakdown,
     })
 }
 
@@ -137,6 +172,14 @@ impl Profile {
             );
             if let Some(records) = phase.records_per_op {
                 let _ = writeln!(out, "    kernel records: {records:.2} per operation");
+            }
+            if !phase.breakdown.is_empty() {
+                let parts: Vec<String> = phase
+                    .breakdown
+                    .iter()
+                    .map(|(what, v)| format!("{what} {v:.2}"))
+                    .collect();
+                let _ = writeln!(out, "    per operation: {}", parts.join(", "));
             }
             for p in phase.programs.iter().filter(|p| p.calls > 0) {
                 let _ = writeln!(
