@@ -100,6 +100,24 @@ pub struct TimeWaitTable {
     recent_order: VecDeque<(u64, u64)>,
 }
 
+/// Drops from `order` (by time) and `map` what was recorded before `before`; a key recorded
+/// again since keeps its newer entry in `map`.
+fn forget_until<K: std::hash::Hash + Eq + Copy>(
+    order: &mut VecDeque<(u64, K)>,
+    map: &mut HashMap<K, u64>,
+    before: u64,
+) {
+    while let Some(&(ts, key)) = order.front() {
+        if ts >= before {
+            break;
+        }
+        order.pop_front();
+        if map.get(&key) == Some(&ts) {
+            map.remove(&key);
+        }
+    }
+}
+
 fn open_key(netns: u32, tuple: &Tuple) -> u64 {
     use std::hash::BuildHasher as _;
     foldhash::fast::FixedState::with_seed(0).hash_one((netns, tuple))
@@ -494,10 +512,11 @@ impl TimeWaitTable {
     ) {
         // Kills are read from the kernel's table once a second, so the connection that took a
         // 4-tuple over often arrives first: remember it for a while.
-        if self.recent_opens.len() >= RECENT_OPENS_MAX
-            && let Some((_, key)) = self.recent_order.pop_front()
+        // Bounded by the order kept (one entry per sighting), hence the map too.
+        if self.recent_order.len() >= RECENT_OPENS_MAX
+            && let Some(&(oldest, _)) = self.recent_order.front()
         {
-            self.recent_opens.remove(&key);
+            forget_until(&mut self.recent_order, &mut self.recent_opens, oldest + 1);
         }
         let key = open_key(netns, tuple);
         self.recent_opens.insert(key, ts_ns);
@@ -520,25 +539,14 @@ impl TimeWaitTable {
     /// Settles cancels that no re-arm or expiry followed, and early exits that no reuse
     /// followed, as of `now_ns`.
     pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
-        let keep_opens_ns = self.config.reuse_window_ns;
-        while let Some(&(ts, key)) = self.recent_order.front() {
-            if ts.saturating_add(keep_opens_ns) > now_ns {
-                break;
-            }
-            self.recent_order.pop_front();
-            if self.recent_opens.get(&key) == Some(&ts) {
-                self.recent_opens.remove(&key);
-            }
-        }
-        while let Some(&(ts, tw)) = self.early_cancel_order.front() {
-            if ts.saturating_add(EARLY_CANCEL_WINDOW_NS) > now_ns {
-                break;
-            }
-            self.early_cancel_order.pop_front();
-            if self.early_cancels.get(&tw) == Some(&ts) {
-                self.early_cancels.remove(&tw);
-            }
-        }
+        let before = now_ns.saturating_sub(self.config.reuse_window_ns);
+        forget_until(&mut self.recent_order, &mut self.recent_opens, before);
+        let before = now_ns.saturating_sub(EARLY_CANCEL_WINDOW_NS);
+        forget_until(
+            &mut self.early_cancel_order,
+            &mut self.early_cancels,
+            before,
+        );
         while let Some(&(ts, tw)) = self.cancels.front() {
             if ts.saturating_add(self.config.settle_ns) > now_ns {
                 break;
@@ -1164,5 +1172,19 @@ mod tests {
         );
         t.tick(9_000 * MS, &mut rec);
         assert_eq!(rec.time_wait_exited[1].exit, TimeWaitExit::Killed);
+    }
+
+    #[test]
+    fn recent_connections_are_bounded_and_keep_the_newest_sighting() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(8080, 40000);
+        for i in 0..(RECENT_OPENS_MAX as u64 + 10) {
+            let port = 1024 + (i % 50_000) as u16;
+            t.connection_seen(NS, &tuple(port, 80), i, &mut rec);
+        }
+        t.connection_seen(NS, &tp, 1_000_000, &mut rec);
+        assert!(t.recent_order.len() <= RECENT_OPENS_MAX);
+        assert!(t.recent_opens.len() <= RECENT_OPENS_MAX);
+        assert_eq!(t.recent_opens.get(&open_key(NS, &tp)), Some(&1_000_000));
     }
 }
