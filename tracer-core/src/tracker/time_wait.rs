@@ -4,8 +4,13 @@
 //! The state tracepoint never shows TIME_WAIT: the full socket reports FIN_WAIT2 -> CLOSE and a
 //! timewait mini socket takes its place. That mini socket's timer is armed once when it is
 //! created (`Start`) and detached once on every way out (`Cancel`, including a normal expiry,
-//! which `Expire` then follows). A re-arm may show as cancel + start, so a cancel is only an exit
-//! once no start or expiry of the same timer followed it: it is settled after `settle_ns`.
+//! which `Expire` then follows). A re-arm may show as cancel + `Rearm` (the kernel program tells
+//! it from a birth), so a cancel is only an exit once no re-arm or expiry of the same timer
+//! followed it: it is settled after `settle_ns`.
+//!
+//! The agent reads exits from a kernel table once a second, so an exit can come after later
+//! events: a birth at the address of a socket still counted ends that socket (its memory was
+//! handed out again), and the exit that comes later, older than that birth, is ignored.
 //!
 //! Every timewait socket is counted, whatever its substate. One born in FIN_WAIT2 (this side's
 //! FIN was acknowledged before the peer's FIN arrived) moves to TIME_WAIT when that FIN comes,
@@ -15,8 +20,9 @@
 //! The substate is known again at the exit (the cancel reads it), and reported then.
 //!
 //! An early exit is `Reused` when a connection with the same 4-tuple shows up within
-//! `reuse_window_ns` (a new SYN taking over the 4-tuple, or `tcp_tw_reuse` on connect), and
-//! `Killed` otherwise (RST, namespace teardown, `tcp_max_tw_buckets` pressure...).
+//! `reuse_window_ns` (a new SYN taking over the 4-tuple, or `tcp_tw_reuse` on connect), or came
+//! already since the socket's birth (remembered a while for exits read late), and `Killed`
+//! otherwise (RST, namespace teardown, `tcp_max_tw_buckets` pressure...).
 use foldhash::HashMap;
 use std::collections::VecDeque;
 
