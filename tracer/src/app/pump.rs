@@ -116,6 +116,9 @@ pub async fn pump(
                 read_tables(session, &metrics, consumer.observer());
                 crate::app::workloads::refresh(&session.workloads, &session.tracker, &metrics);
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
+                if let Some(probes) = &session.probes {
+                    metrics.set_program_misses(&probes.misses());
+                }
                 match session.counters.totals() {
                     Ok(totals) => metrics.set_table_full(totals),
                     Err(e) => warn!("{e}"),
@@ -201,13 +204,12 @@ fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Obse
     if let Err(e) = walked {
         warn!("{e}");
     }
-    let mut exits = Vec::new();
-    if let Err(e) = session.tw_exits.take_exits(&mut exits) {
-        warn!("{e}");
-    }
-    for event in &exits {
+    let taken = session.tw_exits.take_exits(|event| {
         metrics.event(event);
         tracker.on_event(event, &mut (metrics, &mut *consumer));
+    });
+    if let Err(e) = taken {
+        warn!("{e}");
     }
 }
 

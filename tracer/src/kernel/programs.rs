@@ -1,6 +1,8 @@
 //! Loading the embedded kernel programs, attaching them, and handing out their maps.
 //! Dropping `Probes` detaches everything (aya owns the links).
 use aya::maps::{MapData, PerCpuArray, RingBuf};
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
 use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader};
 use thiserror::Error;
@@ -50,6 +52,8 @@ struct Hook {
 pub struct Probes {
     ebpf: Ebpf,
     attached: Vec<&'static str>,
+    /// (tracepoint, program) of each attachment.
+    programs: Vec<(&'static str, &'static str)>,
 }
 
 pub struct ProbeConfig {
@@ -186,6 +190,7 @@ impl Probes {
             .load(PROGRAMS)
             .map_err(ProbeError::Load)?;
         let mut attached = Vec::with_capacity(hooks.len());
+        let mut programs = Vec::with_capacity(hooks.len());
         for hook in &hooks {
             let Some(name) = plan.program(hook) else {
                 continue;
@@ -204,13 +209,39 @@ impl Probes {
             program.attach().map_err(program_error)?;
             log::debug!("attached {name} to tp_btf/{}", hook.tracepoint);
             attached.push(hook.tracepoint);
+            programs.push((hook.tracepoint, name));
         }
-        Ok(Probes { ebpf, attached })
+        Ok(Probes {
+            ebpf,
+            attached,
+            programs,
+        })
     }
 
     /// The tracepoints attached, for the start-up log.
     pub fn attached(&self) -> &[&'static str] {
         &self.attached
+    }
+
+    /// Runs the kernel skipped since the programs were loaded, by tracepoint: a program does not
+    /// nest with itself on a CPU, so a hook hit while it runs there (from an interrupt) is
+    /// dropped and counted (`recursion_misses` in the program's fdinfo, kept whether or not
+    /// run-time statistics are on). A program whose count cannot be read is left out.
+    pub fn misses(&self) -> Vec<(&'static str, u64)> {
+        self.programs
+            .iter()
+            .filter_map(|&(tracepoint, name)| {
+                let fd = self.ebpf.program(name)?.fd().ok()?.as_fd().as_raw_fd();
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+                let misses = info
+                    .lines()
+                    .find_map(|line| line.strip_prefix("recursion_misses:"))?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some((tracepoint, misses))
+            })
+            .collect()
     }
 
     /// The event ring buffer; can be taken once.

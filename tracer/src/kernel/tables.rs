@@ -84,31 +84,46 @@ pub fn already_given(event: &Event, last_state_ns: impl Fn(SockId) -> Option<u64
 /// instead of a record each.
 pub struct TimeWaitExits {
     reader: BatchReader<TwExitKey, RawEvent>,
-    exits: Vec<RawEvent>,
+    /// The last walk's exits as decoded, and their order by time (kept between walks).
+    events: Vec<Event>,
+    order: Vec<(u64, u32)>,
 }
 
 impl TimeWaitExits {
     pub fn take(probes: &mut Probes) -> Result<TimeWaitExits, ProbeError> {
         Ok(TimeWaitExits {
             reader: BatchReader::new(hash_map(probes, "TW_EXITS")?),
-            exits: Vec::new(),
+            events: Vec::new(),
+            order: Vec::new(),
         })
     }
 
-    /// Takes every exit out of the table and appends them to `out` in the order they happened.
-    pub fn take_exits(&mut self, out: &mut Vec<Event>) -> Result<(), ProbeError> {
-        let exits = &mut self.exits;
-        exits.clear();
-        let walked = self.reader.walk(true, |_, exit| exits.push(*exit));
-        // The table is a hash: put the exits back in time order (the same address can leave
-        // twice within a walk).
-        self.exits.sort_unstable_by_key(|exit| exit.ts_ns);
-        for exit in &self.exits {
+    /// Takes every exit out of the table and hands them to `each` in the order they happened.
+    pub fn take_exits(&mut self, mut each: impl FnMut(&Event)) -> Result<(), ProbeError> {
+        let events = &mut self.events;
+        events.clear();
+        let walked = self.reader.walk(true, |_, exit| {
             // An exit that does not decode is what a malformed record would be: skipped.
-            let _ = decode::exit_events(exit, out);
+            let _ = decode::exit_events(exit, events);
+        });
+        // The table is a hash: put the exits back in time order (the same address can leave
+        // twice within a walk). Sorting (time, index) pairs moves a sixth of the bytes that
+        // sorting the events would, and keeps an exit's expiry after it.
+        self.order.clear();
+        self.order.extend(
+            (0u32..)
+                .zip(&self.events)
+                .map(|(at, event)| (event.ts_ns(), at)),
+        );
+        self.order.sort_unstable();
+        for &(_, at) in &self.order {
+            if let Some(event) = self.events.get(at as usize) {
+                each(event);
+            }
         }
-        if self.exits.capacity() > 4 * self.exits.len().max(1024) {
-            self.exits = Vec::new();
+        if self.events.capacity() > 4 * self.events.len().max(1024) {
+            self.events = Vec::new();
+            self.order = Vec::new();
         }
         walked.map_err(|e| ProbeError::Table("TW_EXITS", e))
     }

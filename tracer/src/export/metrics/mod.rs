@@ -143,6 +143,9 @@ pub struct Metrics {
     evicted: IntCounter,
     evicted_seen: AtomicU64,
     reconciled: IntCounter,
+    program_misses: IntCounterVec,
+    /// The kernel's totals already counted, by tracepoint.
+    program_misses_seen: std::sync::Mutex<std::collections::HashMap<&'static str, u64>>,
     pub time_wait: TimeWaitMetrics,
     pub acks: AckMetrics,
     pub close_wait: CloseWaitMetrics,
@@ -370,6 +373,16 @@ impl Metrics {
              listed them (their CLOSE was lost).",
         ))?;
         registry.register(Box::new(reconciled.clone()))?;
+        let program_misses = IntCounterVec::new(
+            Opts::new(
+                "tracer_kernel_program_misses_total",
+                "Runs of the agent's kernel program on this tracepoint that the kernel skipped \
+                 because the program was already running on that CPU (an interrupt came while it \
+                 ran): what they would have seen is lost, like the events of a full ring buffer.",
+            ),
+            &["tracepoint"],
+        )?;
+        registry.register(Box::new(program_misses.clone()))?;
 
         // The agent's own CPU, memory and descriptors (process_*), the standard way.
         registry.register(Box::new(
@@ -403,6 +416,8 @@ impl Metrics {
             evicted,
             evicted_seen: AtomicU64::new(0),
             reconciled,
+            program_misses,
+            program_misses_seen: std::sync::Mutex::default(),
             time_wait,
             acks,
             close_wait,
@@ -474,6 +489,25 @@ impl Metrics {
             .zip(totals)
         {
             add_delta(counter, seen, total);
+        }
+    }
+
+    /// Takes the kernel's skipped-run totals by tracepoint (`Probes::misses`).
+    pub fn set_program_misses(&self, totals: &[(&'static str, u64)]) {
+        let Ok(mut seen) = self.program_misses_seen.lock() else {
+            return;
+        };
+        for &(tracepoint, total) in totals {
+            let before = seen.insert(tracepoint, total).unwrap_or(0);
+            // Asked for even at zero: every attached tracepoint's series exists from the
+            // first refresh on.
+            if let Ok(counter) = self
+                .program_misses
+                .get_metric_with_label_values(&[tracepoint])
+                && total > before
+            {
+                counter.inc_by(total - before);
+            }
         }
     }
 
