@@ -192,7 +192,9 @@ fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Obse
     let walked = session.paths.walk(|sock, path| {
         run.clear();
         given.clear();
-        // A run that does not decode is what a malformed record would be: skipped.
+        // The kernel updates an entry in place, without a lock: a run read while a change is
+        // being added can end in a step not written yet, which does not decode. It is read
+        // again whole a second later (or comes in its record); nothing is lost.
         if decode::open_path_events(path, &mut run).is_ok() {
             tables::promotable(&run, tracker.last_state_ns(sock), &mut given);
         }
@@ -208,8 +210,9 @@ fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Obse
         metrics.event(event);
         tracker.on_event(event, &mut (metrics, &mut *consumer));
     });
-    if let Err(e) = taken {
-        warn!("{e}");
+    match taken {
+        Ok(malformed) => (0..malformed).for_each(|_| metrics.event_malformed()),
+        Err(e) => warn!("{e}"),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The kernel-side tables the agent reads on its refresh rather than receiving records for:
 //! the runs of state changes the kernel still holds (open connections, CLOSE_WAIT sockets),
-//! and the programs' own counters.
+//! timewait sockets' exits, and the programs' own counters.
 use aya::maps::{Map, MapData, PerCpuArray};
 use tracer_common::{COUNT_SLOTS, RawEvent, RawPathOpen, TwExitKey};
 use tracer_core::model::{Event, SockId, TcpState};
@@ -98,13 +98,16 @@ impl TimeWaitExits {
         })
     }
 
-    /// Takes every exit out of the table and hands them to `each` in the order they happened.
-    pub fn take_exits(&mut self, mut each: impl FnMut(&Event)) -> Result<(), ProbeError> {
+    /// Takes every exit out of the table and hands them to `each` in the order they happened;
+    /// returns how many did not decode (counted as malformed records are).
+    pub fn take_exits(&mut self, mut each: impl FnMut(&Event)) -> Result<u64, ProbeError> {
         let events = &mut self.events;
         events.clear();
+        let mut malformed = 0;
         let walked = self.reader.walk(true, |_, exit| {
-            // An exit that does not decode is what a malformed record would be: skipped.
-            let _ = decode::exit_events(exit, events);
+            if decode::exit_events(exit, events).is_err() {
+                malformed += 1;
+            }
         });
         // The table is a hash: put the exits back in time order (the same address can leave
         // twice within a walk). Sorting (time, index) pairs moves a sixth of the bytes that
@@ -125,7 +128,9 @@ impl TimeWaitExits {
             self.events = Vec::new();
             self.order = Vec::new();
         }
-        walked.map_err(|e| ProbeError::Table("TW_EXITS", e))
+        walked
+            .map(|()| malformed)
+            .map_err(|e| ProbeError::Table("TW_EXITS", e))
     }
 }
 
