@@ -28,6 +28,9 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT_SLOT
 /// burst of closes without holding that memory all the time.
 const NO_PREALLOC: u32 = 1;
 
+/// `BPF_NOEXIST`: an update that only inserts, never overwrites.
+pub const NOEXIST: u64 = 1;
+
 /// State changes of each socket not yet sent, keyed by the socket's address: sent as one record
 /// at CLOSE, or before any other record of the socket; the agent reads the table once a second
 /// to learn of the connections that stay open (and of CLOSE_WAIT leaks) without a record each.

@@ -12,25 +12,15 @@ use crate::maps::off;
 use crate::sock::{Mem, Typed};
 use crate::{cost, maps, sock, timers};
 
-/// Where [`keep`] put a state change.
-pub enum Kept {
-    /// Appended to the socket's entry in `PATHS`.
-    Entry(*mut RawPathOpen),
-    /// The first of a new run, inserted whole (or, for a run that is only its CLOSE, sent).
-    Fresh,
-    /// Not kept: the table is full (the caller sends the change on its own).
-    Full,
-}
-
-/// `BPF_NOEXIST`, and the error the kernel gives for it.
-const NOEXIST: u64 = 1;
+/// The error `BPF_NOEXIST` gets for a key already there.
 const EEXIST: i32 = -17;
 
-/// Keeps one state change of `sk` (a BTF-typed pointer). `opening` (connect, or a child of a
-/// listener): whatever is still kept under this address belonged to an earlier socket, and goes
-/// first.
+/// Keeps one state change of `sk` (a BTF-typed pointer), and acts on it (see [`act_on`]);
+/// `false` when the table is full (the caller then sends the change on its own). `opening`
+/// (connect, or a child of a listener): whatever is still kept under this address belonged to
+/// an earlier socket, and goes first.
 #[inline(always)]
-pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool, opening: bool) -> Kept {
+pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool, opening: bool) -> bool {
     let key = sk as u64;
     if !opening && let Some(path) = maps::PATHS.get_ptr_mut(key) {
         // SAFETY: a pointer from a lookup in this map, valid for the program's run; the
@@ -38,7 +28,8 @@ pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool, opening: boo
         let kept = unsafe { &mut *path };
         if (kept.len as usize) < PATH_STEPS {
             append(kept, now, old, new, owner);
-            return Kept::Entry(path);
+            act_on(sk, path, new);
+            return true;
         }
         // A run longer than a record holds: it goes, and a new one starts.
         send_kept::<Typed>(sk, path, false);
@@ -46,7 +37,7 @@ pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool, opening: boo
     // A new run, built in this CPU's scratch and inserted whole: one map update instead of an
     // insert, a lookup and the writes through it; for an opening, no lookup before either.
     let Some(scratch) = maps::PATH_SCRATCH.get_ptr_mut(0) else {
-        return Kept::Full;
+        return false;
     };
     // SAFETY: this CPU's scratch, valid for the program's run; only this program uses it, and
     // a program does not nest with itself on a CPU.
@@ -60,20 +51,16 @@ pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool, opening: boo
     fresh.has_task = 0;
     fresh.cgroup = cost::cgroup(sk);
     append(fresh, now, old, new, owner);
-    if new == CLOSE {
+    if act_on(sk, scratch, new) {
         // Nothing kept of it before (it predates the agent, or the table was full): its whole
-        // run is this change, sent at once.
-        send_kept::<Typed>(sk, scratch, true);
-        return Kept::Fresh;
-    }
-    if new == ESTABLISHED {
-        port_if_unset::<Typed>(sk, &mut fresh.head);
+        // run was this CLOSE, sent from the scratch.
+        return true;
     }
     #[expect(
         clippy::needless_borrows_for_generic_args,
         reason = "by value would copy the entry onto the BPF stack"
     )]
-    let mut inserted = maps::PATHS.insert(key, &*fresh, NOEXIST);
+    let mut inserted = maps::PATHS.insert(key, &*fresh, maps::NOEXIST);
     if inserted == Err(EEXIST) {
         // An earlier socket's run under this address (it left without a CLOSE we saw).
         send::<Typed>(sk);
@@ -81,14 +68,31 @@ pub fn keep(sk: *const u8, now: u64, old: u8, new: u8, owner: bool, opening: boo
             clippy::needless_borrows_for_generic_args,
             reason = "by value would copy the entry onto the BPF stack"
         )]
-        let again = maps::PATHS.insert(key, &*fresh, NOEXIST);
+        let again = maps::PATHS.insert(key, &*fresh, maps::NOEXIST);
         inserted = again;
     }
     if inserted.is_err() {
         maps::count(COUNT_PATH_TABLE_FULL);
-        return Kept::Full;
+        return false;
     }
-    Kept::Fresh
+    true
+}
+
+/// What a change just kept in `path` (the entry of `sk`, or the scratch of a new run) calls
+/// for: at ESTABLISHED the local port that connect() picked after SYN_SENT (the agent may read
+/// the entry while the connection lives); at CLOSE the run goes, with what the connection cost.
+/// `true` when it was sent.
+#[inline(always)]
+fn act_on(sk: *const u8, path: *mut RawPathOpen, new: u8) -> bool {
+    if new == ESTABLISHED {
+        // SAFETY: `path` is valid for the program's run (a lookup in `PATHS`, or this CPU's
+        // scratch); the socket's state changes run under its lock.
+        port_if_unset::<Typed>(sk, unsafe { &mut (*path).head });
+    } else if new == CLOSE {
+        send_kept::<Typed>(sk, path, true);
+        return true;
+    }
+    false
 }
 
 /// Appends one state change to `kept` (which has room), with the owner when it is one.
@@ -126,7 +130,8 @@ pub fn send<M: Mem>(sk: *const u8) {
 /// (otherwise only the leading part goes: [`RawPathOpen`]). `closing` needs a BTF-typed `sk`.
 #[inline(always)]
 pub fn send_kept<M: Mem>(sk: *const u8, path: *mut RawPathOpen, closing: bool) {
-    // SAFETY: `path` comes from a lookup in `PATHS` during this program's run.
+    // SAFETY: `path` comes from a lookup in `PATHS` (or is this CPU's scratch of a new run)
+    // during this program's run.
     let len = unsafe { (*path).len };
     if len == 0 {
     } else if closing {

@@ -4,11 +4,9 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::EVENT_STATE;
 
-use crate::paths::Kept;
 use crate::sock::Typed;
 use crate::{cost, maps, paths, sock, timers};
 
-const ESTABLISHED: u8 = 1;
 const SYN_SENT: u8 = 2;
 const SYN_RECV: u8 = 3;
 const CLOSE: u8 = 7;
@@ -34,28 +32,14 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let opening = (old == CLOSE && new == SYN_SENT) || (old == LISTEN && new == SYN_RECV);
     // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    match paths::keep(sk, now, old, new, owner, opening) {
-        Kept::Entry(path) => {
-            if new == ESTABLISHED {
-                // The agent may read the entry while the connection lives: give it the local
-                // port that connect() picked after SYN_SENT.
-                // SAFETY: a pointer from a lookup in `PATHS`, valid for the program's run;
-                // the socket's state changes run under its lock.
-                paths::port_if_unset::<Typed>(sk, unsafe { &mut (*path).head });
-            } else if new == CLOSE {
-                paths::send_kept::<Typed>(sk, path, true);
-            }
+    if !paths::keep(sk, now, old, new, owner, opening) {
+        if new == CLOSE {
+            // The timewait socket's birth, if held, must still arrive before this CLOSE; and
+            // nothing of this socket may stay for the next one at its address.
+            timers::flush_born(tracer_common::LOST_STATE);
+            cost::forget(sk);
         }
-        Kept::Fresh => {}
-        Kept::Full => {
-            if new == CLOSE {
-                // The timewait socket's birth, if held, must still arrive before this CLOSE;
-                // and nothing of this socket may stay for the next one at its address.
-                timers::flush_born(tracer_common::LOST_STATE);
-                cost::forget(sk);
-            }
-            return send_alone(sk, old, new, owner);
-        }
+        return send_alone(sk, old, new, owner);
     }
     0
 }

@@ -15,7 +15,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use tracer_common::{
-    COUNT_TW_EXITS_TABLE_FULL, EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START, TwExitKey,
+    COUNT_TW_EXITS_TABLE_FULL, EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START, RawEvent,
+    TwExitKey,
 };
 
 use crate::sock::Probed;
@@ -89,13 +90,13 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         // `expires` is an unsigned long compared as the kernel's time_after_eq does.
         (now.wrapping_sub(expires) as i64) >= 0
     };
+    // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
     let mut rearm = false;
     if let Some(slot) = maps::TW_BORN.get_ptr_mut(0) {
         // SAFETY: this CPU's slot, valid for the program's run. Its writers (this program and
         // the CLOSE that takes a birth) run with BHs off around the birth and its CLOSE.
         let slot = unsafe { &mut *slot };
-        // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
-        let now = unsafe { bpf_ktime_get_ns() };
         if phase == Phase::Cancel {
             // Whatever birth is still held goes first, in order.
             send_born(slot, tracer_common::LOST_TIMER_CANCEL);
@@ -118,10 +119,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         } else {
             // A birth: held for the CLOSE of the socket it replaces.
             send_born(slot, tracer_common::LOST_TIMER_START);
-            sock::fill::<Probed>(&mut slot.born, tw, false);
-            slot.born.kind = EVENT_TW_START;
-            slot.born.oldstate = 0;
-            slot.born.newstate = substate;
+            timer_event(&mut slot.born, tw, now, EVENT_TW_START, substate, false);
             return 0;
         }
     }
@@ -131,22 +129,14 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     }) else {
         return 0;
     };
-    // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `fill` writes every
-    // field not written below. A timewait socket starts with a `sock_common`, which is all
-    // that `fill` reads.
+    // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `timer_event`
+    // writes every field.
     let event = unsafe { &mut *entry.as_mut_ptr() };
-    sock::fill::<Probed>(event, tw, false);
-    event.kind = match phase {
-        Phase::Start => EVENT_TW_START,
-        _ => EVENT_TW_CANCEL,
-    };
-    event.oldstate = 0;
-    event.newstate = substate;
-    event.aux = if phase == Phase::Start {
-        u64::from(rearm)
+    if phase == Phase::Start {
+        timer_event(event, tw, now, EVENT_TW_START, substate, rearm);
     } else {
-        u64::from(expired)
-    };
+        timer_event(event, tw, now, EVENT_TW_CANCEL, substate, expired);
+    }
     entry.submit(maps::submit_flags());
     0
 }
@@ -161,12 +151,7 @@ fn keep_exit(
     substate: u8,
     expired: bool,
 ) -> bool {
-    let exit = &mut slot.exit;
-    sock::fill_at::<Probed>(exit, tw, false, now);
-    exit.kind = EVENT_TW_CANCEL;
-    exit.oldstate = 0;
-    exit.newstate = substate;
-    exit.aux = u64::from(expired);
+    timer_event(&mut slot.exit, tw, now, EVENT_TW_CANCEL, substate, expired);
     let key = TwExitKey {
         tw: tw as u64,
         ts_ns: now,
@@ -177,12 +162,24 @@ fn keep_exit(
         clippy::needless_borrows_for_generic_args,
         reason = "by value would copy the event onto the BPF stack"
     )]
-    let kept = maps::TW_EXITS.insert(key, &slot.exit, 1);
+    let kept = maps::TW_EXITS.insert(key, &slot.exit, maps::NOEXIST);
     if kept.is_err() {
         maps::count(COUNT_TW_EXITS_TABLE_FULL);
         return false;
     }
     true
+}
+
+/// Fills `event` as a TIME_WAIT timer event of `tw` at `now`: its addressing (a timewait
+/// socket starts with a `sock_common`, all that `fill_at` reads), `kind`, its substate, and
+/// `aux` (a start: a re-arm; a detach: at its deadline, an expiry).
+#[inline(always)]
+fn timer_event(event: &mut RawEvent, tw: *const u8, now: u64, kind: u8, substate: u8, aux: bool) {
+    sock::fill_at::<Probed>(event, tw, false, now);
+    event.kind = kind;
+    event.oldstate = 0;
+    event.newstate = substate;
+    event.aux = u64::from(aux);
 }
 
 /// Sends a held TIME_WAIT birth in a record of its own (nobody took it), and empties the slot.
@@ -201,7 +198,7 @@ pub fn send_born(slot: &mut maps::TwSlot, lost_slot: u32) {
 
 /// Takes the held TIME_WAIT birth, if any, into `into` (kind 0 when none).
 #[inline(always)]
-pub fn take_born(into: &mut tracer_common::RawEvent) {
+pub fn take_born(into: &mut RawEvent) {
     into.kind = 0;
     if let Some(slot) = maps::TW_BORN.get_ptr_mut(0) {
         // SAFETY: this CPU's slot, valid for the program's run (see `on_timer`).
