@@ -51,7 +51,6 @@ struct Hook {
 /// Loaded and attached programs.
 pub struct Probes {
     ebpf: Ebpf,
-    attached: Vec<&'static str>,
     /// (tracepoint, program) of each attachment.
     programs: Vec<(&'static str, &'static str)>,
 }
@@ -189,7 +188,6 @@ impl Probes {
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .load(PROGRAMS)
             .map_err(ProbeError::Load)?;
-        let mut attached = Vec::with_capacity(hooks.len());
         let mut programs = Vec::with_capacity(hooks.len());
         for hook in &hooks {
             let Some(name) = plan.program(hook) else {
@@ -208,19 +206,17 @@ impl Probes {
             program.load(hook.tracepoint, &btf).map_err(program_error)?;
             program.attach().map_err(program_error)?;
             log::debug!("attached {name} to tp_btf/{}", hook.tracepoint);
-            attached.push(hook.tracepoint);
             programs.push((hook.tracepoint, name));
         }
-        Ok(Probes {
-            ebpf,
-            attached,
-            programs,
-        })
+        Ok(Probes { ebpf, programs })
     }
 
     /// The tracepoints attached, for the start-up log.
-    pub fn attached(&self) -> &[&'static str] {
-        &self.attached
+    pub fn attached(&self) -> Vec<&'static str> {
+        self.programs
+            .iter()
+            .map(|&(tracepoint, _)| tracepoint)
+            .collect()
     }
 
     /// Runs the kernel skipped since the programs were loaded, by tracepoint: a program does not

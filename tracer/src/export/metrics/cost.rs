@@ -148,8 +148,8 @@ impl CostMetrics {
             return;
         };
         for &(code, total) in totals {
-            let before = seen.insert(code, total).unwrap_or(0);
-            if total <= before {
+            let grown = super::growth(&mut seen, code, total);
+            if grown == 0 {
                 continue;
             }
             let name = u16::try_from(code)
@@ -157,7 +157,7 @@ impl CostMetrics {
                 .and_then(|code| self.reasons()?.get(&code))
                 .map_or("unknown", String::as_str);
             if let Ok(counter) = self.resets_no_socket.get_metric_with_label_values(&[name]) {
-                counter.inc_by(total - before);
+                counter.inc_by(grown);
             }
         }
     }

@@ -174,6 +174,17 @@ pub(crate) fn add_delta(counter: &IntCounter, seen: &AtomicU64, total: u64) {
     }
 }
 
+/// How much a kernel counter's `total` for `key` grew since the last call for `key` (all of it
+/// the first time); remembers `total`.
+pub(crate) fn growth<K: Eq + std::hash::Hash>(
+    seen: &mut std::collections::HashMap<K, u64>,
+    key: K,
+    total: u64,
+) -> u64 {
+    let before = seen.insert(key, total).unwrap_or(0);
+    total.saturating_sub(before)
+}
+
 impl Metrics {
     pub fn new() -> Result<Metrics, MetricsError> {
         Self::build().map_err(MetricsError::Register)
@@ -498,15 +509,14 @@ impl Metrics {
             return;
         };
         for &(tracepoint, total) in totals {
-            let before = seen.insert(tracepoint, total).unwrap_or(0);
+            let grown = growth(&mut seen, tracepoint, total);
             // Asked for even at zero: every attached tracepoint's series exists from the
             // first refresh on.
             if let Ok(counter) = self
                 .program_misses
                 .get_metric_with_label_values(&[tracepoint])
-                && total > before
             {
-                counter.inc_by(total - before);
+                counter.inc_by(grown);
             }
         }
     }
