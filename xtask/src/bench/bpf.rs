@@ -289,6 +289,13 @@ pub struct ProgStats {
 
 /// The programs a process holds open, with their run counters (non-zero only while statistics
 /// are enabled). Names come from the JIT symbols in `/proc/kallsyms` (`bpf_prog_TAG_NAME`).
+/// The value of `key` in an fdinfo file's text.
+fn fdinfo_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
 /// Kernel memory of the BPF maps `pid` holds (their `memlock` in `/proc/PID/fdinfo`, in KiB):
 /// memory the agent's RSS does not show (preallocated tables, the ring buffer).
 pub fn map_memory_kib(pid: u32) -> Option<u64> {
@@ -298,11 +305,7 @@ pub fn map_memory_kib(pid: u32) -> Option<u64> {
         let Ok(text) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
-        let field = |key: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
-                .map(str::trim)
-        };
+        let field = |key: &str| fdinfo_field(&text, key);
         if field("map_type").is_some()
             && let Some(memlock) = field("memlock").and_then(|v| v.parse::<u64>().ok())
         {
@@ -321,11 +324,7 @@ pub fn programs_of(pid: u32) -> Result<Vec<ProgStats>> {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue;
         };
-        let field = |key: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
-                .map(str::trim)
-        };
+        let field = |key: &str| fdinfo_field(&text, key);
         if let (Some(id), Some(tp)) = (
             field("prog_id").and_then(|v| v.parse().ok()),
             field("tp_name"),

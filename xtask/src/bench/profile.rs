@@ -100,39 +100,37 @@ fn phase(
     pid: u32,
     round: &dyn Fn() -> Result<RoundLoad>,
 ) -> Result<Phase> {
-    let page_before = agent.and_then(|a| super::sys::scrape(a.metrics).ok());
-    let records_before = agent.and_then(|a| a.snapshot().records);
+    let scrape = || agent.and_then(|a| super::sys::scrape(a.metrics).ok());
+    let page_before = scrape();
     let before = bpf::programs_of(pid)?;
     let load = round()?;
     let after = bpf::programs_of(pid)?;
     // The agent reads what is queued within its drain interval: let it.
     std::thread::sleep(Duration::from_millis(200));
-    let records_after = agent.and_then(|a| a.snapshot().records);
-    let page_after = agent.and_then(|a| super::sys::scrape(a.metrics).ok());
-    // What the records carried and which kernel tables overflowed, per operation.
+    let page_after = scrape();
+    // Records read, what they carried and which kernel tables overflowed, per operation.
+    let mut records_per_op = None;
     let mut breakdown = Vec::new();
     if let (Some(b), Some(a)) = (&page_before, &page_after)
         && load.ops > 0
     {
-        let per_op = |name: &str, label: &str, value: &str| {
-            let delta = a.sum(name, &[(label, value)])? - b.sum(name, &[(label, value)])?;
-            (delta > 0.0).then(|| delta / load.ops as f64)
+        let per_op = |name: &str, labels: &[(&str, &str)]| {
+            Some((a.sum(name, labels)? - b.sum(name, labels)?) / load.ops as f64)
         };
+        records_per_op = per_op("tracer_kernel_records_total", &[]);
         for kind in EVENT_KINDS {
-            if let Some(v) = per_op("tracer_events_total", "kind", kind) {
+            if let Some(v) = per_op("tracer_events_total", &[("kind", kind)]).filter(|&v| v > 0.0) {
                 breakdown.push((format!("{kind} events"), v));
             }
         }
         for table in ["paths", "cong", "time_wait_exits"] {
-            if let Some(v) = per_op("tracer_kernel_table_full_total", "table", table) {
+            if let Some(v) =
+                per_op("tracer_kernel_table_full_total", &[("table", table)]).filter(|&v| v > 0.0)
+            {
                 breakdown.push((format!("{table} table full"), v));
             }
         }
     }
-    let records_per_op = match (records_before, records_after) {
-        (Some(b), Some(a)) if load.ops > 0 => Some((a - b) / load.ops as f64),
-        _ => None,
-    };
     let mut programs: Vec<ProgCost> = after
         .iter()
         .filter_map(|a| {
