@@ -350,11 +350,22 @@ impl TimeWaitTable {
             }
             TimerPhase::Cancel => self.on_cancel(ts_ns, tw, netns, tuple, substate),
             TimerPhase::Expire => {
-                if self.entries.contains_key(&tw) {
+                if self.entries.contains_key(&tw) && !self.older_than_birth(tw, ts_ns) {
                     self.exit(tw, ts_ns, Some(TimeWaitExit::Expired), obs);
                 }
             }
         }
+    }
+
+    /// Whether an event at `ts_ns` for the address `tw` came before the birth of the socket
+    /// counted there now: it belongs to an earlier socket at that address, already ended by
+    /// this one's birth (exits are read from the kernel's table once a second, births arrive
+    /// at once).
+    fn older_than_birth(&self, tw: SockId, ts_ns: u64) -> bool {
+        self.entries
+            .get(&tw)
+            .and_then(|entry| entry.entered_ns)
+            .is_some_and(|entered| ts_ns < entered)
     }
 
     fn on_start(
@@ -419,13 +430,7 @@ impl TimeWaitTable {
     }
 
     fn on_cancel(&mut self, ts_ns: u64, tw: SockId, netns: u32, tuple: Tuple, substate: TcpState) {
-        if self
-            .entries
-            .get(&tw)
-            .and_then(|entry| entry.entered_ns)
-            .is_some_and(|entered| ts_ns < entered)
-        {
-            // The exit of an earlier socket at this address, already ended by this one's birth.
+        if self.older_than_birth(tw, ts_ns) {
             return;
         }
         if !self.entries.contains_key(&tw) {
@@ -1192,5 +1197,42 @@ mod tests {
         assert!(t.recent_order.len() <= RECENT_OPENS_MAX);
         assert!(t.recent_opens.len() <= RECENT_OPENS_MAX);
         assert_eq!(t.recent_opens.get(&open_key(NS, &tp)), Some(&1_000_000));
+    }
+
+    /// The expiry of a socket read after a newer socket was born at its address ends neither:
+    /// the newer one stays counted.
+    #[test]
+    fn an_expiry_read_after_a_birth_at_the_same_address_leaves_the_new_socket_counted() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        t.on_timer(
+            0,
+            TW,
+            NS,
+            tuple(40000, 80),
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        // It expired at 60 s; its memory went to a new timewait socket at 60.5 s, whose birth
+        // came first.
+        let newer = tuple(40001, 80);
+        t.on_timer(
+            60_500 * MS,
+            TW,
+            NS,
+            newer,
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        for phase in [TimerPhase::Cancel, TimerPhase::Expire] {
+            let old = tuple(40000, 80);
+            t.on_timer(60_000 * MS, TW, NS, old, TimeWait, phase, &mut rec);
+        }
+        t.tick(70_000 * MS, &mut rec);
+        assert_eq!(t.count(), 1, "the newer socket is still there");
+        assert_eq!(rec.time_wait_entered.len(), 2);
+        assert_eq!(rec.time_wait_exited.len(), 1, "only the older one left");
+        assert_eq!(rec.time_wait_exited[0].tuple, tuple(40000, 80));
     }
 }
