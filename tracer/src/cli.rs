@@ -143,6 +143,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
 
+    /// How often the tables are checked against a sock_diag dump of every namespace even when
+    /// no loss was counted (the kernel can skip its programs unseen), at least 10s; `off`:
+    /// only after counted losses.
+    #[arg(long, default_value = "60s", value_name = "DURATION|off", value_parser = parse_resync_every)]
+    pub resync_every: std::time::Duration,
+
     /// Opt-in metric breakdowns: `workload` adds the `tracer_workload_*` metrics (connections,
     /// retransmits, resets, TIME_WAIT, Nagle stalls, CLOSE_WAIT leaks by systemd unit,
     /// container or pod).
@@ -197,6 +203,7 @@ impl RunArgs {
             listen_overflow_top_ports: self.listen_overflow_top_ports,
             port_exhaustion_warning: self.port_exhaustion_warning,
             close_wait_threshold: self.close_wait_threshold,
+            resync_every: (!self.resync_every.is_zero()).then_some(self.resync_every),
             workload_top: self
                 .metrics_by
                 .contains(&MetricsBy::Workload)
@@ -247,6 +254,19 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         return Err(bad());
     }
     Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+/// `--resync-every`: a duration of at least 10 s (resyncs are spaced that much anyway), or
+/// `off` (zero).
+fn parse_resync_every(text: &str) -> Result<std::time::Duration, String> {
+    if text == "off" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let every = parse_duration(text)?;
+    if every < std::time::Duration::from_secs(10) {
+        return Err(format!("{text:?} is shorter than 10s (or say `off`)"));
+    }
+    Ok(every)
 }
 
 /// `tracer top --interval`: whole seconds (the gauges refresh once a second), at most an hour.
@@ -394,5 +414,26 @@ mod tests {
         assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("2m30s"), Ok(Duration::from_secs(150)));
         assert!(parse_duration("-1s").is_err() && parse_duration("1d").is_err());
+    }
+
+    #[test]
+    fn the_resync_audit_is_a_minute_by_default_and_can_be_turned_off() {
+        use std::time::Duration;
+        let every = |extra: &[&str]| {
+            let mut args = vec!["run"];
+            args.extend_from_slice(extra);
+            match parse(&args).map(|cli| cli.command) {
+                Ok(Command::Run(args)) => Ok(args.config().resync_every),
+                Ok(_) => panic!("not run"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(every(&[]), Ok(Some(Duration::from_secs(60))));
+        assert_eq!(
+            every(&["--resync-every", "5m"]),
+            Ok(Some(Duration::from_secs(300)))
+        );
+        assert_eq!(every(&["--resync-every", "off"]), Ok(None));
+        assert!(every(&["--resync-every", "2s"]).is_err());
     }
 }

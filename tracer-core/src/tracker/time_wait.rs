@@ -10,7 +10,10 @@
 //!
 //! The agent reads exits from a kernel table once a second, so an exit can come after later
 //! events: a birth at the address of a socket still counted ends that socket (its memory was
-//! handed out again), and the exit that comes later, older than that birth, is ignored.
+//! handed out again) and sets it aside ("superseded") until the next read of the table brings
+//! its own exit, older than that birth, which tells how it ended. A socket from the start-up
+//! dump has no address until its first event: its exit older than a birth at its address finds
+//! it by its 4-tuple.
 //!
 //! Every timewait socket is counted, whatever its substate. One born in FIN_WAIT2 (this side's
 //! FIN was acknowledged before the peer's FIN arrived) moves to TIME_WAIT when that FIN comes,
@@ -24,7 +27,7 @@
 //! already since the socket's birth (remembered a while for exits read late), and `Killed`
 //! otherwise (RST, namespace teardown, `tcp_max_tw_buckets` pressure...).
 use foldhash::HashMap;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::model::{Direction, Owner, SockId, TcpState, TimerPhase, Tuple};
 use crate::observer::Observer;
@@ -80,6 +83,11 @@ pub struct TimeWaitTable {
     by_tuple: HashMap<(u32, Tuple), SockId>,
     /// In TIME_WAIT before the agent started and not yet seen in an event.
     seeded: HashMap<(u32, Tuple), PeerKey>,
+    /// Sockets no longer counted because a newer one was born at their address, by (address,
+    /// that birth's time, their own birth or 0), waiting for their own exit from the kernel's
+    /// table (see `exits_read`). An event at `ts` for address `tw` belongs to the first one
+    /// on its 4-tuple superseded after `ts`.
+    superseded: BTreeMap<(SockId, u64, u64), Entry>,
     /// Cancels in arrival order, settled after `settle_ns`.
     cancels: VecDeque<(u64, SockId)>,
     /// Early exits waiting to learn whether a new connection reuses the 4-tuple.
@@ -148,6 +156,7 @@ impl TimeWaitTable {
             entries: HashMap::default(),
             by_tuple: HashMap::default(),
             seeded: HashMap::default(),
+            superseded: BTreeMap::new(),
             cancels: VecDeque::new(),
             early_exits: HashMap::default(),
             early_order: VecDeque::new(),
@@ -272,14 +281,7 @@ impl TimeWaitTable {
             .collect();
         let mut dropped = 0;
         for tw in stale {
-            if let Some(entry) = self.entries.remove(&tw) {
-                let key = (entry.netns, entry.tuple);
-                if self.by_tuple.get(&key) == Some(&tw) {
-                    self.by_tuple.remove(&key);
-                }
-                self.in_time_wait = self.in_time_wait.saturating_sub(1);
-                self.remove_peer(entry.peer);
-                self.forget_cgroup(entry.cgroup);
+            if self.take_entry(tw).is_some() {
                 dropped += 1;
             }
         }
@@ -350,11 +352,74 @@ impl TimeWaitTable {
             }
             TimerPhase::Cancel => self.on_cancel(ts_ns, tw, netns, tuple, substate),
             TimerPhase::Expire => {
-                if self.entries.contains_key(&tw) && !self.older_than_birth(tw, ts_ns) {
+                if self.older_than_birth(tw, ts_ns) {
+                    if let Some(key) = self.superseded_key(tw, ts_ns, netns, tuple)
+                        && let Some(entry) = self.superseded.remove(&key)
+                    {
+                        self.report(entry, ts_ns, Some(TimeWaitExit::Expired), obs);
+                    }
+                } else if self.entries.contains_key(&tw) {
                     self.exit(tw, ts_ns, Some(TimeWaitExit::Expired), obs);
                 }
             }
         }
+    }
+
+    /// The kernel's exit table was read whole, from `until_ns` back: a socket superseded
+    /// before that whose expiry did not come was killed (at its cancel, if that came).
+    pub fn exits_read(&mut self, until_ns: u64, obs: &mut impl Observer) {
+        let done: Vec<(SockId, u64, u64)> = self
+            .superseded
+            .keys()
+            .filter(|key| key.1 < until_ns)
+            .copied()
+            .collect();
+        for key in done {
+            if let Some(entry) = self.superseded.remove(&key) {
+                self.report(entry, key.1, None, obs);
+            }
+        }
+    }
+
+    /// The superseded socket an event at `ts_ns` for address `tw` belongs to: the first one
+    /// superseded after `ts_ns` on that 4-tuple, or one from the start-up dump, set aside now
+    /// (its address, unknown until this event, already serves a newer socket).
+    fn superseded_key(
+        &mut self,
+        tw: SockId,
+        ts_ns: u64,
+        netns: u32,
+        tuple: Tuple,
+    ) -> Option<(SockId, u64, u64)> {
+        let found = self
+            .superseded
+            .range((tw, ts_ns.saturating_add(1), 0)..=(tw, u64::MAX, u64::MAX))
+            .find(|(_, entry)| (entry.netns, entry.tuple) == (netns, tuple))
+            .map(|(key, _)| *key);
+        if found.is_some() {
+            return found;
+        }
+        let newer_birth = self.entries.get(&tw).and_then(|entry| entry.entered_ns)?;
+        let peer = self.seeded.remove(&(netns, tuple))?;
+        self.in_time_wait = self.in_time_wait.saturating_sub(1);
+        self.remove_peer(peer);
+        let key = (tw, newer_birth, 0);
+        self.superseded.insert(
+            key,
+            Entry {
+                netns,
+                tuple,
+                peer,
+                substate: TcpState::TimeWait,
+                entered_ns: None,
+                pending_cancel: None,
+                last_event_ns: ts_ns,
+                direction: None,
+                owner: None,
+                cgroup: 0,
+            },
+        );
+        Some(key)
     }
 
     /// Whether an event at `ts_ns` for the address `tw` came before the birth of the socket
@@ -377,13 +442,18 @@ impl TimeWaitTable {
         substate: TcpState,
         obs: &mut impl Observer,
     ) {
-        if let Some(entry) = self.entries.get(&tw) {
-            // A birth at the address of a timewait socket still counted: that one is gone,
-            // its memory handed out again (its exit, read from the kernel's table once a
-            // second, may come later: it is then older than this birth and ignored). On the
-            // same 4-tuple, the connection that left this birth took that 4-tuple over.
-            let reused = (entry.netns, entry.tuple) == (netns, tuple);
-            self.exit(tw, ts_ns, reused.then_some(TimeWaitExit::Reused), obs);
+        if let Some(entry) = self.take_entry(tw) {
+            // A birth at the address of a timewait socket still counted: that one is gone, its
+            // memory handed out again. Its exit, read from the kernel's table once a second,
+            // comes later and says how it ended.
+            if self.superseded.len() < self.config.max_entries {
+                let key = (tw, ts_ns, entry.entered_ns.unwrap_or(0));
+                if let Some(earlier) = self.superseded.insert(key, entry) {
+                    self.report(earlier, ts_ns, None, obs);
+                }
+            } else {
+                self.report(entry, ts_ns, None, obs);
+            }
         }
         let key = (netns, tuple);
         let seeded = self.seeded.remove(&key);
@@ -431,6 +501,13 @@ impl TimeWaitTable {
 
     fn on_cancel(&mut self, ts_ns: u64, tw: SockId, netns: u32, tuple: Tuple, substate: TcpState) {
         if self.older_than_birth(tw, ts_ns) {
+            if let Some(key) = self.superseded_key(tw, ts_ns, netns, tuple)
+                && let Some(entry) = self.superseded.get_mut(&key)
+            {
+                entry.pending_cancel = Some(ts_ns);
+                entry.last_event_ns = ts_ns;
+                entry.substate = substate;
+            }
             return;
         }
         if !self.entries.contains_key(&tw) {
@@ -590,9 +667,14 @@ impl TimeWaitTable {
         exit: Option<TimeWaitExit>,
         obs: &mut impl Observer,
     ) {
-        let Some(entry) = self.entries.remove(&tw) else {
-            return;
-        };
+        if let Some(entry) = self.take_entry(tw) {
+            self.report(entry, ts_ns, exit, obs);
+        }
+    }
+
+    /// Removes `tw` from the table and from the counts.
+    fn take_entry(&mut self, tw: SockId) -> Option<Entry> {
+        let entry = self.entries.remove(&tw)?;
         let key = (entry.netns, entry.tuple);
         if self.by_tuple.get(&key) == Some(&tw) {
             self.by_tuple.remove(&key);
@@ -600,6 +682,18 @@ impl TimeWaitTable {
         self.in_time_wait = self.in_time_wait.saturating_sub(1);
         self.remove_peer(entry.peer);
         self.forget_cgroup(entry.cgroup);
+        Some(entry)
+    }
+
+    /// Reports the exit of a socket no longer counted (see `exit`).
+    fn report(
+        &mut self,
+        entry: Entry,
+        ts_ns: u64,
+        exit: Option<TimeWaitExit>,
+        obs: &mut impl Observer,
+    ) {
+        let key = (entry.netns, entry.tuple);
         let record = TimeWaitRecord {
             netns: entry.netns,
             tuple: entry.tuple,
@@ -1140,12 +1234,82 @@ mod tests {
         t.connection_seen(NS, &tp, 20 * MS, &mut rec);
         t.on_timer(30 * MS, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
         assert_eq!((t.count(), rec.time_wait_entered.len()), (1, 2));
-        assert_eq!(rec.time_wait_exited.len(), 1);
-        assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Reused);
-        // The first socket's kill, read later, is older than the second's birth: ignored.
+        assert!(
+            rec.time_wait_exited.is_empty(),
+            "how it ended comes with its exit"
+        );
+        // The first socket's kill, read later, is older than the second's birth: it ends the
+        // first one, reused by the connection that opened since.
         t.on_timer(10 * MS, TW, NS, tp, TimeWait, TimerPhase::Cancel, &mut rec);
+        t.exits_read(1_000 * MS, &mut rec);
         t.tick(10_000 * MS, &mut rec);
         assert_eq!((t.count(), rec.time_wait_exited.len()), (1, 1));
+        let exit = &rec.time_wait_exited[0];
+        assert_eq!((exit.exit, exit.exited_ns), (TimeWaitExit::Reused, 10 * MS));
+    }
+
+    #[test]
+    fn a_superseded_socket_without_any_exit_read_was_killed_before_the_birth() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        t.on_timer(
+            0,
+            TW,
+            NS,
+            tuple(40000, 80),
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        let newer = tuple(40001, 80);
+        t.on_timer(
+            50 * MS,
+            TW,
+            NS,
+            newer,
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        // A read that began before the birth cannot have held its exit.
+        t.exits_read(40 * MS, &mut rec);
+        assert!(rec.time_wait_exited.is_empty());
+        t.exits_read(1_000 * MS, &mut rec);
+        t.tick(10_000 * MS, &mut rec);
+        assert_eq!(t.count(), 1);
+        let exit = &rec.time_wait_exited[..];
+        assert_eq!(exit.len(), 1);
+        assert_eq!(
+            (exit[0].exit, exit[0].exited_ns),
+            (TimeWaitExit::Killed, 50 * MS)
+        );
+    }
+
+    #[test]
+    fn a_seeded_socket_whose_address_serves_a_newer_one_leaves_by_its_4_tuple() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let (old, newer) = (tuple(40000, 80), tuple(40001, 80));
+        t.seed([(NS, old)]);
+        // Its address is unknown until its exit, and a newer socket born there came first.
+        t.on_timer(
+            500 * MS,
+            TW,
+            NS,
+            newer,
+            TimeWait,
+            TimerPhase::Start,
+            &mut rec,
+        );
+        assert_eq!(t.count(), 2);
+        for phase in [TimerPhase::Cancel, TimerPhase::Expire] {
+            t.on_timer(400 * MS, TW, NS, old, TimeWait, phase, &mut rec);
+        }
+        t.exits_read(1_000 * MS, &mut rec);
+        t.tick(10_000 * MS, &mut rec);
+        assert_eq!((t.count(), t.seeded_len()), (1, 0));
+        let exit = &rec.time_wait_exited[..];
+        assert_eq!(exit.len(), 1);
+        assert_eq!((exit[0].tuple, exit[0].exit), (old, TimeWaitExit::Expired));
+        assert_eq!(exit[0].exited_ns, 400 * MS);
     }
 
     #[test]
@@ -1229,10 +1393,16 @@ mod tests {
             let old = tuple(40000, 80);
             t.on_timer(60_000 * MS, TW, NS, old, TimeWait, phase, &mut rec);
         }
+        t.exits_read(61_000 * MS, &mut rec);
         t.tick(70_000 * MS, &mut rec);
         assert_eq!(t.count(), 1, "the newer socket is still there");
         assert_eq!(rec.time_wait_entered.len(), 2);
         assert_eq!(rec.time_wait_exited.len(), 1, "only the older one left");
-        assert_eq!(rec.time_wait_exited[0].tuple, tuple(40000, 80));
+        let exit = &rec.time_wait_exited[0];
+        assert_eq!(
+            (exit.tuple, exit.exit),
+            (tuple(40000, 80), TimeWaitExit::Expired)
+        );
+        assert_eq!(exit.exited_ns, 60_000 * MS);
     }
 }

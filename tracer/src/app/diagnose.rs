@@ -35,6 +35,7 @@ pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
         ring_buffer_bytes: args.ring_buffer_bytes,
         max_connections: TrackerConfig::default().max_connections,
         close_wait_threshold: args.close_wait_threshold,
+        resync_every: Some(crate::app::session::RESYNC_EVERY),
     })?;
     let diagnosis = Diagnosis::new(
         DiagnoseConfig {

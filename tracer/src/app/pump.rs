@@ -116,8 +116,11 @@ pub async fn pump(
                 read_tables(session, &metrics, consumer.observer());
                 crate::app::workloads::refresh(&session.workloads, &session.tracker, &metrics);
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
+                let mut skipped = 0;
                 if let Some(probes) = &session.probes {
-                    metrics.set_program_misses(&probes.misses());
+                    let misses = probes.misses();
+                    skipped = misses.iter().map(|&(_, n)| n).sum::<u64>();
+                    metrics.set_program_misses(&misses);
                 }
                 match session.counters.totals() {
                     Ok(totals) => metrics.set_table_full(totals),
@@ -134,7 +137,9 @@ pub async fn pump(
                     Ok(total) => {
                         metrics.set_events_lost(total);
                         session.loss.update(total);
-                        session.resync.refresh(total, &mut session.tracker);
+                        // Runs the kernel skipped lost their events too.
+                        let lost = total.saturating_add(skipped);
+                        session.resync.refresh(lost, &mut session.tracker);
                     }
                     Err(e) => warn!("{e}"),
                 }
@@ -206,12 +211,20 @@ fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Obse
     if let Err(e) = walked {
         warn!("{e}");
     }
+    // Every exit before this moment is in the table now (the kernel writes it before the
+    // socket's memory can serve the next birth).
+    let read_from = monotonic_ns();
     let taken = session.tw_exits.take_exits(|event| {
         metrics.event(event);
         tracker.on_event(event, &mut (metrics, &mut *consumer));
     });
     match taken {
-        Ok(malformed) => (0..malformed).for_each(|_| metrics.event_malformed()),
+        Ok(malformed) => {
+            (0..malformed).for_each(|_| metrics.event_malformed());
+            tracker
+                .time_wait_mut()
+                .exits_read(read_from, &mut (metrics, &mut *consumer));
+        }
         Err(e) => warn!("{e}"),
     }
 }

@@ -1,8 +1,10 @@
 //! Resyncs off the event path. After lost kernel events the tables drift from the kernel's (a
 //! lost CLOSE keeps a connection forever, a lost TIME_WAIT exit keeps a timewait socket); a
 //! sock_diag dump of every namespace puts them right, but takes milliseconds to seconds on a
-//! busy host. So the dump runs on one worker thread, one at a time and at most once per
-//! `MIN_SPACING`; the event loop only asks for it and, later, applies what came back with
+//! busy host. Not every loss is counted: the kernel can skip its BPF programs for a whole
+//! softirq run (a burst of timewait expiries, the connections a delayed-ACK timer finishes)
+//! while its own tracing sees the events, so a dump also comes every `every` (the audit).
+//! The dump runs on one worker thread, one at a time and at most once per `MIN_SPACING`; the event loop only asks for it and, later, applies what came back with
 //! `Tracker::finish_resync`, whose epoch journal keeps the merge free of races with the events
 //! drained meanwhile (see `tracer_core::tracker` resync). The drain goes on while the dump runs.
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -41,12 +43,15 @@ pub struct Resync {
     retry: bool,
     /// Dumps are failing: said once, not every try.
     failing: bool,
+    /// The audit's period: a dump this long after the last, lost events or not (`None`: only
+    /// after a loss).
+    every: Option<Duration>,
 }
 
 impl Resync {
-    /// The schedule; the worker starts at the first refresh. Without a thread there are no
-    /// resyncs (said once), not a failure.
-    pub fn start() -> Resync {
+    /// The schedule (`every`: the audit's period); the worker starts at the first refresh.
+    /// Without a thread there are no resyncs (said once), not a failure.
+    pub fn start(every: Option<Duration>) -> Resync {
         Resync {
             worker: None,
             started: false,
@@ -55,11 +60,25 @@ impl Resync {
             first: Some(Instant::now() + AFTER_START),
             retry: false,
             failing: false,
+            every,
         }
     }
 
-    /// On each refresh, with the kernel's lost-event total: asks for a dump when one is due and
-    /// none is under way. The tracker's journal starts now, before the dump can.
+    /// Whether a dump is wanted at `now`, with the kernel's lost-event total: the first one
+    /// after start-up, the audit's, a retry, or one after events lost since the last was asked
+    /// for (so that one always follows the last loss).
+    fn wanted(&self, now: Instant, lost_total: u64) -> bool {
+        let first = self.first.is_some_and(|at| now >= at);
+        let since = self.requested.map(|at| now.duration_since(at));
+        let audit = self
+            .every
+            .is_some_and(|every| since.is_some_and(|since| since >= every));
+        first || audit || self.retry || lost_total > self.lost_at_request
+    }
+
+    /// On each refresh, with the kernel's lost-event total (ring buffer full, program runs
+    /// skipped): asks for a dump when one is due and none is under way. The tracker's journal
+    /// starts now, before the dump can.
     pub fn refresh(&mut self, lost_total: u64, tracker: &mut Tracker) {
         if !self.started {
             self.started = true;
@@ -74,13 +93,14 @@ impl Resync {
                 }
             };
         }
-        let Some(worker) = &mut self.worker else {
-            return;
-        };
         let now = Instant::now();
         let first = self.first.is_some_and(|at| now >= at);
         let since = self.requested.map(|at| now.duration_since(at));
-        if worker.busy || !due(first, self.retry, lost_total, self.lost_at_request, since) {
+        let wanted = self.wanted(now, lost_total);
+        let Some(worker) = &mut self.worker else {
+            return;
+        };
+        if worker.busy || !due(wanted, since) {
             return;
         }
         // The journal starts before the worker can read the dump's start time.
@@ -133,7 +153,10 @@ impl Resync {
         consumer: &mut dyn Observer,
     ) {
         let outcome = tracker.finish_resync(snapshot, &mut (metrics, consumer));
-        metrics.connections_reconciled(outcome.reconciled());
+        metrics.resynced(outcome.reconciled());
+        metrics
+            .time_wait
+            .reconciled(outcome.time_wait_dropped, outcome.time_wait_added);
         if !outcome.complete {
             self.retry = true;
         }
@@ -164,17 +187,8 @@ impl Resync {
     }
 }
 
-/// Whether a dump is due: the first one after start-up, a retry, or events lost since the last
-/// one was asked for (so that one always follows the last loss); never sooner than
-/// `MIN_SPACING` after the last.
-fn due(
-    first: bool,
-    retry: bool,
-    lost_total: u64,
-    lost_at_request: u64,
-    since_request: Option<Duration>,
-) -> bool {
-    let wanted = first || retry || lost_total > lost_at_request;
+/// Whether a dump that is `wanted` is due: never sooner than `MIN_SPACING` after the last.
+fn due(wanted: bool, since_request: Option<Duration>) -> bool {
     wanted && since_request.is_none_or(|since| since >= MIN_SPACING)
 }
 
@@ -276,17 +290,35 @@ mod tests {
 
     #[test]
     fn a_dump_follows_loss_at_most_every_min_spacing() {
-        let soon = Some(MIN_SPACING / 2);
-        let later = Some(MIN_SPACING);
-        assert!(due(false, false, 5, 0, None), "the first loss");
-        assert!(!due(false, false, 5, 5, later), "nothing lost since");
-        assert!(!due(false, false, 9, 5, soon), "lost again, too soon");
-        assert!(due(false, false, 9, 5, later), "lost again, spaced");
-        assert!(
-            due(true, false, 0, 0, None),
-            "the first dump after start-up"
-        );
-        assert!(due(false, true, 5, 5, later), "a retry");
-        assert!(!due(false, true, 5, 5, soon), "a retry is spaced too");
+        let mut resync = Resync::start(None);
+        let now = Instant::now();
+        resync.first = None;
+        assert!(resync.wanted(now, 5), "the first loss");
+        assert!(due(true, None));
+        resync.lost_at_request = 5;
+        assert!(!resync.wanted(now, 5), "nothing lost since");
+        assert!(resync.wanted(now, 9), "lost again");
+        assert!(!due(true, Some(MIN_SPACING / 2)), "too soon");
+        assert!(due(true, Some(MIN_SPACING)), "spaced");
+        resync.retry = true;
+        assert!(resync.wanted(now, 5), "a retry");
+        resync.retry = false;
+        resync.first = Some(now);
+        assert!(resync.wanted(now, 5), "the first dump after start-up");
+    }
+
+    #[test]
+    fn the_audit_asks_for_a_dump_every_period_without_any_loss() {
+        let mut resync = Resync::start(Some(Duration::from_secs(30)));
+        let now = Instant::now();
+        resync.first = None;
+        resync.requested = now.checked_sub(Duration::from_secs(31));
+        assert!(resync.wanted(now, 0));
+        resync.requested = now.checked_sub(Duration::from_secs(20));
+        assert!(!resync.wanted(now, 0), "not yet");
+        assert!(resync.wanted(now, 1), "a loss since");
+        resync.every = None;
+        resync.requested = now.checked_sub(Duration::from_secs(3600));
+        assert!(!resync.wanted(now, 0), "no audit");
     }
 }

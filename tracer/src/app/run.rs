@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub listen_overflow_top_ports: u32,
     pub port_exhaustion_warning: f64,
     pub close_wait_threshold: Duration,
+    /// `--resync-every`: the audit's period (`None`: off).
+    pub resync_every: Option<Duration>,
     /// With `--metrics-by workload`: the workloads with their own series.
     pub workload_top: Option<u32>,
     /// `--filter`: which connections the events are about.
@@ -59,6 +61,7 @@ pub fn run(args: RunConfig) -> anyhow::Result<()> {
         ring_buffer_bytes: args.ring_buffer_bytes,
         max_connections: args.max_connections as usize,
         close_wait_threshold: args.close_wait_threshold,
+        resync_every: args.resync_every,
     })?;
     // Attached and seeded: give up what is not needed any more, before any thread starts.
     crate::app::privileges::drop_unneeded()?;

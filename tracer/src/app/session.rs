@@ -25,7 +25,12 @@ pub struct SessionConfig {
     pub ring_buffer_bytes: u32,
     pub max_connections: usize,
     pub close_wait_threshold: Duration,
+    /// The resync audit's period (`None`: resync only after lost events).
+    pub resync_every: Option<Duration>,
 }
+
+/// The resync audit's period unless the command line says otherwise.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(60);
 
 /// Attached programs, their maps, and the tracker seeded with what already existed.
 pub struct Session {
@@ -126,7 +131,7 @@ impl Session {
             sysctls,
             rst_reasons,
             metrics,
-            resync: Resync::start(),
+            resync: Resync::start(config.resync_every),
             loss: LossLog::default(),
             workloads: crate::host::workloads::WorkloadNames::start(),
         })

@@ -63,6 +63,7 @@ pub fn top(options: TopOptions) -> anyhow::Result<()> {
         ring_buffer_bytes: options.ring_buffer_bytes,
         max_connections: TrackerConfig::default().max_connections,
         close_wait_threshold: options.close_wait_threshold,
+        resync_every: Some(crate::app::session::RESYNC_EVERY),
     })?;
     let diagnosis = Diagnosis::new(
         DiagnoseConfig {

@@ -143,6 +143,7 @@ pub struct Metrics {
     evicted: IntCounter,
     evicted_seen: AtomicU64,
     reconciled: IntCounter,
+    resyncs: IntCounter,
     program_misses: IntCounterVec,
     /// The kernel's totals already counted, by tracepoint.
     program_misses_seen: std::sync::Mutex<std::collections::HashMap<&'static str, u64>>,
@@ -380,10 +381,16 @@ impl Metrics {
         registry.register(Box::new(evicted.clone()))?;
         let reconciled = IntCounter::with_opts(Opts::new(
             "tracer_connections_reconciled_total",
-            "Connections closed out because a sock_diag dump after lost kernel events no longer \
-             listed them (their CLOSE was lost).",
+            "Connections closed out because a sock_diag dump (a resync) no longer listed them \
+             (their CLOSE was lost).",
         ))?;
         registry.register(Box::new(reconciled.clone()))?;
+        let resyncs = IntCounter::with_opts(Opts::new(
+            "tracer_resyncs_total",
+            "Sock_diag dumps of every namespace applied to the agent's tables: after lost \
+             kernel events, and every --resync-every (the audit).",
+        ))?;
+        registry.register(Box::new(resyncs.clone()))?;
         let program_misses = IntCounterVec::new(
             Opts::new(
                 "tracer_kernel_program_misses_total",
@@ -427,6 +434,7 @@ impl Metrics {
             evicted,
             evicted_seen: AtomicU64::new(0),
             reconciled,
+            resyncs,
             program_misses,
             program_misses_seen: std::sync::Mutex::default(),
             time_wait,
@@ -532,8 +540,9 @@ impl Metrics {
         add_delta(&self.evicted, &self.evicted_seen, total);
     }
 
-    /// Counts connections closed out by a resync (`ResyncOutcome::reconciled`).
-    pub fn connections_reconciled(&self, count: usize) {
+    /// A resync was applied; it closed out `count` connections (`ResyncOutcome::reconciled`).
+    pub fn resynced(&self, count: usize) {
+        self.resyncs.inc();
         self.reconciled
             .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }

@@ -26,6 +26,8 @@ pub struct TimeWaitMetrics {
     entered: IntCounter,
     exited: [IntCounter; TimeWaitExit::ALL.len()],
     fin_wait2_exits: IntCounter,
+    /// Resync corrections: [dropped, added].
+    reconciled: [IntCounter; 2],
     by_peer: IntGaugeVec,
     exhaustion: GaugeVec,
     untracked: IntCounter,
@@ -67,6 +69,18 @@ impl TimeWaitMetrics {
             exited_vec.get_metric_with_label_values(&["expired"])?,
             exited_vec.get_metric_with_label_values(&["reused"])?,
             exited_vec.get_metric_with_label_values(&["killed"])?,
+        ];
+        let reconciled_vec = prometheus::IntCounterVec::new(
+            Opts::new(
+                "tracer_time_wait_reconciled_total",
+                "Timewait sockets the agent's table corrected from a sock_diag dump (a resync): dropped (their exit was never seen) or added (their birth was never seen). Not zero: the kernel ran TIME_WAIT timers or closes without the agent's programs.",
+            ),
+            &["change"],
+        )?;
+        registry.register(Box::new(reconciled_vec.clone()))?;
+        let reconciled = [
+            reconciled_vec.get_metric_with_label_values(&["dropped"])?,
+            reconciled_vec.get_metric_with_label_values(&["added"])?,
         ];
         let by_peer = IntGaugeVec::new(
             Opts::new(
@@ -112,6 +126,7 @@ impl TimeWaitMetrics {
             entered,
             exited,
             fin_wait2_exits,
+            reconciled,
             by_peer,
             exhaustion,
             untracked,
@@ -138,6 +153,12 @@ impl TimeWaitMetrics {
         if substate == TcpState::FinWait2 {
             self.fin_wait2_exits.inc();
         }
+    }
+
+    /// A resync dropped and added this many timewait sockets.
+    pub fn reconciled(&self, dropped: usize, added: usize) {
+        self.reconciled[0].inc_by(dropped as u64);
+        self.reconciled[1].inc_by(added as u64);
     }
 
     /// Refreshes the gauges from the table; returns the port pressure of the top client-side
