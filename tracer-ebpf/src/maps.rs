@@ -76,6 +76,8 @@ pub struct TwSlot {
     pub born: RawEvent,
     /// Scratch for the exit kept in `TW_EXITS` (too large for the BPF stack next to the rest).
     pub exit: RawEvent,
+    /// Scratch for the timer's socket at a start that may be a re-arm, to compare with `exit`.
+    pub again: RawEvent,
     pub last_cancel: u64,
     /// When `last_cancel` was detached (`bpf_ktime_get_ns`).
     pub last_cancel_ns: u64,

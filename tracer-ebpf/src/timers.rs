@@ -107,14 +107,22 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
             }
         } else if slot.last_cancel == timer as u64
             && now.wrapping_sub(slot.last_cancel_ns) < REARM_NS
+            && same_socket(slot, tw, now)
         {
-            // A re-arm: detached then started again by one mod_timer. The detach was no exit;
-            // the start is sent at once, marked as a re-arm.
-            let _ = maps::TW_EXITS.remove(TwExitKey {
-                tw: tw as u64,
-                ts_ns: slot.last_cancel_ns,
-            });
+            // A re-arm: detached then started again by one mod_timer. The detach was no exit:
+            // taken back from the table, it never reaches the agent and nothing is sent. If it
+            // already left (the table was full, or the agent read it in between), the start
+            // goes at once, marked as a re-arm, for the agent to take the detach back.
+            let taken_back = maps::TW_EXITS
+                .remove(TwExitKey {
+                    tw: tw as u64,
+                    ts_ns: slot.last_cancel_ns,
+                })
+                .is_ok();
             slot.last_cancel = 0;
+            if taken_back {
+                return 0;
+            }
             rearm = true;
         } else {
             // A birth: held for the CLOSE of the socket it replaces.
@@ -139,6 +147,33 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     }
     entry.submit(maps::submit_flags());
     0
+}
+
+/// Whether the timewait socket at `tw` now is the one whose detach `slot.exit` holds (same
+/// namespace and 4-tuple): a re-arm. Under churn a socket killed on this CPU often hands its
+/// memory, timer included, to the next timewait socket within microseconds; that start is a
+/// birth, and the kill before it an exit.
+#[inline(always)]
+fn same_socket(slot: &mut maps::TwSlot, tw: *const u8, now: u64) -> bool {
+    sock::fill_at::<Probed>(&mut slot.again, tw, false, now);
+    let (a, b) = (&slot.again, &slot.exit);
+    a.netns == b.netns
+        && a.sport == b.sport
+        && a.dport == b.dport
+        && same_address(&a.saddr, &b.saddr)
+        && same_address(&a.daddr, &b.daddr)
+}
+
+/// Byte by byte: array equality could become a `memcmp` call, which BPF does not have.
+#[inline(always)]
+fn same_address(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let mut same = true;
+    let mut i = 0;
+    while i < 16 {
+        same &= a[i] == b[i];
+        i += 1;
+    }
+    same
 }
 
 /// Keeps the exit of the timewait socket `tw` in `TW_EXITS` for the agent's once-a-second

@@ -4,9 +4,11 @@
 //! The state tracepoint never shows TIME_WAIT: the full socket reports FIN_WAIT2 -> CLOSE and a
 //! timewait mini socket takes its place. That mini socket's timer is armed once when it is
 //! created (`Start`) and detached once on every way out (`Cancel`, including a normal expiry,
-//! which `Expire` then follows). A re-arm may show as cancel + `Rearm` (the kernel program tells
-//! it from a birth), so a cancel is only an exit once no re-arm or expiry of the same timer
-//! followed it: it is settled after `settle_ns`.
+//! which `Expire` then follows). A re-arm (the peer's FIN moving a FIN_WAIT2 socket to
+//! TIME_WAIT, a retransmitted FIN) detaches and starts the timer again: the kernel program takes
+//! that detach back from its exit table and sends nothing, unless the detach already left; then
+//! it shows as cancel + `Rearm`, so a cancel is only an exit once no re-arm or expiry of the same
+//! timer followed it: it is settled after `settle_ns`.
 //!
 //! The agent reads exits from a kernel table once a second, so an exit can come after later
 //! events: a birth at the address of a socket still counted ends that socket (its memory was
