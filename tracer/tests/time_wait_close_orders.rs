@@ -387,6 +387,16 @@ fn server_closing_first_is_counted_exactly() {
 }
 
 /// Sets TCP_LINGER2: how long this socket may wait in FIN_WAIT2 once closed.
+/// Sends a request to `server` and closes with TCP_LINGER2 `linger2_secs`: against a server
+/// that never closes, an orphaned FIN_WAIT2 timewait socket that lives that long.
+fn orphan_in_fin_wait2(server: SocketAddr, linger2_secs: i32) -> Result<SocketAddr, String> {
+    let mut stream = connect(server)?;
+    set_linger2(&stream, linger2_secs);
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    stream.write_all(REQUEST).map_err(|e| e.to_string())?;
+    Ok(local)
+}
+
 fn set_linger2(stream: &TcpStream, secs: i32) {
     let fd = stream.as_fd().try_clone_to_owned().expect("dup");
     set_int_opt(&fd, libc::IPPROTO_TCP, libc::TCP_LINGER2, secs);
@@ -404,13 +414,7 @@ fn half_close_without_the_peers_fin_counts_until_the_fin_wait2_timeout() {
     let mut server = ThreadedServer::start("127.0.0.1:0", ServerEnd::HoldAfterEof, N);
     let addr = server.addr;
     let closed_at = Instant::now();
-    let locals = run_threads(N, 2, move |_| {
-        let mut stream = connect(addr)?;
-        set_linger2(&stream, LINGER2_SECS);
-        let local = stream.local_addr().map_err(|e| e.to_string())?;
-        stream.write_all(REQUEST).map_err(|e| e.to_string())?;
-        Ok(local)
-    });
+    let locals = run_threads(N, 2, move |_| orphan_in_fin_wait2(addr, LINGER2_SECS));
     server.wait_served();
     let want: HashSet<_> = locals.iter().map(|l| (*l, addr)).collect();
     wait_kernel_lists(addr, false, &want);
@@ -568,11 +572,7 @@ fn sockets_from_before_start_leave_while_new_ones_take_their_memory() {
     let mut old_server = ThreadedServer::start("127.0.0.1:0", ServerEnd::HoldAfterEof, OLD);
     let old_addr = old_server.addr;
     let old_locals = run_threads(OLD, THREADS, move |_| {
-        let mut stream = connect(old_addr)?;
-        set_linger2(&stream, OLD_LINGER2_SECS);
-        let local = stream.local_addr().map_err(|e| e.to_string())?;
-        stream.write_all(REQUEST).map_err(|e| e.to_string())?;
-        Ok(local)
+        orphan_in_fin_wait2(old_addr, OLD_LINGER2_SECS)
     });
     let old_expiry = Instant::now() + Duration::from_secs(OLD_LINGER2_SECS as u64);
     old_server.wait_served();
@@ -600,11 +600,7 @@ fn sockets_from_before_start_leave_while_new_ones_take_their_memory() {
     let pause = Duration::from_millis(3_000 * THREADS as u64 / NEW as u64);
     let new_locals = run_threads(NEW, THREADS, move |_| {
         thread::sleep(pause);
-        let mut stream = connect(new_addr)?;
-        set_linger2(&stream, LINGER2_SECS);
-        let local = stream.local_addr().map_err(|e| e.to_string())?;
-        stream.write_all(REQUEST).map_err(|e| e.to_string())?;
-        Ok(local)
+        orphan_in_fin_wait2(new_addr, LINGER2_SECS)
     });
     new_server.wait_served();
 

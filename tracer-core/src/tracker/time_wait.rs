@@ -77,6 +77,24 @@ struct Entry {
     cgroup: u64,
 }
 
+impl Entry {
+    /// A socket from the start-up dump, first seen in an event at `ts_ns` (its birth unknown).
+    fn seeded(netns: u32, tuple: Tuple, peer: PeerKey, substate: TcpState, ts_ns: u64) -> Entry {
+        Entry {
+            netns,
+            tuple,
+            peer,
+            substate,
+            entered_ns: None,
+            pending_cancel: None,
+            last_event_ns: ts_ns,
+            direction: None,
+            owner: None,
+            cgroup: 0,
+        }
+    }
+}
+
 /// Live timewait sockets.
 pub struct TimeWaitTable {
     config: TimeWaitConfig,
@@ -406,21 +424,8 @@ impl TimeWaitTable {
         self.in_time_wait = self.in_time_wait.saturating_sub(1);
         self.remove_peer(peer);
         let key = (tw, newer_birth, 0);
-        self.superseded.insert(
-            key,
-            Entry {
-                netns,
-                tuple,
-                peer,
-                substate: TcpState::TimeWait,
-                entered_ns: None,
-                pending_cancel: None,
-                last_event_ns: ts_ns,
-                direction: None,
-                owner: None,
-                cgroup: 0,
-            },
-        );
+        let entry = Entry::seeded(netns, tuple, peer, TcpState::TimeWait, ts_ns);
+        self.superseded.insert(key, entry);
         Some(key)
     }
 
@@ -522,21 +527,8 @@ impl TimeWaitTable {
                 }
                 return;
             };
-            self.entries.insert(
-                tw,
-                Entry {
-                    netns,
-                    tuple,
-                    peer,
-                    substate,
-                    entered_ns: None,
-                    pending_cancel: None,
-                    last_event_ns: ts_ns,
-                    direction: None,
-                    owner: None,
-                    cgroup: 0,
-                },
-            );
+            let entry = Entry::seeded(netns, tuple, peer, substate, ts_ns);
+            self.entries.insert(tw, entry);
             self.by_tuple.insert(key, tw);
         }
         if let Some(entry) = self.entries.get_mut(&tw) {
@@ -799,6 +791,11 @@ mod tests {
         }
     }
 
+    /// A timer event of the socket at `TW` in `NS`, in TIME_WAIT.
+    fn at_tw(t: &mut TimeWaitTable, rec: &mut Recorder, ts: u64, tp: Tuple, phase: TimerPhase) {
+        t.on_timer(ts, TW, NS, tp, TimeWait, phase, rec);
+    }
+
     fn table() -> TimeWaitTable {
         TimeWaitTable::new(TimeWaitConfig::default())
     }
@@ -811,25 +808,9 @@ mod tests {
         let tp = tuple(40000, 80);
         t.on_timer(0, TW, NS, tp, TimeWait, TimerPhase::Start, &mut rec);
         assert_eq!((t.count(), rec.time_wait_entered.len()), (1, 1));
-        t.on_timer(
-            60_000 * MS,
-            TW,
-            NS,
-            tp,
-            TimeWait,
-            TimerPhase::Cancel,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 60_000 * MS, tp, TimerPhase::Cancel);
         assert_eq!(t.count(), 1, "a cancel is not an exit until it settles");
-        t.on_timer(
-            60_000 * MS + 1,
-            TW,
-            NS,
-            tp,
-            TimeWait,
-            TimerPhase::Expire,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 60_000 * MS + 1, tp, TimerPhase::Expire);
         assert_eq!(t.count(), 0);
         assert_eq!(rec.time_wait_exited.len(), 1);
         assert_eq!(rec.time_wait_exited[0].exit, TimeWaitExit::Expired);
@@ -988,33 +969,9 @@ mod tests {
     #[test]
     fn address_reuse_after_an_unsettled_cancel_is_a_new_socket() {
         let (mut t, mut rec) = (table(), Recorder::default());
-        t.on_timer(
-            0,
-            TW,
-            NS,
-            tuple(40000, 80),
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
-        t.on_timer(
-            1,
-            TW,
-            NS,
-            tuple(40000, 80),
-            TimeWait,
-            TimerPhase::Cancel,
-            &mut rec,
-        );
-        t.on_timer(
-            2,
-            TW,
-            NS,
-            tuple(40001, 80),
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 0, tuple(40000, 80), TimerPhase::Start);
+        at_tw(&mut t, &mut rec, 1, tuple(40000, 80), TimerPhase::Cancel);
+        at_tw(&mut t, &mut rec, 2, tuple(40001, 80), TimerPhase::Start);
         assert_eq!(t.count(), 1);
         assert_eq!(rec.time_wait_entered.len(), 2);
     }
@@ -1057,15 +1014,7 @@ mod tests {
     fn server_on_an_ephemeral_port_is_still_the_server() {
         let (mut t, mut rec) = (table(), Recorder::default());
         t.listener(NS, 40000, true);
-        t.on_timer(
-            0,
-            TW,
-            NS,
-            tuple(40000, 50000),
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 0, tuple(40000, 50000), TimerPhase::Start);
         let top = t.top_peers(1);
         assert_eq!((top[0].0.port, top[0].0.client), (40000, false));
     }
@@ -1204,25 +1153,9 @@ mod tests {
         assert_eq!(t.count(), 0, "entered and left");
         assert_eq!(rec.time_wait_exited.len(), 1);
         // A cancel of an unknown socket long before a start of the same address is forgotten.
-        t.on_timer(
-            3_000 * MS,
-            TW,
-            NS,
-            tp,
-            TimeWait,
-            TimerPhase::Cancel,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 3_000 * MS, tp, TimerPhase::Cancel);
         t.tick(6_000 * MS, &mut rec);
-        t.on_timer(
-            6_001 * MS,
-            TW,
-            NS,
-            tp,
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 6_001 * MS, tp, TimerPhase::Start);
         assert_eq!(t.count(), 1);
     }
 
@@ -1253,25 +1186,9 @@ mod tests {
     #[test]
     fn a_superseded_socket_without_any_exit_read_was_killed_before_the_birth() {
         let (mut t, mut rec) = (table(), Recorder::default());
-        t.on_timer(
-            0,
-            TW,
-            NS,
-            tuple(40000, 80),
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 0, tuple(40000, 80), TimerPhase::Start);
         let newer = tuple(40001, 80);
-        t.on_timer(
-            50 * MS,
-            TW,
-            NS,
-            newer,
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 50 * MS, newer, TimerPhase::Start);
         // A read that began before the birth cannot have held its exit.
         t.exits_read(40 * MS, &mut rec);
         assert!(rec.time_wait_exited.is_empty());
@@ -1292,15 +1209,7 @@ mod tests {
         let (old, newer) = (tuple(40000, 80), tuple(40001, 80));
         t.seed([(NS, old)]);
         // Its address is unknown until its exit, and a newer socket born there came first.
-        t.on_timer(
-            500 * MS,
-            TW,
-            NS,
-            newer,
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 500 * MS, newer, TimerPhase::Start);
         assert_eq!(t.count(), 2);
         for phase in [TimerPhase::Cancel, TimerPhase::Expire] {
             t.on_timer(400 * MS, TW, NS, old, TimeWait, phase, &mut rec);
@@ -1370,30 +1279,14 @@ mod tests {
     #[test]
     fn an_expiry_read_after_a_birth_at_the_same_address_leaves_the_new_socket_counted() {
         let (mut t, mut rec) = (table(), Recorder::default());
-        t.on_timer(
-            0,
-            TW,
-            NS,
-            tuple(40000, 80),
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 0, tuple(40000, 80), TimerPhase::Start);
         // It expired at 60 s; its memory went to a new timewait socket at 60.5 s, whose birth
         // came first.
         let newer = tuple(40001, 80);
-        t.on_timer(
-            60_500 * MS,
-            TW,
-            NS,
-            newer,
-            TimeWait,
-            TimerPhase::Start,
-            &mut rec,
-        );
+        at_tw(&mut t, &mut rec, 60_500 * MS, newer, TimerPhase::Start);
         for phase in [TimerPhase::Cancel, TimerPhase::Expire] {
             let old = tuple(40000, 80);
-            t.on_timer(60_000 * MS, TW, NS, old, TimeWait, phase, &mut rec);
+            at_tw(&mut t, &mut rec, 60_000 * MS, old, phase);
         }
         t.exits_read(61_000 * MS, &mut rec);
         t.tick(70_000 * MS, &mut rec);

@@ -166,6 +166,26 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
+/// A counter family with one label, registered, and its series for `values` (which therefore
+/// exist at zero from the start), in that order.
+pub(crate) fn labelled_counters<const N: usize>(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: [&str; N],
+) -> Result<[IntCounter; N], prometheus::Error> {
+    let family = IntCounterVec::new(Opts::new(name, help), &[label])?;
+    registry.register(Box::new(family.clone()))?;
+    let mut series = Vec::with_capacity(N);
+    for value in values {
+        series.push(family.get_metric_with_label_values(&[value])?);
+    }
+    series
+        .try_into()
+        .map_err(|_| prometheus::Error::Msg(format!("{name}: {N} series expected")))
+}
+
 /// Adds to `counter` what `total` (a cumulative count kept elsewhere) has grown by since the
 /// last call; `seen` is that last total. The counter never goes down.
 pub(crate) fn add_delta(counter: &IntCounter, seen: &AtomicU64, total: u64) {
@@ -309,18 +329,16 @@ impl Metrics {
             retransmit(RetransmitKind::SynAck)?,
         ];
 
-        let resets_vec = IntCounterVec::new(
-            Opts::new(
-                "tracer_resets_total",
-                "TCP resets (RST) sent or received by this host.",
-            ),
-            &["direction"],
+        let resets = labelled_counters(
+            &registry,
+            "tracer_resets_total",
+            "TCP resets (RST) sent or received by this host.",
+            "direction",
+            [
+                ResetDirection::Sent.as_str(),
+                ResetDirection::Received.as_str(),
+            ],
         )?;
-        registry.register(Box::new(resets_vec.clone()))?;
-        let resets = [
-            resets_vec.get_metric_with_label_values(&[ResetDirection::Sent.as_str()])?,
-            resets_vec.get_metric_with_label_values(&[ResetDirection::Received.as_str()])?,
-        ];
 
         let events_vec = IntCounterVec::new(
             Opts::new(

@@ -57,31 +57,20 @@ impl TimeWaitMetrics {
             "Timewait sockets that left while still in FIN_WAIT2: the peer never sent its FIN (also counted in tracer_time_wait_exited_total).",
         ))?;
         registry.register(Box::new(fin_wait2_exits.clone()))?;
-        let exited_vec = prometheus::IntCounterVec::new(
-            Opts::new(
-                "tracer_time_wait_exited_total",
-                "Sockets that left TIME_WAIT, by reason: expired (2MSL ran out), reused (a new connection took the 4-tuple), killed (RST, namespace teardown, bucket pressure).",
-            ),
-            &["reason"],
+        let exited = super::labelled_counters(
+            registry,
+            "tracer_time_wait_exited_total",
+            "Sockets that left TIME_WAIT, by reason: expired (2MSL ran out), reused (a new connection took the 4-tuple), killed (RST, namespace teardown, bucket pressure).",
+            "reason",
+            ["expired", "reused", "killed"],
         )?;
-        registry.register(Box::new(exited_vec.clone()))?;
-        let exited = [
-            exited_vec.get_metric_with_label_values(&["expired"])?,
-            exited_vec.get_metric_with_label_values(&["reused"])?,
-            exited_vec.get_metric_with_label_values(&["killed"])?,
-        ];
-        let reconciled_vec = prometheus::IntCounterVec::new(
-            Opts::new(
-                "tracer_time_wait_reconciled_total",
-                "Timewait sockets the agent's table corrected from a sock_diag dump (a resync): dropped (their exit was never seen) or added (their birth was never seen). Not zero: the kernel ran TIME_WAIT timers or closes without the agent's programs.",
-            ),
-            &["change"],
+        let reconciled = super::labelled_counters(
+            registry,
+            "tracer_time_wait_reconciled_total",
+            "Timewait sockets the agent's table corrected from a sock_diag dump (a resync): dropped (their exit was never seen) or added (their birth was never seen). Not zero: the kernel ran TIME_WAIT timers or closes without the agent's programs.",
+            "change",
+            ["dropped", "added"],
         )?;
-        registry.register(Box::new(reconciled_vec.clone()))?;
-        let reconciled = [
-            reconciled_vec.get_metric_with_label_values(&["dropped"])?,
-            reconciled_vec.get_metric_with_label_values(&["added"])?,
-        ];
         let by_peer = IntGaugeVec::new(
             Opts::new(
                 "tracer_time_wait_sockets_by_peer",
