@@ -132,6 +132,9 @@ pub struct TimeWaitTable {
     /// `connection_seen`).
     recent_opens: HashMap<u64, u64>,
     recent_order: VecDeque<(u64, u64)>,
+    /// Every exit before this time was read from the kernel's table (`exits_read`; the end of
+    /// time until then: exits come as events only).
+    exits_read_until: u64,
 }
 
 /// Drops from `order` (by time) and `map` what was recorded before `before`; a key recorded
@@ -189,6 +192,7 @@ impl TimeWaitTable {
             cgroups: HashMap::default(),
             recent_opens: HashMap::default(),
             recent_order: VecDeque::new(),
+            exits_read_until: u64::MAX,
         }
     }
 
@@ -388,6 +392,7 @@ impl TimeWaitTable {
     /// The kernel's exit table was read whole, from `until_ns` back: a socket superseded
     /// before that whose expiry did not come was killed (at its cancel, if that came).
     pub fn exits_read(&mut self, until_ns: u64, obs: &mut impl Observer) {
+        self.exits_read_until = until_ns;
         let done: Vec<(SockId, u64, u64)> = self
             .superseded
             .keys()
@@ -621,8 +626,6 @@ impl TimeWaitTable {
     /// Settles cancels that no re-arm or expiry followed, and early exits that no reuse
     /// followed, as of `now_ns`.
     pub fn tick(&mut self, now_ns: u64, obs: &mut impl Observer) {
-        let before = now_ns.saturating_sub(self.config.reuse_window_ns);
-        forget_until(&mut self.recent_order, &mut self.recent_opens, before);
         let before = now_ns.saturating_sub(EARLY_CANCEL_WINDOW_NS);
         forget_until(
             &mut self.early_cancel_order,
@@ -651,6 +654,12 @@ impl TimeWaitTable {
                 obs.time_wait_exited(&record);
             }
         }
+        // A connection is remembered until the exits of its time were read and settled (just
+        // above): when the agent falls behind (its output blocked), a kill read late still
+        // finds the connection that took its 4-tuple over.
+        let read_until = now_ns.min(self.exits_read_until);
+        let before = read_until.saturating_sub(self.config.reuse_window_ns);
+        forget_until(&mut self.recent_order, &mut self.recent_opens, before);
     }
 
     /// Removes `tw`. `exit` is known for expiries; early exits wait for a possible reuse.
@@ -1221,6 +1230,27 @@ mod tests {
         assert_eq!(exit.len(), 1);
         assert_eq!((exit[0].tuple, exit[0].exit), (old, TimeWaitExit::Expired));
         assert_eq!(exit[0].exited_ns, 400 * MS);
+    }
+
+    #[test]
+    fn a_kill_read_seconds_late_still_finds_the_connection_that_reused_its_4_tuple() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let tp = tuple(8080, 40000);
+        at_tw(&mut t, &mut rec, 5 * MS, tp, TimerPhase::Start);
+        t.exits_read(6 * MS, &mut rec);
+        t.connection_seen(NS, &tp, 11 * MS, &mut rec);
+        // The agent fell behind (its output blocked): events drained 5 s later tick the clock
+        // on before the exit table is read again.
+        t.tick(5_000 * MS, &mut rec);
+        at_tw(&mut t, &mut rec, 10 * MS, tp, TimerPhase::Cancel);
+        t.exits_read(5_001 * MS, &mut rec);
+        t.tick(5_002 * MS, &mut rec);
+        let exits = &rec.time_wait_exited[..];
+        assert_eq!(exits.len(), 1);
+        assert_eq!(
+            (exits[0].exit, exits[0].exited_ns),
+            (TimeWaitExit::Reused, 10 * MS)
+        );
     }
 
     #[test]
