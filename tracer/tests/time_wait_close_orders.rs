@@ -31,9 +31,6 @@ use support_time_wait::*;
 const TOP_PEERS: &str = "200";
 /// How long the orphaned FIN_WAIT2 sockets of the half-close test live (TCP_LINGER2).
 const LINGER2_SECS: i32 = 20;
-/// The agent's audit period where a test waits for it (`--resync-every`; at least 10 s).
-const AUDIT_EVERY: Duration = Duration::from_secs(10);
-const RESYNCS: &str = "tracer_resyncs_total";
 
 /// What each connection's server end does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -579,12 +576,7 @@ fn sockets_from_before_start_leave_while_new_ones_take_their_memory() {
     let want: HashSet<_> = old_locals.iter().map(|l| (*l, old_addr)).collect();
     wait_kernel_lists(old_addr, false, &want);
 
-    let agent = start_agent(&[
-        "--time-wait-top-peers",
-        TOP_PEERS,
-        "--resync-every",
-        &format!("{}s", AUDIT_EVERY.as_secs()),
-    ]);
+    let agent = start_agent(&["--time-wait-top-peers", TOP_PEERS]);
     assert!(
         Instant::now() + Duration::from_secs(2) < old_expiry,
         "the agent took too long to start: the sockets from before its start would leave \
@@ -624,15 +616,7 @@ fn sockets_from_before_start_leave_while_new_ones_take_their_memory() {
     let want: HashSet<_> = new_locals.iter().map(|l| (*l, new_addr)).collect();
     wait_kernel_lists(new_addr, false, &want);
     // Two audits: the first may have dumped before the last of the traffic.
-    let before = agent.scrape();
-    wait_delta(
-        &agent,
-        &before,
-        RESYNCS,
-        &[],
-        2.0,
-        2 * AUDIT_EVERY + EXIT_TIMEOUT,
-    );
+    wait_for_audits(&agent, &agent.scrape(), 2);
     wait_group_is(&agent, "127.0.0.1", new_addr.port(), NEW);
     assert_gauge_matches_kernel(&agent, "after the sockets from before the start left");
     assert_eq!(old_server.release(), OLD);
