@@ -384,6 +384,34 @@ fn server_closing_first_is_counted_exactly() {
 }
 
 /// Sets TCP_LINGER2: how long this socket may wait in FIN_WAIT2 once closed.
+/// Waits (bounded by `timeout`) for the `time_wait_ended` events of the clients at `locals`
+/// toward `server` (on 127.0.0.1): exactly those ports, each `expired`. Returns the events.
+fn wait_expired(
+    agent: &Agent,
+    server: SocketAddr,
+    locals: &[SocketAddr],
+    timeout: Duration,
+) -> Vec<Value> {
+    let ended = agent.wait_for_events(
+        |e| {
+            e["event"] == "time_wait_ended"
+                && e["daddr"] == "127.0.0.1"
+                && e["dport"] == server.port()
+        },
+        locals.len(),
+        timeout,
+    );
+    assert_eq!(ended.len(), locals.len());
+    assert_eq!(
+        sports(&ended),
+        locals.iter().map(SocketAddr::port).collect()
+    );
+    for ev in &ended {
+        assert_eq!(ev_str(ev, "exit"), "expired", "{ev}");
+    }
+    ended
+}
+
 /// Sends a request to `server` and closes with TCP_LINGER2 `linger2_secs`: against a server
 /// that never closes, an orphaned FIN_WAIT2 timewait socket that lives that long.
 fn orphan_in_fin_wait2(server: SocketAddr, linger2_secs: i32) -> Result<SocketAddr, String> {
@@ -430,22 +458,13 @@ fn half_close_without_the_peers_fin_counts_until_the_fin_wait2_timeout() {
 
     // They leave when TCP_LINGER2 runs out, still in FIN_WAIT2.
     let timeout = Duration::from_secs(LINGER2_SECS as u64) + EXIT_TIMEOUT;
-    let ended = agent.wait_for_events(
-        |e| {
-            e["event"] == "time_wait_ended"
-                && e["daddr"] == "127.0.0.1"
-                && e["dport"] == addr.port()
-        },
-        N,
+    let ended = wait_expired(
+        &agent,
+        addr,
+        &locals,
         timeout.saturating_sub(closed_at.elapsed()),
     );
-    assert_eq!(ended.len(), N);
-    assert_eq!(
-        sports(&ended),
-        locals.iter().map(SocketAddr::port).collect()
-    );
     for ev in &ended {
-        assert_eq!(ev_str(ev, "exit"), "expired", "{ev}");
         assert_eq!(ev_str(ev, "substate"), "FIN_WAIT2", "{ev}");
         let waited = ev_u64(ev, "time_wait_us");
         assert!(
@@ -596,23 +615,12 @@ fn sockets_from_before_start_leave_while_new_ones_take_their_memory() {
     });
     new_server.wait_served();
 
-    let ended = agent.wait_for_events(
-        |e| {
-            e["event"] == "time_wait_ended"
-                && e["daddr"] == "127.0.0.1"
-                && e["dport"] == old_addr.port()
-        },
-        OLD,
+    wait_expired(
+        &agent,
+        old_addr,
+        &old_locals,
         old_expiry.saturating_duration_since(Instant::now()) + EXIT_TIMEOUT,
     );
-    assert_eq!(ended.len(), OLD);
-    assert_eq!(
-        sports(&ended),
-        old_locals.iter().map(SocketAddr::port).collect()
-    );
-    for ev in &ended {
-        assert_eq!(ev_str(ev, "exit"), "expired", "{ev}");
-    }
     let want: HashSet<_> = new_locals.iter().map(|l| (*l, new_addr)).collect();
     wait_kernel_lists(new_addr, false, &want);
     // Two audits: the first may have dumped before the last of the traffic.

@@ -309,17 +309,16 @@ impl TimeWaitTable {
                 dropped += 1;
             }
         }
-        let gone: Vec<((u32, Tuple), PeerKey)> = self
+        let gone: Vec<(u32, Tuple)> = self
             .seeded
-            .iter()
-            .filter(|(key, _)| !present.contains(*key))
-            .map(|(key, peer)| (*key, *peer))
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .copied()
             .collect();
-        for (key, peer) in gone {
-            self.seeded.remove(&key);
-            self.in_time_wait = self.in_time_wait.saturating_sub(1);
-            self.remove_peer(peer);
-            dropped += 1;
+        for key in gone {
+            if self.take_seeded(&key).is_some() {
+                dropped += 1;
+            }
         }
         let mut added = 0;
         if add {
@@ -425,9 +424,7 @@ impl TimeWaitTable {
             return found;
         }
         let newer_birth = self.entries.get(&tw).and_then(|entry| entry.entered_ns)?;
-        let peer = self.seeded.remove(&(netns, tuple))?;
-        self.in_time_wait = self.in_time_wait.saturating_sub(1);
-        self.remove_peer(peer);
+        let peer = self.take_seeded(&(netns, tuple))?;
         let key = (tw, newer_birth, 0);
         let entry = Entry::seeded(netns, tuple, peer, TcpState::TimeWait, ts_ns);
         self.superseded.insert(key, entry);
@@ -468,12 +465,8 @@ impl TimeWaitTable {
             }
         }
         let key = (netns, tuple);
-        let seeded = self.seeded.remove(&key);
-        if let Some(peer) = seeded {
-            // Dumped at start-up and also seen starting: the same socket, counted once.
-            self.in_time_wait = self.in_time_wait.saturating_sub(1);
-            self.remove_peer(peer);
-        }
+        // Dumped at start-up and also seen starting: the same socket, counted once.
+        let seeded = self.take_seeded(&key);
         if self.seeded.len() + self.entries.len() >= self.config.max_entries {
             self.dropped += 1;
             return;
@@ -673,6 +666,14 @@ impl TimeWaitTable {
         if let Some(entry) = self.take_entry(tw) {
             self.report(entry, ts_ns, exit, obs);
         }
+    }
+
+    /// Removes a socket of the start-up dump from the table and from the counts.
+    fn take_seeded(&mut self, key: &(u32, Tuple)) -> Option<PeerKey> {
+        let peer = self.seeded.remove(key)?;
+        self.in_time_wait = self.in_time_wait.saturating_sub(1);
+        self.remove_peer(peer);
+        Some(peer)
     }
 
     /// Removes `tw` from the table and from the counts.
@@ -1221,7 +1222,7 @@ mod tests {
         at_tw(&mut t, &mut rec, 500 * MS, newer, TimerPhase::Start);
         assert_eq!(t.count(), 2);
         for phase in [TimerPhase::Cancel, TimerPhase::Expire] {
-            t.on_timer(400 * MS, TW, NS, old, TimeWait, phase, &mut rec);
+            at_tw(&mut t, &mut rec, 400 * MS, old, phase);
         }
         t.exits_read(1_000 * MS, &mut rec);
         t.tick(10_000 * MS, &mut rec);

@@ -4,8 +4,8 @@
 //! busy host. Not every loss is counted: the kernel can skip its BPF programs for a whole
 //! softirq run (a burst of timewait expiries, the connections a delayed-ACK timer finishes)
 //! while its own tracing sees the events, so a dump also comes every `every` (the audit).
-//! The dump runs on one worker thread, one at a time and at most once per `MIN_SPACING`; the event loop only asks for it and, later, applies what came back with
-//! `Tracker::finish_resync`, whose epoch journal keeps the merge free of races with the events
+//! The dump runs on one worker thread, one at a time and at most once per `MIN_SPACING`; the
+//! event loop only asks for it and, later, applies what came back with `Tracker::finish_resync`, whose epoch journal keeps the merge free of races with the events
 //! drained meanwhile (see `tracer_core::tracker` resync). The drain goes on while the dump runs.
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::time::{Duration, Instant};
@@ -64,16 +64,18 @@ impl Resync {
         }
     }
 
-    /// Whether a dump is wanted at `now`, with the kernel's lost-event total: the first one
-    /// after start-up, the audit's, a retry, or one after events lost since the last was asked
-    /// for (so that one always follows the last loss).
-    fn wanted(&self, now: Instant, lost_total: u64) -> bool {
+    /// Whether a dump is due at `now`, with the kernel's lost-event total: the first one after
+    /// start-up, the audit's, a retry, or one after events lost since the last was asked for
+    /// (so that one always follows the last loss); never sooner than `MIN_SPACING` after the
+    /// last.
+    fn due(&self, now: Instant, lost_total: u64) -> bool {
         let first = self.first.is_some_and(|at| now >= at);
         let since = self.requested.map(|at| now.duration_since(at));
         let audit = self
             .every
             .is_some_and(|every| since.is_some_and(|since| since >= every));
-        first || audit || self.retry || lost_total > self.lost_at_request
+        let wanted = first || audit || self.retry || lost_total > self.lost_at_request;
+        wanted && since.is_none_or(|since| since >= MIN_SPACING)
     }
 
     /// On each refresh, with the kernel's lost-event total (ring buffer full, program runs
@@ -94,13 +96,11 @@ impl Resync {
             };
         }
         let now = Instant::now();
-        let first = self.first.is_some_and(|at| now >= at);
-        let since = self.requested.map(|at| now.duration_since(at));
-        let wanted = self.wanted(now, lost_total);
+        let due = self.due(now, lost_total);
         let Some(worker) = &mut self.worker else {
             return;
         };
-        if worker.busy || !due(wanted, since) {
+        if worker.busy || !due {
             return;
         }
         // The journal starts before the worker can read the dump's start time.
@@ -111,9 +111,8 @@ impl Resync {
             self.lost_at_request = lost_total;
             self.requested = Some(now);
             self.retry = false;
-            if first {
-                self.first = None;
-            }
+            // The first dump is still to come only if its time has not.
+            self.first = self.first.filter(|&at| now < at);
         }
     }
 
@@ -185,11 +184,6 @@ impl Resync {
         metrics.time_wait.set_sockets(tracker.time_wait().count());
         metrics.close_wait.set_close_wait(tracker.close_wait());
     }
-}
-
-/// Whether a dump that is `wanted` is due: never sooner than `MIN_SPACING` after the last.
-fn due(wanted: bool, since_request: Option<Duration>) -> bool {
-    wanted && since_request.is_none_or(|since| since >= MIN_SPACING)
 }
 
 /// The thread that takes the dumps.
@@ -293,18 +287,22 @@ mod tests {
         let mut resync = Resync::start(None);
         let now = Instant::now();
         resync.first = None;
-        assert!(resync.wanted(now, 5), "the first loss");
-        assert!(due(true, None));
+        assert!(resync.due(now, 5), "the first loss");
         resync.lost_at_request = 5;
-        assert!(!resync.wanted(now, 5), "nothing lost since");
-        assert!(resync.wanted(now, 9), "lost again");
-        assert!(!due(true, Some(MIN_SPACING / 2)), "too soon");
-        assert!(due(true, Some(MIN_SPACING)), "spaced");
+        resync.requested = now.checked_sub(MIN_SPACING);
+        assert!(!resync.due(now, 5), "nothing lost since");
+        assert!(resync.due(now, 9), "lost again, spaced");
+        resync.requested = now.checked_sub(MIN_SPACING / 2);
+        assert!(!resync.due(now, 9), "lost again, too soon");
+        resync.requested = now.checked_sub(MIN_SPACING);
         resync.retry = true;
-        assert!(resync.wanted(now, 5), "a retry");
+        assert!(resync.due(now, 5), "a retry");
+        resync.requested = now.checked_sub(MIN_SPACING / 2);
+        assert!(!resync.due(now, 5), "a retry is spaced too");
         resync.retry = false;
+        resync.requested = None;
         resync.first = Some(now);
-        assert!(resync.wanted(now, 5), "the first dump after start-up");
+        assert!(resync.due(now, 5), "the first dump after start-up");
     }
 
     #[test]
@@ -313,12 +311,12 @@ mod tests {
         let now = Instant::now();
         resync.first = None;
         resync.requested = now.checked_sub(Duration::from_secs(31));
-        assert!(resync.wanted(now, 0));
+        assert!(resync.due(now, 0));
         resync.requested = now.checked_sub(Duration::from_secs(20));
-        assert!(!resync.wanted(now, 0), "not yet");
-        assert!(resync.wanted(now, 1), "a loss since");
+        assert!(!resync.due(now, 0), "not yet");
+        assert!(resync.due(now, 1), "a loss since");
         resync.every = None;
         resync.requested = now.checked_sub(Duration::from_secs(3600));
-        assert!(!resync.wanted(now, 0), "no audit");
+        assert!(!resync.due(now, 0), "no audit");
     }
 }

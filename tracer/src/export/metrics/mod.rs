@@ -309,25 +309,22 @@ impl Metrics {
         )?;
         registry.register(Box::new(transitions_vec.clone()))?;
 
-        let retransmits_vec = IntCounterVec::new(
-            Opts::new(
-                "tracer_retransmits_total",
-                "TCP segments retransmitted, by kind (syn: connection attempt, fast: fast \
-                 recovery, timeout: retransmission timeout, other: tail loss probes and the \
-                 like).",
-            ),
-            &["kind"],
+        let retransmits = labelled_counters(
+            &registry,
+            "tracer_retransmits_total",
+            "TCP segments retransmitted, by kind (syn: connection attempt, fast: fast \
+             recovery, timeout: retransmission timeout, other: tail loss probes and the \
+             like).",
+            "kind",
+            [
+                RetransmitKind::Syn,
+                RetransmitKind::Fast,
+                RetransmitKind::Timeout,
+                RetransmitKind::Other,
+                RetransmitKind::SynAck,
+            ]
+            .map(RetransmitKind::as_str),
         )?;
-        registry.register(Box::new(retransmits_vec.clone()))?;
-        let retransmit =
-            |kind: RetransmitKind| retransmits_vec.get_metric_with_label_values(&[kind.as_str()]);
-        let retransmits = [
-            retransmit(RetransmitKind::Syn)?,
-            retransmit(RetransmitKind::Fast)?,
-            retransmit(RetransmitKind::Timeout)?,
-            retransmit(RetransmitKind::Other)?,
-            retransmit(RetransmitKind::SynAck)?,
-        ];
 
         let resets = labelled_counters(
             &registry,
@@ -340,22 +337,21 @@ impl Metrics {
             ],
         )?;
 
-        let events_vec = IntCounterVec::new(
-            Opts::new(
-                "tracer_events_total",
-                "Kernel events received from the ring buffer, by kind.",
-            ),
-            &["kind"],
+        let events = labelled_counters(
+            &registry,
+            "tracer_events_total",
+            "Kernel events received from the ring buffer, by kind.",
+            "kind",
+            [
+                EventKind::State,
+                EventKind::Retransmit,
+                EventKind::Reset,
+                EventKind::TimeWaitTimer,
+                EventKind::DelayedAck,
+                EventKind::NagleHeld,
+            ]
+            .map(EventKind::as_str),
         )?;
-        registry.register(Box::new(events_vec.clone()))?;
-        let events = [
-            events_vec.get_metric_with_label_values(&[EventKind::State.as_str()])?,
-            events_vec.get_metric_with_label_values(&[EventKind::Retransmit.as_str()])?,
-            events_vec.get_metric_with_label_values(&[EventKind::Reset.as_str()])?,
-            events_vec.get_metric_with_label_values(&[EventKind::TimeWaitTimer.as_str()])?,
-            events_vec.get_metric_with_label_values(&[EventKind::DelayedAck.as_str()])?,
-            events_vec.get_metric_with_label_values(&[EventKind::NagleHeld.as_str()])?,
-        ];
 
         let events_lost = IntCounter::with_opts(Opts::new(
             "tracer_events_lost_total",
@@ -375,22 +371,16 @@ impl Metrics {
              socket's run of state changes).",
         ))?;
         registry.register(Box::new(records.clone()))?;
-        let table_full_vec = IntCounterVec::new(
-            Opts::new(
-                "tracer_kernel_table_full_total",
-                "Times a kernel-side table was full: `paths` (a state change was sent on its \
-                 own instead of in its socket's run), `cong` (a socket's congestion states \
-                 were not followed), `time_wait_exits` (a timewait socket's exit was sent as \
-                 a record instead of being read with the others once a second).",
-            ),
-            &["table"],
+        let table_full = labelled_counters(
+            &registry,
+            "tracer_kernel_table_full_total",
+            "Times a kernel-side table was full: `paths` (a state change was sent on its own \
+             instead of in its socket's run), `cong` (a socket's congestion states were not \
+             followed), `time_wait_exits` (a timewait socket's exit was sent as a record \
+             instead of being read with the others once a second).",
+            "table",
+            ["paths", "cong", "time_wait_exits"],
         )?;
-        registry.register(Box::new(table_full_vec.clone()))?;
-        let table_full = [
-            table_full_vec.get_metric_with_label_values(&["paths"])?,
-            table_full_vec.get_metric_with_label_values(&["cong"])?,
-            table_full_vec.get_metric_with_label_values(&["time_wait_exits"])?,
-        ];
 
         let evicted = IntCounter::with_opts(Opts::new(
             "tracer_connections_evicted_total",
