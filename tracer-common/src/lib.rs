@@ -70,6 +70,12 @@ pub const COUNT_CONG_TABLE_FULL: u32 = 1;
 pub const COUNT_TW_EXITS_TABLE_FULL: u32 = 2;
 pub const COUNT_SLOTS: u32 = 3;
 
+/// Slots of the `SOFTIRQS` per-CPU array: softirq runs the programs saw, by vector (the
+/// kernel's `NR_SOFTIRQS`). The agent compares them with the kernel's own count
+/// (`/proc/softirqs`): a run the kernel counted but no program saw is one in which the kernel
+/// ran no BPF program at all, and whose TCP events are lost without any other trace.
+pub const SOFTIRQ_VECTORS: u32 = 10;
+
 /// Exits of timewait sockets the kernel's `TW_EXITS` table holds between two reads of the
 /// agent (once a second).
 pub const TW_EXITS_MAX: u32 = 65_536;

@@ -13,6 +13,7 @@ mod resets;
 mod retransmit;
 mod sendmsg;
 mod sock;
+mod softirqs;
 mod state;
 mod timers;
 

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     COUNT_SLOTS, CongSeen, KernelOffsets, KernelSymbols, LOST_SLOTS, PATHS_MAX, RawEvent,
-    RawPathOpen, TW_EXITS_MAX, TwExitKey,
+    RawPathOpen, SOFTIRQ_VECTORS, TW_EXITS_MAX, TwExitKey,
 };
 
 /// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
@@ -22,6 +22,10 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0)
 /// writing program as `LOST` is.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNT_SLOTS, 0);
+
+/// Softirq runs seen, per CPU and vector (`SOFTIRQ_VECTORS`), written by `softirq_entry` only.
+#[map]
+pub static SOFTIRQS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOFTIRQ_VECTORS, 0);
 
 /// `BPF_F_NO_PREALLOC`: entries take kernel memory only while they exist (tracing programs may
 /// use such maps since 6.1, the oldest kernel supported), so the tables can be sized for a

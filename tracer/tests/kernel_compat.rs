@@ -208,6 +208,7 @@ fn running_kernel_choice_matches_what_attaches() {
         ("timer_cancel", "timer_cancel"),
         ("timer_expire_entry", "timer_expire_entry"),
         ("tcp_cong_state_set", "tcp_cong_state_set"),
+        ("softirq_entry", "softirq_entry"),
     ];
     assert_eq!(plan.attaching(), expected);
     assert_eq!(plan.compat().offsets, kernel.offsets().expect("offsets"));
@@ -238,7 +239,8 @@ fn the_debian_6_1_plan_loads_and_attaches_here() {
     drop(here);
     let plan = HookPlan::from_compat(compat);
     let attaching = plan.attaching();
-    assert_eq!(attaching.len(), 9, "{attaching:?}");
+    assert_eq!(attaching.len(), 10, "{attaching:?}");
+    assert!(attaching.contains(&("softirq_entry", "softirq_entry")));
     assert!(attaching.contains(&("tcp_send_reset_noreason", "tcp_send_reset")));
     assert!(attaching.contains(&("tcp_retransmit_skb_noerr", "tcp_retransmit_skb")));
     assert!(!attaching.iter().any(|(_, tp)| *tp == "tcp_sendmsg_locked"));

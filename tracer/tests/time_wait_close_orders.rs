@@ -331,7 +331,11 @@ fn assert_gauge_matches_kernel(agent: &Agent, when: &str) {
 
 fn client_closes_first_against_a_close_on_eof_server(bind: &str, n: usize) {
     require_tools();
-    let agent = start_agent(&["--time-wait-top-peers", TOP_PEERS]);
+    exact_unless_kernel_blind(|attempt| client_closes_first_once(attempt, bind, n));
+}
+
+fn client_closes_first_once(attempt: &mut Attempt, bind: &str, n: usize) {
+    let agent = attempt.start_agent(&["--time-wait-top-peers", TOP_PEERS]);
     let before = agent.scrape();
     let mut server = ThreadedServer::start(bind, ServerEnd::CloseOnEof, n);
     let addr = server.addr;
@@ -347,9 +351,9 @@ fn client_closes_first_against_a_close_on_eof_server(bind: &str, n: usize) {
         "{} of {n} client ends closed first but are not marked time_wait: {not_marked:?}",
         not_marked.len()
     );
-    wait_group_is(&agent, &addr.ip().to_string(), addr.port(), n);
-    wait_delta(&agent, &before, ENTERED, &[], n as f64, EVENT_TIMEOUT);
-    assert_gauge_matches_kernel(&agent, &format!("after {n} client-first closes on {bind}"));
+    wait_group_is(agent, &addr.ip().to_string(), addr.port(), n);
+    wait_delta(agent, &before, ENTERED, &[], n as f64, EVENT_TIMEOUT);
+    assert_gauge_matches_kernel(agent, &format!("after {n} client-first closes on {bind}"));
 }
 
 /// 400 IPv4 connections: the agent counts all 400 (the kernel lists 400), not only those born
@@ -368,8 +372,12 @@ fn client_closing_first_against_a_server_that_closes_on_eof_is_counted_exactly_i
 #[test]
 fn server_closing_first_is_counted_exactly() {
     require_tools();
+    exact_unless_kernel_blind(server_closing_first_once);
+}
+
+fn server_closing_first_once(attempt: &mut Attempt) {
     const N: usize = 300;
-    let agent = start_agent(&["--time-wait-top-peers", TOP_PEERS]);
+    let agent = attempt.start_agent(&["--time-wait-top-peers", TOP_PEERS]);
     let mut server = ThreadedServer::start("127.0.0.1:0", ServerEnd::CloseFirst, N);
     let addr = server.addr;
     let locals = run_threads(N, 3, move |_| wait_for_the_server_to_close(addr));
@@ -379,8 +387,8 @@ fn server_closing_first_is_counted_exactly() {
 
     let ends = agent.wait_for_exactly(is_server_of(addr), N, EVENT_TIMEOUT, SETTLE);
     assert!(ends.iter().all(|e| e["time_wait"] == true), "{ends:?}");
-    wait_group_is(&agent, "127.0.0.1", addr.port(), N);
-    assert_gauge_matches_kernel(&agent, "after 300 server-first closes");
+    wait_group_is(agent, "127.0.0.1", addr.port(), N);
+    assert_gauge_matches_kernel(agent, "after 300 server-first closes");
 }
 
 /// Sets TCP_LINGER2: how long this socket may wait in FIN_WAIT2 once closed.
@@ -433,8 +441,12 @@ fn set_linger2(stream: &TcpStream, secs: i32) {
 #[test]
 fn half_close_without_the_peers_fin_counts_until_the_fin_wait2_timeout() {
     require_tools();
+    exact_unless_kernel_blind(half_close_once);
+}
+
+fn half_close_once(attempt: &mut Attempt) {
     const N: usize = 40;
-    let agent = start_agent(&["--time-wait-top-peers", TOP_PEERS]);
+    let agent = attempt.start_agent(&["--time-wait-top-peers", TOP_PEERS]);
     let before = agent.scrape();
     let mut server = ThreadedServer::start("127.0.0.1:0", ServerEnd::HoldAfterEof, N);
     let addr = server.addr;
@@ -453,13 +465,13 @@ fn half_close_without_the_peers_fin_counts_until_the_fin_wait2_timeout() {
         "the peer never sent its FIN: none is in TIME_WAIT proper"
     );
 
-    wait_group_is(&agent, "127.0.0.1", addr.port(), N);
-    assert_gauge_matches_kernel(&agent, "with 40 orphaned FIN_WAIT2 sockets");
+    wait_group_is(agent, "127.0.0.1", addr.port(), N);
+    assert_gauge_matches_kernel(agent, "with 40 orphaned FIN_WAIT2 sockets");
 
     // They leave when TCP_LINGER2 runs out, still in FIN_WAIT2.
     let timeout = Duration::from_secs(LINGER2_SECS as u64) + EXIT_TIMEOUT;
     let ended = wait_expired(
-        &agent,
+        agent,
         addr,
         &locals,
         timeout.saturating_sub(closed_at.elapsed()),
@@ -478,7 +490,7 @@ fn half_close_without_the_peers_fin_counts_until_the_fin_wait2_timeout() {
         fin_wait2 >= N as f64,
         "{FIN_WAIT2_EXITS} grew by {fin_wait2}"
     );
-    assert_gauge_matches_kernel(&agent, "after the FIN_WAIT2 timeout");
+    assert_gauge_matches_kernel(agent, "after the FIN_WAIT2 timeout");
     assert_eq!(server.release(), N);
 }
 
@@ -489,11 +501,15 @@ fn half_close_without_the_peers_fin_counts_until_the_fin_wait2_timeout() {
 #[test]
 fn churn_with_reuse_keeps_the_gauge_exact() {
     require_tools();
+    exact_unless_kernel_blind(churn_with_reuse_once);
+}
+
+fn churn_with_reuse_once(attempt: &mut Attempt) {
     const POOL: usize = 10;
     const PER_POOL_PORT: usize = 25;
     const POOLED: usize = 2 * POOL * PER_POOL_PORT;
     const FREE: usize = 500;
-    let agent = start_agent(&["--time-wait-top-peers", TOP_PEERS]);
+    let agent = attempt.start_agent(&["--time-wait-top-peers", TOP_PEERS]);
     let before = agent.scrape();
     let mut closes_first = ThreadedServer::start("127.0.0.1:0", ServerEnd::CloseFirst, POOLED);
     let mut on_eof = ThreadedServer::start("127.0.0.1:0", ServerEnd::CloseOnEof, FREE);
@@ -541,9 +557,9 @@ fn churn_with_reuse_keeps_the_gauge_exact() {
         "{EXITED}{{reason=reused}} grew by {d}, the test reused {reused}"
     );
 
-    wait_group_is(&agent, "127.0.0.1", a.port(), pool.len());
-    wait_group_is(&agent, "127.0.0.1", b.port(), FREE);
-    assert_gauge_matches_kernel(&agent, "after churn with reuse");
+    wait_group_is(agent, "127.0.0.1", a.port(), pool.len());
+    wait_group_is(agent, "127.0.0.1", b.port(), FREE);
+    assert_gauge_matches_kernel(agent, "after churn with reuse");
 }
 
 /// `connect_from`, waiting (bounded) while the previous connection from `local` is still
@@ -581,6 +597,10 @@ fn connect_from_when_free(local: SocketAddr, server: SocketAddr) -> Result<TcpSt
 #[test]
 fn sockets_from_before_start_leave_while_new_ones_take_their_memory() {
     require_tools();
+    exact_unless_kernel_blind(sockets_from_before_start_once);
+}
+
+fn sockets_from_before_start_once(attempt: &mut Attempt) {
     const OLD: usize = 150;
     const NEW: usize = 240;
     const THREADS: usize = 3;
@@ -595,13 +615,13 @@ fn sockets_from_before_start_leave_while_new_ones_take_their_memory() {
     let want: HashSet<_> = old_locals.iter().map(|l| (*l, old_addr)).collect();
     wait_kernel_lists(old_addr, false, &want);
 
-    let agent = start_agent(&["--time-wait-top-peers", TOP_PEERS]);
+    let agent = attempt.start_agent(&["--time-wait-top-peers", TOP_PEERS]);
     assert!(
         Instant::now() + Duration::from_secs(2) < old_expiry,
         "the agent took too long to start: the sockets from before its start would leave \
          before it could see them"
     );
-    wait_group_is(&agent, "127.0.0.1", old_addr.port(), OLD);
+    wait_group_is(agent, "127.0.0.1", old_addr.port(), OLD);
 
     // New timewait sockets born all through the old ones' expiry, from a second before it to
     // two seconds after (bounded: NEW connections).
@@ -616,7 +636,7 @@ fn sockets_from_before_start_leave_while_new_ones_take_their_memory() {
     new_server.wait_served();
 
     wait_expired(
-        &agent,
+        agent,
         old_addr,
         &old_locals,
         old_expiry.saturating_duration_since(Instant::now()) + EXIT_TIMEOUT,
@@ -624,9 +644,9 @@ fn sockets_from_before_start_leave_while_new_ones_take_their_memory() {
     let want: HashSet<_> = new_locals.iter().map(|l| (*l, new_addr)).collect();
     wait_kernel_lists(new_addr, false, &want);
     // Two audits: the first may have dumped before the last of the traffic.
-    wait_for_audits(&agent, &agent.scrape(), 2);
-    wait_group_is(&agent, "127.0.0.1", new_addr.port(), NEW);
-    assert_gauge_matches_kernel(&agent, "after the sockets from before the start left");
+    wait_for_audits(agent, &agent.scrape(), 2);
+    wait_group_is(agent, "127.0.0.1", new_addr.port(), NEW);
+    assert_gauge_matches_kernel(agent, "after the sockets from before the start left");
     assert_eq!(old_server.release(), OLD);
     assert_eq!(new_server.release(), NEW);
 }

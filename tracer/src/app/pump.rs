@@ -133,12 +133,17 @@ pub async fn pump(
                 if session.tracker.shrink() {
                     crate::app::memory::give_back();
                 }
+                let unobserved = session.softirqs.refresh().map_or(0, |totals| {
+                    metrics.set_softirqs_unobserved(totals);
+                    totals.iter().sum::<u64>()
+                });
                 match session.lost.total() {
                     Ok(total) => {
                         metrics.set_events_lost(total);
                         session.loss.update(total);
-                        // Runs the kernel skipped lost their events too.
-                        let lost = total.saturating_add(skipped);
+                        // Runs the kernel skipped, and softirqs it ran without the programs,
+                        // lost their events too.
+                        let lost = total.saturating_add(skipped).saturating_add(unobserved);
                         session.resync.refresh(lost, &mut session.tracker);
                     }
                     Err(e) => warn!("{e}"),

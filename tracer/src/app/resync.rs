@@ -1,9 +1,9 @@
 //! Resyncs off the event path. After lost kernel events the tables drift from the kernel's (a
 //! lost CLOSE keeps a connection forever, a lost TIME_WAIT exit keeps a timewait socket); a
 //! sock_diag dump of every namespace puts them right, but takes milliseconds to seconds on a
-//! busy host. Not every loss is counted: the kernel can skip its BPF programs for a whole
-//! softirq run (a burst of timewait expiries, the connections a delayed-ACK timer finishes)
-//! while its own tracing sees the events, so a dump also comes every `every` (the audit).
+//! busy host. A dump follows counted loss: a full ring buffer, runs the kernel skipped, and
+//! softirq runs it made without any BPF program (`kernel::softirqs`); a loss no counter shows
+//! stays possible, so a dump also comes every `every` (the audit).
 //! The dump runs on one worker thread, one at a time and at most once per `MIN_SPACING`; the
 //! event loop only asks for it and, later, applies what came back with `Tracker::finish_resync`, whose epoch journal keeps the merge free of races with the events
 //! drained meanwhile (see `tracer_core::tracker` resync). The drain goes on while the dump runs.

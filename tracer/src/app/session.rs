@@ -15,6 +15,7 @@ use crate::host::{namespaces, seeds, sock_diag};
 use crate::kernel::btf::KernelBtf;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::programs::{HookPlan, KernelLogger, LostCounter, ProbeConfig, Probes};
+use crate::kernel::softirqs::SoftirqWatch;
 use crate::kernel::system::{self, TcpSysctls};
 use crate::kernel::tables::{KernelCounters, PathTable, TimeWaitExits};
 use tracer_core::model::TcpState;
@@ -42,6 +43,8 @@ pub struct Session {
     pub(super) paths: PathTable,
     pub(super) tw_exits: TimeWaitExits,
     pub(super) counters: KernelCounters,
+    /// Softirq runs made without the programs (`kernel::softirqs`).
+    pub(super) softirqs: SoftirqWatch,
     pub(super) logger: Option<KernelLogger>,
     pub tracker: Tracker,
     pub sysctls: TcpSysctls,
@@ -99,6 +102,9 @@ impl Session {
         let paths = PathTable::take(&mut probes)?;
         let tw_exits = TimeWaitExits::take(&mut probes)?;
         let counters = KernelCounters::take(&mut probes)?;
+        let mut softirqs = SoftirqWatch::take(&mut probes)?;
+        // The baseline, before the seeding dump: loss from here on counts.
+        softirqs.refresh();
         let logger = probes.logger();
 
         // Seed after attaching: a connection opened in between shows up in both the dump and
@@ -126,6 +132,7 @@ impl Session {
             paths,
             tw_exits,
             counters,
+            softirqs,
             logger,
             tracker,
             sysctls,

@@ -7,5 +7,6 @@ pub mod clock;
 pub mod compat;
 pub mod decode;
 pub mod programs;
+pub mod softirqs;
 pub mod system;
 pub mod tables;

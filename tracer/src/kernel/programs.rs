@@ -120,7 +120,7 @@ impl HookPlan {
         }
     }
 
-    fn hooks(&self) -> [Hook; 10] {
+    fn hooks(&self) -> [Hook; 11] {
         let retransmit = self.retransmit;
         [
             Hook {
@@ -162,6 +162,11 @@ impl HookPlan {
             Hook {
                 program: "tcp_cong_state_set",
                 tracepoint: "tcp_cong_state_set",
+            },
+            // Not a TCP hook: counts the softirq runs the programs see (`kernel::softirqs`).
+            Hook {
+                program: "softirq_entry",
+                tracepoint: "softirq_entry",
             },
         ]
     }

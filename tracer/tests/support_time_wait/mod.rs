@@ -322,6 +322,66 @@ pub fn start_agent(args: &[&str]) -> Agent {
     Agent::start(&all)
 }
 
+pub const UNOBSERVED: &str = "tracer_softirqs_unobserved_total";
+/// How often a scenario is run when the kernel hid events from every BPF program meanwhile.
+pub const BLIND_ATTEMPTS: u32 = 3;
+
+/// Softirq runs the kernel made without the agent's programs between two scrapes, summed over
+/// the watched vectors; panics when the agent does not expose the counter.
+pub fn unobserved_between(before: &str, after: &str) -> f64 {
+    let total = |text: &str| {
+        let found = matching_samples(text, UNOBSERVED, &[]);
+        assert!(!found.is_empty(), "{UNOBSERVED} is not exposed:\n{text}");
+        found.iter().map(|s| s.value).sum::<f64>()
+    };
+    total(after) - total(before)
+}
+
+/// One run of a scenario that counts events exactly; see [`exact_unless_kernel_blind`].
+#[derive(Default)]
+pub struct Attempt {
+    agent: Option<(Agent, String)>,
+}
+
+impl Attempt {
+    /// Starts this attempt's agent ([`start_agent`]) and remembers its counters at the start.
+    pub fn start_agent(&mut self, args: &[&str]) -> &Agent {
+        let agent = start_agent(args);
+        let before = agent.scrape();
+        &self.agent.insert((agent, before)).0
+    }
+}
+
+/// Runs `scenario` (which starts its agent with [`Attempt::start_agent`]) until it passes. The
+/// kernel can run a softirq without any BPF program (README, "Lost events"); the agent counts
+/// such runs (`tracer_softirqs_unobserved_total`) but cannot know what they held. A failed run
+/// during which the agent counted some says so on stderr and runs again, up to
+/// `BLIND_ATTEMPTS` runs; a failed run without any fails the test at once, as does the last.
+pub fn exact_unless_kernel_blind(scenario: impl Fn(&mut Attempt)) {
+    for run in 1..=BLIND_ATTEMPTS {
+        let mut attempt = Attempt::default();
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut attempt)));
+        let Err(failure) = outcome else {
+            return;
+        };
+        let Some((agent, before)) = attempt.agent.take() else {
+            std::panic::resume_unwind(failure);
+        };
+        // The agent compares the counts once a second.
+        thread::sleep(REFRESH * 2);
+        let blind = unobserved_between(&before, &agent.scrape());
+        if blind == 0.0 || run == BLIND_ATTEMPTS {
+            eprintln!("run {run}: {blind} softirq runs without the agent's programs");
+            std::panic::resume_unwind(failure);
+        }
+        eprintln!(
+            "run {run} failed (above) while the kernel ran {blind} softirqs without any BPF \
+             program: what they held reached no program; running the scenario again"
+        );
+    }
+}
+
 /// The value of the one sample `name{labels}`; panics when it is not exposed.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let found = matching_samples(text, name, labels);

@@ -38,6 +38,8 @@ pub use features::FeatureMetrics;
 pub use http::{Limits, serve, serve_with};
 pub use listen::ListenMetrics;
 use time_wait::TimeWaitMetrics;
+
+use crate::kernel::softirqs::WATCHED;
 pub use workload::{Count as WorkloadCount, Label as WorkloadLabel, WorkloadMetrics};
 
 use tracer_core::observer::Observer;
@@ -140,6 +142,8 @@ pub struct Metrics {
     records: IntCounter,
     table_full: [IntCounter; 3],
     table_full_seen: [AtomicU64; 3],
+    softirqs_unobserved: [IntCounter; WATCHED.len()],
+    softirqs_unobserved_seen: [AtomicU64; WATCHED.len()],
     evicted: IntCounter,
     evicted_seen: AtomicU64,
     reconciled: IntCounter,
@@ -382,6 +386,17 @@ impl Metrics {
             ["paths", "cong", "time_wait_exits"],
         )?;
 
+        let softirqs_unobserved = labelled_counters(
+            &registry,
+            "tracer_softirqs_unobserved_total",
+            "Softirq runs the kernel made without running the agent's programs (its count in \
+             /proc/softirqs against theirs), by vector: the TCP events of those runs are lost \
+             like those of a full ring buffer, and a resync follows. Seen on kernels that run \
+             no BPF program at all in softirqs on top of certain tasks.",
+            "vector",
+            WATCHED.map(|(_, _, label)| label),
+        )?;
+
         let evicted = IntCounter::with_opts(Opts::new(
             "tracer_connections_evicted_total",
             "Connections dropped from the agent's table because it was full.",
@@ -439,6 +454,8 @@ impl Metrics {
             records,
             table_full,
             table_full_seen: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            softirqs_unobserved,
+            softirqs_unobserved_seen: Default::default(),
             evicted,
             evicted_seen: AtomicU64::new(0),
             reconciled,
@@ -513,6 +530,19 @@ impl Metrics {
             .table_full
             .iter()
             .zip(&self.table_full_seen)
+            .zip(totals)
+        {
+            add_delta(counter, seen, total);
+        }
+    }
+
+    /// Takes the softirq runs made without the programs so far, by watched vector
+    /// (`kernel::softirqs::WATCHED`).
+    pub fn set_softirqs_unobserved(&self, totals: [u64; WATCHED.len()]) {
+        for ((counter, seen), total) in self
+            .softirqs_unobserved
+            .iter()
+            .zip(&self.softirqs_unobserved_seen)
             .zip(totals)
         {
             add_delta(counter, seen, total);
