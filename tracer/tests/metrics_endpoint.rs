@@ -24,6 +24,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("tracer_resets_total", "counter"),
     ("tracer_events_total", "counter"),
     ("tracer_events_lost_total", "counter"),
+    ("tracer_softirqs_unobserved_total", "counter"),
     ("tracer_connections_evicted_total", "counter"),
     ("tracer_build_info", "gauge"),
 ];
@@ -89,6 +90,15 @@ fn metrics_pass_promtool_and_expose_every_documented_family() {
             metric_type(&text, family).as_deref(),
             Some(*kind),
             "metric family {family} ({kind}) is not exposed as documented\n{text}"
+        );
+    }
+
+    // Every watched softirq vector has its series from the start (a missing one is no zero).
+    for vector in ["timer", "net_rx", "tasklet", "hrtimer"] {
+        metric_value(
+            &text,
+            "tracer_softirqs_unobserved_total",
+            &[("vector", vector)],
         );
     }
 

@@ -199,7 +199,17 @@ pub struct Agent {
     stdout: Arc<Collected>,
     stderr: Arc<Collected>,
     readers: Vec<JoinHandle<()>>,
+    /// `tracer_softirqs_unobserved_total` (summed) once ready and as last scraped before a
+    /// stop: a failing test says how many softirq runs the kernel made without BPF meanwhile
+    /// (see [`BLIND_MARKER`]).
+    unobserved_at_start: Option<f64>,
+    unobserved_at_stop: Option<f64>,
 }
+
+/// What a failing test prints, with the count of softirq runs the kernel made without any BPF
+/// program while its agent ran. `cargo xtask test` reruns a failed test only when its output
+/// holds this line with a count above zero: the kernel hid events from every program then.
+pub const BLIND_MARKER: &str = "tracer-test: softirq runs without BPF programs during this test:";
 
 impl Agent {
     /// Starts the agent with `--listen 127.0.0.1:<free port> --events json` plus `args`, and
@@ -230,9 +240,20 @@ impl Agent {
             stdout,
             stderr,
             readers,
+            unobserved_at_start: None,
+            unobserved_at_stop: None,
         };
         agent.wait_ready();
+        agent.unobserved_at_start = agent.unobserved();
         agent
+    }
+
+    /// The agent's count of softirq runs made without its programs, summed over vectors; `None`
+    /// when it cannot be scraped.
+    fn unobserved(&self) -> Option<f64> {
+        let resp = http_get(self.listen, "/metrics", Duration::from_secs(10)).ok()?;
+        let found = matching_samples(&resp.body, "tracer_softirqs_unobserved_total", &[]);
+        (!found.is_empty()).then(|| found.iter().map(|s| s.value).sum())
     }
 
     fn wait_ready(&mut self) {
@@ -291,20 +312,23 @@ impl Agent {
         timeout: Duration,
     ) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
-        let mut guard = self.stdout.state.lock().unwrap();
+        // Lines are parsed outside the lock, each once: the reader thread needs the lock for
+        // every line the agent writes, and a long parse under it would block the agent's stdout.
+        let mut matching: Vec<Value> = Vec::new();
+        let mut parsed = 0;
         loop {
-            let matching: Vec<Value> = parse_events(&guard.lines)
-                .into_iter()
-                .filter(|e| pred(e))
-                .collect();
+            let (new, eof) = {
+                let guard = self.stdout.state.lock().unwrap();
+                (guard.lines[parsed..].to_vec(), guard.eof)
+            };
+            parsed += new.len();
+            matching.extend(parse_events(&new).into_iter().filter(|e| pred(e)));
             if matching.len() >= count {
                 return matching;
             }
             let now = Instant::now();
-            if now >= deadline || guard.eof {
-                let all = guard.lines.clone();
-                let eof = guard.eof;
-                drop(guard);
+            if now >= deadline || eof {
+                let all = self.stdout.snapshot();
                 let tail: Vec<&String> = all.iter().rev().take(60).rev().collect();
                 panic!(
                     "expected {count} matching events within {timeout:?}, got {} (agent \
@@ -324,12 +348,11 @@ impl Agent {
                         .join("\n"),
                 );
             }
-            guard = self
-                .stdout
-                .changed
-                .wait_timeout(guard, (deadline - now).min(Duration::from_millis(200)))
-                .unwrap()
-                .0;
+            let guard = self.stdout.state.lock().unwrap();
+            if guard.lines.len() == parsed && !guard.eof {
+                let wait = (deadline - now).min(Duration::from_millis(200));
+                drop(self.stdout.changed.wait_timeout(guard, wait).unwrap());
+            }
         }
     }
 
@@ -377,6 +400,7 @@ impl Agent {
 
     /// Like [`Agent::stop`] with another signal (SIGINT).
     pub fn stop_with(&mut self, signal: libc::c_int) -> Duration {
+        self.unobserved_at_stop = self.unobserved();
         let mut child = self.child.take().expect("agent is running");
         let started = Instant::now();
         send_signal(child.id(), signal);
@@ -407,6 +431,17 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if thread::panicking() {
+            if self.child.is_some() {
+                // The agent compares the kernel's softirq counts with its programs' once a
+                // second: let it see the last of this test's.
+                thread::sleep(Duration::from_millis(1500));
+                self.unobserved_at_stop = self.unobserved().or(self.unobserved_at_stop);
+            }
+            if let (Some(start), Some(end)) = (self.unobserved_at_start, self.unobserved_at_stop) {
+                eprintln!("{BLIND_MARKER} {}", end - start);
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = libc::pid_t::try_from(child.id()).map(|pid| {
                 // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
