@@ -76,6 +76,7 @@ pub fn diagnose(args: DiagnoseOptions) -> anyhow::Result<()> {
         duration: started.elapsed(),
         sysctls: session.sysctls,
         events_lost: session.events_lost(),
+        softirqs_unobserved: session.softirqs_unobserved(),
     };
     // Name the workloads the findings are about: one last walk for the ids not cached yet
     // (those the filter still holds included).

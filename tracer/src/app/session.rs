@@ -148,6 +148,11 @@ impl Session {
     pub fn events_lost(&self) -> u64 {
         self.lost.total().unwrap_or(0)
     }
+
+    /// Softirq runs the kernel made without the programs so far (`kernel::softirqs`).
+    pub fn softirqs_unobserved(&self) -> u64 {
+        self.softirqs.total()
+    }
 }
 
 /// Connections and TIME_WAIT sockets that exist already, in this and every other network

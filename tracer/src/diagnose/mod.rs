@@ -82,6 +82,8 @@ pub struct ReportContext {
     pub sysctls: TcpSysctls,
     /// Events the kernel dropped (ring buffer full): every count is then a lower bound.
     pub events_lost: u64,
+    /// Softirq runs the kernel made without the programs: their events are missing too.
+    pub softirqs_unobserved: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -131,6 +133,8 @@ pub struct Report {
     /// Connections that closed while the run watched (opened before it or during it).
     pub connections_closed: u64,
     pub events_lost: u64,
+    /// Softirq runs the kernel made without the tracer's programs while the run watched.
+    pub softirqs_unobserved: u64,
     /// Sockets in TIME_WAIT at the end of the run.
     pub time_wait_sockets: usize,
     /// Connections in CLOSE_WAIT at the end of the run.
@@ -296,6 +300,7 @@ impl Diagnosis {
             connections_opened: self.opened,
             connections_closed: self.closed,
             events_lost: context.events_lost,
+            softirqs_unobserved: context.softirqs_unobserved,
             time_wait_sockets: tracker.time_wait().count(),
             close_wait_sockets: tracker.close_wait().0,
             findings,

@@ -53,6 +53,18 @@ impl fmt::Display for Report {
                 ),
             );
         }
+        if self.softirqs_unobserved > 0 {
+            wrap(
+                &mut out,
+                "warning: ",
+                "         ",
+                &format!(
+                    "the kernel ran {} without any BPF program: what TCP did in them is \
+                     missing, and the numbers in this report are lower bounds.",
+                    plural(self.softirqs_unobserved, "softirq", "softirqs")
+                ),
+            );
+        }
         for finding in &self.findings {
             out.push('\n');
             let tag = match finding.severity {
@@ -242,6 +254,26 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("lower bounds"), "{text}");
+        assert!(!text.contains("softirq"), "{text}");
+    }
+
+    #[test]
+    fn softirqs_run_without_the_programs_make_the_numbers_lower_bounds() {
+        let run = Run::new(DiagnoseConfig::default());
+        let report = run.diagnosis.report_with_owners(
+            &run.tracker,
+            &ReportContext {
+                softirqs_unobserved: 3,
+                ..context(sysctls())
+            },
+            |_, _| None,
+        );
+        let text = report.to_string();
+        assert!(
+            text.contains("warning: the kernel ran 3 softirqs without any BPF program"),
+            "{text}"
+        );
+        assert!(!text.contains("events were lost"), "{text}");
     }
 
     #[test]

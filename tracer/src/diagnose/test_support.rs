@@ -49,6 +49,7 @@ pub(super) fn context(sysctls: TcpSysctls) -> ReportContext {
         duration: Duration::from_secs(30),
         sysctls,
         events_lost: 0,
+        softirqs_unobserved: 0,
     }
 }
 

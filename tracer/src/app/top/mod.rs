@@ -123,6 +123,7 @@ impl TopConsumer {
             duration: at,
             sysctls: self.sysctls,
             events_lost: counters.events_lost,
+            softirqs_unobserved: counters.softirqs_unobserved,
         };
         if self.owners.len() > OWNERS_KEPT {
             self.owners.clear();

@@ -23,6 +23,7 @@ pub struct Counters {
     pub delayed_acks: u64,
     pub nagle_stalls: u64,
     pub events_lost: u64,
+    pub softirqs_unobserved: u64,
 }
 
 impl Counters {
@@ -68,6 +69,7 @@ impl Counters {
             delayed_acks: sum("tracer_delayed_acks_total", None),
             nagle_stalls: sum("tracer_nagle_stalls_total", None),
             events_lost: sum("tracer_events_lost_total", None),
+            softirqs_unobserved: sum("tracer_softirqs_unobserved_total", None),
         }
     }
 }
@@ -281,6 +283,12 @@ pub fn view(
             c.events_lost
         ));
     }
+    if c.softirqs_unobserved > 0 {
+        summary.push(format!(
+            "warning: the kernel ran {} softirqs without BPF programs: counts are lower bounds",
+            c.softirqs_unobserved
+        ));
+    }
     View {
         title: title(interval, now.at, sort),
         summary,
@@ -414,6 +422,7 @@ mod tests {
                 duration: Duration::from_secs(3),
                 sysctls: TcpSysctls::default(),
                 events_lost: 0,
+                softirqs_unobserved: 0,
             },
             |_, _| None,
         )
@@ -510,6 +519,7 @@ mod tests {
         let counters = Counters {
             opened: 5,
             events_lost: 3,
+            softirqs_unobserved: 2,
             ..Counters::default()
         };
         let view = view(
@@ -520,6 +530,7 @@ mod tests {
         );
         assert!(view.summary[0].starts_with("connections/s: opened 0.0 "));
         assert!(view.summary[4].starts_with("warning: 3 kernel events lost"));
+        assert!(view.summary[5].starts_with("warning: the kernel ran 2 softirqs without BPF"));
     }
 
     #[test]
