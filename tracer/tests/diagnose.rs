@@ -433,6 +433,7 @@ fn quiet_short_run_exits_0_with_a_well_formed_report() {
         "connections_opened",
         "connections_closed",
         "events_lost",
+        "softirqs_unobserved",
         "time_wait_sockets",
         "close_wait_sockets",
     ] {
