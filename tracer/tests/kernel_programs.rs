@@ -12,6 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use tracer::kernel::btf::KernelBtf;
 use tracer::kernel::decode as events;
 use tracer::kernel::programs::{HookPlan, ProbeConfig, Probes};
+use tracer::kernel::softirqs::{SoftirqWatch, WATCHED};
 use tracer::kernel::system::symbols;
 use tracer_core::model::{Event, TcpState};
 
@@ -40,7 +41,10 @@ fn programs_load_attach_and_report_a_loopback_connection() {
         },
     )
     .expect("attach (run the tests as root)");
-    assert_eq!(probes.attached().len(), 10);
+    // The TCP hooks, and softirq_entry (the runs the programs see, `kernel::softirqs`).
+    assert_eq!(probes.attached().len(), 11);
+    let mut softirqs = SoftirqWatch::take(&mut probes).expect("SOFTIRQS table");
+    assert_eq!(softirqs.unobserved().expect("baseline"), [0; WATCHED.len()]);
     let mut ring = probes.take_events().expect("ring");
     let lost = probes.take_lost_counter().expect("lost counter");
 
@@ -143,4 +147,8 @@ fn programs_load_attach_and_report_a_loopback_connection() {
     assert!(cost.srtt_ns > 0 && cost.min_rtt_ns > 0, "{cost:?}");
     assert!(cost.cwnd > 0 && cost.max_cwnd >= cost.cwnd, "{cost:?}");
     assert_eq!(lost.total().expect("lost"), 0);
+    // Both sides of the softirq comparison read after the traffic (its NET_RX runs).
+    softirqs
+        .unobserved()
+        .expect("kernel and program softirq counts");
 }
