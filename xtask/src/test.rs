@@ -90,7 +90,7 @@ const BLIND_RERUNS: u32 = 2;
 /// the events they held, so a test that failed while its agent counted some is run again, up to
 /// `BLIND_RERUNS` times. A test that failed without any fails the suite at once.
 fn integration_tests() -> Result<()> {
-    let (passed, output) = cargo_test(&[])?;
+    let (mut passed, output) = cargo_test(&[])?;
     let mut failed = failures(&output);
     for rerun in 1..=BLIND_RERUNS {
         if !failed.plain.is_empty() {
@@ -112,7 +112,8 @@ fn integration_tests() -> Result<()> {
             failed.blind.join(", ")
         ));
         let names: Vec<&str> = failed.blind.iter().map(String::as_str).collect();
-        let (passed, output) = cargo_test(&names)?;
+        let output;
+        (passed, output) = cargo_test(&names)?;
         failed = failures(&output);
         if passed && failed.blind.is_empty() && failed.plain.is_empty() {
             return Ok(());
