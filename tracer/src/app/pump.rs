@@ -97,6 +97,10 @@ pub async fn pump(
                 drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
                 if let Some(snapshot) = resynced {
                     session.resync.apply(&snapshot, &mut session.tracker, &metrics, consumer.observer());
+                    // The dump was built on the resync thread, in its own allocator arena:
+                    // hand what it held back, or a busy host's dump stays resident.
+                    drop(snapshot);
+                    crate::app::memory::give_back();
                 }
                 match consumer.batch_done() {
                     Ok(true) => {}
@@ -133,7 +137,7 @@ pub async fn pump(
                 if session.tracker.shrink() {
                     crate::app::memory::give_back();
                 }
-                let unobserved = session.softirqs.refresh().map_or(0, |totals| {
+                let blind = session.softirqs.refresh().map_or(0, |totals| {
                     metrics.set_softirqs_unobserved(totals);
                     totals.iter().sum::<u64>()
                 });
@@ -141,10 +145,10 @@ pub async fn pump(
                     Ok(total) => {
                         metrics.set_events_lost(total);
                         session.loss.update(total);
-                        // Runs the kernel skipped, and softirqs it ran without the programs,
-                        // lost their events too.
-                        let lost = total.saturating_add(skipped).saturating_add(unobserved);
-                        session.resync.refresh(lost, &mut session.tracker);
+                        // Runs the kernel skipped lost their events too; softirqs it ran
+                        // without the programs may have (`app::resync`).
+                        let lost = total.saturating_add(skipped);
+                        session.resync.refresh(lost, blind, &mut session.tracker);
                     }
                     Err(e) => warn!("{e}"),
                 }

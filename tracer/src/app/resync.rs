@@ -1,9 +1,9 @@
 //! Resyncs off the event path. After lost kernel events the tables drift from the kernel's (a
 //! lost CLOSE keeps a connection forever, a lost TIME_WAIT exit keeps a timewait socket); a
 //! sock_diag dump of every namespace puts them right, but takes milliseconds to seconds on a
-//! busy host. A dump follows counted loss: a full ring buffer, runs the kernel skipped, and
-//! softirq runs it made without any BPF program (`kernel::softirqs`); a loss no counter shows
-//! stays possible, so a dump also comes every `every` (the audit).
+//! busy host. A dump follows counted loss: a full ring buffer, runs the kernel skipped, and,
+//! spaced more, softirq runs it made without any BPF program (`kernel::softirqs`); a loss no
+//! counter shows stays possible, so a dump also comes every `every` (the audit).
 //! The dump runs on one worker thread, one at a time and at most once per `MIN_SPACING`; the
 //! event loop only asks for it and, later, applies what came back with `Tracker::finish_resync`, whose epoch journal keeps the merge free of races with the events
 //! drained meanwhile (see `tracer_core::tracker` resync). The drain goes on while the dump runs.
@@ -22,6 +22,11 @@ use tracer_core::tracker::{Snapshot, Tracker};
 /// Dumps start at most this often, whatever asks for them.
 pub const MIN_SPACING: Duration = Duration::from_secs(10);
 
+/// Softirq runs made without the programs (`kernel::softirqs`) ask for a dump at most this
+/// often: a kernel that makes them every few seconds may have had no TCP event in any, and each
+/// dump of a busy host costs CPU and, while it is merged, memory.
+pub const BLIND_SPACING: Duration = Duration::from_secs(30);
+
 /// The first dump after start-up, once the events queued during start-up are in: the start-up
 /// dump may list sockets already on their way out whose exit no event will show (their timer
 /// was detached just before the attach).
@@ -36,6 +41,8 @@ pub struct Resync {
     started: bool,
     /// The lost-event total when the last dump was asked for: more since means another is due.
     lost_at_request: u64,
+    /// The same for softirq runs made without the programs.
+    blind_at_request: u64,
     requested: Option<Instant>,
     /// The first dump, `AFTER_START` after start-up; `None` once asked for.
     first: Option<Instant>,
@@ -56,6 +63,7 @@ impl Resync {
             worker: None,
             started: false,
             lost_at_request: 0,
+            blind_at_request: 0,
             requested: None,
             first: Some(Instant::now() + AFTER_START),
             retry: false,
@@ -64,24 +72,27 @@ impl Resync {
         }
     }
 
-    /// Whether a dump is due at `now`, with the kernel's lost-event total: the first one after
-    /// start-up, the audit's, a retry, or one after events lost since the last was asked for
-    /// (so that one always follows the last loss); never sooner than `MIN_SPACING` after the
-    /// last.
-    fn due(&self, now: Instant, lost_total: u64) -> bool {
+    /// Whether a dump is due at `now`, with the kernel's lost-event total and its total of
+    /// softirq runs made without the programs: the first one after start-up, the audit's, a
+    /// retry, one after events lost since the last was asked for (so that one always follows
+    /// the last loss), or one after such softirq runs, `BLIND_SPACING` after the last; never
+    /// sooner than `MIN_SPACING` after the last.
+    fn due(&self, now: Instant, lost_total: u64, blind_total: u64) -> bool {
         let first = self.first.is_some_and(|at| now >= at);
         let since = self.requested.map(|at| now.duration_since(at));
         let audit = self
             .every
             .is_some_and(|every| since.is_some_and(|since| since >= every));
-        let wanted = first || audit || self.retry || lost_total > self.lost_at_request;
+        let blind =
+            blind_total > self.blind_at_request && since.is_none_or(|since| since >= BLIND_SPACING);
+        let wanted = first || audit || self.retry || blind || lost_total > self.lost_at_request;
         wanted && since.is_none_or(|since| since >= MIN_SPACING)
     }
 
     /// On each refresh, with the kernel's lost-event total (ring buffer full, program runs
-    /// skipped): asks for a dump when one is due and none is under way. The tracker's journal
-    /// starts now, before the dump can.
-    pub fn refresh(&mut self, lost_total: u64, tracker: &mut Tracker) {
+    /// skipped) and its total of softirq runs made without the programs: asks for a dump when
+    /// one is due and none is under way. The tracker's journal starts now, before the dump can.
+    pub fn refresh(&mut self, lost_total: u64, blind_total: u64, tracker: &mut Tracker) {
         if !self.started {
             self.started = true;
             self.worker = match Worker::start() {
@@ -96,7 +107,7 @@ impl Resync {
             };
         }
         let now = Instant::now();
-        let due = self.due(now, lost_total);
+        let due = self.due(now, lost_total, blind_total);
         let Some(worker) = &mut self.worker else {
             return;
         };
@@ -109,6 +120,7 @@ impl Resync {
             tracker.abandon_resync();
         } else {
             self.lost_at_request = lost_total;
+            self.blind_at_request = blind_total;
             self.requested = Some(now);
             self.retry = false;
             // The first dump is still to come only if its time has not.
@@ -287,22 +299,22 @@ mod tests {
         let mut resync = Resync::start(None);
         let now = Instant::now();
         resync.first = None;
-        assert!(resync.due(now, 5), "the first loss");
+        assert!(resync.due(now, 5, 0), "the first loss");
         resync.lost_at_request = 5;
         resync.requested = now.checked_sub(MIN_SPACING);
-        assert!(!resync.due(now, 5), "nothing lost since");
-        assert!(resync.due(now, 9), "lost again, spaced");
+        assert!(!resync.due(now, 5, 0), "nothing lost since");
+        assert!(resync.due(now, 9, 0), "lost again, spaced");
         resync.requested = now.checked_sub(MIN_SPACING / 2);
-        assert!(!resync.due(now, 9), "lost again, too soon");
+        assert!(!resync.due(now, 9, 0), "lost again, too soon");
         resync.requested = now.checked_sub(MIN_SPACING);
         resync.retry = true;
-        assert!(resync.due(now, 5), "a retry");
+        assert!(resync.due(now, 5, 0), "a retry");
         resync.requested = now.checked_sub(MIN_SPACING / 2);
-        assert!(!resync.due(now, 5), "a retry is spaced too");
+        assert!(!resync.due(now, 5, 0), "a retry is spaced too");
         resync.retry = false;
         resync.requested = None;
         resync.first = Some(now);
-        assert!(resync.due(now, 5), "the first dump after start-up");
+        assert!(resync.due(now, 5, 0), "the first dump after start-up");
     }
 
     #[test]
@@ -311,12 +323,28 @@ mod tests {
         let now = Instant::now();
         resync.first = None;
         resync.requested = now.checked_sub(Duration::from_secs(31));
-        assert!(resync.due(now, 0));
+        assert!(resync.due(now, 0, 0));
         resync.requested = now.checked_sub(Duration::from_secs(20));
-        assert!(!resync.due(now, 0), "not yet");
-        assert!(resync.due(now, 1), "a loss since");
+        assert!(!resync.due(now, 0, 0), "not yet");
+        assert!(resync.due(now, 1, 0), "a loss since");
         resync.every = None;
         resync.requested = now.checked_sub(Duration::from_secs(3600));
-        assert!(!resync.due(now, 0), "no audit");
+        assert!(!resync.due(now, 0, 0), "no audit");
+    }
+
+    #[test]
+    fn softirq_runs_without_the_programs_ask_for_a_dump_at_most_every_blind_spacing() {
+        let mut resync = Resync::start(None);
+        let now = Instant::now();
+        resync.first = None;
+        resync.requested = now.checked_sub(MIN_SPACING);
+        assert!(!resync.due(now, 0, 3), "runs since, too soon for them");
+        assert!(resync.due(now, 1, 3), "an event lost since is due sooner");
+        resync.requested = now.checked_sub(BLIND_SPACING);
+        assert!(resync.due(now, 0, 3), "runs since, spaced");
+        resync.blind_at_request = 3;
+        assert!(!resync.due(now, 0, 3), "none since");
+        resync.requested = None;
+        assert!(resync.due(now, 0, 4), "the first dump asked for");
     }
 }
