@@ -199,6 +199,14 @@ pub(crate) fn add_delta(counter: &IntCounter, seen: &AtomicU64, total: u64) {
     }
 }
 
+/// [`add_delta`] for each series of a family whose counters, last totals and new totals are
+/// kept in the same order.
+pub(crate) fn add_deltas(counters: &[IntCounter], seen: &[AtomicU64], totals: &[u64]) {
+    for ((counter, seen), &total) in counters.iter().zip(seen).zip(totals) {
+        add_delta(counter, seen, total);
+    }
+}
+
 /// How much a kernel counter's `total` for `key` grew since the last call for `key` (all of it
 /// the first time); remembers `total`.
 pub(crate) fn growth<K: Eq + std::hash::Hash>(
@@ -526,27 +534,17 @@ impl Metrics {
 
     /// Takes the kernel's cumulative table-full counts (`paths`, `close_wait`, `cong`).
     pub fn set_table_full(&self, totals: [u64; 3]) {
-        for ((counter, seen), total) in self
-            .table_full
-            .iter()
-            .zip(&self.table_full_seen)
-            .zip(totals)
-        {
-            add_delta(counter, seen, total);
-        }
+        add_deltas(&self.table_full, &self.table_full_seen, &totals);
     }
 
     /// Takes the softirq runs made without the programs so far, by watched vector
     /// (`kernel::softirqs::WATCHED`).
     pub fn set_softirqs_unobserved(&self, totals: [u64; WATCHED.len()]) {
-        for ((counter, seen), total) in self
-            .softirqs_unobserved
-            .iter()
-            .zip(&self.softirqs_unobserved_seen)
-            .zip(totals)
-        {
-            add_delta(counter, seen, total);
-        }
+        add_deltas(
+            &self.softirqs_unobserved,
+            &self.softirqs_unobserved_seen,
+            &totals,
+        );
     }
 
     /// Takes the kernel's skipped-run totals by tracepoint (`Probes::misses`).
