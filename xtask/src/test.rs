@@ -95,7 +95,7 @@ fn integration_tests() -> Result<()> {
     for rerun in 1..=BLIND_RERUNS {
         if !failed.plain.is_empty() {
             bail!(
-                "integration tests failed: {} (the kernel ran no softirq without BPF programs \
+                "integration tests failed: {} (no softirq run without BPF programs was counted \
                  during them)",
                 failed.plain.join(", ")
             );
