@@ -452,8 +452,14 @@ fn quiet_short_run_exits_0_with_a_well_formed_report() {
     let text = done.stdout.trim_end();
     let first = text.lines().next().unwrap_or_default();
     if first.starts_with("No TCP problems seen") {
-        // Nothing wrong is said briefly.
-        assert_eq!(text.lines().count(), 1, "{text}");
+        // Nothing wrong is said briefly: one line, then only the warnings that make its numbers
+        // lower bounds (lost events, softirqs the kernel ran without the programs).
+        let rest: Vec<&str> = text.lines().skip(1).collect();
+        assert!(
+            rest.iter()
+                .all(|l| l.starts_with("warning: ") || l.starts_with("         ")),
+            "{text}"
+        );
     } else {
         assert!(
             first.starts_with("TCP diagnosis over"),
