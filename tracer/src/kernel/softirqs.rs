@@ -102,8 +102,6 @@ pub struct SoftirqWatch {
     unobserved: Option<Unobserved>,
     /// A failure is said once, not every refresh.
     said: bool,
-    /// The last totals read, summed over the vectors.
-    last: u64,
 }
 
 impl SoftirqWatch {
@@ -114,22 +112,20 @@ impl SoftirqWatch {
             seen,
             unobserved: None,
             said: false,
-            last: 0,
         })
     }
 
     /// The runs missed so far, summed over the vectors, as last read.
     pub fn total(&self) -> u64 {
-        self.last
+        self.unobserved
+            .as_ref()
+            .map_or(0, |unobserved| unobserved.totals.iter().sum())
     }
 
     /// [`Self::unobserved`], with a failure logged once; `None` when it failed.
     pub fn refresh(&mut self) -> Option<[u64; WATCHED.len()]> {
         match self.unobserved() {
-            Ok(totals) => {
-                self.last = totals.iter().sum();
-                Some(totals)
-            }
+            Ok(totals) => Some(totals),
             Err(e) => {
                 if !std::mem::replace(&mut self.said, true) {
                     log::warn!("{e}");
