@@ -206,6 +206,13 @@ pub struct Agent {
     unobserved_at_stop: Option<f64>,
 }
 
+/// `tracer_softirqs_unobserved_total` in a scrape, summed over its vectors; `None` when the
+/// scrape has no such series.
+pub fn softirqs_unobserved(text: &str) -> Option<f64> {
+    let found = matching_samples(text, "tracer_softirqs_unobserved_total", &[]);
+    (!found.is_empty()).then(|| found.iter().map(|s| s.value).sum())
+}
+
 /// What a failing test prints, with the count of softirq runs the kernel made without any BPF
 /// program while its agent ran. `cargo xtask test` reruns a failed test only when its output
 /// holds this line with a count above zero: the kernel hid events from every program then.
@@ -252,8 +259,7 @@ impl Agent {
     /// when it cannot be scraped.
     fn unobserved(&self) -> Option<f64> {
         let resp = http_get(self.listen, "/metrics", Duration::from_secs(10)).ok()?;
-        let found = matching_samples(&resp.body, "tracer_softirqs_unobserved_total", &[]);
-        (!found.is_empty()).then(|| found.iter().map(|s| s.value).sum())
+        softirqs_unobserved(&resp.body)
     }
 
     fn wait_ready(&mut self) {

@@ -322,7 +322,6 @@ pub fn start_agent(args: &[&str]) -> Agent {
     Agent::start(&all)
 }
 
-pub const UNOBSERVED: &str = "tracer_softirqs_unobserved_total";
 /// How often a scenario is run when the kernel hid events from every BPF program meanwhile.
 pub const BLIND_ATTEMPTS: u32 = 3;
 
@@ -330,9 +329,8 @@ pub const BLIND_ATTEMPTS: u32 = 3;
 /// the watched vectors; panics when the agent does not expose the counter.
 pub fn unobserved_between(before: &str, after: &str) -> f64 {
     let total = |text: &str| {
-        let found = matching_samples(text, UNOBSERVED, &[]);
-        assert!(!found.is_empty(), "{UNOBSERVED} is not exposed:\n{text}");
-        found.iter().map(|s| s.value).sum::<f64>()
+        softirqs_unobserved(text)
+            .unwrap_or_else(|| panic!("tracer_softirqs_unobserved_total is not exposed:\n{text}"))
     };
     total(after) - total(before)
 }
