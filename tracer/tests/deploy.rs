@@ -274,6 +274,9 @@ struct CappedAgent {
     stdout: Lines,
     stderr: Lines,
     readers: Vec<JoinHandle<()>>,
+    /// `tracer_softirqs_unobserved_total` once ready: a failing test says how it grew
+    /// (`BLIND_MARKER`), as the common harness's agents do.
+    unobserved_at_start: Option<f64>,
 }
 
 impl CappedAgent {
@@ -306,6 +309,7 @@ impl CappedAgent {
             stdout,
             stderr,
             readers,
+            unobserved_at_start: None,
         }
     }
 
@@ -320,6 +324,7 @@ impl CappedAgent {
             if let Ok(resp) = http_get(self.listen, "/metrics", Duration::from_secs(2))
                 && resp.status == 200
             {
+                self.unobserved_at_start = softirqs_unobserved(&resp.body);
                 return Ok(resp.body);
             }
             thread::sleep(Duration::from_millis(100));
@@ -384,7 +389,18 @@ impl CappedAgent {
 
 impl Drop for CappedAgent {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
+        let running = self.child.try_wait().ok().flatten().is_none();
+        if running && thread::panicking() {
+            // The agent compares the kernel's softirq counts with its programs' once a second.
+            thread::sleep(Duration::from_millis(1500));
+            let now = http_get(self.listen, "/metrics", Duration::from_secs(10))
+                .ok()
+                .and_then(|resp| softirqs_unobserved(&resp.body));
+            if let (Some(start), Some(end)) = (self.unobserved_at_start, now) {
+                eprintln!("{BLIND_MARKER} {}", end - start);
+            }
+        }
+        if running {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
