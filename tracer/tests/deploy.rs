@@ -281,6 +281,16 @@ struct CappedAgent {
 
 impl CappedAgent {
     fn spawn(binary: &str, identity: Identity, caps: &BTreeSet<String>) -> CappedAgent {
+        CappedAgent::spawn_with(binary, identity, caps, &[])
+    }
+
+    /// `spawn` with more `run` options.
+    fn spawn_with(
+        binary: &str,
+        identity: Identity,
+        caps: &BTreeSet<String>,
+        options: &[&str],
+    ) -> CappedAgent {
         require_root();
         require_tool("setpriv");
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
@@ -289,6 +299,7 @@ impl CappedAgent {
             .arg(binary)
             .args(["run", "--listen", &listen.to_string(), "--events", "json"])
             .args(["--close-wait-threshold", "1s", "--log-level", "info"])
+            .args(options)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -458,6 +469,68 @@ fn agent_works_with(identity: Identity) {
         !stderr.contains(" no CAP_") && stderr.contains("attached to"),
         "{identity:?} with {caps:?}: no warning about capabilities expected:\n{stderr}"
     );
+}
+
+/// Without CAP_SYS_ADMIN the agent cannot enter other network namespaces to dump their
+/// sockets, so a resync knows nothing of them: it must leave their connections alone rather
+/// than close them out as if their close had been lost.
+#[test]
+fn a_resync_without_cap_sys_admin_keeps_other_namespaces_connections() {
+    let mut caps = documented_capabilities();
+    caps.remove("CAP_SYS_ADMIN");
+    let dir = TempDir::new("resync");
+    let binary = agent_copy(&dir);
+    let ns = Netns::create();
+    let mut agent = CappedAgent::spawn_with(
+        &binary,
+        Identity::NonRoot,
+        &caps,
+        &["--resync-every", "10s"],
+    );
+    agent
+        .ready()
+        .unwrap_or_else(|e| panic!("without CAP_SYS_ADMIN the agent should still run; it {e}"));
+    let (_held, server_side) = leak_in(&ns);
+    // The first dump comes 2 s after start-up, perhaps before the connection was traced; the
+    // audit's, 10 s after it, surely after.
+    let resyncs = |agent: &CappedAgent| metric_value(&agent.scrape(), "tracer_resyncs_total", &[]);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while resyncs(&agent) < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no second resync within 40 s:\n{}",
+            agent.stderr.text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let leak = agent.wait_for_leak(server_side);
+    assert_eq!(leak["netns"], ns.inode(), "{leak}");
+    let closed: Vec<Value> = agent
+        .stdout
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e["event"] == "connection_closed"
+                && e["netns"] == ns.inode()
+                && (e["sport"] == u64::from(server_side.port())
+                    || e["dport"] == u64::from(server_side.port()))
+        })
+        .collect();
+    // The client side closed for real (its FIN); the server side, still in CLOSE_WAIT, must
+    // not have been closed out.
+    assert!(
+        closed
+            .iter()
+            .all(|e| e["sport"] != u64::from(server_side.port())),
+        "a resync closed out the server side still in CLOSE_WAIT: {closed:?}\n{}",
+        agent.stderr.text()
+    );
+    let body = agent.scrape();
+    assert!(
+        metric_value(&body, "tracer_close_wait_sockets", &[]) >= 1.0,
+        "the CLOSE_WAIT socket should still be counted"
+    );
+    agent.stop();
 }
 
 #[test]

@@ -281,14 +281,15 @@ impl TimeWaitTable {
     /// while events kept coming (see the tracker's resync): a socket the dump does not list is
     /// dropped (its exit was lost) unless its last timer event came at or after `from_ns` or its
     /// cancel is still settling (a 4-tuple's newer socket must not keep an older entry whose
-    /// exit was lost, so `touched` is not asked); with `add`, a listed socket the
-    /// table does not hold and no event touched is added (its start was lost). Returns
-    /// (dropped, added).
+    /// exit was lost, so `touched` is not asked) or its namespace is one the dump did not `read`;
+    /// with `add`, a listed socket the table does not hold and no event touched is added (its
+    /// start was lost). Returns (dropped, added).
     pub fn reconcile(
         &mut self,
         present: &foldhash::HashSet<(u32, Tuple)>,
         from_ns: u64,
         touched: &impl Fn(&(u32, Tuple)) -> bool,
+        read: &impl Fn(u32) -> bool,
         add: bool,
     ) -> (usize, usize) {
         let stale: Vec<SockId> = self
@@ -299,7 +300,7 @@ impl TimeWaitTable {
                 // The kernel holds one socket per 4-tuple: one listed on the key of an entry that
                 // is not the latest of its key is a newer one.
                 let listed = present.contains(&key) && self.by_tuple.get(&key) == Some(*tw);
-                e.pending_cancel.is_none() && e.last_event_ns < from_ns && !listed
+                e.pending_cancel.is_none() && e.last_event_ns < from_ns && !listed && read(e.netns)
             })
             .map(|(tw, _)| *tw)
             .collect();
@@ -312,7 +313,7 @@ impl TimeWaitTable {
         let gone: Vec<(u32, Tuple)> = self
             .seeded
             .keys()
-            .filter(|key| !present.contains(*key))
+            .filter(|key| !present.contains(*key) && read(key.0))
             .copied()
             .collect();
         for key in gone {
@@ -1070,7 +1071,8 @@ mod tests {
             .into_iter()
             .map(|p| (NS, tuple(p, 80)))
             .collect();
-        let (dropped, added) = t.reconcile(&present, 100, &|k| touched.contains(k), true);
+        let (dropped, added) =
+            t.reconcile(&present, 100, &|k| touched.contains(k), &|_| true, true);
         assert_eq!((dropped, added), (1, 1), "40000 dropped, 40002 added");
         assert_eq!(t.count(), 3, "40001, 40002, 40003");
         assert_eq!(t.top_peers(1)[0].1, 3);
@@ -1088,7 +1090,10 @@ mod tests {
             .into_iter()
             .map(|p| (NS, tuple(p, 80)))
             .collect();
-        assert_eq!(t.reconcile(&present, 300, &|_| false, true), (1, 0));
+        assert_eq!(
+            t.reconcile(&present, 300, &|_| false, &|_| true, true),
+            (1, 0)
+        );
         assert_eq!(t.count(), 3);
         t.on_timer(
             400,
@@ -1111,7 +1116,10 @@ mod tests {
         assert_eq!(t.count(), 2);
         // Without `add` (the journal overflowed), nothing is added.
         let mut u = table();
-        assert_eq!(u.reconcile(&present, 100, &|_| false, false), (0, 0));
+        assert_eq!(
+            u.reconcile(&present, 100, &|_| false, &|_| true, false),
+            (0, 0)
+        );
         assert_eq!(u.count(), 0);
     }
 
@@ -1125,9 +1133,32 @@ mod tests {
         t.on_timer(5, TW, NS, a, TimeWait, TimerPhase::Expire, &mut rec);
         assert_eq!((t.count(), t.seeded_len()), (2, 2));
         let present: foldhash::HashSet<(u32, Tuple)> = [(NS, c)].into_iter().collect();
-        assert_eq!(t.reconcile(&present, 10, &|_| false, true), (1, 0));
+        assert_eq!(
+            t.reconcile(&present, 10, &|_| false, &|_| true, true),
+            (1, 0)
+        );
         assert_eq!((t.count(), t.seeded_len()), (1, 1));
         assert_eq!(t.top_peers(5)[0].1, 1);
+    }
+
+    #[test]
+    fn a_namespace_the_dump_could_not_read_keeps_its_timewait_sockets() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let seeded = tuple(40001, 80);
+        t.seed([(NS, seeded)]);
+        let traced = tuple(40000, 80);
+        t.on_timer(10, TW, NS, traced, TimeWait, TimerPhase::Start, &mut rec);
+        let empty = foldhash::HashSet::default();
+        assert_eq!(
+            t.reconcile(&empty, 100, &|_| false, &|ns| ns != NS, true),
+            (0, 0)
+        );
+        assert_eq!((t.count(), t.seeded_len()), (2, 1));
+        assert_eq!(
+            t.reconcile(&empty, 100, &|_| false, &|_| true, true),
+            (2, 0)
+        );
+        assert_eq!(t.count(), 0);
     }
 
     #[test]

@@ -260,7 +260,8 @@ impl Worker {
 }
 
 /// One dump of this namespace (required) and every other one that can be entered (best
-/// effort), as the tracker compares it; `started_ns` is read before the first socket is.
+/// effort; those that cannot are named in `unread`), as the tracker compares it; `started_ns`
+/// is read before the first socket is.
 fn snapshot() -> Result<Snapshot, String> {
     let own = namespaces::current_netns_inode().map_err(|e| e.to_string())?;
     let mut snapshot = Snapshot {
@@ -272,8 +273,12 @@ fn snapshot() -> Result<Snapshot, String> {
     for namespace in namespaces::other_namespaces(own) {
         match namespaces::dump_tcp_no_requests_in(&namespace) {
             Ok(sockets) => add(&mut snapshot, namespace.inode, &sockets),
-            // A namespace that went away meanwhile takes its sockets with it.
-            Err(e) => log::debug!("resync: namespace {}: {e}", namespace.inode),
+            // Not entered (no CAP_SYS_ADMIN) or gone meanwhile: its entries wait for a dump
+            // that reads it, or, once it is gone, for the next one, which no longer finds it.
+            Err(e) => {
+                log::debug!("resync: namespace {}: {e}", namespace.inode);
+                snapshot.unread.insert(namespace.inode);
+            }
         }
     }
     Ok(snapshot)

@@ -80,6 +80,17 @@ pub struct Snapshot {
     pub seeds: Vec<Seed>,
     /// Timewait sockets, in either substate.
     pub time_wait: KeySet,
+    /// Namespaces that exist but the dump could not read (an agent without CAP_SYS_ADMIN
+    /// cannot enter them): their entries are left as they are, since the dump says nothing of
+    /// them. A namespace missing from the dump otherwise is gone, and its sockets with it.
+    pub unread: HashSet<u32>,
+}
+
+impl Snapshot {
+    /// Whether the dump speaks for `netns`: it read it, or the namespace no longer exists.
+    pub fn speaks_for(&self, netns: u32) -> bool {
+        !self.unread.contains(&netns)
+    }
 }
 
 /// What a resync changed.
@@ -146,7 +157,10 @@ impl Tracker {
                     .and_then(|sock| self.conns.get(sock))
                     .is_some_and(|other| other.sock != c.sock && other.netns == c.netns);
                 let listed = snapshot.connections.contains(&key) && !newer;
-                c.tuple.is_complete() && c.last_seen_ns < from && !listed
+                c.tuple.is_complete()
+                    && c.last_seen_ns < from
+                    && !listed
+                    && snapshot.speaks_for(c.netns)
             })
             .map(|c| c.sock)
             .collect();
@@ -164,7 +178,7 @@ impl Tracker {
         let gone_seeds: Vec<Key> = self
             .seeds
             .keys()
-            .filter(|key| !snapshot.connections.contains(*key))
+            .filter(|key| !snapshot.connections.contains(*key) && snapshot.speaks_for(key.0))
             .copied()
             .collect();
         for key in gone_seeds {
@@ -201,9 +215,13 @@ impl Tracker {
             self.seed(missing, from);
         }
 
-        let (dropped, added) =
-            self.time_wait
-                .reconcile(&snapshot.time_wait, from, &touched, outcome.complete);
+        let (dropped, added) = self.time_wait.reconcile(
+            &snapshot.time_wait,
+            from,
+            &touched,
+            &|netns| snapshot.speaks_for(netns),
+            outcome.complete,
+        );
         outcome.time_wait_dropped = dropped;
         outcome.time_wait_added = added;
         outcome
@@ -233,6 +251,7 @@ mod tests {
             connections: listed.iter().map(|(t, _)| (NETNS, *t)).collect(),
             seeds: listed.iter().map(|(t, s)| seed(*t, *s)).collect(),
             time_wait: KeySet::default(),
+            unread: HashSet::default(),
         }
     }
 
@@ -313,6 +332,32 @@ mod tests {
         assert_eq!((outcome.closed, outcome.seeds_dropped), (0, 1));
         assert_eq!(tracker.active(), 2);
         assert_eq!(tracker.close_wait(), (0, 0));
+    }
+
+    #[test]
+    fn a_namespace_the_dump_could_not_read_keeps_its_connections_and_seeds() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        let (traced, seeded) = (loopback(42000, 80), loopback(42001, 80));
+        open(&mut tracker, &mut rec, 10, 1, traced);
+        tracker.begin_resync();
+        let listed = [(traced, Established), (seeded, CloseWait)];
+        let outcome = tracker.finish_resync(&snapshot(20, &listed), &mut rec);
+        assert_eq!((outcome.added, tracker.active()), (1, 2));
+        // An agent without CAP_SYS_ADMIN cannot enter the namespace: the dump lists nothing
+        // there, which says nothing of what it holds.
+        tracker.begin_resync();
+        let mut unreadable = snapshot(100, &[]);
+        unreadable.unread.insert(NETNS);
+        let outcome = tracker.finish_resync(&unreadable, &mut rec);
+        assert_eq!(outcome.reconciled(), 0);
+        assert_eq!(tracker.active(), 2);
+        assert_eq!(tracker.close_wait(), (1, 0));
+        // Once read (or gone), its empty listing closes both out.
+        tracker.begin_resync();
+        let outcome = tracker.finish_resync(&snapshot(200, &[]), &mut rec);
+        assert_eq!((outcome.closed, outcome.seeds_dropped), (1, 1));
+        assert_eq!(tracker.active(), 0);
     }
 
     #[test]
