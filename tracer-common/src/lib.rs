@@ -68,7 +68,9 @@ pub const COUNT_PATH_TABLE_FULL: u32 = 0;
 pub const COUNT_CONG_TABLE_FULL: u32 = 1;
 /// Timewait sockets' exits sent as records because the `TW_EXITS` table was full.
 pub const COUNT_TW_EXITS_TABLE_FULL: u32 = 2;
-pub const COUNT_SLOTS: u32 = 3;
+/// Sockets whose run went to `PATHS` because another socket held their `PATH_SLOTS` slot.
+pub const COUNT_PATH_SLOT_TAKEN: u32 = 3;
+pub const COUNT_SLOTS: u32 = 4;
 
 /// Slots of the `SOFTIRQS` per-CPU array: softirq runs the programs saw, by vector (the
 /// kernel's `NR_SOFTIRQS`). The agent compares them with the kernel's own count
@@ -92,6 +94,35 @@ pub struct TwExitKey {
 /// Sockets the kernel's `PATHS` table holds at most: every socket from its first state change
 /// to its CLOSE (preallocated: about 270 bytes each in kernel memory).
 pub const PATHS_MAX: u32 = 65_536;
+
+/// `PATH_SLOTS` has `1 << PATH_SLOT_BITS` slots, each holding the run of the socket whose
+/// address hashes to it (see [`path_slot`]); a socket whose slot is taken goes to `PATHS`.
+pub const PATH_SLOT_BITS: u32 = 14;
+
+/// The `PATH_SLOTS` index of the socket at `sk`: the top bits of a multiplicative hash (socket
+/// addresses share their low bits).
+#[inline(always)]
+pub fn path_slot(sk: u64) -> u32 {
+    (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PATH_SLOT_BITS)) as u32
+}
+
+/// One slot of the direct-mapped `PATH_SLOTS` table: a run of state changes, as `PATHS` keeps
+/// it, claimed by one socket at a time. A socket's state changes then cost plain loads and
+/// stores instead of a hash table's lookup, insert and delete.
+///
+/// The kernel rewrites a slot whole (a claim, a release) between two counters: `seq_end` goes
+/// up first, `seq` after the last write. The agent copies slots from first byte to last, so a
+/// copy with `seq == seq_end` overlapped no rewrite (appending a step is not a rewrite: a copy
+/// that catches one half-written does not decode, as for `PATHS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathSlot {
+    /// The socket's address; 0 while the slot is free. Claimed and freed with compare-and-swap.
+    pub owner: u64,
+    pub seq: u64,
+    pub path: RawPathOpen,
+    pub seq_end: u64,
+}
 
 /// Slots of the `RST_NO_SOCKET` per-CPU array: RSTs the host sent answering a segment no
 /// socket matched (a closed port), by the kernel's `enum sk_rst_reason` value; a reason past
@@ -417,6 +448,8 @@ mod user {
     unsafe impl aya::Pod for super::RawPath {}
     // SAFETY: as for RawPath, whose leading part it is.
     unsafe impl aya::Pod for super::RawPathOpen {}
+    // SAFETY: as above: `repr(C)`, integers and a `repr(C)` struct, no padding.
+    unsafe impl aya::Pod for super::PathSlot {}
     // SAFETY: as for RawPath: two u32, no padding.
     unsafe impl aya::Pod for super::CongSeen {}
     // SAFETY: two u64, no padding.
@@ -429,6 +462,7 @@ const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(core::mem::size_of::<PathStep>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
 const _: () = assert!(core::mem::size_of::<RawPathOpen>() == 96 + 16 * PATH_STEPS + 16);
+const _: () = assert!(core::mem::size_of::<PathSlot>() == 24 + core::mem::size_of::<RawPathOpen>());
 const _: () =
     assert!(core::mem::offset_of!(RawPath, cgroup) == core::mem::offset_of!(RawPathOpen, cgroup));
 const _: () = assert!(core::mem::offset_of!(RawPath, cost) == core::mem::size_of::<RawPathOpen>());

@@ -4,6 +4,9 @@
 //! Struct offsets come from the agent (read from the running kernel's BTF) through the
 //! read-only global `OFFSETS`: Rust eBPF has no CO-RE relocations.
 #![no_std]
+// Atomic read-modify-write instructions (`paths`): `core::sync::atomic` has none for BPF.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 #![no_main]
 
 mod cost;

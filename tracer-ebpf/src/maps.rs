@@ -1,11 +1,11 @@
 //! Maps and globals shared by all programs, declared in one place.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    COUNT_SLOTS, CongSeen, KernelOffsets, KernelSymbols, LOST_SLOTS, PATHS_MAX, RawEvent,
-    RawPathOpen, SOFTIRQ_VECTORS, TW_EXITS_MAX, TwExitKey,
+    COUNT_SLOTS, CongSeen, KernelOffsets, KernelSymbols, LOST_SLOTS, PATH_SLOT_BITS, PATHS_MAX,
+    PathSlot, RawEvent, RawPathOpen, SOFTIRQ_VECTORS, TW_EXITS_MAX, TwExitKey,
 };
 
 /// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
@@ -39,9 +39,22 @@ pub const NOEXIST: u64 = 1;
 /// at CLOSE, or before any other record of the socket; the agent reads the table once a second
 /// to learn of the connections that stay open (and of CLOSE_WAIT leaks) without a record each.
 /// Not LRU: an entry is never dropped silently; when the table is full a change goes out on its
-/// own. Preallocated: an allocation per socket cost about 150 ns (measured).
+/// own. Preallocated: an allocation per socket cost about 150 ns (measured). Only sockets
+/// whose `PATH_SLOTS` slot is taken come here.
 #[map]
 pub static PATHS: HashMap<u64, RawPathOpen> = HashMap::with_max_entries(PATHS_MAX, 0);
+
+/// Each socket's run of state changes, in the slot its address hashes to (`path_slot`),
+/// claimed at its first change and freed when the run is sent: the common path costs no hash
+/// table operation. A socket whose slot another holds goes to `PATHS`. The agent reads it once
+/// a second, as it reads `PATHS`.
+#[map]
+pub static PATH_SLOTS: Array<PathSlot> = Array::with_max_entries(1 << PATH_SLOT_BITS, 0);
+
+/// Entries in `PATHS` (slot 0), kept with atomic adds: while it is 0, as it is unless the
+/// slots collide, a socket's first change need not look for an earlier run there.
+#[map]
+pub static PATHS_IN_USE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// RSTs sent for no socket, by reason (`RST_NO_SOCKET_SLOTS`); one writer per CPU (the
 /// `tcp_send_reset` program does not nest with itself).
@@ -86,6 +99,11 @@ pub struct TwSlot {
     /// When `last_cancel` was detached (`bpf_ktime_get_ns`).
     pub last_cancel_ns: u64,
 }
+
+/// Per CPU and program (`LOST_*` slots): a cell through which a socket's address becomes a
+/// plain number (`sock::address`).
+#[map]
+pub static ADDRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
 
 /// Per CPU: where a socket's new run is built before it is inserted into `PATHS` whole.
 #[map]

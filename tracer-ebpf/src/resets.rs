@@ -45,12 +45,13 @@ fn emit(ctx: &BtfTracePointContext, sk: *const u8, kind: u8, reason: u16) -> i32
     }
     // Both hooks sit in TCP code, so no protocol check; `sk` may be a TIME_WAIT or request
     // mini socket, whose `sock_common` part (all that `fill` reads) is valid.
-    paths::send::<Probed>(sk);
-    let Some(mut entry) = maps::reserve(if kind == EVENT_RESET_SENT {
+    let program = if kind == EVENT_RESET_SENT {
         tracer_common::LOST_SEND_RESET
     } else {
         tracer_common::LOST_RECEIVE_RESET
-    }) else {
+    };
+    paths::send::<Probed>(sk, program);
+    let Some(mut entry) = maps::reserve(program) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; fill writes every

@@ -58,7 +58,7 @@ fn emit(ctx: &BtfTracePointContext) -> i32 {
         Some(n) => n,
     };
     let ca_byte: u8 = sock::read(sk, maps::off!(icsk_ca_state_byte)).unwrap_or(0);
-    paths::send::<Probed>(sk);
+    paths::send::<Probed>(sk, tracer_common::LOST_RETRANSMIT);
     let Some(mut entry) = maps::reserve(tracer_common::LOST_RETRANSMIT) else {
         return 0;
     };

@@ -33,7 +33,7 @@ pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
     if left == 0 || left >= u64::from(mss) {
         return 0;
     }
-    paths::send::<Probed>(sk);
+    paths::send::<Probed>(sk, tracer_common::LOST_SENDMSG);
     let Some(mut entry) = maps::reserve(tracer_common::LOST_SENDMSG) else {
         return 0;
     };

@@ -135,6 +135,26 @@ fn v6<M: Mem>(sk: *const u8, at: u32) -> [u8; 16] {
     addr
 }
 
+/// The address `sk` as a plain number, to compute with. The verifier allows no arithmetic but
+/// adding offsets on a BTF-typed pointer (a hash of it is refused), but a value read back from
+/// a map is an untyped number: `sk` goes through this CPU's `ADDRESS` cell of the calling
+/// `program` (its `LOST_*` slot). A program does not nest with itself on a CPU, so no other
+/// writes that cell between the write and the read.
+#[inline(always)]
+pub fn address(sk: *const u8, program: u32) -> u64 {
+    if let Some(cell) = crate::maps::ADDRESS.get_ptr_mut(program) {
+        // SAFETY: this CPU's cell of this program, valid for the program's run; an aligned u64
+        // written and read whole.
+        return unsafe {
+            core::ptr::write_volatile(cell.cast::<*const u8>(), sk);
+            core::ptr::read_volatile(cell)
+        };
+    }
+    let held = sk;
+    // SAFETY: reads the 8 bytes of `held`, a local on this program's stack.
+    unsafe { bpf_probe_read_kernel((&raw const held).cast::<u64>()) }.unwrap_or(0)
+}
+
 /// True for TCP sockets of the families we decode.
 #[inline(always)]
 pub fn is_tcp<M: Mem>(sk: *const u8) -> bool {

@@ -287,7 +287,7 @@ fn delack_fired(timer: *const u8) -> i32 {
         return 0;
     }
     let pingpong: u8 = sock::read(sk_addr, maps::off!(icsk_ack_pingpong)).unwrap_or(0);
-    paths::send::<Probed>(sk_addr);
+    paths::send::<Probed>(sk_addr, tracer_common::LOST_TIMER_EXPIRE);
     let Some(mut entry) = maps::reserve(tracer_common::LOST_TIMER_EXPIRE) else {
         return 0;
     };

@@ -25,6 +25,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("tracer_events_total", "counter"),
     ("tracer_events_lost_total", "counter"),
     ("tracer_softirqs_unobserved_total", "counter"),
+    ("tracer_kernel_path_slot_collisions_total", "counter"),
     ("tracer_connections_evicted_total", "counter"),
     ("tracer_build_info", "gauge"),
 ];

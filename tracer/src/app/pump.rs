@@ -127,7 +127,7 @@ pub async fn pump(
                     metrics.set_program_misses(&misses);
                 }
                 match session.counters.totals() {
-                    Ok(totals) => metrics.set_table_full(totals),
+                    Ok(totals) => metrics.set_kernel_counts(totals),
                     Err(e) => warn!("{e}"),
                 }
                 match session.counters.rst_no_socket() {

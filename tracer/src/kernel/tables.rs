@@ -2,7 +2,7 @@
 //! the runs of state changes the kernel still holds (open connections, CLOSE_WAIT sockets),
 //! timewait sockets' exits, and the programs' own counters.
 use aya::maps::{Map, MapData, PerCpuArray};
-use tracer_common::{COUNT_SLOTS, RawEvent, RawPathOpen, TwExitKey};
+use tracer_common::{COUNT_SLOTS, PathSlot, RawEvent, RawPathOpen, TwExitKey};
 use tracer_core::model::{Event, SockId, TcpState};
 
 use crate::kernel::batch::BatchReader;
@@ -17,28 +17,55 @@ fn hash_map(probes: &mut Probes, name: &'static str) -> Result<MapData, ProbeErr
     }
 }
 
-/// The kernel's `PATHS` table: each socket's state changes from its first to its CLOSE, when
-/// the kernel sends them as one record. A connection that stays open is read from here once a
-/// second and handed to the tracker then ("promoted", see [`promotable`]), so that it counts as
-/// open and its CLOSE_WAIT is followed while it lasts; [`already_given`] drops those changes
-/// from the record that later carries them again.
+/// The array map `name` out of the loaded object.
+fn array_map(probes: &mut Probes, name: &'static str) -> Result<MapData, ProbeError> {
+    match probes.take_map(name)? {
+        Map::Array(map) => Ok(map),
+        _ => Err(ProbeError::MissingMap(name)),
+    }
+}
+
+/// The kernel's `PATH_SLOTS` and `PATHS` tables: each socket's state changes from its first to
+/// its CLOSE, when the kernel sends them as one record (in the socket's slot, or in `PATHS`
+/// when another socket held it). A connection that stays open is read from here once a second
+/// and handed to the tracker then ("promoted", see [`promotable`]), so that it counts as open
+/// and its CLOSE_WAIT is followed while it lasts; [`already_given`] drops those changes from
+/// the record that later carries them again.
 pub struct PathTable {
+    slots: BatchReader<u32, PathSlot>,
     reader: BatchReader<u64, RawPathOpen>,
 }
 
 impl PathTable {
     pub fn take(probes: &mut Probes) -> Result<PathTable, ProbeError> {
         Ok(PathTable {
+            slots: BatchReader::new(array_map(probes, "PATH_SLOTS")?),
             reader: BatchReader::new(hash_map(probes, "PATHS")?),
         })
     }
 
-    /// Calls `each` with every socket's run in the table.
+    /// Calls `each` with every socket's run in the tables.
     pub fn walk(&mut self, mut each: impl FnMut(SockId, &RawPathOpen)) -> Result<(), ProbeError> {
+        self.slots
+            .walk(false, |_, slot| {
+                if let Some((sock, run)) = slot_run(slot) {
+                    each(sock, run);
+                }
+            })
+            .map_err(|e| ProbeError::Table("PATH_SLOTS", e))?;
         self.reader
             .walk(false, |&sock, path| each(sock, path))
             .map_err(|e| ProbeError::Table("PATHS", e))
     }
+}
+
+/// The run a copy of a `PATH_SLOTS` slot holds: none when the slot is free or empty, or when
+/// the kernel rewrote it while it was copied (its two counters differ, see `PathSlot`) or gave
+/// it to another socket meanwhile (the run's socket is not the owner read first).
+fn slot_run(slot: &PathSlot) -> Option<(SockId, &RawPathOpen)> {
+    let whole = slot.seq == slot.seq_end && slot.path.len > 0;
+    (whole && slot.owner != 0 && slot.path.head.skaddr == slot.owner)
+        .then_some((slot.owner, &slot.path))
 }
 
 /// Appends to `out` what of `run` (a socket's run as the table holds it, decoded) the tracker
@@ -188,6 +215,31 @@ impl KernelCounters {
 mod tests {
     use super::*;
     use tracer_core::model::{Comm, Task, Tuple};
+
+    #[test]
+    fn a_slot_counts_only_when_whole_and_held_by_the_socket_it_describes() {
+        let mut slot = PathSlot {
+            owner: 0xffff_8880_1000_0000,
+            seq: 3,
+            seq_end: 3,
+            ..PathSlot::default()
+        };
+        slot.path.head.skaddr = slot.owner;
+        slot.path.len = 2;
+        assert_eq!(slot_run(&slot).map(|(sock, _)| sock), Some(slot.owner));
+        // Rewritten while copied: the counter written first moved on.
+        let torn = PathSlot { seq_end: 4, ..slot };
+        assert!(slot_run(&torn).is_none());
+        // Given to another socket between the owner's read and the run's.
+        let mut taken = slot;
+        taken.path.head.skaddr += 0x800;
+        assert!(slot_run(&taken).is_none());
+        // Free, or emptied as its run was sent.
+        assert!(slot_run(&PathSlot { owner: 0, ..slot }).is_none());
+        let mut emptied = slot;
+        emptied.path.len = 0;
+        assert!(slot_run(&emptied).is_none());
+    }
 
     fn change(sock: SockId, ts_ns: u64, old: TcpState, new: TcpState) -> Event {
         Event::StateChange {

@@ -142,6 +142,8 @@ pub struct Metrics {
     records: IntCounter,
     table_full: [IntCounter; 3],
     table_full_seen: [AtomicU64; 3],
+    path_slot_collisions: IntCounter,
+    path_slot_collisions_seen: AtomicU64,
     softirqs_unobserved: [IntCounter; WATCHED.len()],
     softirqs_unobserved_seen: [AtomicU64; WATCHED.len()],
     evicted: IntCounter,
@@ -393,6 +395,13 @@ impl Metrics {
             "table",
             ["paths", "cong", "time_wait_exits"],
         )?;
+        let path_slot_collisions = IntCounter::with_opts(Opts::new(
+            "tracer_kernel_path_slot_collisions_total",
+            "Sockets whose run of state changes the kernel kept in its hash table because \
+             another socket held their slot of the direct-mapped table (each costs a hash \
+             insert and delete; a steady rise means many sockets open at once).",
+        ))?;
+        registry.register(Box::new(path_slot_collisions.clone()))?;
 
         let softirqs_unobserved = labelled_counters(
             &registry,
@@ -462,6 +471,8 @@ impl Metrics {
             records,
             table_full,
             table_full_seen: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            path_slot_collisions,
+            path_slot_collisions_seen: AtomicU64::new(0),
             softirqs_unobserved,
             softirqs_unobserved_seen: Default::default(),
             evicted,
@@ -532,9 +543,20 @@ impl Metrics {
         self.records.inc();
     }
 
-    /// Takes the kernel's cumulative table-full counts (`paths`, `close_wait`, `cong`).
-    pub fn set_table_full(&self, totals: [u64; 3]) {
-        add_deltas(&self.table_full, &self.table_full_seen, &totals);
+    /// Takes the programs' cumulative `COUNT_*` counts: the table-full ones (`paths`, `cong`,
+    /// `time_wait_exits`) and the slot collisions.
+    pub fn set_kernel_counts(&self, totals: [u64; tracer_common::COUNT_SLOTS as usize]) {
+        let [paths, cong, exits, collisions] = totals;
+        add_deltas(
+            &self.table_full,
+            &self.table_full_seen,
+            &[paths, cong, exits],
+        );
+        add_delta(
+            &self.path_slot_collisions,
+            &self.path_slot_collisions_seen,
+            collisions,
+        );
     }
 
     /// Takes the softirq runs made without the programs so far, by watched vector
