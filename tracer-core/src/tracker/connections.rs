@@ -77,6 +77,8 @@ pub struct Tracker {
     listeners: HashMap<SockId, (u32, u16)>,
     /// While a sock_diag dump is under way: the keys events touched (see `resync`).
     journal: Option<resync::Journal>,
+    /// Runs the kernel still keeps for connections a resync closed out (see `resync`).
+    dead_runs: resync::DeadRuns,
     /// Connections this host aborted (closed with no FIN and no RST received), held back until
     /// the RST the kernel sends for them, traced just after the CLOSE, names its reason; given
     /// out at the next `tick` (after each ring buffer drain) at the latest.
@@ -102,6 +104,7 @@ impl Tracker {
             leaked_seeds: HashSet::default(),
             listeners: HashMap::default(),
             journal: None,
+            dead_runs: resync::DeadRuns::default(),
             aborted: Vec::new(),
         }
     }

@@ -17,6 +17,7 @@ use crate::export::metrics::Metrics;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::decode;
 use crate::kernel::tables;
+use tracer_core::model::Event;
 use tracer_core::observer::Observer;
 use tracer_core::tracker::Tracker;
 
@@ -209,7 +210,11 @@ fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Obse
         // The kernel updates an entry in place, without a lock: a run read while a change is
         // being added can end in a step not written yet, which does not decode. It is read
         // again whole a second later (or comes in its record); nothing is lost.
-        if decode::open_path_events(path, &mut run).is_ok() {
+        // A run whose CLOSE reached no program stays in the table after a resync closed its
+        // connection out: it must not bring the connection back.
+        if decode::open_path_events(path, &mut run).is_ok()
+            && !tables::latest_change_ns(&run).is_some_and(|ns| tracker.is_dead_run(sock, ns))
+        {
             tables::promotable(&run, tracker.last_state_ns(sock), &mut given);
         }
         for event in &given {
@@ -217,8 +222,9 @@ fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Obse
             tracker.on_event(event, &mut (metrics, &mut *consumer));
         }
     });
-    if let Err(e) = walked {
-        warn!("{e}");
+    match walked {
+        Ok(()) => tracker.end_table_walk(),
+        Err(e) => warn!("{e}"),
     }
     // Every exit before this moment is in the table now (the kernel writes it before the
     // socket's memory can serve the next birth).
@@ -256,7 +262,12 @@ fn drain(
             continue;
         }
         for event in &events {
-            if tables::already_given(event, |sock| tracker.last_state_ns(sock)) {
+            // Given already by a table read, or a dead run (see `read_tables`) that the kernel
+            // sent as another socket took its address.
+            if tables::already_given(event, |sock| tracker.last_state_ns(sock))
+                || matches!(*event, Event::StateChange { sock, ts_ns, .. }
+                    if tracker.is_dead_run(sock, ts_ns))
+            {
                 continue;
             }
             metrics.event(event);

@@ -68,6 +68,16 @@ fn slot_run(slot: &PathSlot) -> Option<(SockId, &RawPathOpen)> {
         .then_some((slot.owner, &slot.path))
 }
 
+/// When the latest state change of `run` (a socket's run as the table holds it, decoded) came.
+pub fn latest_change_ns(run: &[Event]) -> Option<u64> {
+    run.iter()
+        .filter_map(|event| match *event {
+            Event::StateChange { ts_ns, .. } => Some(ts_ns),
+            _ => None,
+        })
+        .max()
+}
+
 /// Appends to `out` what of `run` (a socket's run as the table holds it, decoded) the tracker
 /// has not been given: the state changes after `last_state_ns` (when it entered its latest
 /// state, `None` when it does not track the socket), and the socket's cgroup with the first

@@ -21,6 +21,11 @@
 //!     whose open was lost: it becomes a seed, as at start-up, within `max_connections`;
 //!   * TIME_WAIT sockets likewise (`TimeWaitTable::reconcile`).
 //!
+//!   A connection closed out this way may still have its run of state changes in the kernel's
+//!   tables: the CLOSE that would have sent it reached no program, so the kernel keeps it
+//!   until another socket takes the address, and the agent reads it once a second. Such a run
+//!   is marked dead ([`Tracker::is_dead_run`]) so that it does not bring the connection back.
+//!
 //!   For additions any journaled event counts, not only those after `started_ns`: the kernel
 //!   traces a CLOSE or a timewait socket's last timer event microseconds before it unhashes the
 //!   socket, so a dump that starts in between still lists a socket whose end was already
@@ -29,7 +34,7 @@
 //!   another from the same port), and a newer socket's events on the key must not keep an
 //!   older entry whose end was lost. When the journal overflowed, nothing is added and the
 //!   outcome says so, so that the caller resyncs again soon.
-use foldhash::HashSet;
+use foldhash::{HashMap, HashSet};
 
 use super::{Tracker, finish};
 use crate::model::{CloseCause, Event, SockId, TcpState, Tuple};
@@ -67,6 +72,16 @@ impl Journal {
             self.overflowed = true;
         }
     }
+}
+
+/// Marks kept at most of runs that resyncs closed out (about 24 bytes each).
+pub const DEAD_RUNS_MAX: usize = 1 << 16;
+
+/// The connections resyncs closed out whose runs the kernel may still hold: by socket, the
+/// time of their last event, and whether the latest table walk still met the run.
+#[derive(Default)]
+pub(super) struct DeadRuns {
+    marks: HashMap<SockId, (u64, bool)>,
 }
 
 /// What a dump of every reachable namespace listed.
@@ -126,6 +141,35 @@ impl Tracker {
         self.journal = None;
     }
 
+    /// Whether the run the kernel's tables hold for `sock`, whose latest change came at
+    /// `latest_ns`, belongs to a connection a resync closed out: then it must not be handed
+    /// over again. A run with a later change is a new socket's at the same address, and the
+    /// mark goes. Call it for every run of a table walk, then [`Tracker::end_table_walk`].
+    pub fn is_dead_run(&mut self, sock: SockId, latest_ns: u64) -> bool {
+        if self.dead_runs.marks.is_empty() {
+            return false;
+        }
+        match self.dead_runs.marks.get_mut(&sock) {
+            Some((last_ns, seen)) if latest_ns <= *last_ns => {
+                *seen = true;
+                true
+            }
+            Some(_) => {
+                self.dead_runs.marks.remove(&sock);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// After a whole table walk: forgets the dead runs the walk did not meet (the kernel let
+    /// them go when another socket took the address).
+    pub fn end_table_walk(&mut self) {
+        self.dead_runs
+            .marks
+            .retain(|_, (_, seen)| std::mem::take(seen));
+    }
+
     /// Whether a dump was asked for and not applied yet.
     pub fn resync_pending(&self) -> bool {
         self.journal.is_some()
@@ -169,6 +213,9 @@ impl Tracker {
                 self.forget(&conn);
                 conn.complete = false;
                 let last_seen_ns = conn.last_seen_ns;
+                if self.dead_runs.marks.len() < DEAD_RUNS_MAX {
+                    self.dead_runs.marks.insert(sock, (last_seen_ns, true));
+                }
                 finish(&mut conn, last_seen_ns, CloseCause::Unknown);
                 obs.closed(&conn);
                 outcome.closed += 1;
@@ -358,6 +405,39 @@ mod tests {
         let outcome = tracker.finish_resync(&snapshot(200, &[]), &mut rec);
         assert_eq!((outcome.closed, outcome.seeds_dropped), (1, 1));
         assert_eq!(tracker.active(), 0);
+    }
+
+    #[test]
+    fn the_kernel_run_of_a_connection_closed_out_does_not_bring_it_back() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        let (lost_close, other) = (loopback(43000, 80), loopback(43001, 80));
+        open(&mut tracker, &mut rec, 10, 1, lost_close);
+        open(&mut tracker, &mut rec, 10, 2, other);
+        tracker.begin_resync();
+        let outcome = tracker.finish_resync(&snapshot(100, &[(other, Established)]), &mut rec);
+        assert_eq!(outcome.closed, 1);
+        // The kernel still holds socket 1's run (its CLOSE reached no program), up to 11.
+        assert!(tracker.is_dead_run(1, 11));
+        assert!(!tracker.is_dead_run(2, 11), "never closed out");
+        tracker.end_table_walk();
+        // Met again by the next walk: still dead, and still marked after that walk.
+        assert!(tracker.is_dead_run(1, 11));
+        tracker.end_table_walk();
+        assert!(tracker.is_dead_run(1, 11));
+        // A new socket took the address: its run has later changes, and the mark goes.
+        assert!(!tracker.is_dead_run(1, 500));
+        assert!(!tracker.is_dead_run(1, 11));
+        // A mark the walks no longer meet is forgotten.
+        open(&mut tracker, &mut rec, 600, 3, loopback(43002, 80));
+        tracker.begin_resync();
+        tracker.finish_resync(&snapshot(700, &[(other, Established)]), &mut rec);
+        tracker.end_table_walk();
+        tracker.end_table_walk();
+        assert!(
+            !tracker.is_dead_run(3, 601),
+            "not met by the last walk: forgotten"
+        );
     }
 
     #[test]
