@@ -41,29 +41,24 @@ impl fmt::Display for Report {
                 ),
             );
         }
-        if self.events_lost > 0 {
-            wrap(
-                &mut out,
-                "warning: ",
-                "         ",
-                &format!(
+        let warnings = [
+            (self.events_lost > 0).then(|| {
+                format!(
                     "{} lost (the kernel's ring buffer was full): the numbers in this report \
                      are lower bounds.",
                     plural(self.events_lost, "event was", "events were")
-                ),
-            );
-        }
-        if self.softirqs_unobserved > 0 {
-            wrap(
-                &mut out,
-                "warning: ",
-                "         ",
-                &format!(
+                )
+            }),
+            (self.softirqs_unobserved > 0).then(|| {
+                format!(
                     "the kernel ran {} without any BPF program: what TCP did in them is \
                      missing, and the numbers in this report are lower bounds.",
                     plural(self.softirqs_unobserved, "softirq", "softirqs")
-                ),
-            );
+                )
+            }),
+        ];
+        for warning in warnings.iter().flatten() {
+            wrap(&mut out, "warning: ", "         ", warning);
         }
         for finding in &self.findings {
             out.push('\n');
