@@ -272,8 +272,8 @@ fn send_from_table<M: Mem>(sk: *const u8) {
 /// it (otherwise only the leading part goes: [`RawPathOpen`]). `closing` needs a BTF-typed `sk`.
 #[inline(always)]
 pub fn send_kept<M: Mem>(sk: *const u8, path: *mut RawPathOpen, closing: bool, home: Home) {
-    // SAFETY: `path` comes from a lookup in `PATHS` (or is this CPU's scratch of a new run)
-    // during this program's run.
+    // SAFETY: `path` is the run in a slot of `PATH_SLOTS` or an entry of `PATHS`, both from a
+    // lookup during this program's run, or this CPU's scratch of a new run.
     let len = unsafe { (*path).len };
     if len == 0 {
     } else if closing {
