@@ -469,3 +469,8 @@ const _: () =
     assert!(core::mem::offset_of!(RawPath, cgroup) == core::mem::offset_of!(RawPathOpen, cgroup));
 const _: () = assert!(core::mem::offset_of!(RawPath, cost) == core::mem::size_of::<RawPathOpen>());
 const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8 + 8 + 64 + 96);
+// The kernel programs clear these fields in word stores (`sock::clear`).
+const _: () = assert!(core::mem::offset_of!(RawEvent, saddr) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(RawEvent, daddr) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(RawEvent, comm) % 8 == 0);
+const _: () = assert!(core::mem::align_of::<RawEvent>() == 8);

@@ -6,7 +6,7 @@
 //! socket, at its end.
 use core::intrinsics::{self, AtomicOrdering};
 
-use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{
     COUNT_PATH_SLOT_TAKEN, COUNT_PATH_TABLE_FULL, EVENT_PATH, LOST_STATE, PATH_STEPS, PathSlot,
     RawEvent, RawPath, RawPathOpen, path_slot,
@@ -233,7 +233,7 @@ fn append(kept: &mut RawPathOpen, now: u64, old: u8, new: u8, owner: bool) {
         let pid_tgid = bpf_get_current_pid_tgid();
         kept.head.pid = (pid_tgid >> 32) as u32;
         kept.head.tid = pid_tgid as u32;
-        kept.head.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        sock::current_comm(&mut kept.head.comm);
         kept.has_task = 1;
     }
 }

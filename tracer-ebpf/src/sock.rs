@@ -8,7 +8,7 @@
 //! `bpf_probe_read_kernel`, for any address (a socket found from its timer's address, which
 //! the verifier cannot type).
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated,
 };
 use tracer_common::{AF_INET, AF_INET6, RawEvent};
 
@@ -76,14 +76,14 @@ pub fn fill_at<M: Mem>(event: &mut RawEvent, sk: *const u8, task: bool, now: u64
         let pid_tgid = bpf_get_current_pid_tgid();
         event.pid = (pid_tgid >> 32) as u32;
         event.tid = pid_tgid as u32;
-        event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        current_comm(&mut event.comm);
     } else {
         event.pid = 0;
         event.tid = 0;
-        event.comm = [0; 16];
+        clear(&mut event.comm);
     }
-    event.saddr = [0; 16];
-    event.daddr = [0; 16];
+    clear(&mut event.saddr);
+    clear(&mut event.daddr);
     let family = if off!(sock_head_standard) != 0 {
         // Whole words: a load of a byte array could become one load per byte.
         let addrs = M::read::<u64>(sk, ADDRPAIR).unwrap_or(0).to_ne_bytes();
@@ -122,6 +122,30 @@ pub fn fill_at<M: Mem>(event: &mut RawEvent, sk: *const u8, task: bool, now: u64
     event.segs = 0;
     event.ca_state = 0;
     event.aux = 0;
+}
+
+/// `current->comm` written into `comm` by the helper itself (zeroed when it fails): aya's
+/// wrapper zeroes a stack buffer first, and on BPF any zeroing or copy of a byte array longer
+/// than a word compiles to a call of a byte-at-a-time `memset` or `memmove` (about a hundred
+/// instructions for 16 bytes).
+#[inline(always)]
+pub fn current_comm(comm: &mut [u8; 16]) {
+    // SAFETY: `comm` is 16 writable bytes (of a map value, a ring buffer record or the stack)
+    // and 16 is the size passed: the helper writes no more.
+    unsafe { generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), 16) };
+}
+
+/// Zeroes `bytes`, a 16-byte field of a `RawEvent` (each at a multiple of 8 in a struct aligned
+/// to 8, asserted in tracer-common), in two word stores instead of a `memset` call (see
+/// [`current_comm`]). Volatile, so that the compiler cannot merge them back into one.
+#[inline(always)]
+pub fn clear(bytes: &mut [u8; 16]) {
+    let words = (bytes as *mut [u8; 16]).cast::<u64>();
+    // SAFETY: `words` points at 16 writable bytes aligned to 8 (see above).
+    unsafe {
+        core::ptr::write_volatile(words, 0);
+        core::ptr::write_volatile(words.add(1), 0);
+    }
 }
 
 /// An IPv6 address (`struct in6_addr`, 4-byte aligned) in four word loads.

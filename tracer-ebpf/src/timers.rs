@@ -224,8 +224,9 @@ pub fn send_born(slot: &mut maps::TwSlot, lost_slot: u32) {
         return;
     }
     if let Some(mut entry) = maps::reserve(lost_slot) {
-        // SAFETY: entry points at ring buffer memory reserved for one RawEvent.
-        unsafe { *entry.as_mut_ptr() = slot.born };
+        // SAFETY: entry points at ring buffer memory reserved for one RawEvent, apart from the
+        // slot. A copy that cannot overlap: an assignment compiles to a byte-at-a-time memmove.
+        unsafe { core::ptr::copy_nonoverlapping(&raw const slot.born, entry.as_mut_ptr(), 1) };
         entry.submit(maps::submit_flags());
     }
     slot.born.kind = 0;
@@ -239,7 +240,9 @@ pub fn take_born(into: &mut RawEvent) {
         // SAFETY: this CPU's slot, valid for the program's run (see `on_timer`).
         let slot = unsafe { &mut *slot };
         if slot.born.kind != 0 {
-            *into = slot.born;
+            // SAFETY: two distinct RawEvents (a record and this CPU's slot); copied as in
+            // `send_born`.
+            unsafe { core::ptr::copy_nonoverlapping(&raw const slot.born, into, 1) };
             slot.born.kind = 0;
         }
     }
