@@ -8,6 +8,9 @@ use tracer_common::{COUNT_CONG_TABLE_FULL, CongSeen, ConnCost};
 use crate::maps::{self, off};
 use crate::sock::{self, Mem, Typed};
 
+/// `TCP_CA_Open`: no congestion seen.
+const TCP_CA_OPEN: u8 = 0;
+
 #[btf_tracepoint(function = "tcp_cong_state_set")]
 pub fn tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
     if maps::off!(valid) == 0 || maps::off!(tcp_snd_cwnd) == 0 {
@@ -25,6 +28,9 @@ pub fn tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
         let seen = unsafe { &mut *seen };
         seen.ca_states |= bit;
         seen.max_cwnd = seen.max_cwnd.max(cwnd);
+    } else if state == TCP_CA_OPEN {
+        // A socket's first state, set as a passive connection's socket is created: nothing
+        // entered yet. Kept, it would cost an allocation, a lookup and a delete per connection.
     } else if maps::CONG
         .insert(
             key,
