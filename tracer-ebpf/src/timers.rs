@@ -19,7 +19,7 @@ use tracer_common::{
     TwExitKey,
 };
 
-use crate::sock::Probed;
+use crate::sock::{Mem, Probed, Typed};
 use crate::{maps, paths, sock};
 
 /// A re-arm detaches and starts the timer in one `mod_timer` call, with interrupts off: within
@@ -55,7 +55,8 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     let timer: *const u8 = ctx.arg(0);
     // Every timer in the kernel comes through here and almost none is ours: read only what
     // the filter needs before anything else.
-    let function: u64 = sock::read(timer, maps::off!(timer_function)).unwrap_or(0);
+    // A plain load: the tracepoint's `struct timer_list *` is BTF-typed (see `sock::Typed`).
+    let function: u64 = Typed::read(timer, maps::off!(timer_function)).unwrap_or(0);
     let symbols = maps::symbols();
     if function == 0
         || (function != symbols.tcp_delack_timer && function != symbols.tw_timer_handler)
@@ -84,7 +85,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     // An expiry detaches the timer once `jiffies` has reached its deadline; a kill (reuse, RST,
     // namespace exit) detaches it before. Telling them apart here saves the expiry's record.
     let expired = phase == Phase::Cancel && {
-        let expires: u64 = sock::read(timer, maps::off!(timer_expires)).unwrap_or(u64::MAX);
+        let expires: u64 = Typed::read(timer, maps::off!(timer_expires)).unwrap_or(u64::MAX);
         // SAFETY: bpf_jiffies64 takes no arguments and only reads the jiffies counter.
         let now = unsafe { bpf_jiffies64() };
         // `expires` is an unsigned long compared as the kernel's time_after_eq does.
@@ -262,7 +263,7 @@ pub fn flush_born(lost_slot: u32) {
 #[inline(always)]
 fn delack_armed(timer: *const u8) -> i32 {
     let sk = timer.wrapping_sub(maps::off!(icsk_delack_timer) as usize) as u64;
-    let expires: u64 = sock::read(timer, maps::off!(timer_expires)).unwrap_or(0);
+    let expires: u64 = Typed::read(timer, maps::off!(timer_expires)).unwrap_or(0);
     if let Some(armed) = maps::DELACK_ARMED.get_ptr(sk) {
         // SAFETY: the pointer comes from a lookup in this map and stays valid for the program's
         // run; a concurrent update can only change the value, never free it under us.
