@@ -134,55 +134,72 @@ pub const RST_NO_SOCKET_SLOTS: u32 = 64;
 /// State changes one [`RawPath`] carries at most; a longer run is sent in several records.
 pub const PATH_STEPS: usize = 6;
 
-/// One state change kept in the kernel until its socket's path is sent.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PathStep {
-    /// `bpf_ktime_get_ns()` at the change.
-    pub ts_ns: u64,
-    /// Kernel `TCP_*` numbers.
-    pub old: u8,
-    pub new: u8,
-    pub _pad: [u8; 6],
-}
-
-/// A socket's state changes not yet sent, as kept in the kernel's `PATHS` table (keyed by the
-/// socket's address) and sent as one record. `head.kind` is [`EVENT_PATH`]; the head's
-/// addressing is read when the first step is kept, and its local port again at sending and at
-/// ESTABLISHED while still unassigned (`connect()` picks it after SYN_SENT). Its task fields
-/// are the owner when `has_task` is set.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RawPath {
-    pub head: RawEvent,
-    pub steps: [PathStep; PATH_STEPS],
-    /// Steps in use.
-    pub len: u32,
-    /// Non-zero once the head's `pid`, `tid` and `comm` hold the owner (taken in an owner
-    /// transition).
-    pub has_task: u32,
-    /// The socket's cgroup v2 id (`sk_cgrp_data.cgroup->kn->id`, the inode number of the
-    /// cgroup's directory), read when the first step is kept; 0 when unknown.
-    pub cgroup: u64,
-    /// What the connection cost, read from the socket when the run ends in CLOSE.
-    pub cost: ConnCost,
-    /// The timewait socket that replaced this one, when the run ends in CLOSE through
-    /// TIME_WAIT: its timer's start (`EVENT_TW_START`; kind 0 when none). The kernel arms it
-    /// just before the socket's CLOSE, on the same CPU, so it rides in the same record.
-    pub tw: RawEvent,
-}
-
-/// The leading part of a [`RawPath`]: the `PATHS` table's value, and the record of a run that
-/// does not end in CLOSE (it has no cost and no timewait socket); the same layout, field for
-/// field.
+/// A socket's state changes not yet sent, as kept in the kernel (its `PATH_SLOTS` slot, or the
+/// `PATHS` table keyed by the socket's address), and the record of a run that does not end in
+/// CLOSE. `head.kind` is [`EVENT_PATH`]; the head's addressing is read when the first step is
+/// kept, and its local port again at sending and at ESTABLISHED while still unassigned
+/// (`connect()` picks it after SYN_SENT). Its task fields are the owner when `has_task` is set.
+/// Step `i` (below `len`) is `at_ns[i]`, `old[i]` -> `new[i]`; the steps past `len` hold
+/// whatever an earlier run left. Laid out by column, with no padding per step: every byte of a
+/// record costs at sending (the ring buffer's memory is cold), so records are kept small.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawPathOpen {
     pub head: RawEvent,
-    pub steps: [PathStep; PATH_STEPS],
-    pub len: u32,
-    pub has_task: u32,
+    /// `bpf_ktime_get_ns()` at each change.
+    pub at_ns: [u64; PATH_STEPS],
+    /// Each change's states, kernel `TCP_*` numbers.
+    pub old: [u8; PATH_STEPS],
+    pub new: [u8; PATH_STEPS],
+    /// Steps in use.
+    pub len: u8,
+    /// Non-zero once the head's `pid`, `tid` and `comm` hold the owner (taken in an owner
+    /// transition).
+    pub has_task: u8,
+    pub _pad: [u8; 2],
+    /// The socket's cgroup v2 id (`sk_cgrp_data.cgroup->kn->id`, the inode number of the
+    /// cgroup's directory), read when the first step is kept; 0 when unknown.
     pub cgroup: u64,
+}
+
+impl RawPathOpen {
+    /// The steps in use, as (time, old state, new state).
+    pub fn steps(&self) -> impl Iterator<Item = (u64, u8, u8)> + '_ {
+        let len = usize::from(self.len).min(PATH_STEPS);
+        self.at_ns[..len]
+            .iter()
+            .zip(&self.old[..len])
+            .zip(&self.new[..len])
+            .map(|((&at, &old), &new)| (at, old, new))
+    }
+}
+
+/// The record of a run that ends in CLOSE: the run, what the connection cost, and the
+/// timewait socket that replaced it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawPath {
+    pub run: RawPathOpen,
+    /// What the connection cost, read from the socket as it closes.
+    pub cost: ConnCost,
+    /// The timewait socket that replaced this one, when it closed through TIME_WAIT.
+    pub tw: RawTwBirth,
+}
+
+/// A timewait socket's birth (its timer's start), carried in the record of the socket it
+/// replaces: the kernel arms the timer just before that socket's CLOSE, on the same CPU. Its
+/// addressing is the closing socket's (the kernel copies it), so only what differs rides here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawTwBirth {
+    /// `bpf_ktime_get_ns()` at the timer's start.
+    pub ts_ns: u64,
+    /// Address of the `struct inet_timewait_sock`; 0: none.
+    pub tw: u64,
+    /// `tw_substate`: `TCP_TIME_WAIT`, or `TCP_FIN_WAIT2` for an orphan's FIN_WAIT2 kept in a
+    /// timewait socket.
+    pub substate: u8,
+    pub _pad: [u8; 7],
 }
 
 /// What a connection cost, read from its `struct tcp_sock` as it closes (`valid` non-zero),
@@ -318,16 +335,16 @@ impl RawEvent {
 impl RawPath {
     /// Every field zero.
     pub const ZERO: RawPath = RawPath {
-        head: RawEvent::ZERO,
-        steps: [PathStep {
-            ts_ns: 0,
-            old: 0,
-            new: 0,
-            _pad: [0; 6],
-        }; PATH_STEPS],
-        len: 0,
-        has_task: 0,
-        cgroup: 0,
+        run: RawPathOpen {
+            head: RawEvent::ZERO,
+            at_ns: [0; PATH_STEPS],
+            old: [0; PATH_STEPS],
+            new: [0; PATH_STEPS],
+            len: 0,
+            has_task: 0,
+            _pad: [0; 2],
+            cgroup: 0,
+        },
         cost: ConnCost {
             bytes_acked: 0,
             bytes_received: 0,
@@ -344,7 +361,12 @@ impl RawPath {
             valid: 0,
             _pad: 0,
         },
-        tw: RawEvent::ZERO,
+        tw: RawTwBirth {
+            ts_ns: 0,
+            tw: 0,
+            substate: 0,
+            _pad: [0; 7],
+        },
     };
 }
 
@@ -450,6 +472,8 @@ mod user {
     unsafe impl aya::Pod for super::RawPath {}
     // SAFETY: as for RawPath, whose leading part it is.
     unsafe impl aya::Pod for super::RawPathOpen {}
+    // SAFETY: repr(C), integers and a byte array, no padding (size checked below).
+    unsafe impl aya::Pod for super::RawTwBirth {}
     // SAFETY: as above: `repr(C)`, integers and a `repr(C)` struct, no padding.
     unsafe impl aya::Pod for super::PathSlot {}
     // SAFETY: as for RawPath: two u32, no padding.
@@ -461,14 +485,11 @@ mod user {
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 41 * 4);
-const _: () = assert!(core::mem::size_of::<PathStep>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
-const _: () = assert!(core::mem::size_of::<RawPathOpen>() == 96 + 16 * PATH_STEPS + 16);
+const _: () = assert!(core::mem::size_of::<RawPathOpen>() == 96 + 10 * PATH_STEPS + 4 + 8);
 const _: () = assert!(core::mem::size_of::<PathSlot>() == 24 + core::mem::size_of::<RawPathOpen>());
-const _: () =
-    assert!(core::mem::offset_of!(RawPath, cgroup) == core::mem::offset_of!(RawPathOpen, cgroup));
-const _: () = assert!(core::mem::offset_of!(RawPath, cost) == core::mem::size_of::<RawPathOpen>());
-const _: () = assert!(core::mem::size_of::<RawPath>() == 96 + 16 * PATH_STEPS + 8 + 8 + 64 + 96);
+const _: () = assert!(core::mem::size_of::<RawTwBirth>() == 24);
+const _: () = assert!(core::mem::size_of::<RawPath>() == size_of::<RawPathOpen>() + 64 + 24);
 // The kernel programs clear these fields in word stores (`sock::clear`).
 const _: () = assert!(core::mem::offset_of!(RawEvent, saddr) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(RawEvent, daddr) % 8 == 0);

@@ -149,7 +149,7 @@ fn start(run: &mut RawPathOpen, sk: *const u8, now: u64) {
     run.head.kind = EVENT_PATH;
     run.head.oldstate = 0;
     run.head.newstate = 0;
-    run.steps = RawPath::ZERO.steps;
+    // The steps past `len` are not read: not cleared.
     run.len = 0;
     run.has_task = 0;
     run.cgroup = cost::cgroup(sk);
@@ -222,12 +222,17 @@ fn act_on(sk: *const u8, path: *mut RawPathOpen, new: u8, home: Home) -> bool {
 /// Appends one state change to `kept` (which has room), with the owner when it is one.
 #[inline(always)]
 fn append(kept: &mut RawPathOpen, now: u64, old: u8, new: u8, owner: bool) {
-    let Some(step) = kept.steps.get_mut(kept.len as usize) else {
+    let at = usize::from(kept.len);
+    let (Some(at_ns), Some(was), Some(is)) = (
+        kept.at_ns.get_mut(at),
+        kept.old.get_mut(at),
+        kept.new.get_mut(at),
+    ) else {
         return;
     };
-    step.ts_ns = now;
-    step.old = old;
-    step.new = new;
+    *at_ns = now;
+    *was = old;
+    *is = new;
     kept.len += 1;
     if owner {
         let pid_tgid = bpf_get_current_pid_tgid();
@@ -277,6 +282,8 @@ pub fn send_kept<M: Mem>(sk: *const u8, path: *mut RawPathOpen, closing: bool, h
     let len = unsafe { (*path).len };
     if len == 0 {
     } else if closing {
+        // SAFETY: as above.
+        timers::flush_born_unless_of(unsafe { &(*path).head }, LOST_STATE);
         if let Some(mut entry) = maps::reserve_for::<RawPath>(LOST_STATE, u64::from(len)) {
             // SAFETY: `entry` is ring buffer memory reserved for one RawPath, whose leading part
             // has the layout of the RawPathOpen map value `path` (checked in tracer-common);
@@ -286,7 +293,7 @@ pub fn send_kept<M: Mem>(sk: *const u8, path: *mut RawPathOpen, closing: bool, h
             };
             // SAFETY: as above: the reserved record, its leading part now written.
             let record = unsafe { &mut *entry.as_mut_ptr() };
-            port_if_unset::<M>(sk, &mut record.head);
+            port_if_unset::<M>(sk, &mut record.run.head);
             record.cost = RawPath::ZERO.cost;
             cost::read_at_close(sk, &mut record.cost);
             timers::take_born(&mut record.tw);

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     COUNT_TW_EXITS_TABLE_FULL, EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START, RawEvent,
-    TwExitKey,
+    RawTwBirth, TwExitKey,
 };
 
 use crate::sock::{Mem, Probed, Typed};
@@ -233,18 +233,40 @@ pub fn send_born(slot: &mut maps::TwSlot, lost_slot: u32) {
     slot.born.kind = 0;
 }
 
-/// Takes the held TIME_WAIT birth, if any, into `into` (kind 0 when none).
+/// Takes the held TIME_WAIT birth, if any, into `into` (`tw` 0 when none). The caller has
+/// sent first a birth that is not of its socket (see [`flush_born_unless_of`]).
 #[inline(always)]
-pub fn take_born(into: &mut RawEvent) {
-    into.kind = 0;
+pub fn take_born(into: &mut RawTwBirth) {
+    into.tw = 0;
     if let Some(slot) = maps::TW_BORN.get_ptr_mut(0) {
         // SAFETY: this CPU's slot, valid for the program's run (see `on_timer`).
         let slot = unsafe { &mut *slot };
         if slot.born.kind != 0 {
-            // SAFETY: two distinct RawEvents (a record and this CPU's slot); copied as in
-            // `send_born`.
-            unsafe { core::ptr::copy_nonoverlapping(&raw const slot.born, into, 1) };
+            into.ts_ns = slot.born.ts_ns;
+            into.tw = slot.born.skaddr;
+            into.substate = slot.born.newstate;
             slot.born.kind = 0;
+        }
+    }
+}
+
+/// Sends the held TIME_WAIT birth on its own unless it replaces the socket of `head` (same
+/// ports and namespace): the closing record carries only what differs from its own
+/// addressing. The kernel arms the timer just before that socket's CLOSE on the same CPU, so
+/// a birth of another socket is not expected; it is not mislabelled either.
+#[inline(always)]
+pub fn flush_born_unless_of(head: &RawEvent, lost_slot: u32) {
+    if let Some(slot) = maps::TW_BORN.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, valid for the program's run (see `on_timer`).
+        let slot = unsafe { &mut *slot };
+        let born = &slot.born;
+        if born.kind != 0
+            && (born.sport != head.sport
+                || born.dport != head.dport
+                || born.netns != head.netns
+                || born.family != head.family)
+        {
+            send_born(slot, lost_slot);
         }
     }
 }

@@ -6,7 +6,7 @@ use tracer_common::{
     EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE, EVENT_SYNACK_RETRANSMIT, EVENT_TW_CANCEL,
     EVENT_TW_EXPIRE, EVENT_TW_START, PATH_STEPS, RST_REASON_UNKNOWN, RawEvent, RawPath,
 };
-use tracer_common::{ConnCost, RawPathOpen};
+use tracer_common::{ConnCost, RawPathOpen, RawTwBirth};
 
 use tracer_core::model::{
     Comm, ConnectionCost, Event, ResetDirection, RetransmitKind, Task, TcpState, TimerPhase, Tuple,
@@ -51,7 +51,7 @@ pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeErr
             } else {
                 return Err(DecodeError::Truncated);
             };
-            path_events(&path, out)
+            path_events(&path.run, Some((&path.cost, &path.tw)), out)
         }
         EVENT_TW_CANCEL => exit_events(&raw, out),
         _ => {
@@ -77,49 +77,59 @@ pub fn exit_events(raw: &RawEvent, out: &mut Vec<Event>) -> Result<(), DecodeErr
 /// The state changes of a run that does not close (a record's or one read from the kernel's
 /// table), in the order they happened, then the socket's cgroup.
 pub fn open_path_events(open: &RawPathOpen, out: &mut Vec<Event>) -> Result<(), DecodeError> {
-    path_events(
-        &RawPath {
-            head: open.head,
-            steps: open.steps,
-            len: open.len,
-            has_task: open.has_task,
-            cgroup: open.cgroup,
-            ..RawPath::default()
-        },
-        out,
-    )
+    path_events(open, None, out)
 }
 
 /// The state changes of a path record, in the order they happened. The owner rides only on
-/// the transitions made in its own system call, as in single records.
-fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> {
-    let head = &path.head;
-    let len = (path.len as usize).min(PATH_STEPS);
+/// the transitions made in its own system call, as in single records. `closed`: what a run
+/// that ends in CLOSE carries besides (`RawPath`).
+fn path_events(
+    run: &RawPathOpen,
+    closed: Option<(&ConnCost, &RawTwBirth)>,
+    out: &mut Vec<Event>,
+) -> Result<(), DecodeError> {
+    let head = &run.head;
+    let len = usize::from(run.len).min(PATH_STEPS);
     let info = Event::SocketInfo {
         ts_ns: head.ts_ns,
         sock: head.skaddr,
-        cgroup: path.cgroup,
-        cost: (path.cost.valid != 0).then(|| cost(&path.cost)),
+        cgroup: run.cgroup,
+        cost: closed
+            .map(|(cost, _)| cost)
+            .filter(|cost| cost.valid != 0)
+            .map(decode_cost),
     };
     // The info goes in while the tracker still holds the connection: before a final CLOSE,
     // after the run otherwise (its first steps may be what opens the record).
-    let closes = len > 0 && path.steps[len - 1].new == TCP_CLOSE;
-    for (at, step) in path.steps[..len].iter().enumerate() {
+    let closes = len > 0 && run.new[len - 1] == TCP_CLOSE;
+    for (at, (ts_ns, old, new)) in run.steps().enumerate() {
         if closes && at == len - 1 {
             out.push(info);
-            // The timewait socket that replaces it was born just before this CLOSE.
-            if path.tw.kind == EVENT_TW_START {
-                out.push(decode(&path.tw)?);
+            // The timewait socket that replaces it was born just before this CLOSE, with the
+            // closing socket's addressing.
+            if let Some((_, tw)) = closed.filter(|(_, tw)| tw.tw != 0) {
+                out.push(decode(&RawEvent {
+                    ts_ns: tw.ts_ns,
+                    skaddr: tw.tw,
+                    kind: EVENT_TW_START,
+                    oldstate: 0,
+                    newstate: tw.substate,
+                    pid: 0,
+                    tid: 0,
+                    comm: [0; 16],
+                    aux: 0,
+                    ..*head
+                })?);
             }
         }
         // Each step decodes as the single record it would have been: the head's addressing,
         // and the owner only on the transitions made in its own system call.
-        let owner = path.has_task != 0 && tracer_common::owner_transition(step.old, step.new);
+        let owner = run.has_task != 0 && tracer_common::owner_transition(old, new);
         out.push(decode(&RawEvent {
-            ts_ns: step.ts_ns,
+            ts_ns,
             kind: EVENT_STATE,
-            oldstate: step.old,
-            newstate: step.new,
+            oldstate: old,
+            newstate: new,
             pid: if owner { head.pid } else { 0 },
             tid: if owner { head.tid } else { 0 },
             comm: if owner { head.comm } else { [0; 16] },
@@ -135,7 +145,7 @@ fn path_events(path: &RawPath, out: &mut Vec<Event>) -> Result<(), DecodeError> 
 /// The kernel's `TCP_CLOSE`.
 const TCP_CLOSE: u8 = 7;
 
-fn cost(raw: &ConnCost) -> ConnectionCost {
+fn decode_cost(raw: &ConnCost) -> ConnectionCost {
     ConnectionCost {
         bytes_sent: raw.bytes_acked,
         bytes_received: raw.bytes_received,
@@ -400,26 +410,16 @@ mod tests {
     /// A path record as the kernel sends it at ESTABLISHED: connect() by curl, then the
     /// handshake.
     fn path_fixture() -> Vec<u8> {
-        let mut path = RawPath {
-            head: parse(&connect_fixture()).expect("parse"),
-            len: 2,
-            has_task: 1,
-            cgroup: 386,
-            ..RawPath::default()
-        };
-        path.head.kind = EVENT_PATH;
-        path.steps[0] = tracer_common::PathStep {
-            ts_ns: 1_000,
-            old: 7,
-            new: 2,
-            _pad: [0; 6],
-        };
-        path.steps[1] = tracer_common::PathStep {
-            ts_ns: 51_000,
-            old: 2,
-            new: 1,
-            _pad: [0; 6],
-        };
+        let mut path = RawPath::default();
+        let run = &mut path.run;
+        run.head = parse(&connect_fixture()).expect("parse");
+        run.head.kind = EVENT_PATH;
+        (run.len, run.has_task, run.cgroup) = (2, 1, 386);
+        run.at_ns[..2].copy_from_slice(&[1_000, 51_000]);
+        run.old[..2].copy_from_slice(&[7, 2]);
+        run.new[..2].copy_from_slice(&[2, 1]);
+        // What an earlier run left past `len` is not read.
+        (run.at_ns[2], run.old[2], run.new[2]) = (99, 1, 77);
         // SAFETY: RawPath is repr(C) plain data with no padding; viewing it as bytes is sound.
         let bytes = unsafe {
             std::slice::from_raw_parts(std::ptr::from_ref(&path).cast::<u8>(), size_of::<RawPath>())
@@ -468,22 +468,17 @@ mod tests {
 
     #[test]
     fn a_closing_run_carries_the_cost_before_its_close() {
-        let mut path = RawPath {
-            head: parse(&connect_fixture()).expect("parse"),
-            len: 3,
-            cgroup: 386,
-            ..RawPath::default()
-        };
-        path.head.kind = EVENT_PATH;
-        for (step, (old, new)) in path.steps.iter_mut().zip([(1, 4), (4, 5), (5, 7)]) {
-            step.old = old;
-            step.new = new;
-        }
-        path.tw = RawEvent {
-            kind: EVENT_TW_START,
-            skaddr: 0xffff_8880_0000_7700,
-            newstate: 6,
-            ..path.head
+        let mut path = RawPath::default();
+        path.run.head = parse(&connect_fixture()).expect("parse");
+        path.run.head.kind = EVENT_PATH;
+        (path.run.len, path.run.cgroup) = (3, 386);
+        path.run.old[..3].copy_from_slice(&[1, 4, 5]);
+        path.run.new[..3].copy_from_slice(&[4, 5, 7]);
+        path.tw = RawTwBirth {
+            ts_ns: 7_000,
+            tw: 0xffff_8880_0000_7700,
+            substate: 6,
+            ..RawTwBirth::default()
         };
         path.cost = ConnCost {
             bytes_acked: 1_000_000,
@@ -504,18 +499,21 @@ mod tests {
         let mut events = Vec::new();
         decode_record(bytes, &mut events).expect("decode");
         assert_eq!(events.len(), 5);
-        assert!(
-            matches!(
-                events[3],
-                Event::TimeWait {
-                    tw: 0xffff_8880_0000_7700,
-                    timer: TimerPhase::Start,
-                    substate: TcpState::TimeWait,
-                    ..
-                }
-            ),
-            "the timewait socket's birth comes just before the CLOSE: {events:?}"
-        );
+        let Event::TimeWait {
+            ts_ns: 7_000,
+            tw: 0xffff_8880_0000_7700,
+            timer: TimerPhase::Start,
+            substate: TcpState::TimeWait,
+            tuple,
+            netns,
+        } = events[3]
+        else {
+            panic!("the timewait socket's birth comes just before the CLOSE: {events:?}");
+        };
+        // With the closing socket's addressing.
+        let head = parse(&connect_fixture()).expect("parse");
+        assert_eq!((tuple.sport, tuple.dport), (head.sport, head.dport));
+        assert_eq!(netns, head.netns);
         let Event::SocketInfo {
             cost: Some(cost), ..
         } = events[2]
@@ -554,7 +552,7 @@ mod tests {
             "two steps and the socket's info: {events:?}"
         );
         let mut bad = bytes.clone();
-        bad[size_of::<RawEvent>() + 9] = 77; // the first step's new state
+        bad[std::mem::offset_of!(RawPathOpen, new)] = 77; // the first step's new state
         assert_eq!(
             decode_record(&bad, &mut events),
             Err(DecodeError::UnknownState(77))
