@@ -5,6 +5,7 @@ use aya_ebpf::{
 };
 use tracer_common::{COUNT_CONG_TABLE_FULL, CongSeen, ConnCost};
 
+use crate::atomic;
 use crate::maps::{self, off};
 use crate::sock::{self, Mem, Typed};
 
@@ -40,17 +41,45 @@ pub fn tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
             },
             0,
         )
-        .is_err()
+        .is_ok()
     {
+        count_in_table(1);
+    } else {
         maps::count(COUNT_CONG_TABLE_FULL);
     }
     0
 }
 
+/// Whether `CONG` may hold entries (`CONG_IN_USE`).
+#[inline(always)]
+fn table_in_use() -> bool {
+    maps::CONG_IN_USE
+        .get_ptr_mut(0)
+        .is_none_or(|count| atomic::load(count) != 0)
+}
+
+/// Counts an entry added to `CONG` (`delta` 1) or deleted from it (`u64::MAX`, wrapping).
+#[inline(always)]
+fn count_in_table(delta: u64) {
+    if let Some(count) = maps::CONG_IN_USE.get_ptr_mut(0) {
+        atomic::add(count, delta);
+    }
+}
+
+/// Deletes the entry of `key` from `CONG`, if any.
+#[inline(always)]
+fn remove(key: u64) {
+    if maps::CONG.remove(key).is_ok() {
+        count_in_table(u64::MAX);
+    }
+}
+
 /// Forgets what was seen under `sk`'s address: a new socket opens there.
 #[inline(always)]
 pub fn forget(sk: *const u8) {
-    let _ = maps::CONG.remove(sk as u64);
+    if table_in_use() {
+        remove(sk as u64);
+    }
 }
 
 /// Fills `cost` from the closing socket (a BTF-typed pointer) and what `CONG` kept of it (then
@@ -82,12 +111,14 @@ pub fn read_at_close(sk: *const u8, cost: &mut ConnCost) {
     cost.max_cwnd = cost.snd_cwnd;
     cost.ca_states = 0;
     let key = sk as u64;
-    if let Some(seen) = maps::CONG.get_ptr(key) {
+    if table_in_use()
+        && let Some(seen) = maps::CONG.get_ptr(key)
+    {
         // SAFETY: a pointer from a lookup in this map, valid for the program's run.
         let seen = unsafe { *seen };
         cost.ca_states = seen.ca_states;
         cost.max_cwnd = cost.max_cwnd.max(seen.max_cwnd);
-        let _ = maps::CONG.remove(key);
+        remove(key);
     }
     cost.valid = 1;
 }

@@ -4,11 +4,12 @@
 //! Struct offsets come from the agent (read from the running kernel's BTF) through the
 //! read-only global `OFFSETS`: Rust eBPF has no CO-RE relocations.
 #![no_std]
-// Atomic read-modify-write instructions (`paths`): `core::sync::atomic` has none for BPF.
+// Atomic read-modify-write instructions (`atomic`): `core::sync::atomic` has none for BPF.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 #![no_main]
 
+mod atomic;
 mod cost;
 mod maps;
 mod paths;

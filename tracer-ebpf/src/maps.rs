@@ -79,6 +79,11 @@ pub fn count_rst_no_socket(reason: u32) {
 #[map]
 pub static CONG: HashMap<u64, CongSeen> = HashMap::with_max_entries(65_536, NO_PREALLOC);
 
+/// Entries in `CONG` (slot 0), kept with atomic adds: while it is 0, as it is unless
+/// connections meet congestion, a closing socket need not look for its entry.
+#[map]
+pub static CONG_IN_USE: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Per CPU: the start of a TIME_WAIT timer just armed for a new timewait socket, held until
 /// the CLOSE of the socket it replaces (which follows on the same CPU, BHs off) takes it into
 /// its record; and the last TIME_WAIT timer detached here and when, to tell a re-arm (detach +

@@ -4,14 +4,13 @@
 //! order), or when the run is longer than a record holds. The agent reads both tables once a
 //! second to learn of the connections that stay open. A connection then costs one record per
 //! socket, at its end.
-use core::intrinsics::{self, AtomicOrdering};
-
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use tracer_common::{
     COUNT_PATH_SLOT_TAKEN, COUNT_PATH_TABLE_FULL, EVENT_PATH, LOST_STATE, PATH_STEPS, PathSlot,
     RawEvent, RawPath, RawPathOpen, path_slot,
 };
 
+use crate::atomic::{add, load, swap_if};
 use crate::maps::off;
 use crate::sock::{Mem, Typed};
 use crate::{cost, maps, sock, timers};
@@ -153,36 +152,6 @@ fn start(run: &mut RawPathOpen, sk: *const u8, now: u64) {
     run.len = 0;
     run.has_task = 0;
     run.cgroup = cost::cgroup(sk);
-}
-
-// Atomics through the compiler's intrinsics: `core`'s atomic types offer no read-modify-write
-// operation on the BPF target, but the instructions exist (compare-and-swap and fetch-add,
-// kernel 5.12 and later) and LLVM emits them.
-
-/// `*word` (an aligned `u64` of a map value, valid for the program's run).
-#[inline(always)]
-fn load(word: *mut u64) -> u64 {
-    // SAFETY: `word` is aligned and valid for the program's run; writers use atomics.
-    unsafe { core::ptr::read_volatile(word) }
-}
-
-/// Adds `delta` to `*word` (as for [`load`]) atomically, a full barrier.
-#[inline(always)]
-fn add(word: *mut u64, delta: u64) {
-    // SAFETY: `word` is an aligned u64 of a map value, valid for the program's run.
-    unsafe { intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(word, delta) };
-}
-
-/// Sets `*word` (as for [`load`]) to `new` if it holds `old`, atomically; whether it did.
-#[inline(always)]
-fn swap_if(word: *mut u64, old: u64, new: u64) -> bool {
-    // SAFETY: `word` is an aligned u64 of a map value, valid for the program's run.
-    unsafe {
-        intrinsics::atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            word, old, new,
-        )
-    }
-    .1
 }
 
 /// Whether `PATHS` may hold entries (`PATHS_IN_USE`): when not, nothing need be looked for
