@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 
 mod resync;
-pub use resync::{JOURNAL_MAX, Key, KeySet, ResyncOutcome, Snapshot};
+pub use resync::{JOURNAL_MAX, Key, KeyHashes, KeySet, ResyncOutcome, Snapshot};
 
 // A fast seeded hash: these tables are touched on every kernel event, and their keys (ports,
 // addresses) come from the network, so a per-process random seed keeps them flood-resistant.

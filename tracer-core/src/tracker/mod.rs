@@ -2,7 +2,9 @@
 mod connections;
 mod time_wait;
 
-pub use connections::{JOURNAL_MAX, Key, KeySet, ResyncOutcome, Snapshot, Tracker, TrackerConfig};
+pub use connections::{
+    JOURNAL_MAX, Key, KeyHashes, KeySet, ResyncOutcome, Snapshot, Tracker, TrackerConfig,
+};
 pub use time_wait::{TimeWaitConfig, TimeWaitTable};
 
 use foldhash::HashMap;

@@ -101,6 +101,9 @@ pub async fn pump(
                     // The dump was built on the resync thread, in its own allocator arena:
                     // hand what it held back, or a busy host's dump stays resident.
                     drop(snapshot);
+                    // Applying it grew tables for a moment (the seeds it compared): shrunk
+                    // now rather than at the next refresh, so the memory goes back at once.
+                    session.tracker.shrink();
                     crate::app::memory::give_back();
                 }
                 match consumer.batch_done() {

@@ -285,14 +285,22 @@ fn snapshot() -> Result<Snapshot, String> {
 }
 
 fn add(snapshot: &mut Snapshot, netns: u32, sockets: &[sock_diag::SocketEntry]) {
+    // Sized once: growing by doubling would hold the old and the new table at once.
+    snapshot.connections.reserve(sockets.len());
     for socket in sockets {
         if socket.timewait {
             snapshot.time_wait.insert((netns, socket.tuple));
         } else if !matches!(socket.state, TcpState::Listen | TcpState::NewSynRecv) {
-            snapshot.connections.insert((netns, socket.tuple));
+            snapshot.connections.insert(&(netns, socket.tuple));
         }
     }
-    snapshot.seeds.extend(seeds::seeds(sockets, netns));
+    let seeds = seeds::seeds(sockets, netns);
+    if snapshot.seeds.is_empty() {
+        // Taken whole: an extend would copy it into a second buffer first.
+        snapshot.seeds = seeds;
+    } else {
+        snapshot.seeds.extend(seeds);
+    }
 }
 
 #[cfg(test)]
