@@ -285,7 +285,7 @@ impl Tracker {
         let gone_seeds: Vec<Key> = self
             .seeds
             .keys()
-            .filter(|key| !snapshot.connections.contains(*key) && snapshot.speaks_for(key.0))
+            .filter(|key| !snapshot.connections.contains(key) && snapshot.speaks_for(key.0))
             .copied()
             .collect();
         for key in gone_seeds {
