@@ -1,6 +1,8 @@
 //! Atomic operations on map values.
 use core::intrinsics::{self, AtomicOrdering};
 
+use aya_ebpf::maps::Array;
+
 // Atomics through the compiler's intrinsics: `core`'s atomic types offer no read-modify-write
 // operation on the BPF target, but the instructions exist (compare-and-swap and fetch-add,
 // kernel 5.12 and later) and LLVM emits them.
@@ -29,4 +31,20 @@ pub(crate) fn swap_if(word: *mut u64, old: u64, new: u64) -> bool {
         )
     }
     .1
+}
+
+/// Whether the table that `counter` (a one-slot array of its entries, kept with [`add`])
+/// counts may hold entries: when not, nothing need be looked for there.
+#[inline(always)]
+pub(crate) fn in_use(counter: &Array<u64>) -> bool {
+    counter.get_ptr_mut(0).is_none_or(|count| load(count) != 0)
+}
+
+/// Counts an entry added to the table `counter` counts (`delta` 1) or deleted from it
+/// (`u64::MAX`, wrapping).
+#[inline(always)]
+pub(crate) fn count(counter: &Array<u64>, delta: u64) {
+    if let Some(count) = counter.get_ptr_mut(0) {
+        add(count, delta);
+    }
 }

@@ -53,17 +53,13 @@ pub fn tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
 /// Whether `CONG` may hold entries (`CONG_IN_USE`).
 #[inline(always)]
 fn table_in_use() -> bool {
-    maps::CONG_IN_USE
-        .get_ptr_mut(0)
-        .is_none_or(|count| atomic::load(count) != 0)
+    atomic::in_use(&maps::CONG_IN_USE)
 }
 
-/// Counts an entry added to `CONG` (`delta` 1) or deleted from it (`u64::MAX`, wrapping).
+/// Counts an entry added to `CONG` or deleted from it (see `atomic::count`).
 #[inline(always)]
 fn count_in_table(delta: u64) {
-    if let Some(count) = maps::CONG_IN_USE.get_ptr_mut(0) {
-        atomic::add(count, delta);
-    }
+    atomic::count(&maps::CONG_IN_USE, delta);
 }
 
 /// Deletes the entry of `key` from `CONG`, if any.

@@ -10,7 +10,7 @@ use tracer_common::{
     RawEvent, RawPath, RawPathOpen, path_slot,
 };
 
-use crate::atomic::{add, load, swap_if};
+use crate::atomic::{self, add, load, swap_if};
 use crate::maps::off;
 use crate::sock::{Mem, Typed};
 use crate::{cost, maps, sock, timers};
@@ -154,21 +154,16 @@ fn start(run: &mut RawPathOpen, sk: *const u8, now: u64) {
     run.cgroup = cost::cgroup(sk);
 }
 
-/// Whether `PATHS` may hold entries (`PATHS_IN_USE`): when not, nothing need be looked for
-/// there.
+/// Whether `PATHS` may hold entries (`PATHS_IN_USE`).
 #[inline(always)]
 fn table_in_use() -> bool {
-    maps::PATHS_IN_USE
-        .get_ptr_mut(0)
-        .is_none_or(|count| load(count) != 0)
+    atomic::in_use(&maps::PATHS_IN_USE)
 }
 
-/// Counts an entry added to `PATHS` (`delta` 1) or deleted from it (`u64::MAX`, wrapping).
+/// Counts an entry added to `PATHS` or deleted from it (see `atomic::count`).
 #[inline(always)]
 fn count_in_table(delta: u64) {
-    if let Some(count) = maps::PATHS_IN_USE.get_ptr_mut(0) {
-        add(count, delta);
-    }
+    atomic::count(&maps::PATHS_IN_USE, delta);
 }
 
 /// What a change just kept in `path` (a socket's run, kept at `home`) calls for: at
