@@ -9,6 +9,15 @@ pub use time_wait::{TimeWaitConfig, TimeWaitTable};
 
 use foldhash::HashMap;
 
+use crate::model::Tuple;
+
+/// A 64-bit hash of a socket's namespace and 4-tuple, for sets that only ask whether they hold
+/// a key (a quarter or less of the key's own size; two keys collide with probability 2^-64).
+pub(crate) fn key_hash(netns: u32, tuple: &Tuple) -> u64 {
+    use std::hash::BuildHasher as _;
+    foldhash::fast::FixedState::with_seed(0).hash_one((netns, tuple))
+}
+
 /// A table is worth shrinking once it holds under a quarter of its capacity, and the capacity is
 /// large enough to matter.
 fn sparse(capacity: usize, len: usize) -> bool {

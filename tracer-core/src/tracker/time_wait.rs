@@ -155,11 +155,6 @@ fn forget_until<K: std::hash::Hash + Eq + Copy>(
     }
 }
 
-fn open_key(netns: u32, tuple: &Tuple) -> u64 {
-    use std::hash::BuildHasher as _;
-    foldhash::fast::FixedState::with_seed(0).hash_one((netns, tuple))
-}
-
 /// Connections remembered for a later kill of a timewait socket on their 4-tuple.
 const RECENT_OPENS_MAX: usize = 65_536;
 /// For a timewait socket seeded at start-up (its birth unknown): how long before its kill the
@@ -599,7 +594,7 @@ impl TimeWaitTable {
         {
             forget_until(&mut self.recent_order, &mut self.recent_opens, oldest + 1);
         }
-        let key = open_key(netns, tuple);
+        let key = super::key_hash(netns, tuple);
         self.recent_opens.insert(key, ts_ns);
         self.recent_order.push_back((ts_ns, key));
         if let Some(&tw) = self.by_tuple.get(&(netns, *tuple))
@@ -720,7 +715,7 @@ impl TimeWaitTable {
         let reused_by_earlier = exit.is_none()
             && self
                 .recent_opens
-                .get(&open_key(key.0, &key.1))
+                .get(&super::key_hash(key.0, &key.1))
                 .is_some_and(|&opened| {
                     opened >= opened_since
                         && opened <= record.exited_ns.saturating_add(self.config.reuse_window_ns)
@@ -1333,7 +1328,10 @@ mod tests {
         t.connection_seen(NS, &tp, 1_000_000, &mut rec);
         assert!(t.recent_order.len() <= RECENT_OPENS_MAX);
         assert!(t.recent_opens.len() <= RECENT_OPENS_MAX);
-        assert_eq!(t.recent_opens.get(&open_key(NS, &tp)), Some(&1_000_000));
+        assert_eq!(
+            t.recent_opens.get(&crate::tracker::key_hash(NS, &tp)),
+            Some(&1_000_000)
+        );
     }
 
     /// The expiry of a socket read after a newer socket was born at its address ends neither:

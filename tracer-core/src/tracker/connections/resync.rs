@@ -64,11 +64,11 @@ impl KeyHashes {
     }
 
     pub fn insert(&mut self, key: &Key) {
-        self.0.insert(key_hash(key));
+        self.0.insert(crate::tracker::key_hash(key.0, &key.1));
     }
 
     pub fn contains(&self, key: &Key) -> bool {
-        self.0.contains(&key_hash(key))
+        self.0.contains(&crate::tracker::key_hash(key.0, &key.1))
     }
 
     pub fn len(&self) -> usize {
@@ -80,16 +80,6 @@ impl KeyHashes {
     }
 }
 
-impl<'a> FromIterator<&'a Key> for KeyHashes {
-    fn from_iter<I: IntoIterator<Item = &'a Key>>(keys: I) -> Self {
-        let mut set = Self::default();
-        for key in keys {
-            set.insert(key);
-        }
-        set
-    }
-}
-
 impl FromIterator<Key> for KeyHashes {
     fn from_iter<I: IntoIterator<Item = Key>>(keys: I) -> Self {
         let mut set = Self::default();
@@ -98,11 +88,6 @@ impl FromIterator<Key> for KeyHashes {
         }
         set
     }
-}
-
-fn key_hash(key: &Key) -> u64 {
-    use std::hash::BuildHasher as _;
-    foldhash::fast::FixedState::with_seed(0).hash_one(key)
 }
 
 /// Keys journaled at most while a dump runs (about 64 bytes each).
@@ -378,7 +363,7 @@ mod tests {
             .flat_map(|port| [(NETNS, loopback(port, 80)), (NETNS + 1, loopback(port, 80))])
             .chain([(NETNS, loopback(80, 1)), (NETNS, loopback(1, 81))])
             .collect();
-        let set: KeyHashes = keys.iter().collect();
+        let set: KeyHashes = keys.iter().copied().collect();
         assert_eq!(set.len(), keys.len(), "no two keys share a hash");
         assert!(keys.iter().all(|key| set.contains(key)));
         assert!(!set.contains(&(NETNS + 2, loopback(1, 80))));
