@@ -150,6 +150,17 @@ pub struct PeerKey {
     pub client: bool,
 }
 
+impl PeerKey {
+    /// The peer of a socket on `tuple` (local first), by whether this host was the client.
+    pub fn of(tuple: &Tuple, client: bool) -> PeerKey {
+        PeerKey {
+            peer: tuple.dst,
+            port: if client { tuple.dport } else { tuple.sport },
+            client,
+        }
+    }
+}
+
 /// A socket's whole stay in TIME_WAIT, reported when it ends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TimeWaitRecord {

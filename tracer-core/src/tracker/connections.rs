@@ -24,7 +24,7 @@ use crate::model::{
 use crate::observer::Observer;
 use crate::record::{CloseWaitLeak, Connection, MAX_STATES, Seed, StateStamp};
 use crate::tracker::time_wait::{TimeWaitConfig, TimeWaitTable};
-use crate::tracker::{shrink_map, shrink_queue};
+use crate::tracker::{SockIndex, shrink_map, shrink_queue};
 
 #[derive(Clone, Copy, Debug)]
 pub struct TrackerConfig {
@@ -45,13 +45,6 @@ impl Default for TrackerConfig {
     }
 }
 
-/// What a CLOSE_WAIT deadline refers to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum CloseWaitKey {
-    Sock(SockId),
-    Seed(u32, Tuple),
-}
-
 /// The connection table.
 pub struct Tracker {
     config: TrackerConfig,
@@ -66,9 +59,13 @@ pub struct Tracker {
     activity: VecDeque<(u64, SockId)>,
     time_wait: TimeWaitTable,
     /// Live connections by 4-tuple, to find the sender a delayed ACK was holding up.
-    by_tuple: HashMap<Tuple, SockId>,
-    /// CLOSE_WAIT entries in arrival order, checked against the threshold.
-    close_wait_queue: VecDeque<(u64, CloseWaitKey)>,
+    by_tuple: SockIndex<Tuple>,
+    /// Connections that entered CLOSE_WAIT, in arrival order, checked against the threshold.
+    /// Kept apart from the seeds' (a socket's entry is a quarter of the size of a seed's key),
+    /// since a burst of closes puts one here per connection.
+    close_wait_queue: VecDeque<(u64, SockId)>,
+    /// The same for seeds found in CLOSE_WAIT by a dump.
+    close_wait_seeds: VecDeque<(u64, (u32, Tuple))>,
     close_wait: usize,
     close_wait_leaked: usize,
     /// Seeded connections in CLOSE_WAIT already reported as leaks.
@@ -79,11 +76,18 @@ pub struct Tracker {
     journal: Option<resync::Journal>,
     /// Runs the kernel still keeps for connections a resync closed out (see `resync`).
     dead_runs: resync::DeadRuns,
+    /// Connections that left the table since `freed_many` last said so.
+    freed: usize,
     /// Connections this host aborted (closed with no FIN and no RST received), held back until
     /// the RST the kernel sends for them, traced just after the CLOSE, names its reason; given
     /// out at the next `tick` (after each ring buffer drain) at the latest.
     aborted: Vec<Connection>,
 }
+
+/// Connections closed past which the allocator is asked to give their memory back (about 4.5
+/// MiB): freed records stay resident otherwise, while the same burst of closes grows the
+/// TIME_WAIT table from fresh pages.
+const FREED_WORTH_TRIMMING: usize = 16_384;
 
 /// Aborted connections held back at most, so that a storm of aborts stays bounded.
 const MAX_HELD_ABORTS: usize = 1024;
@@ -97,14 +101,16 @@ impl Tracker {
             evictions: 0,
             activity: VecDeque::new(),
             time_wait: TimeWaitTable::new(config.time_wait),
-            by_tuple: HashMap::default(),
+            by_tuple: SockIndex::new(),
             close_wait_queue: VecDeque::new(),
+            close_wait_seeds: VecDeque::new(),
             close_wait: 0,
             close_wait_leaked: 0,
             leaked_seeds: HashSet::default(),
             listeners: HashMap::default(),
             journal: None,
             dead_runs: resync::DeadRuns::default(),
+            freed: 0,
             aborted: Vec::new(),
         }
     }
@@ -134,18 +140,45 @@ impl Tracker {
         &mut self.time_wait
     }
 
+    /// Whether many connections left the table since the last time it said so: their memory
+    /// is worth asking the allocator to return to the system.
+    pub fn freed_many(&mut self) -> bool {
+        if self.freed < FREED_WORTH_TRIMMING {
+            return false;
+        }
+        self.freed = 0;
+        true
+    }
+
     /// Gives back the memory of tables left sparse by a burst that has closed: a hash table
     /// keeps its peak capacity otherwise. Returns whether anything shrank (worth asking the
     /// allocator to return memory to the system). Cheap when nothing is sparse.
     pub fn shrink(&mut self) -> bool {
         let mut shrank = shrink_map(&mut self.conns);
-        shrank |= shrink_map(&mut self.by_tuple);
+        shrank |= self.by_tuple.shrink();
         shrank |= shrink_map(&mut self.seeds);
         shrank |= shrink_map(&mut self.listeners);
         self.compact_activity();
         shrank |= shrink_queue(&mut self.activity);
+        self.compact_close_wait_queue();
         shrank |= shrink_queue(&mut self.close_wait_queue);
+        shrank |= shrink_queue(&mut self.close_wait_seeds);
         shrank | self.time_wait.shrink()
+    }
+
+    /// Drops the entries of connections that left CLOSE_WAIT once they outnumber the rest: a
+    /// burst of closes passing through CLOSE_WAIT would otherwise hold one each until the
+    /// threshold.
+    fn compact_close_wait_queue(&mut self) {
+        if self.close_wait_queue.len() <= 4 * self.close_wait + 4096 {
+            return;
+        }
+        let conns = &self.conns;
+        self.close_wait_queue.retain(|&(since, sock)| {
+            conns
+                .get(&sock)
+                .is_some_and(|conn| conn.close_wait_since == Some(since))
+        });
     }
 
     /// Settles what only the passing of time decides (TIME_WAIT exits), as of `now_ns`
@@ -154,48 +187,50 @@ impl Tracker {
         self.flush_closed(obs);
         self.time_wait.tick(now_ns, obs);
         let threshold = self.config.close_wait_threshold_ns;
-        while let Some(&(since, key)) = self.close_wait_queue.front() {
+        while let Some(&(since, sock)) = self.close_wait_queue.front() {
             if since.saturating_add(threshold) > now_ns {
                 break;
             }
             self.close_wait_queue.pop_front();
-            let leak = match key {
-                CloseWaitKey::Sock(sock) => match self.conns.get_mut(&sock) {
-                    Some(conn)
-                        if conn.close_wait_since == Some(since) && !conn.close_wait_leaked =>
-                    {
-                        conn.close_wait_leaked = true;
-                        Some(CloseWaitLeak {
-                            netns: conn.netns,
-                            tuple: conn.tuple,
-                            since_ns: since,
-                            detected_ns: now_ns,
-                            direction: conn.direction,
-                            owner: conn.owner,
-                            seeded: conn.seeded,
-                            cgroup: conn.cgroup,
-                        })
-                    }
-                    _ => None,
-                },
-                CloseWaitKey::Seed(netns, tuple) => match self.seeds.get(&(netns, tuple)) {
-                    Some(seed) if self.leaked_seeds.insert((netns, tuple)) => Some(CloseWaitLeak {
-                        netns,
-                        tuple,
+            let leak = match self.conns.get_mut(&sock) {
+                Some(conn) if conn.close_wait_since == Some(since) && !conn.close_wait_leaked => {
+                    conn.close_wait_leaked = true;
+                    CloseWaitLeak {
+                        netns: conn.netns,
+                        tuple: conn.tuple,
                         since_ns: since,
                         detected_ns: now_ns,
-                        direction: seed.direction,
-                        owner: None,
-                        seeded: true,
-                        cgroup: 0,
-                    }),
-                    _ => None,
-                },
+                        direction: conn.direction,
+                        owner: conn.owner,
+                        seeded: conn.seeded,
+                        cgroup: conn.cgroup,
+                    }
+                }
+                _ => continue,
             };
-            if let Some(leak) = leak {
-                self.close_wait_leaked += 1;
-                obs.close_wait_leak(&leak);
+            self.close_wait_leaked += 1;
+            obs.close_wait_leak(&leak);
+        }
+        while let Some(&(since, key)) = self.close_wait_seeds.front() {
+            if since.saturating_add(threshold) > now_ns {
+                break;
             }
+            self.close_wait_seeds.pop_front();
+            let leak = match self.seeds.get(&key) {
+                Some(seed) if self.leaked_seeds.insert(key) => CloseWaitLeak {
+                    netns: key.0,
+                    tuple: key.1,
+                    since_ns: since,
+                    detected_ns: now_ns,
+                    direction: seed.direction,
+                    owner: None,
+                    seeded: true,
+                    cgroup: 0,
+                },
+                _ => continue,
+            };
+            self.close_wait_leaked += 1;
+            obs.close_wait_leak(&leak);
         }
     }
 
@@ -242,8 +277,8 @@ impl Tracker {
                 && !self.seeds.contains_key(&(seed.netns, seed.tuple))
             {
                 self.close_wait += 1;
-                self.close_wait_queue
-                    .push_back((now_ns, CloseWaitKey::Seed(seed.netns, seed.tuple)));
+                self.close_wait_seeds
+                    .push_back((now_ns, (seed.netns, seed.tuple)));
             }
             self.seeds.insert((seed.netns, seed.tuple), seed);
         }
@@ -346,7 +381,8 @@ impl Tracker {
                     dport: tuple.sport,
                 };
                 if let Some(sender) = self.by_tuple.get(&reverse)
-                    && let Some(conn) = self.conns.get_mut(sender)
+                    && let Some(conn) = self.conns.get_mut(&sender)
+                    && conn.tuple == reverse
                     && let Some(lost) = conn.acks.peer_delayed_ack(ts_ns, held_ns)
                 {
                     obs.nagle_stall(conn, lost);
@@ -468,8 +504,7 @@ impl Tracker {
         if new == TcpState::CloseWait && conn.close_wait_since.is_none() {
             conn.close_wait_since = Some(ts_ns);
             self.close_wait += 1;
-            self.close_wait_queue
-                .push_back((ts_ns, CloseWaitKey::Sock(sock)));
+            self.close_wait_queue.push_back((ts_ns, sock));
         } else if old == TcpState::CloseWait && conn.close_wait_since.take().is_some() {
             self.close_wait = self.close_wait.saturating_sub(1);
             if std::mem::take(&mut conn.close_wait_leaked) {
@@ -543,8 +578,8 @@ impl Tracker {
         if tuple.is_complete() && conn.tuple != tuple {
             // The socket's memory was reused for another connection whose opening was lost:
             // drop the old 4-tuple's index entry, or each reuse would leave one behind.
-            if conn.tuple_matched && self.by_tuple.get(&conn.tuple) == Some(&sock) {
-                self.by_tuple.remove(&conn.tuple);
+            if conn.tuple_matched {
+                self.by_tuple.remove_if(&conn.tuple, sock);
             }
             conn.tuple = tuple;
             conn.tuple_matched = false;
@@ -564,7 +599,7 @@ impl Tracker {
             return;
         }
         conn.tuple_matched = true;
-        self.by_tuple.insert(conn.tuple, sock);
+        self.by_tuple.insert(&conn.tuple, sock);
         self.time_wait
             .connection_seen(conn.netns, &conn.tuple, conn.last_seen_ns, obs);
         let key = (conn.netns, conn.tuple);
@@ -588,9 +623,8 @@ impl Tracker {
 
     /// Drops the indexes and counts that refer to a connection leaving the table.
     fn forget(&mut self, conn: &Connection) {
-        if self.by_tuple.get(&conn.tuple) == Some(&conn.sock) {
-            self.by_tuple.remove(&conn.tuple);
-        }
+        self.freed += 1;
+        self.by_tuple.remove_if(&conn.tuple, conn.sock);
         if conn.close_wait_since.is_some() {
             self.close_wait = self.close_wait.saturating_sub(1);
             if conn.close_wait_leaked {
@@ -1336,6 +1370,45 @@ mod tests {
         tracker.tick(10 * SEC, &mut rec);
         assert!(rec.leaks.is_empty());
         assert_eq!(tracker.close_wait(), (0, 0));
+    }
+
+    /// A burst of closes passing through CLOSE_WAIT leaves no queue behind it (one entry each
+    /// until the threshold otherwise), and the one connection still there is still reported.
+    #[test]
+    fn a_burst_through_close_wait_is_dropped_from_the_queue_but_a_leak_is_kept() {
+        let mut tracker = Tracker::new(TrackerConfig {
+            close_wait_threshold_ns: 5 * SEC,
+            ..TrackerConfig::default()
+        });
+        let mut rec = Recorder::default();
+        let burst: u16 = 20_000;
+        for i in 0..=burst {
+            let sock = 0x1000 + u64::from(i);
+            let t = loopback(8080, 30000 + i);
+            for e in passive_until_close_wait(sock, t, u64::from(i) * 10) {
+                tracker.on_event(&e, &mut rec);
+            }
+            if i < burst {
+                tracker.on_event(
+                    &state(SEC, sock, t, CloseWait, LastAck, task(9, "srv")),
+                    &mut rec,
+                );
+                tracker.on_event(
+                    &state(SEC + 1, sock, t, LastAck, Close, task(0, "x")),
+                    &mut rec,
+                );
+            }
+        }
+        assert_eq!(tracker.close_wait(), (1, 0));
+        tracker.shrink();
+        assert_eq!(
+            tracker.close_wait_queue.len(),
+            1,
+            "only the one still in CLOSE_WAIT"
+        );
+        tracker.tick(6 * SEC, &mut rec);
+        assert_eq!(rec.leaks.len(), 1);
+        assert_eq!(rec.leaks[0].tuple, loopback(8080, 30000 + burst));
     }
 
     #[test]

@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::model::{Direction, Owner, SockId, TcpState, TimerPhase, Tuple};
 use crate::observer::Observer;
 use crate::record::{Connection, PeerKey, TimeWaitExit, TimeWaitRecord};
+use crate::tracker::SockIndex;
 
 #[derive(Clone, Copy, Debug)]
 pub struct TimeWaitConfig {
@@ -63,8 +64,9 @@ impl Default for TimeWaitConfig {
 struct Entry {
     netns: u32,
     tuple: Tuple,
-    /// Fixed when it entered, so a later port range change cannot unbalance the counts.
-    peer: PeerKey,
+    /// This host was the client (see `PeerKey`): fixed when it entered, so a later port range
+    /// change cannot unbalance the counts.
+    client: bool,
     substate: TcpState,
     entered_ns: Option<u64>,
     /// The cancel still waiting for a re-arm or expiry.
@@ -78,12 +80,16 @@ struct Entry {
 }
 
 impl Entry {
+    fn peer(&self) -> PeerKey {
+        PeerKey::of(&self.tuple, self.client)
+    }
+
     /// A socket from the start-up dump, first seen in an event at `ts_ns` (its birth unknown).
     fn seeded(netns: u32, tuple: Tuple, peer: PeerKey, substate: TcpState, ts_ns: u64) -> Entry {
         Entry {
             netns,
             tuple,
-            peer,
+            client: peer.client,
             substate,
             entered_ns: None,
             pending_cancel: None,
@@ -100,7 +106,7 @@ pub struct TimeWaitTable {
     config: TimeWaitConfig,
     entries: HashMap<SockId, Entry>,
     /// (netns, tuple) -> timewait socket, to attach the connection that just closed.
-    by_tuple: HashMap<(u32, Tuple), SockId>,
+    by_tuple: SockIndex<(u32, Tuple)>,
     /// In TIME_WAIT before the agent started and not yet seen in an event.
     seeded: HashMap<(u32, Tuple), PeerKey>,
     /// Sockets no longer counted because a newer one was born at their address, by (address,
@@ -172,7 +178,7 @@ impl TimeWaitTable {
         TimeWaitTable {
             config,
             entries: HashMap::default(),
-            by_tuple: HashMap::default(),
+            by_tuple: SockIndex::new(),
             seeded: HashMap::default(),
             superseded: BTreeMap::new(),
             cancels: VecDeque::new(),
@@ -219,7 +225,7 @@ impl TimeWaitTable {
     pub fn shrink(&mut self) -> bool {
         use super::{shrink_map, shrink_queue};
         let mut shrank = shrink_map(&mut self.entries);
-        shrank |= shrink_map(&mut self.by_tuple);
+        shrank |= self.by_tuple.shrink();
         shrank |= shrink_map(&mut self.seeded);
         shrank |= shrink_map(&mut self.early_exits);
         shrank |= shrink_map(&mut self.peers);
@@ -294,7 +300,7 @@ impl TimeWaitTable {
                 let key = (e.netns, e.tuple);
                 // The kernel holds one socket per 4-tuple: one listed on the key of an entry that
                 // is not the latest of its key is a newer one.
-                let listed = present.contains(&key) && self.by_tuple.get(&key) == Some(*tw);
+                let listed = present.contains(&key) && self.socket_on(&key) == Some(**tw);
                 e.pending_cancel.is_none() && e.last_event_ns < from_ns && !listed && read(e.netns)
             })
             .map(|(tw, _)| *tw)
@@ -321,7 +327,7 @@ impl TimeWaitTable {
             let missing: Vec<(u32, Tuple)> = present
                 .iter()
                 .filter(|key| {
-                    !self.by_tuple.contains_key(*key)
+                    self.socket_on(key).is_none()
                         && !self.seeded.contains_key(*key)
                         && !touched(key)
                 })
@@ -479,7 +485,7 @@ impl TimeWaitTable {
             Entry {
                 netns,
                 tuple,
-                peer,
+                client: peer.client,
                 substate,
                 entered_ns: Some(ts_ns),
                 pending_cancel: None,
@@ -489,7 +495,7 @@ impl TimeWaitTable {
                 cgroup: 0,
             },
         );
-        self.by_tuple.insert(key, tw);
+        self.by_tuple.insert(&key, tw);
         self.in_time_wait += 1;
         self.add_peer(peer);
         if seeded.is_none() {
@@ -523,7 +529,7 @@ impl TimeWaitTable {
             };
             let entry = Entry::seeded(netns, tuple, peer, substate, ts_ns);
             self.entries.insert(tw, entry);
-            self.by_tuple.insert(key, tw);
+            self.by_tuple.insert(&key, tw);
         }
         if let Some(entry) = self.entries.get_mut(&tw) {
             entry.pending_cancel = Some(ts_ns);
@@ -536,10 +542,10 @@ impl TimeWaitTable {
     /// Attaches a connection that just reached CLOSE to the timewait socket that replaced it.
     /// Returns whether it went into TIME_WAIT (or FIN_WAIT2 as a timewait socket).
     pub fn adopt(&mut self, conn: &Connection) -> bool {
-        let Some(tw) = self.by_tuple.get(&(conn.netns, conn.tuple)) else {
+        let Some(tw) = self.socket_on(&(conn.netns, conn.tuple)) else {
             return false;
         };
-        let Some(entry) = self.entries.get_mut(tw) else {
+        let Some(entry) = self.entries.get_mut(&tw) else {
             return false;
         };
         if entry.pending_cancel.is_some() || entry.direction.is_some() {
@@ -558,18 +564,10 @@ impl TimeWaitTable {
             Direction::Passive => false,
             Direction::Unknown => return true,
         };
-        let old = entry.peer;
-        if old.client != client {
-            let peer = PeerKey {
-                peer: entry.tuple.dst,
-                port: if client {
-                    entry.tuple.dport
-                } else {
-                    entry.tuple.sport
-                },
-                client,
-            };
-            entry.peer = peer;
+        if entry.client != client {
+            let old = entry.peer();
+            entry.client = client;
+            let peer = entry.peer();
             self.remove_peer(old);
             self.add_peer(peer);
         }
@@ -597,7 +595,7 @@ impl TimeWaitTable {
         let key = super::key_hash(netns, tuple);
         self.recent_opens.insert(key, ts_ns);
         self.recent_order.push_back((ts_ns, key));
-        if let Some(&tw) = self.by_tuple.get(&(netns, *tuple))
+        if let Some(tw) = self.socket_on(&(netns, *tuple))
             && self
                 .entries
                 .get(&tw)
@@ -672,15 +670,20 @@ impl TimeWaitTable {
         Some(peer)
     }
 
+    /// The timewait socket counted on `key` (namespace and 4-tuple), if any.
+    fn socket_on(&self, key: &(u32, Tuple)) -> Option<SockId> {
+        let tw = self.by_tuple.get(key)?;
+        let entry = self.entries.get(&tw)?;
+        ((entry.netns, entry.tuple) == *key).then_some(tw)
+    }
+
     /// Removes `tw` from the table and from the counts.
     fn take_entry(&mut self, tw: SockId) -> Option<Entry> {
         let entry = self.entries.remove(&tw)?;
         let key = (entry.netns, entry.tuple);
-        if self.by_tuple.get(&key) == Some(&tw) {
-            self.by_tuple.remove(&key);
-        }
+        self.by_tuple.remove_if(&key, tw);
         self.in_time_wait = self.in_time_wait.saturating_sub(1);
-        self.remove_peer(entry.peer);
+        self.remove_peer(entry.peer());
         self.forget_cgroup(entry.cgroup);
         Some(entry)
     }
@@ -744,11 +747,7 @@ impl TimeWaitTable {
         let (low, high) = self.config.ephemeral_ports;
         let client = (low..=high).contains(&tuple.sport)
             && !self.listening.contains_key(&(netns, tuple.sport));
-        PeerKey {
-            peer: tuple.dst,
-            port: if client { tuple.dport } else { tuple.sport },
-            client,
-        }
+        PeerKey::of(tuple, client)
     }
 
     /// One timewait socket of `cgroup` fewer (0: none known).

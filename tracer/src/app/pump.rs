@@ -290,4 +290,8 @@ fn drain(
         by_workload.set_time_wait(&tracker.time_wait().by_cgroup().into_iter().collect());
     }
     metrics.close_wait.set_close_wait(tracker.close_wait());
+    // A burst of closes frees records while it grows the TIME_WAIT table from fresh pages.
+    if tracker.freed_many() {
+        crate::app::memory::give_back();
+    }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 
 use crate::export::metrics::Metrics;
+use crate::host::sock_diag::{HostError, Lister};
 use crate::host::{namespaces, seeds, sock_diag};
 use crate::kernel::clock::monotonic_ns;
 use tracer_core::model::TcpState;
@@ -116,9 +117,13 @@ impl Resync {
         }
         // The journal starts before the worker can read the dump's start time.
         tracker.begin_resync();
-        if !worker.request() {
+        if !worker.request(tracker.active()) {
             tracker.abandon_resync();
         } else {
+            log::debug!(
+                "resync: dump asked for (lost events {lost_total}, softirq runs without the \
+                 programs {blind_total})"
+            );
             self.lost_at_request = lost_total;
             self.blind_at_request = blind_total;
             self.requested = Some(now);
@@ -176,6 +181,11 @@ impl Resync {
             + outcome.time_wait_dropped
             + outcome.time_wait_added;
         let took_ms = monotonic_ns().saturating_sub(snapshot.started_ns) / 1_000_000;
+        log::debug!(
+            "resync: dump of {} connections and {} timewait sockets applied after {took_ms} ms",
+            snapshot.connections.len(),
+            snapshot.time_wait.len()
+        );
         if changed > 0 {
             info!(
                 "resync from sock_diag ({took_ms} ms from the dump's start to its use): {} \
@@ -200,7 +210,8 @@ impl Resync {
 
 /// The thread that takes the dumps.
 struct Worker {
-    requests: SyncSender<()>,
+    /// Each request carries the connections tracked now, to size the dump's tables once.
+    requests: SyncSender<usize>,
     results: Receiver<Result<Snapshot, String>>,
     busy: bool,
 }
@@ -208,21 +219,21 @@ struct Worker {
 impl Worker {
     fn start() -> std::io::Result<Worker> {
         // One request at a time: the event loop asks only when the last one came back.
-        let (requests, inbox) = mpsc::sync_channel::<()>(1);
+        let (requests, inbox) = mpsc::sync_channel::<usize>(1);
         let (outbox, results) = mpsc::channel();
         std::thread::Builder::new()
             .name("tracer-resync".into())
             .spawn(move || {
                 let mut last: Option<Instant> = None;
                 // Ends when the event loop drops its sender.
-                while inbox.recv().is_ok() {
+                while let Ok(expected) = inbox.recv() {
                     // The event loop spaces its requests already; this keeps the bound even if
                     // it did not.
                     if let Some(at) = last {
                         std::thread::sleep(MIN_SPACING.saturating_sub(at.elapsed()));
                     }
                     last = Some(Instant::now());
-                    if outbox.send(snapshot()).is_err() {
+                    if outbox.send(snapshot(expected)).is_err() {
                         return;
                     }
                 }
@@ -234,13 +245,13 @@ impl Worker {
         })
     }
 
-    fn request(&mut self) -> bool {
-        match self.requests.try_send(()) {
+    fn request(&mut self, expected: usize) -> bool {
+        match self.requests.try_send(expected) {
             Ok(()) => {
                 self.busy = true;
                 true
             }
-            Err(TrySendError::Full(()) | TrySendError::Disconnected(())) => false,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
         }
     }
 
@@ -261,46 +272,48 @@ impl Worker {
 
 /// One dump of this namespace (required) and every other one that can be entered (best
 /// effort; those that cannot are named in `unread`), as the tracker compares it; `started_ns`
-/// is read before the first socket is.
-fn snapshot() -> Result<Snapshot, String> {
+/// is read before the first socket is. `expected`: the connections tracked now, a guess of how
+/// many the dump lists.
+fn snapshot(expected: usize) -> Result<Snapshot, String> {
     let own = namespaces::current_netns_inode().map_err(|e| e.to_string())?;
     let mut snapshot = Snapshot {
         started_ns: monotonic_ns(),
         ..Snapshot::default()
     };
-    let sockets = sock_diag::dump_tcp_no_requests().map_err(|e| e.to_string())?;
-    add(&mut snapshot, own, &sockets);
+    // Sized once, with some room: growing by doubling would hold the old and the new table
+    // at once, and both are as large as the host's socket table.
+    let expected = expected
+        .saturating_add(expected / 8)
+        .min(sock_diag::MAX_ENTRIES);
+    snapshot.connections.reserve(expected);
+    snapshot.seeds.reserve(expected);
+    let mut lister = Lister::open().map_err(|e| e.to_string())?;
+    add(&mut snapshot, own, &mut lister).map_err(|e| e.to_string())?;
     for namespace in namespaces::other_namespaces(own) {
-        match namespaces::dump_tcp_no_requests_in(&namespace) {
-            Ok(sockets) => add(&mut snapshot, namespace.inode, &sockets),
-            // Not entered (no CAP_SYS_ADMIN) or gone meanwhile: its entries wait for a dump
-            // that reads it, or, once it is gone, for the next one, which no longer finds it.
-            Err(e) => {
-                log::debug!("resync: namespace {}: {e}", namespace.inode);
-                snapshot.unread.insert(namespace.inode);
-            }
+        let read = namespaces::lister_in(&namespace)
+            .and_then(|mut lister| add(&mut snapshot, namespace.inode, &mut lister));
+        // Not entered (no CAP_SYS_ADMIN) or gone meanwhile: its entries wait for a dump that
+        // reads it, or, once it is gone, for the next one, which no longer finds it.
+        if let Err(e) = read {
+            log::debug!("resync: namespace {}: {e}", namespace.inode);
+            snapshot.unread.insert(namespace.inode);
         }
     }
     Ok(snapshot)
 }
 
-fn add(snapshot: &mut Snapshot, netns: u32, sockets: &[sock_diag::SocketEntry]) {
-    // Sized once: growing by doubling would hold the old and the new table at once.
-    snapshot.connections.reserve(sockets.len());
-    for socket in sockets {
+/// One namespace's sockets into `snapshot`, as they are read.
+fn add(snapshot: &mut Snapshot, netns: u32, lister: &mut Lister) -> Result<(), HostError> {
+    seeds::walk(lister, netns, |socket, seed| {
         if socket.timewait {
             snapshot.time_wait.insert((netns, socket.tuple));
         } else if !matches!(socket.state, TcpState::Listen | TcpState::NewSynRecv) {
             snapshot.connections.insert(&(netns, socket.tuple));
         }
-    }
-    let seeds = seeds::seeds(sockets, netns);
-    if snapshot.seeds.is_empty() {
-        // Taken whole: an extend would copy it into a second buffer first.
-        snapshot.seeds = seeds;
-    } else {
-        snapshot.seeds.extend(seeds);
-    }
+        if let Some(seed) = seed {
+            snapshot.seeds.push(seed);
+        }
+    })
 }
 
 #[cfg(test)]

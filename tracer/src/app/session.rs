@@ -157,51 +157,73 @@ impl Session {
 
 /// Connections and TIME_WAIT sockets that exist already, in this and every other network
 /// namespace that can be entered. Only this namespace is required; others are best effort.
+/// Each socket goes to the tracker as it is read: a busy host's socket table is never copied.
 fn seed_existing(tracker: &mut Tracker) -> anyhow::Result<()> {
-    let dumps = dump_namespaces()?;
-    let (mut connections, mut time_wait) = (0, 0);
-    for (netns, sockets) in &dumps {
-        let seeds = seeds::seeds(sockets, *netns);
-        connections += seeds.len();
-        tracker.seed(seeds, monotonic_ns());
-        let waiting: Vec<_> = sockets
-            .iter()
-            .filter(|s| s.timewait)
-            .map(|s| (*netns, s.tuple))
-            .collect();
-        time_wait += waiting.len();
-        // Listening ports first, so that TIME_WAIT sockets of servers on ephemeral-range
-        // ports are attributed to the server role.
-        for listener in sockets.iter().filter(|s| s.state == TcpState::Listen) {
-            tracker
-                .time_wait_mut()
-                .listener(*netns, listener.tuple.sport, true);
-        }
-        tracker.time_wait_mut().seed(waiting);
-    }
-    info!(
-        "seeded {connections} connections and {time_wait} TIME_WAIT sockets open before start, in {} network namespaces",
-        dumps.len()
-    );
-    Ok(())
-}
-
-/// The TCP sockets of this network namespace (required) and of every other one that can be
-/// entered (best effort), by namespace inode.
-fn dump_namespaces() -> anyhow::Result<Vec<(u32, Vec<sock_diag::SocketEntry>)>> {
     let own = namespaces::current_netns_inode().context("reading this network namespace")?;
-    let sockets = sock_diag::dump_tcp().context("listing existing TCP sockets (sock_diag)")?;
-    let mut dumps = vec![(own, sockets)];
+    let now_ns = monotonic_ns();
+    let (mut connections, mut time_wait, mut read) = (0, 0, 1);
+    let mut lister =
+        sock_diag::Lister::open().context("listing existing TCP sockets (sock_diag)")?;
+    seed_namespace(
+        tracker,
+        &mut lister,
+        own,
+        now_ns,
+        &mut connections,
+        &mut time_wait,
+    )
+    .context("listing existing TCP sockets (sock_diag)")?;
     for namespace in namespaces::other_namespaces(own) {
-        match namespaces::dump_tcp_in(&namespace) {
-            Ok(sockets) => dumps.push((namespace.inode, sockets)),
+        let seeded = namespaces::lister_in(&namespace).and_then(|mut lister| {
+            seed_namespace(
+                tracker,
+                &mut lister,
+                namespace.inode,
+                now_ns,
+                &mut connections,
+                &mut time_wait,
+            )
+        });
+        match seeded {
+            Ok(()) => read += 1,
             Err(e) => warn!(
                 "cannot list sockets of network namespace {}: {e}",
                 namespace.inode
             ),
         }
     }
-    Ok(dumps)
+    info!(
+        "seeded {connections} connections and {time_wait} TIME_WAIT sockets open before start, in {read} network namespaces"
+    );
+    Ok(())
+}
+
+/// One namespace's sockets into the tracker. Listening ports come first, so that TIME_WAIT
+/// sockets of servers on ephemeral-range ports are attributed to the server role.
+fn seed_namespace(
+    tracker: &mut Tracker,
+    lister: &mut sock_diag::Lister,
+    netns: u32,
+    now_ns: u64,
+    connections: &mut usize,
+    time_wait: &mut usize,
+) -> Result<(), sock_diag::HostError> {
+    seeds::walk(lister, netns, |socket, seed| {
+        if socket.state == TcpState::Listen {
+            tracker
+                .time_wait_mut()
+                .listener(netns, socket.tuple.sport, true);
+        } else if socket.timewait {
+            *time_wait += 1;
+            tracker
+                .time_wait_mut()
+                .seed(std::iter::once((netns, socket.tuple)));
+        }
+        if let Some(seed) = seed {
+            *connections += 1;
+            tracker.seed(std::iter::once(seed), now_ns);
+        }
+    })
 }
 
 /// Says when kernel events start and stop being lost, once each, rather than per refresh.

@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
-use super::sock_diag::{HostError, SocketEntry, dump_tcp};
+use super::sock_diag::{HostError, Lister};
 
 /// Inode of the calling thread's network namespace, the kernel's `net->ns.inum` that the kernel
 /// events carry.
@@ -71,14 +71,10 @@ pub fn other_namespaces(own: u32) -> Vec<Namespace> {
     found
 }
 
-/// `dump_tcp_no_requests` inside another network namespace (see `in_namespace`).
-pub fn dump_tcp_no_requests_in(namespace: &Namespace) -> Result<Vec<SocketEntry>, HostError> {
-    in_namespace(namespace, super::sock_diag::dump_tcp_no_requests)
-}
-
-/// `dump_tcp` inside another network namespace (see `in_namespace`).
-pub fn dump_tcp_in(namespace: &Namespace) -> Result<Vec<SocketEntry>, HostError> {
-    in_namespace(namespace, dump_tcp)
+/// A sock_diag socket of another network namespace, opened inside it (see `in_namespace`) and
+/// usable from any thread.
+pub fn lister_in(namespace: &Namespace) -> Result<Lister, HostError> {
+    in_namespace(namespace, Lister::open)
 }
 
 /// Runs `work` inside another network namespace, on a short-lived thread that enters it (a

@@ -1,9 +1,9 @@
-//! Connections that existed before the agent started, derived from one namespace's sock_diag
-//! dump. Pure.
+//! Connections that existed before the agent started (or whose open it missed), derived from
+//! one namespace's sock_diag dump. Pure, but for `walk`, which reads the dump.
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::sock_diag::SocketEntry;
+use super::sock_diag::{HostError, LISTENING, Lister, NOT_LISTENING, SocketEntry};
 use tracer_core::model::{Direction, TcpState};
 use tracer_core::record::Seed;
 
@@ -15,26 +15,74 @@ use tracer_core::record::Seed;
 /// A connection is Passive when its local port has a listener on its local address or on the
 /// wildcard address of its family (an IPv6 wildcard listener also covers IPv4: dual stack), and
 /// Active otherwise.
+#[cfg(test)]
 pub fn seeds(entries: &[SocketEntry], netns: u32) -> Vec<Seed> {
-    let listeners: HashSet<(IpAddr, u16)> = entries
-        .iter()
-        .filter(|e| e.state == TcpState::Listen)
-        .map(|e| (e.tuple.src, e.tuple.sport))
-        .collect();
+    let mut listening = Listening::default();
+    entries.iter().for_each(|entry| listening.add(entry));
     entries
         .iter()
-        .filter(|e| is_connection(e))
-        .map(|e| Seed {
+        .filter_map(|entry| listening.seed(entry, netns))
+        .collect()
+}
+
+/// One namespace's sockets as they are read, listeners first (each as `(entry, None)`), then
+/// every other socket but request sockets, with its seed when it is a connection (see
+/// `seeds`). Two dumps rather than one: a connection's direction needs every listener, and an
+/// IPv6 listener covering IPv4 comes after the IPv4 connections; a listener opened between the
+/// two is missed, and only connections it accepted meanwhile, which events show anyway, are
+/// taken for active ones.
+pub fn walk(
+    lister: &mut Lister,
+    netns: u32,
+    mut each: impl FnMut(&SocketEntry, Option<Seed>),
+) -> Result<(), HostError> {
+    let mut listening = Listening::default();
+    lister.each(LISTENING, |entry| {
+        listening.add(&entry);
+        each(&entry, None);
+    })?;
+    lister.each(NOT_LISTENING, |entry| {
+        each(&entry, listening.seed(&entry, netns));
+    })
+}
+
+/// The listening sockets of one namespace, by local address and port.
+#[derive(Default)]
+struct Listening(HashSet<(IpAddr, u16)>);
+
+impl Listening {
+    fn add(&mut self, entry: &SocketEntry) {
+        if entry.state == TcpState::Listen {
+            self.0.insert((entry.tuple.src, entry.tuple.sport));
+        }
+    }
+
+    /// `entry` as a seed, when it is a connection.
+    fn seed(&self, entry: &SocketEntry, netns: u32) -> Option<Seed> {
+        is_connection(entry).then(|| Seed {
             netns,
-            tuple: e.tuple,
-            state: e.state,
-            direction: if is_listening(&listeners, e.tuple.src, e.tuple.sport) {
+            tuple: entry.tuple,
+            state: entry.state,
+            direction: if self.listens(entry.tuple.src, entry.tuple.sport) {
                 Direction::Passive
             } else {
                 Direction::Active
             },
         })
-        .collect()
+    }
+
+    fn listens(&self, local: IpAddr, port: u16) -> bool {
+        let listens = |addr: IpAddr| self.0.contains(&(addr, port));
+        match local {
+            IpAddr::V4(v4) => {
+                listens(local)
+                    || listens(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+                    || listens(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+                    || listens(IpAddr::V6(v4.to_ipv6_mapped()))
+            }
+            IpAddr::V6(_) => listens(local) || listens(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        }
+    }
 }
 
 fn is_connection(entry: &SocketEntry) -> bool {
@@ -49,19 +97,6 @@ fn is_connection(entry: &SocketEntry) -> bool {
         // out too: its events start a partial record instead.
         TcpState::FinWait2 if entry.timewait || entry.inode == 0 => false,
         _ => entry.tuple.is_complete(),
-    }
-}
-
-fn is_listening(listeners: &HashSet<(IpAddr, u16)>, local: IpAddr, port: u16) -> bool {
-    let listens = |addr: IpAddr| listeners.contains(&(addr, port));
-    match local {
-        IpAddr::V4(v4) => {
-            listens(local)
-                || listens(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-                || listens(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
-                || listens(IpAddr::V6(v4.to_ipv6_mapped()))
-        }
-        IpAddr::V6(_) => listens(local) || listens(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
     }
 }
 

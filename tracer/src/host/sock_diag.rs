@@ -119,11 +119,13 @@ pub fn dump_tcp() -> Result<Vec<SocketEntry>, HostError> {
     dump_states(ALL_STATES)
 }
 
-/// Every TCP socket except request sockets (`NEW_SYN_RECV`, a SYN flood's worth), in the
-/// calling thread's network namespace: what a resync compares the tracker with.
-pub fn dump_tcp_no_requests() -> Result<Vec<SocketEntry>, HostError> {
-    dump_states(ALL_STATES & !(1 << TcpState::NewSynRecv as u32))
-}
+/// Every TCP state but request sockets (`NEW_SYN_RECV`, a SYN flood's worth) and listeners:
+/// with [`LISTENING`], what a resync compares the tracker with.
+pub const NOT_LISTENING: u32 =
+    ALL_STATES & !(1 << TcpState::NewSynRecv as u32) & !(1 << TcpState::Listen as u32);
+
+/// Listening sockets only.
+pub const LISTENING: u32 = 1 << TcpState::Listen as u32;
 
 /// The TCP sockets a process can hold a file of, with a peer: every state but LISTEN, TIME_WAIT
 /// and request sockets (`NEW_SYN_RECV`), which are most of a busy host's sockets. What an
@@ -138,19 +140,66 @@ pub fn dump_tcp_connections() -> Result<Vec<SocketEntry>, HostError> {
 /// The TCP sockets in `states` (`1 << state` bits), in the calling thread's network namespace.
 fn dump_states(states: u32) -> Result<Vec<SocketEntry>, HostError> {
     let mut entries = Vec::new();
-    dump(
-        Query {
+    Lister::open()?.each(states, |entry| entries.push(entry))?;
+    Ok(entries)
+}
+
+/// A sock_diag socket with its receive buffer. It lists the sockets of the network namespace
+/// it was opened in, from whichever thread uses it, so a namespace is entered only to open it.
+pub struct Lister {
+    socket: Socket,
+    buffer: Vec<u8>,
+}
+
+impl Lister {
+    pub fn open() -> Result<Lister, HostError> {
+        Ok(Lister {
+            socket: open_socket()?,
+            buffer: vec![0u8; RECV_BUFFER],
+        })
+    }
+
+    /// Hands each TCP socket in `states` (`1 << state` bits) to `each` as it is read: nothing
+    /// is collected, so a dump of a busy host costs a buffer, not a copy of its socket table.
+    pub fn each(
+        &mut self,
+        states: u32,
+        mut each: impl FnMut(SocketEntry),
+    ) -> Result<(), HostError> {
+        let query = Query {
             states,
             extensions: 0,
-        },
-        &mut |header, _attributes| {
+        };
+        self.records(query, &mut |header, _attributes| {
             if let Some(entry) = socket_entry(header) {
-                entries.push(entry);
+                each(entry);
             }
             Ok(())
-        },
-    )?;
-    Ok(entries)
+        })
+    }
+
+    /// Hands each socket record that `query` selects to `on_record`, at most `MAX_ENTRIES`.
+    fn records(&mut self, query: Query, on_record: &mut OnRecord<'_>) -> Result<(), HostError> {
+        let mut count = 0usize;
+        let mut counted = |header: &InetResponseHeader, attributes: &[u8]| {
+            count += 1;
+            if count > MAX_ENTRIES {
+                return Err(HostError::TooMany);
+            }
+            on_record(header, attributes)
+        };
+        for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
+            dump_family(
+                &self.socket,
+                query,
+                family,
+                seq,
+                &mut self.buffer,
+                &mut counted,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// What a dump asks the kernel for.
@@ -169,20 +218,7 @@ pub(super) type OnRecord<'a> = dyn FnMut(&InetResponseHeader, &[u8]) -> Result<(
 /// thread's network namespace, handing each record to `on_record`. At most `MAX_ENTRIES`
 /// records per dump.
 pub(super) fn dump(query: Query, on_record: &mut OnRecord<'_>) -> Result<(), HostError> {
-    let socket = open_socket()?;
-    let mut buffer = vec![0u8; RECV_BUFFER];
-    let mut count = 0usize;
-    let mut counted = |header: &InetResponseHeader, attributes: &[u8]| {
-        count += 1;
-        if count > MAX_ENTRIES {
-            return Err(HostError::TooMany);
-        }
-        on_record(header, attributes)
-    };
-    for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
-        dump_family(&socket, query, family, seq, &mut buffer, &mut counted)?;
-    }
-    Ok(())
+    Lister::open()?.records(query, on_record)
 }
 
 /// The fixed part of a socket record as a `SocketEntry`; `None` for a state this build does

@@ -243,8 +243,10 @@ impl Tracker {
                 let newer = self
                     .by_tuple
                     .get(&c.tuple)
-                    .and_then(|sock| self.conns.get(sock))
-                    .is_some_and(|other| other.sock != c.sock && other.netns == c.netns);
+                    .and_then(|sock| self.conns.get(&sock))
+                    .is_some_and(|other| {
+                        other.sock != c.sock && other.netns == c.netns && other.tuple == c.tuple
+                    });
                 let listed = snapshot.connections.contains(&key) && !newer;
                 c.tuple.is_complete()
                     && c.last_seen_ns < from
