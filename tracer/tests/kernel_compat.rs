@@ -236,8 +236,8 @@ fn the_debian_6_1_plan_loads_and_attaches_here() {
     drop(old);
     let here = KernelBtf::load().expect("kernel BTF");
     compat.offsets = here.offsets().expect("offsets");
+    let plan = HookPlan::from_compat(compat).targeting(&here);
     drop(here);
-    let plan = HookPlan::from_compat(compat);
     let attaching = plan.attaching();
     assert_eq!(attaching.len(), 10, "{attaching:?}");
     assert!(attaching.contains(&("softirq_entry", "softirq_entry")));
@@ -283,13 +283,13 @@ fn the_reasonless_reset_program_counts_a_sent_reset() {
 fn sent_reset_reasons(program: &'static str) -> Vec<Option<u16>> {
     let kernel = KernelBtf::load().expect("kernel BTF");
     let mut compat = Compat::check(&kernel, "running").expect("supported");
-    drop(kernel);
     for (tracepoint, choice) in &mut compat.hooks {
         if *tracepoint == "tcp_send_reset" {
             *choice = Ok(program);
         }
     }
-    let plan = HookPlan::from_compat(compat);
+    let plan = HookPlan::from_compat(compat).targeting(&kernel);
+    drop(kernel);
     let offsets = plan.compat().offsets;
     let mut probes = Probes::attach(
         &plan,

@@ -20,7 +20,6 @@ const NOT_IN_CORE: &[&str] = &[
     "netlink-sys",
     "netlink-packet-core",
     "netlink-packet-sock-diag",
-    "btf-rs",
 ];
 
 pub fn run() -> Result<()> {

@@ -3,8 +3,8 @@
 use std::cell::RefCell;
 use std::path::Path;
 
+use super::btf_types::{BtfTypes, Kind, Type};
 use super::system::{KernelError, VMLINUX_BTF};
-use btf_rs::{Btf, Type};
 use tracer_common::KernelOffsets;
 
 /// Where a struct member lives: its byte, and for bitfields the bit shift within that byte.
@@ -17,7 +17,7 @@ pub struct MemberOffset {
 
 /// The running kernel's type information.
 pub struct KernelBtf {
-    btf: Btf,
+    btf: BtfTypes,
     /// While `offsets_lenient` runs: the members not found, which then read as offset 0.
     misses: RefCell<Option<Vec<(String, String)>>>,
 }
@@ -31,24 +31,25 @@ impl KernelBtf {
         if !path.exists() {
             return Err(KernelError::NoBtf);
         }
-        let btf = Btf::from_file(path).map_err(|e| KernelError::BadBtf(e.to_string()))?;
-        Ok(KernelBtf {
-            btf,
-            misses: RefCell::default(),
-        })
+        let bytes = std::fs::read(path)
+            .map_err(|e| KernelError::BadBtf(format!("reading {}: {e}", path.display())))?;
+        Self::parse(bytes)
     }
 
     /// Type information from a raw `.BTF` blob, e.g. one extracted from another kernel's image.
     pub fn from_bytes(bytes: &[u8]) -> Result<KernelBtf, KernelError> {
-        let btf = Btf::from_bytes(bytes).map_err(|e| KernelError::BadBtf(e.to_string()))?;
+        Self::parse(bytes.to_vec())
+    }
+
+    fn parse(bytes: Vec<u8>) -> Result<KernelBtf, KernelError> {
         Ok(KernelBtf {
-            btf,
+            btf: BtfTypes::parse(bytes).map_err(KernelError::BadBtf)?,
             misses: RefCell::default(),
         })
     }
 
-    /// The parsed types, for the compatibility checks (`compat`).
-    pub(crate) fn types(&self) -> &Btf {
+    /// The types, for the compatibility checks (`compat`).
+    pub(crate) fn types(&self) -> &BtfTypes {
         &self.btf
     }
 
@@ -87,11 +88,11 @@ impl KernelBtf {
         let mut parts = path.split('.').peekable();
         while let Some(name) = parts.next() {
             let (offset, member_type, size) =
-                self.find_member(&current, name)?.ok_or_else(missing)?;
+                self.find_member(current, name, 0).ok_or_else(missing)?;
             bits += offset;
             bitfield = size;
             if parts.peek().is_some() {
-                current = self.as_struct(member_type).ok_or_else(missing)?;
+                current = as_struct(member_type).ok_or_else(missing)?;
             }
         }
         Ok(MemberOffset {
@@ -101,108 +102,87 @@ impl KernelBtf {
         })
     }
 
+    /// The function prototype of BTF-typed tracepoint `name` (`btf_trace_<name>`: a typedef of
+    /// a pointer to it).
+    pub(crate) fn tracepoint_prototype(&self, name: &str) -> Option<Type<'_>> {
+        let typedef = format!("btf_trace_{name}");
+        self.btf
+            .named(&typedef)
+            .filter(|ty| ty.kind() == Kind::Typedef)
+            .filter_map(|ty| ty.referenced())
+            .filter(|ptr| ptr.kind() == Kind::Ptr)
+            .filter_map(|ptr| ptr.referenced())
+            .find(|proto| proto.kind() == Kind::FuncProto)
+    }
+
+    /// The type id of the typedef `btf_trace_<name>`, which a `tp_btf` program is loaded
+    /// against (its `attach_btf_id`).
+    pub fn tracepoint_type_id(&self, name: &str) -> Option<u32> {
+        let typedef = format!("btf_trace_{name}");
+        self.btf
+            .named(&typedef)
+            .find(|ty| ty.kind() == Kind::Typedef)
+            .map(|ty| ty.id())
+    }
+
     /// Number of arguments the BTF-typed tracepoint `name` passes to a `tp_btf` program.
     pub fn tracepoint_arity(&self, name: &str) -> Result<usize, KernelError> {
-        let missing = || KernelError::NoTracepoint(name.to_owned());
-        let typedef = format!("btf_trace_{name}");
-        let types = self
-            .btf
-            .resolve_types_by_name(&typedef)
-            .map_err(|_| missing())?;
-        for ty in types {
-            let Type::Typedef(td) = ty else { continue };
-            let Ok(Type::Ptr(ptr)) = self.btf.resolve_chained_type(&td) else {
-                continue;
-            };
-            if let Ok(Type::FuncProto(proto)) = self.btf.resolve_chained_type(&ptr) {
-                // The first parameter is the tracepoint's private `void *__data`.
-                return Ok(proto.parameters.len().saturating_sub(1));
-            }
-        }
-        Err(missing())
+        let proto = self
+            .tracepoint_prototype(name)
+            .ok_or_else(|| KernelError::NoTracepoint(name.to_owned()))?;
+        // The first parameter is the tracepoint's private `void *__data`.
+        Ok(proto.parameters().count().saturating_sub(1))
     }
 
     /// Names of the kernel's RST reasons (`enum sk_rst_reason`), by value, lower case without
     /// their `SK_RST_REASON_` prefix, e.g. `tcp_abort_on_data`. Empty where the kernel has none.
     pub fn rst_reasons(&self) -> std::collections::HashMap<u16, String> {
         let mut names = std::collections::HashMap::new();
-        let Ok(types) = self.btf.resolve_types_by_name("sk_rst_reason") else {
-            return names;
-        };
-        for ty in types {
-            let Type::Enum(e) = ty else { continue };
-            for member in &e.members {
-                let (Ok(name), Ok(value)) =
-                    (self.btf.resolve_name(member), u16::try_from(member.val()))
-                else {
+        for ty in self.btf.named("sk_rst_reason") {
+            if ty.kind() != Kind::Enum {
+                continue;
+            }
+            for (name, value) in ty.enumerators() {
+                let Ok(value) = u16::try_from(value) else {
                     continue;
                 };
-                let short = name.strip_prefix("SK_RST_REASON_").unwrap_or(&name);
+                let short = name.strip_prefix("SK_RST_REASON_").unwrap_or(name);
                 names.insert(value, short.to_ascii_lowercase());
             }
         }
         names
     }
 
-    fn struct_named(&self, name: &str) -> Result<btf_rs::Struct, KernelError> {
-        let missing = || KernelError::Missing(format!("struct {name}"));
-        let types = self
-            .btf
-            .resolve_types_by_name(name)
-            .map_err(|_| missing())?;
-        types
-            .into_iter()
-            .find_map(|t| match t {
-                Type::Struct(s) if !s.members.is_empty() => Some(s),
-                _ => None,
-            })
-            .ok_or_else(missing)
+    fn struct_named(&self, name: &str) -> Result<Type<'_>, KernelError> {
+        self.btf
+            .named(name)
+            .find(|ty| ty.kind() == Kind::Struct && ty.members().next().is_some())
+            .ok_or_else(|| KernelError::Missing(format!("struct {name}")))
     }
 
-    /// Follows typedefs and qualifiers down to a struct or union.
-    fn as_struct(&self, mut ty: Type) -> Option<btf_rs::Struct> {
-        for _ in 0..16 {
-            ty = match ty {
-                Type::Struct(s) | Type::Union(s) => return Some(s),
-                Type::Typedef(t) => self.btf.resolve_chained_type(&t).ok()?,
-                Type::Const(t) => self.btf.resolve_chained_type(&t).ok()?,
-                Type::Volatile(t) => self.btf.resolve_chained_type(&t).ok()?,
-                _ => return None,
-            };
+    /// Bit offset, type and bitfield size of member `name`, searching anonymous members
+    /// (nested at most `MAX_DEPTH` deep, so that a corrupt file cannot recurse forever).
+    fn find_member<'a>(
+        &'a self,
+        outer: Type<'a>,
+        name: &str,
+        depth: usize,
+    ) -> Option<(u32, Type<'a>, Option<u32>)> {
+        const MAX_DEPTH: usize = 16;
+        for member in outer.members() {
+            let member_type = self.btf.get(member.type_id)?;
+            if member.name == name {
+                return Some((member.bit_offset, member_type, member.bitfield_size));
+            }
+            if member.name.is_empty()
+                && depth < MAX_DEPTH
+                && let Some(inner) = as_struct(member_type)
+                && let Some((offset, ty, size)) = self.find_member(inner, name, depth + 1)
+            {
+                return Some((member.bit_offset + offset, ty, size));
+            }
         }
         None
-    }
-
-    /// Bit offset, type and bitfield size of member `name`, searching anonymous members.
-    fn find_member(
-        &self,
-        outer: &btf_rs::Struct,
-        name: &str,
-    ) -> Result<Option<(u32, Type, Option<u32>)>, KernelError> {
-        for member in &outer.members {
-            let member_name = self
-                .btf
-                .resolve_name(member)
-                .map_err(|e| KernelError::BadBtf(e.to_string()))?;
-            let member_type = self
-                .btf
-                .resolve_chained_type(member)
-                .map_err(|e| KernelError::BadBtf(e.to_string()))?;
-            if member_name == name {
-                return Ok(Some((
-                    member.bit_offset(),
-                    member_type,
-                    member.bitfield_size(),
-                )));
-            }
-            if member_name.is_empty()
-                && let Some(inner) = self.as_struct(member_type)
-                && let Some((offset, ty, size)) = self.find_member(&inner, name)?
-            {
-                return Ok(Some((member.bit_offset() + offset, ty, size)));
-            }
-        }
-        Ok(None)
     }
 
     /// Everything the kernel programs read, as one struct for their read-only data.
@@ -284,6 +264,18 @@ impl KernelBtf {
             off
         })
     }
+}
+
+/// Follows typedefs and qualifiers down to a struct or union.
+fn as_struct(mut ty: Type<'_>) -> Option<Type<'_>> {
+    for _ in 0..16 {
+        ty = match ty.kind() {
+            Kind::Struct | Kind::Union => return Some(ty),
+            Kind::Typedef | Kind::Const | Kind::Volatile => ty.referenced()?,
+            _ => return None,
+        };
+    }
+    None
 }
 
 #[cfg(test)]

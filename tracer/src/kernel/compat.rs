@@ -10,8 +10,8 @@ use thiserror::Error;
 use tracer_common::{KernelOffsets, KernelSymbols};
 
 use super::btf::KernelBtf;
+use super::btf_types::{Kind, Type};
 use super::system::KernelError;
-use btf_rs::Type;
 
 /// One program built for a tracepoint, and the argument list it was written for.
 #[derive(Debug)]
@@ -525,69 +525,50 @@ fn choose(btf: &KernelBtf, hook: &Hook) -> Result<&'static str, HookProblem> {
 /// The argument types of BTF-typed tracepoint `name` (after `void *__data`), rendered as in
 /// [`Variant::args`]; `None` when the kernel has no such tracepoint.
 pub fn tracepoint_args(btf: &KernelBtf, name: &str) -> Option<Vec<String>> {
-    let types = btf.types();
-    let typedefs = types
-        .resolve_types_by_name(&format!("btf_trace_{name}"))
-        .ok()?;
-    for ty in typedefs {
-        let Type::Typedef(td) = ty else { continue };
-        let Ok(Type::Ptr(ptr)) = types.resolve_chained_type(&td) else {
-            continue;
-        };
-        let Ok(Type::FuncProto(proto)) = types.resolve_chained_type(&ptr) else {
-            continue;
-        };
-        return Some(
-            proto
-                .parameters
-                .iter()
-                .skip(1)
-                .map(|p| match types.resolve_chained_type(p) {
-                    Ok(ty) => render(btf, ty),
-                    Err(_) => "?".to_owned(),
-                })
-                .collect(),
-        );
-    }
-    None
+    let proto = btf.tracepoint_prototype(name)?;
+    Some(
+        proto
+            .parameters()
+            .skip(1)
+            .map(|id| match btf.types().get(id) {
+                Some(ty) => render(ty),
+                None => "?".to_owned(),
+            })
+            .collect(),
+    )
 }
 
 /// A C-like name for `ty`, qualifiers dropped.
-fn render(btf: &KernelBtf, mut ty: Type) -> String {
-    let types = btf.types();
+fn render(mut ty: Type<'_>) -> String {
     let mut stars = String::new();
     // Bounded: BTF chains of qualifiers and pointers are short, and a loop in a corrupt file
     // must not hang the agent.
     for _ in 0..32 {
-        let named = |prefix: &str, t: &dyn btf_rs::BtfType| {
-            let name = types.resolve_name(t).unwrap_or_default();
-            let sep = if stars.is_empty() { "" } else { " " };
-            format!("{prefix}{name}{sep}{stars}")
-        };
-        let next = match &ty {
-            Type::Void => return format!("void{}{stars}", if stars.is_empty() { "" } else { " " }),
-            Type::Int(t) => return named("", t),
-            Type::Float(t) => return named("", t),
-            Type::Typedef(t) => return named("", t),
-            Type::Struct(t) => return named("struct ", t),
-            Type::Union(t) => return named("union ", t),
-            Type::Enum(t) => return named("enum ", t),
-            Type::Enum64(t) => return named("enum ", t),
-            Type::Fwd(t) => return named("struct ", t),
-            Type::Ptr(t) => {
+        let sep = if stars.is_empty() { "" } else { " " };
+        let prefix = match ty.kind() {
+            Kind::Void => return format!("void{sep}{stars}"),
+            Kind::Int | Kind::Float | Kind::Typedef => "",
+            Kind::Struct | Kind::Fwd => "struct ",
+            Kind::Union => "union ",
+            Kind::Enum | Kind::Enum64 => "enum ",
+            Kind::Ptr => {
                 stars.push('*');
-                types.resolve_chained_type(t)
+                ""
             }
-            Type::Const(t) => types.resolve_chained_type(t),
-            Type::Volatile(t) => types.resolve_chained_type(t),
-            Type::Restrict(t) => types.resolve_chained_type(t),
-            Type::TypeTag(t) => types.resolve_chained_type(t),
-            _ => return format!("{}{stars}", ty.name()),
+            Kind::Const | Kind::Volatile | Kind::Restrict | Kind::TypeTag => "",
+            other => return format!("{other:?}{stars}"),
         };
-        match next {
-            Ok(t) => ty = t,
-            Err(_) => return "?".to_owned(),
+        if matches!(
+            ty.kind(),
+            Kind::Ptr | Kind::Const | Kind::Volatile | Kind::Restrict | Kind::TypeTag
+        ) {
+            match ty.referenced() {
+                Some(next) => ty = next,
+                None => return "?".to_owned(),
+            }
+            continue;
         }
+        return format!("{prefix}{}{sep}{stars}", ty.name());
     }
     "?".to_owned()
 }

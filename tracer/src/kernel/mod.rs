@@ -3,6 +3,7 @@
 //! ring-buffer records into `tracer_core` events.
 pub mod batch;
 pub mod btf;
+pub mod btf_types;
 pub mod clock;
 pub mod compat;
 pub mod decode;

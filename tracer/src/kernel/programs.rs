@@ -73,6 +73,9 @@ impl ProbeConfig {
 #[derive(Clone, Debug)]
 pub struct HookPlan {
     retransmit: &'static str,
+    /// `(tracepoint, id)`: the kernel BTF id of each hooked tracepoint's `btf_trace_<name>`
+    /// typedef, a `tp_btf` program's `attach_btf_id` (see `attach_btf`).
+    attach_ids: Vec<(&'static str, u32)>,
     /// The variants and features chosen from BTF (`compat`); a hook it does not know keeps the
     /// program named in `hooks`.
     compat: Compat,
@@ -87,7 +90,19 @@ impl HookPlan {
                 kernel.tracepoint_arity(hook.tracepoint)?;
             }
         }
-        Ok(plan)
+        Ok(plan.targeting(kernel))
+    }
+
+    /// The plan with the running kernel's attach ids (`kernel`: its BTF), which
+    /// [`Probes::attach`] needs; a plan chosen from another kernel's BTF takes them here.
+    pub fn targeting(mut self, kernel: &KernelBtf) -> HookPlan {
+        self.attach_ids = self
+            .hooks()
+            .iter()
+            .filter(|hook| self.program(hook).is_some())
+            .filter_map(|hook| Some((hook.tracepoint, kernel.tracepoint_type_id(hook.tracepoint)?)))
+            .collect();
+        self
     }
 
     /// The plan `compat` chose.
@@ -96,12 +111,53 @@ impl HookPlan {
             .program_for("tcp_retransmit_skb")
             .flatten()
             .unwrap_or("tcp_retransmit_skb");
-        HookPlan { retransmit, compat }
+        HookPlan {
+            retransmit,
+            attach_ids: Vec::new(),
+            compat,
+        }
     }
 
     /// What was chosen, and the offsets that go with it.
     pub fn compat(&self) -> &Compat {
         &self.compat
+    }
+
+    /// A BTF that aya reads the programs' attach ids from: each hooked tracepoint's typedef at
+    /// its kernel id, and a 12-byte placeholder at every other id. aya looks a `tp_btf`
+    /// program's target up by name in a parsed BTF; a parse of the kernel's own (tens of MiB)
+    /// would be the agent's start-up peak, and the ids were read already (`KernelBtf`).
+    fn attach_btf(&self) -> Result<Btf, ProbeError> {
+        const PTR_TO_VOID: [u32; 3] = [0, 2 << 24, 0];
+        const TYPEDEF: u32 = 8 << 24;
+        let last = self.attach_ids.iter().map(|&(_, id)| id).max().unwrap_or(0);
+        let mut strings = vec![0u8];
+        let mut records = vec![PTR_TO_VOID; usize::try_from(last).unwrap_or(0)];
+        for &(tracepoint, id) in &self.attach_ids {
+            let name = u32::try_from(strings.len()).unwrap_or(0);
+            strings.extend(format!("btf_trace_{tracepoint}").bytes());
+            strings.push(0);
+            if let Some(record) = usize::try_from(id)
+                .ok()
+                .and_then(|id| records.get_mut(id.wrapping_sub(1)))
+            {
+                // A typedef of void: aya reads only its kind and name.
+                *record = [name, TYPEDEF, 0];
+            }
+        }
+        let type_len = records.len() * 12;
+        let mut blob = Vec::with_capacity(24 + type_len + strings.len());
+        blob.extend(0xeb9f_u16.to_le_bytes());
+        blob.extend([1, 0]); // version, flags
+        let words = [24, 0, type_len, type_len, strings.len()];
+        for word in words {
+            blob.extend(u32::try_from(word).unwrap_or(u32::MAX).to_le_bytes());
+        }
+        for word in records.iter().flatten() {
+            blob.extend(word.to_le_bytes());
+        }
+        blob.extend(&strings);
+        Btf::parse(&blob, aya::Endianness::Little).map_err(ProbeError::Btf)
     }
 
     /// `(program, tracepoint)` of every hook that [`Probes::attach`] attaches.
@@ -182,11 +238,12 @@ impl Probes {
         config: &ProbeConfig,
     ) -> Result<Probes, ProbeError> {
         let hooks = plan.hooks();
-        // One parse of the kernel's BTF for the loader and every program (each is ~5 MiB of
-        // types: parsing it once keeps the start-up peak down).
-        let btf = Btf::from_sys_fs().map_err(ProbeError::Btf)?;
+        let btf = plan.attach_btf()?;
+        // `EbpfLoader::new` parses the kernel's BTF for CO-RE relocations, which Rust eBPF
+        // programs do not have: dropped at once (`btf(None)`), so that only one such parse
+        // is ever alive.
         let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
+            .btf(None)
             .override_global("OFFSETS", offsets, true)
             .override_global("SYMBOLS", symbols, true)
             .override_global("WAKEUP_BYTES", &config.wakeup_bytes(), true)
