@@ -78,6 +78,10 @@ pub struct Tracker {
     dead_runs: resync::DeadRuns,
     /// Connections that left the table since `freed_many` last said so.
     freed: usize,
+    /// Live connections by cgroup (0: not known yet), kept as they come, go and learn their
+    /// cgroup: the per-workload gauges read it every second, and a walk of every connection
+    /// costs a cache miss each.
+    by_cgroup: HashMap<u64, usize>,
     /// Connections this host aborted (closed with no FIN and no RST received), held back until
     /// the RST the kernel sends for them, traced just after the CLOSE, names its reason; given
     /// out at the next `tick` (after each ring buffer drain) at the latest.
@@ -111,6 +115,7 @@ impl Tracker {
             journal: None,
             dead_runs: resync::DeadRuns::default(),
             freed: 0,
+            by_cgroup: HashMap::default(),
             aborted: Vec::new(),
         }
     }
@@ -246,6 +251,17 @@ impl Tracker {
             .get(&sock)
             .and_then(|conn| conn.states.last())
             .map(|stamp| stamp.ts_ns)
+    }
+
+    /// Tracked connections by cgroup (0: not known yet); seeded ones not seen in an event since
+    /// are not among them (see `active`).
+    pub fn connections_by_cgroup(&self) -> &HashMap<u64, usize> {
+        &self.by_cgroup
+    }
+
+    /// Tracked connections (see `active`).
+    pub fn tracked(&self) -> usize {
+        self.conns.len()
     }
 
     /// Connections open right now: tracked ones plus seeded ones not yet seen in an event.
@@ -400,6 +416,8 @@ impl Tracker {
                 // Only for a connection already known: this never opens a record.
                 if let Some(conn) = self.conns.get_mut(&sock) {
                     if cgroup != 0 && conn.cgroup != cgroup {
+                        count_cgroup(&mut self.by_cgroup, conn.cgroup, false);
+                        count_cgroup(&mut self.by_cgroup, cgroup, true);
                         conn.cgroup = cgroup;
                         obs.cgroup_known(conn);
                     }
@@ -624,6 +642,7 @@ impl Tracker {
     /// Drops the indexes and counts that refer to a connection leaving the table.
     fn forget(&mut self, conn: &Connection) {
         self.freed += 1;
+        count_cgroup(&mut self.by_cgroup, conn.cgroup, false);
         self.by_tuple.remove_if(&conn.tuple, conn.sock);
         if conn.close_wait_since.is_some() {
             self.close_wait = self.close_wait.saturating_sub(1);
@@ -638,7 +657,10 @@ impl Tracker {
     fn insert(&mut self, mut conn: Connection) {
         conn.queued_ns = conn.last_seen_ns;
         self.activity.push_back((conn.queued_ns, conn.sock));
-        self.conns.insert(conn.sock, Box::new(conn));
+        count_cgroup(&mut self.by_cgroup, conn.cgroup, true);
+        if let Some(replaced) = self.conns.insert(conn.sock, Box::new(conn)) {
+            count_cgroup(&mut self.by_cgroup, replaced.cgroup, false);
+        }
         self.compact_activity();
     }
 
@@ -713,6 +735,18 @@ impl Connection {
             last_seen_ns: ts_ns,
             queued_ns: ts_ns,
             tuple_matched: false,
+        }
+    }
+}
+
+/// One connection more (`up`) or fewer in `cgroup`.
+fn count_cgroup(by_cgroup: &mut HashMap<u64, usize>, cgroup: u64, up: bool) {
+    if up {
+        *by_cgroup.entry(cgroup).or_default() += 1;
+    } else if let Some(count) = by_cgroup.get_mut(&cgroup) {
+        *count -= 1;
+        if *count == 0 {
+            by_cgroup.remove(&cgroup);
         }
     }
 }
@@ -1189,6 +1223,53 @@ mod tests {
         assert!(!c.seeded, "we saw it open");
         assert_eq!(c.duration_ns(), Some(3));
         assert_eq!(tracker.active(), 0);
+    }
+
+    /// The per-cgroup counts kept as connections come and go equal a count of the table,
+    /// through opens, cgroups learnt and changed, closes and evictions.
+    #[test]
+    fn connections_by_cgroup_follow_the_table() {
+        let mut tracker = Tracker::new(TrackerConfig {
+            max_connections: 8,
+            ..TrackerConfig::default()
+        });
+        let mut rec = Recorder::default();
+        let recount = |tracker: &Tracker| {
+            let mut counts: HashMap<u64, usize> = HashMap::default();
+            for conn in tracker.connections() {
+                *counts.entry(conn.cgroup).or_default() += 1;
+            }
+            counts
+        };
+        for i in 0..40u16 {
+            let sock = 0x100 + u64::from(i % 12);
+            let t = loopback(30000 + i, 80);
+            let ts = u64::from(i) * 10;
+            tracker.on_event(&state(ts, sock, t, Close, SynSent, task(1, "c")), &mut rec);
+            let info = Event::SocketInfo {
+                ts_ns: ts + 1,
+                sock,
+                cgroup: u64::from(i % 3) + 1,
+                cost: None,
+            };
+            tracker.on_event(&info, &mut rec);
+            if i % 4 == 0 {
+                tracker.on_event(
+                    &state(ts + 2, sock, t, SynSent, Close, task(1, "c")),
+                    &mut rec,
+                );
+            }
+            assert_eq!(
+                *tracker.connections_by_cgroup(),
+                recount(&tracker),
+                "after {i}"
+            );
+        }
+        assert!(tracker.evictions() > 0, "evictions were part of it");
+        assert_eq!(
+            tracker.connections_by_cgroup().values().sum::<usize>(),
+            tracker.tracked()
+        );
     }
 
     #[test]

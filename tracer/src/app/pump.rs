@@ -208,6 +208,9 @@ fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Obse
     let tracker = &mut session.tracker;
     let (mut run, mut given) = (Vec::new(), Vec::new());
     let walked = session.paths.walk(|sock, path| {
+        if tables::given_whole(path, tracker.last_state_ns(sock)) {
+            return;
+        }
         run.clear();
         given.clear();
         // The kernel updates an entry in place, without a lock: a run read while a change is

@@ -14,12 +14,12 @@ use tracer_core::tracker::Tracker;
 
 /// The refresh tick's part: resolve, then export the metrics by workload if enabled.
 pub fn refresh(names: &WorkloadNames, tracker: &Tracker, metrics: &Metrics) {
-    let mut active: HashMap<u64, usize> = HashMap::new();
-    let mut tracked = 0;
-    for conn in tracker.connections() {
-        *active.entry(conn.cgroup).or_default() += 1;
-        tracked += 1;
-    }
+    let mut active: HashMap<u64, usize> = tracker
+        .connections_by_cgroup()
+        .iter()
+        .map(|(&cgroup, &count)| (cgroup, count))
+        .collect();
+    let tracked = tracker.tracked();
     // Name the cgroups of open connections while they exist: a container stopped before its
     // connections close is still named then (the resolver keeps removed cgroups' last name).
     for id in active.keys() {

@@ -68,6 +68,15 @@ fn slot_run(slot: &PathSlot) -> Option<(SockId, &RawPathOpen)> {
         .then_some((slot.owner, &slot.path))
 }
 
+/// Whether the tracker holds every state change of `run` (a socket's run as the table holds
+/// it, raw) already: it entered its latest state (`last_state_ns`) no earlier than the run's
+/// latest step. Such a run, a connection that stays open, is most of a busy host's table, read
+/// every second: it is not decoded at all ([`promotable`] would find nothing in it).
+pub fn given_whole(run: &RawPathOpen, last_state_ns: Option<u64>) -> bool {
+    let latest = run.steps().map(|(at_ns, _, _)| at_ns).max();
+    matches!((latest, last_state_ns), (Some(latest), Some(given)) if given >= latest)
+}
+
 /// When the latest state change of `run` (a socket's run as the table holds it, decoded) came.
 pub fn latest_change_ns(run: &[Event]) -> Option<u64> {
     run.iter()
@@ -249,6 +258,27 @@ mod tests {
         let mut emptied = slot;
         emptied.path.len = 0;
         assert!(slot_run(&emptied).is_none());
+    }
+
+    /// A run the tracker has whole is skipped before decoding; one with a later step, or of a
+    /// socket it does not track, is not.
+    #[test]
+    fn a_run_given_whole_is_skipped_and_only_then() {
+        let mut run = RawPathOpen {
+            len: 2,
+            // The third is past `len`: not a step.
+            at_ns: [100, 200, 900, 0, 0, 0],
+            ..RawPathOpen::default()
+        };
+        assert!(given_whole(&run, Some(200)));
+        assert!(given_whole(&run, Some(250)));
+        assert!(!given_whole(&run, Some(199)), "its ESTABLISHED is new");
+        assert!(!given_whole(&run, None), "not tracked: all of it is new");
+        run.len = 0;
+        assert!(
+            !given_whole(&run, Some(1000)),
+            "an empty run is not skipped, only ignored"
+        );
     }
 
     fn change(sock: SockId, ts_ns: u64, old: TcpState, new: TcpState) -> Event {
