@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::model::{Direction, Owner, SockId, TcpState, TimerPhase, Tuple};
 use crate::observer::Observer;
 use crate::record::{Connection, PeerKey, TimeWaitExit, TimeWaitRecord};
-use crate::tracker::SockIndex;
+use crate::tracker::{KeyHashes, Listed, SockIndex};
 
 #[derive(Clone, Copy, Debug)]
 pub struct TimeWaitConfig {
@@ -287,7 +287,7 @@ impl TimeWaitTable {
     /// start was lost). Returns (dropped, added).
     pub fn reconcile(
         &mut self,
-        present: &foldhash::HashSet<(u32, Tuple)>,
+        present: &Listed,
         from_ns: u64,
         touched: &impl Fn(&(u32, Tuple)) -> bool,
         read: &impl Fn(u32) -> bool,
@@ -314,7 +314,7 @@ impl TimeWaitTable {
         let gone: Vec<(u32, Tuple)> = self
             .seeded
             .keys()
-            .filter(|key| !present.contains(*key) && read(key.0))
+            .filter(|key| !present.contains(key) && read(key.0))
             .copied()
             .collect();
         for key in gone {
@@ -325,6 +325,7 @@ impl TimeWaitTable {
         let mut added = 0;
         if add {
             let missing: Vec<(u32, Tuple)> = present
+                .new_keys()
                 .iter()
                 .filter(|key| {
                     self.socket_on(key).is_none()
@@ -338,6 +339,18 @@ impl TimeWaitTable {
             added = self.in_time_wait - before;
         }
         (dropped, added)
+    }
+
+    /// The keys of the timewait sockets counted now (see `Listed`).
+    pub fn known_keys(&self) -> KeyHashes {
+        let mut known = KeyHashes::with_capacity(self.entries.len() + self.seeded.len());
+        for entry in self.entries.values() {
+            known.insert(&(entry.netns, entry.tuple));
+        }
+        for key in self.seeded.keys() {
+            known.insert(key);
+        }
+        known
     }
 
     /// Timewait sockets from the start-up dump not seen in any event since.
@@ -1061,7 +1074,7 @@ mod tests {
                 .into_iter()
                 .collect();
         // The dump: 40001, 40002 (whose start was lost) and 40004 (gone since).
-        let present: foldhash::HashSet<(u32, Tuple)> = [40001, 40002, 40004]
+        let present: Listed = [40001, 40002, 40004]
             .into_iter()
             .map(|p| (NS, tuple(p, 80)))
             .collect();
@@ -1080,7 +1093,7 @@ mod tests {
         start(&mut t, &mut rec, 210, TW + 5, 40005);
         start(&mut t, &mut rec, 220, TW + 6, 40005);
         assert_eq!(t.count(), 4);
-        let present: foldhash::HashSet<(u32, Tuple)> = [40001, 40003, 40005]
+        let present: Listed = [40001, 40003, 40005]
             .into_iter()
             .map(|p| (NS, tuple(p, 80)))
             .collect();
@@ -1126,7 +1139,7 @@ mod tests {
         t.on_timer(5, TW, NS, a, TimeWait, TimerPhase::Cancel, &mut rec);
         t.on_timer(5, TW, NS, a, TimeWait, TimerPhase::Expire, &mut rec);
         assert_eq!((t.count(), t.seeded_len()), (2, 2));
-        let present: foldhash::HashSet<(u32, Tuple)> = [(NS, c)].into_iter().collect();
+        let present: Listed = [(NS, c)].into_iter().collect();
         assert_eq!(
             t.reconcile(&present, 10, &|_| false, &|_| true, true),
             (1, 0)
@@ -1142,7 +1155,7 @@ mod tests {
         t.seed([(NS, seeded)]);
         let traced = tuple(40000, 80);
         t.on_timer(10, TW, NS, traced, TimeWait, TimerPhase::Start, &mut rec);
-        let empty = foldhash::HashSet::default();
+        let empty = Listed::default();
         assert_eq!(
             t.reconcile(&empty, 100, &|_| false, &|ns| ns != NS, true),
             (0, 0)

@@ -295,6 +295,11 @@ fn drain(
     metrics.close_wait.set_close_wait(tracker.close_wait());
     // A burst of closes frees records while it grows the TIME_WAIT table from fresh pages.
     if tracker.freed_many() {
+        let started = std::time::Instant::now();
         crate::app::memory::give_back();
+        debug!(
+            "closed connections' memory given back in {:?}",
+            started.elapsed()
+        );
     }
 }

@@ -18,7 +18,7 @@ use crate::host::{namespaces, seeds, sock_diag};
 use crate::kernel::clock::monotonic_ns;
 use tracer_core::model::TcpState;
 use tracer_core::observer::Observer;
-use tracer_core::tracker::{Snapshot, Tracker};
+use tracer_core::tracker::{Known, Snapshot, Tracker};
 
 /// Dumps start at most this often, whatever asks for them.
 pub const MIN_SPACING: Duration = Duration::from_secs(10);
@@ -117,7 +117,7 @@ impl Resync {
         }
         // The journal starts before the worker can read the dump's start time.
         tracker.begin_resync();
-        if !worker.request(tracker.active()) {
+        if !worker.request(tracker.known_keys()) {
             tracker.abandon_resync();
         } else {
             log::debug!(
@@ -210,8 +210,9 @@ impl Resync {
 
 /// The thread that takes the dumps.
 struct Worker {
-    /// Each request carries the connections tracked now, to size the dump's tables once.
-    requests: SyncSender<usize>,
+    /// Each request carries the keys of the connections the tracker knows now: the dump keeps
+    /// seeds only for the others, and sizes its tables once by their number.
+    requests: SyncSender<Known>,
     results: Receiver<Result<Snapshot, String>>,
     busy: bool,
 }
@@ -219,21 +220,23 @@ struct Worker {
 impl Worker {
     fn start() -> std::io::Result<Worker> {
         // One request at a time: the event loop asks only when the last one came back.
-        let (requests, inbox) = mpsc::sync_channel::<usize>(1);
+        let (requests, inbox) = mpsc::sync_channel::<Known>(1);
         let (outbox, results) = mpsc::channel();
         std::thread::Builder::new()
             .name("tracer-resync".into())
             .spawn(move || {
                 let mut last: Option<Instant> = None;
                 // Ends when the event loop drops its sender.
-                while let Ok(expected) = inbox.recv() {
+                while let Ok(known) = inbox.recv() {
                     // The event loop spaces its requests already; this keeps the bound even if
                     // it did not.
                     if let Some(at) = last {
                         std::thread::sleep(MIN_SPACING.saturating_sub(at.elapsed()));
                     }
                     last = Some(Instant::now());
-                    if outbox.send(snapshot(expected)).is_err() {
+                    let snapshot = snapshot(&known);
+                    drop(known);
+                    if outbox.send(snapshot).is_err() {
                         return;
                     }
                 }
@@ -245,8 +248,8 @@ impl Worker {
         })
     }
 
-    fn request(&mut self, expected: usize) -> bool {
-        match self.requests.try_send(expected) {
+    fn request(&mut self, known: Known) -> bool {
+        match self.requests.try_send(known) {
             Ok(()) => {
                 self.busy = true;
                 true
@@ -272,9 +275,9 @@ impl Worker {
 
 /// One dump of this namespace (required) and every other one that can be entered (best
 /// effort; those that cannot are named in `unread`), as the tracker compares it; `started_ns`
-/// is read before the first socket is. `expected`: the connections tracked now, a guess of how
-/// many the dump lists.
-fn snapshot(expected: usize) -> Result<Snapshot, String> {
+/// is read before the first socket is. `known`: the connections the tracker knew when it asked,
+/// which need no seed (and whose number is a guess of how many the dump lists).
+fn snapshot(known: &Known) -> Result<Snapshot, String> {
     let own = namespaces::current_netns_inode().map_err(|e| e.to_string())?;
     let mut snapshot = Snapshot {
         started_ns: monotonic_ns(),
@@ -282,16 +285,18 @@ fn snapshot(expected: usize) -> Result<Snapshot, String> {
     };
     // Sized once, with some room: growing by doubling would hold the old and the new table
     // at once, and both are as large as the host's socket table.
-    let expected = expected
-        .saturating_add(expected / 8)
-        .min(sock_diag::MAX_ENTRIES);
-    snapshot.connections.reserve(expected);
-    snapshot.seeds.reserve(expected);
+    let expected = known
+        .connections
+        .len()
+        .saturating_add(known.connections.len() / 8);
+    snapshot
+        .connections
+        .reserve(expected.min(sock_diag::MAX_ENTRIES));
     let mut lister = Lister::open().map_err(|e| e.to_string())?;
-    add(&mut snapshot, own, &mut lister).map_err(|e| e.to_string())?;
+    add(&mut snapshot, own, &mut lister, known).map_err(|e| e.to_string())?;
     for namespace in namespaces::other_namespaces(own) {
         let read = namespaces::lister_in(&namespace)
-            .and_then(|mut lister| add(&mut snapshot, namespace.inode, &mut lister));
+            .and_then(|mut lister| add(&mut snapshot, namespace.inode, &mut lister, known));
         // Not entered (no CAP_SYS_ADMIN) or gone meanwhile: its entries wait for a dump that
         // reads it, or, once it is gone, for the next one, which no longer finds it.
         if let Err(e) = read {
@@ -302,15 +307,26 @@ fn snapshot(expected: usize) -> Result<Snapshot, String> {
     Ok(snapshot)
 }
 
-/// One namespace's sockets into `snapshot`, as they are read.
-fn add(snapshot: &mut Snapshot, netns: u32, lister: &mut Lister) -> Result<(), HostError> {
+/// One namespace's sockets into `snapshot`, as they are read; seeds only for connections not
+/// `known` (a busy host's dump would otherwise hold one for each of its connections).
+fn add(
+    snapshot: &mut Snapshot,
+    netns: u32,
+    lister: &mut Lister,
+    known: &Known,
+) -> Result<(), HostError> {
     seeds::walk(lister, netns, |socket, seed| {
         if socket.timewait {
-            snapshot.time_wait.insert((netns, socket.tuple));
+            let key = (netns, socket.tuple);
+            snapshot
+                .time_wait
+                .insert(key, known.time_wait.contains(&key));
         } else if !matches!(socket.state, TcpState::Listen | TcpState::NewSynRecv) {
             snapshot.connections.insert(&(netns, socket.tuple));
         }
-        if let Some(seed) = seed {
+        if let Some(seed) = seed
+            && !known.connections.contains(&(seed.netns, seed.tuple))
+        {
             snapshot.seeds.push(seed);
         }
     })

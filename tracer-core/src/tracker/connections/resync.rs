@@ -37,58 +37,10 @@
 use foldhash::{HashMap, HashSet};
 
 use super::{Tracker, finish};
-use crate::model::{CloseCause, Event, SockId, TcpState, Tuple};
+use crate::model::{CloseCause, Event, SockId, TcpState};
 use crate::observer::Observer;
 use crate::record::Seed;
-
-/// A socket's key across namespaces.
-pub type Key = (u32, Tuple);
-pub type KeySet = HashSet<Key>;
-
-/// Keys held as 64-bit hashes, for membership only: 8 bytes a key instead of about 48, which
-/// matters for the sets a resync builds of every socket on a busy host. Two keys collide with
-/// probability 2^-64.
-#[derive(Clone, Debug, Default)]
-pub struct KeyHashes(HashSet<u64>);
-
-impl KeyHashes {
-    pub fn with_capacity(capacity: usize) -> Self {
-        Self(HashSet::with_capacity_and_hasher(
-            capacity,
-            Default::default(),
-        ))
-    }
-
-    pub fn reserve(&mut self, additional: usize) {
-        self.0.reserve(additional);
-    }
-
-    pub fn insert(&mut self, key: &Key) {
-        self.0.insert(crate::tracker::key_hash(key.0, &key.1));
-    }
-
-    pub fn contains(&self, key: &Key) -> bool {
-        self.0.contains(&crate::tracker::key_hash(key.0, &key.1))
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl FromIterator<Key> for KeyHashes {
-    fn from_iter<I: IntoIterator<Item = Key>>(keys: I) -> Self {
-        let mut set = Self::default();
-        for key in keys {
-            set.insert(&key);
-        }
-        set
-    }
-}
+use crate::tracker::{Key, KeyHashes, Listed};
 
 /// Keys journaled at most while a dump runs (about 64 bytes each).
 pub const JOURNAL_MAX: usize = 1 << 16;
@@ -129,6 +81,15 @@ pub(super) struct DeadRuns {
     marks: HashMap<SockId, (u64, bool)>,
 }
 
+/// The keys the tables held when a dump was asked for (`Tracker::known_keys`).
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    /// Tracked and seeded connections: they need no seed.
+    pub connections: KeyHashes,
+    /// Timewait sockets counted: they need not be listed in full (see `Listed`).
+    pub time_wait: KeyHashes,
+}
+
 /// What a dump of every reachable namespace listed.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -136,10 +97,11 @@ pub struct Snapshot {
     pub started_ns: u64,
     /// Connections: every socket but listeners, request sockets and timewait sockets.
     pub connections: KeyHashes,
-    /// The connections the tracker may take up as seeds when it does not hold them.
+    /// The connections the tracker may take up as seeds when it does not hold them: those it
+    /// did not know when the dump was asked for (`Tracker::known_keys`), or all of them.
     pub seeds: Vec<Seed>,
     /// Timewait sockets, in either substate.
-    pub time_wait: KeySet,
+    pub time_wait: Listed,
     /// Namespaces that exist but the dump could not read (an agent without CAP_SYS_ADMIN
     /// cannot enter them): their entries are left as they are, since the dump says nothing of
     /// them. A namespace missing from the dump otherwise is gone, and its sockets with it.
@@ -221,6 +183,21 @@ impl Tracker {
     }
 
     /// Brings the tables in line with `snapshot` (see the module comment); ends the journal.
+    /// What the tables hold now, for a dump to leave out what it need not keep whole.
+    pub fn known_keys(&self) -> Known {
+        let mut connections = KeyHashes::with_capacity(self.conns.len() + self.seeds.len());
+        for conn in self.conns.values() {
+            connections.insert(&(conn.netns, conn.tuple));
+        }
+        for key in self.seeds.keys() {
+            connections.insert(key);
+        }
+        Known {
+            connections,
+            time_wait: self.time_wait.known_keys(),
+        }
+    }
+
     pub fn finish_resync(&mut self, snapshot: &Snapshot, obs: &mut impl Observer) -> ResyncOutcome {
         let journal = self.journal.take().unwrap_or(Journal {
             touched: HashSet::default(),
@@ -328,8 +305,8 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Direction;
     use crate::model::TcpState::*;
+    use crate::model::{Direction, Tuple};
     use crate::testkit::{NETNS, Recorder, loopback, state, task};
     use crate::tracker::TrackerConfig;
 
@@ -347,7 +324,7 @@ mod tests {
             started_ns,
             connections: listed.iter().map(|(t, _)| (NETNS, *t)).collect(),
             seeds: listed.iter().map(|(t, s)| seed(*t, *s)).collect(),
-            time_wait: KeySet::default(),
+            time_wait: Listed::default(),
             unread: HashSet::default(),
         }
     }
@@ -375,6 +352,25 @@ mod tests {
         grown.insert(&keys[0]);
         grown.insert(&keys[0]);
         assert_eq!(grown.len(), 1);
+    }
+
+    /// What a dump needs no seed for: every tracked connection and every seed, nothing else.
+    #[test]
+    fn known_keys_are_the_tracked_connections_and_the_seeds() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        let (tracked, seeded, unknown) = (
+            loopback(40000, 80),
+            loopback(40001, 80),
+            loopback(40002, 80),
+        );
+        open(&mut tracker, &mut rec, 10, 0xa0, tracked);
+        tracker.seed([seed(seeded, Established)], 5);
+        let known = tracker.known_keys().connections;
+        assert_eq!(known.len(), 2);
+        assert!(known.contains(&(NETNS, tracked)));
+        assert!(known.contains(&(NETNS, seeded)));
+        assert!(!known.contains(&(NETNS, unknown)));
     }
 
     #[test]
