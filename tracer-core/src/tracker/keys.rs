@@ -82,6 +82,15 @@ impl KeyHashes {
         ))
     }
 
+    /// The set of `keys`, sized once for `capacity` of them.
+    pub fn sized(capacity: usize, keys: impl IntoIterator<Item = Key>) -> Self {
+        let mut set = Self::with_capacity(capacity);
+        for key in keys {
+            set.insert(&key);
+        }
+        set
+    }
+
     pub fn reserve(&mut self, additional: usize) {
         self.0.reserve(additional);
     }

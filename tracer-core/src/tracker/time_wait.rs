@@ -343,14 +343,14 @@ impl TimeWaitTable {
 
     /// The keys of the timewait sockets counted now (see `Listed`).
     pub fn known_keys(&self) -> KeyHashes {
-        let mut known = KeyHashes::with_capacity(self.entries.len() + self.seeded.len());
-        for entry in self.entries.values() {
-            known.insert(&(entry.netns, entry.tuple));
-        }
-        for key in self.seeded.keys() {
-            known.insert(key);
-        }
-        known
+        let counted = self
+            .entries
+            .values()
+            .map(|entry| (entry.netns, entry.tuple));
+        KeyHashes::sized(
+            self.entries.len() + self.seeded.len(),
+            counted.chain(self.seeded.keys().copied()),
+        )
     }
 
     /// Timewait sockets from the start-up dump not seen in any event since.

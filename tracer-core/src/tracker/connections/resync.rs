@@ -182,22 +182,19 @@ impl Tracker {
         self.journal.is_some()
     }
 
-    /// Brings the tables in line with `snapshot` (see the module comment); ends the journal.
     /// What the tables hold now, for a dump to leave out what it need not keep whole.
     pub fn known_keys(&self) -> Known {
-        let mut connections = KeyHashes::with_capacity(self.conns.len() + self.seeds.len());
-        for conn in self.conns.values() {
-            connections.insert(&(conn.netns, conn.tuple));
-        }
-        for key in self.seeds.keys() {
-            connections.insert(key);
-        }
+        let tracked = self.conns.values().map(|conn| (conn.netns, conn.tuple));
         Known {
-            connections,
+            connections: KeyHashes::sized(
+                self.conns.len() + self.seeds.len(),
+                tracked.chain(self.seeds.keys().copied()),
+            ),
             time_wait: self.time_wait.known_keys(),
         }
     }
 
+    /// Brings the tables in line with `snapshot` (see the module comment); ends the journal.
     pub fn finish_resync(&mut self, snapshot: &Snapshot, obs: &mut impl Observer) -> ResyncOutcome {
         let journal = self.journal.take().unwrap_or(Journal {
             touched: HashSet::default(),
@@ -265,10 +262,10 @@ impl Tracker {
         }
 
         if outcome.complete {
-            let mut tracked = KeyHashes::with_capacity(self.conns.len());
-            for conn in self.conns.values() {
-                tracked.insert(&(conn.netns, conn.tuple));
-            }
+            let tracked = KeyHashes::sized(
+                self.conns.len(),
+                self.conns.values().map(|conn| (conn.netns, conn.tuple)),
+            );
             let room = self.config.max_connections.saturating_sub(self.active());
             // A connection still in SYN_SENT is not one yet: the kernel reports it, if ever,
             // when its handshake completes.
