@@ -85,8 +85,14 @@ impl Entry {
     }
 
     /// A socket from the start-up dump, first seen in an event at `ts_ns` (its birth unknown).
-    fn seeded(netns: u32, tuple: Tuple, peer: PeerKey, substate: TcpState, ts_ns: u64) -> Entry {
-        Entry {
+    fn seeded(
+        netns: u32,
+        tuple: Tuple,
+        peer: PeerKey,
+        substate: TcpState,
+        ts_ns: u64,
+    ) -> Box<Entry> {
+        Box::new(Entry {
             netns,
             tuple,
             client: peer.client,
@@ -97,14 +103,16 @@ impl Entry {
             direction: None,
             owner: None,
             cgroup: 0,
-        }
+        })
     }
 }
 
 /// Live timewait sockets.
 pub struct TimeWaitTable {
     config: TimeWaitConfig,
-    entries: HashMap<SockId, Entry>,
+    /// Boxed, as the connection table's records are: a burst that doubles the table then
+    /// copies and holds 16 bytes a slot, not a whole entry's 120.
+    entries: HashMap<SockId, Box<Entry>>,
     /// (netns, tuple) -> timewait socket, to attach the connection that just closed.
     by_tuple: SockIndex<(u32, Tuple)>,
     /// In TIME_WAIT before the agent started and not yet seen in an event.
@@ -113,7 +121,7 @@ pub struct TimeWaitTable {
     /// that birth's time, their own birth or 0), waiting for their own exit from the kernel's
     /// table (see `exits_read`). An event at `ts` for address `tw` belongs to the first one
     /// on its 4-tuple superseded after `ts`.
-    superseded: BTreeMap<(SockId, u64, u64), Entry>,
+    superseded: BTreeMap<(SockId, u64, u64), Box<Entry>>,
     /// Cancels in arrival order, settled after `settle_ns`.
     cancels: VecDeque<(u64, SockId)>,
     /// Early exits waiting to learn whether a new connection reuses the 4-tuple.
@@ -495,7 +503,7 @@ impl TimeWaitTable {
         let peer = self.peer_key(netns, &tuple);
         self.entries.insert(
             tw,
-            Entry {
+            Box::new(Entry {
                 netns,
                 tuple,
                 client: peer.client,
@@ -506,7 +514,7 @@ impl TimeWaitTable {
                 direction: None,
                 owner: None,
                 cgroup: 0,
-            },
+            }),
         );
         self.by_tuple.insert(&key, tw);
         self.in_time_wait += 1;
@@ -691,7 +699,7 @@ impl TimeWaitTable {
     }
 
     /// Removes `tw` from the table and from the counts.
-    fn take_entry(&mut self, tw: SockId) -> Option<Entry> {
+    fn take_entry(&mut self, tw: SockId) -> Option<Box<Entry>> {
         let entry = self.entries.remove(&tw)?;
         let key = (entry.netns, entry.tuple);
         self.by_tuple.remove_if(&key, tw);
@@ -702,9 +710,13 @@ impl TimeWaitTable {
     }
 
     /// Reports the exit of a socket no longer counted (see `exit`).
+    #[expect(
+        clippy::boxed_local,
+        reason = "taken as the table holds it: unboxing would copy it to drop the box"
+    )]
     fn report(
         &mut self,
-        entry: Entry,
+        entry: Box<Entry>,
         ts_ns: u64,
         exit: Option<TimeWaitExit>,
         obs: &mut impl Observer,
