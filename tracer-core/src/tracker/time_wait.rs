@@ -402,7 +402,7 @@ impl TimeWaitTable {
                     if let Some(key) = self.superseded_key(tw, ts_ns, netns, tuple)
                         && let Some(entry) = self.superseded.remove(&key)
                     {
-                        self.report(entry, ts_ns, Some(TimeWaitExit::Expired), obs);
+                        self.report(*entry, ts_ns, Some(TimeWaitExit::Expired), obs);
                     }
                 } else if self.entries.contains_key(&tw) {
                     self.exit(tw, ts_ns, Some(TimeWaitExit::Expired), obs);
@@ -423,7 +423,7 @@ impl TimeWaitTable {
             .collect();
         for key in done {
             if let Some(entry) = self.superseded.remove(&key) {
-                self.report(entry, key.1, None, obs);
+                self.report(*entry, key.1, None, obs);
             }
         }
     }
@@ -481,10 +481,10 @@ impl TimeWaitTable {
             if self.superseded.len() < self.config.max_entries {
                 let key = (tw, ts_ns, entry.entered_ns.unwrap_or(0));
                 if let Some(earlier) = self.superseded.insert(key, entry) {
-                    self.report(earlier, ts_ns, None, obs);
+                    self.report(*earlier, ts_ns, None, obs);
                 }
             } else {
-                self.report(entry, ts_ns, None, obs);
+                self.report(*entry, ts_ns, None, obs);
             }
         }
         let key = (netns, tuple);
@@ -679,7 +679,7 @@ impl TimeWaitTable {
         obs: &mut impl Observer,
     ) {
         if let Some(entry) = self.take_entry(tw) {
-            self.report(entry, ts_ns, exit, obs);
+            self.report(*entry, ts_ns, exit, obs);
         }
     }
 
@@ -710,13 +710,9 @@ impl TimeWaitTable {
     }
 
     /// Reports the exit of a socket no longer counted (see `exit`).
-    #[expect(
-        clippy::boxed_local,
-        reason = "taken as the table holds it: unboxing would copy it to drop the box"
-    )]
     fn report(
         &mut self,
-        entry: Box<Entry>,
+        entry: Entry,
         ts_ns: u64,
         exit: Option<TimeWaitExit>,
         obs: &mut impl Observer,
