@@ -76,8 +76,8 @@ pub struct Tracker {
     journal: Option<resync::Journal>,
     /// Runs the kernel still keeps for connections a resync closed out (see `resync`).
     dead_runs: resync::DeadRuns,
-    /// Connections that left the table since `freed_many` last said so.
-    freed: usize,
+    /// The most connections the table held since `freed_many` last said so.
+    peak: usize,
     /// Live connections by cgroup (0: not known yet), kept as they come, go and learn their
     /// cgroup: the per-workload gauges read it every second, and a walk of every connection
     /// costs a cache miss each.
@@ -88,10 +88,11 @@ pub struct Tracker {
     aborted: Vec<Connection>,
 }
 
-/// Connections closed past which the allocator is asked to give their memory back (about 1.2
-/// MiB of records): freed records stay resident otherwise, while the same burst of closes
-/// grows the TIME_WAIT table from fresh pages. A give-back took 8 µs to 14 ms during a close of
-/// 100 000 sockets.
+/// How far the table must shrink before the allocator is asked to give the memory back (about
+/// 1.2 MiB of records): freed records stay resident otherwise, while the same burst of closes
+/// fills the TIME_WAIT table. A give-back took 8 µs to 14 ms during a close of 100 000
+/// sockets. Under churn the table does not shrink (each close makes room for the next open),
+/// and the records freed are reused at once: nothing to give back.
 const FREED_WORTH_TRIMMING: usize = 4_096;
 
 /// Aborted connections held back at most, so that a storm of aborts stays bounded.
@@ -115,7 +116,7 @@ impl Tracker {
             listeners: HashMap::default(),
             journal: None,
             dead_runs: resync::DeadRuns::default(),
-            freed: 0,
+            peak: 0,
             by_cgroup: HashMap::default(),
             aborted: Vec::new(),
         }
@@ -146,13 +147,14 @@ impl Tracker {
         &mut self.time_wait
     }
 
-    /// Whether many connections left the table since the last time it said so: their memory
-    /// is worth asking the allocator to return to the system.
+    /// Whether the table shrank by many connections since the last time it said so: their
+    /// memory is worth asking the allocator to return to the system.
     pub fn freed_many(&mut self) -> bool {
-        if self.freed < FREED_WORTH_TRIMMING {
+        let live = self.conns.len();
+        if self.peak < live + FREED_WORTH_TRIMMING {
             return false;
         }
-        self.freed = 0;
+        self.peak = live;
         true
     }
 
@@ -642,7 +644,6 @@ impl Tracker {
 
     /// Drops the indexes and counts that refer to a connection leaving the table.
     fn forget(&mut self, conn: &Connection) {
-        self.freed += 1;
         count_cgroup(&mut self.by_cgroup, conn.cgroup, false);
         self.by_tuple.remove_if(&conn.tuple, conn.sock);
         if conn.close_wait_since.is_some() {
@@ -662,6 +663,7 @@ impl Tracker {
         if let Some(replaced) = self.conns.insert(conn.sock, Box::new(conn)) {
             count_cgroup(&mut self.by_cgroup, replaced.cgroup, false);
         }
+        self.peak = self.peak.max(self.conns.len());
         self.compact_activity();
     }
 
@@ -1224,6 +1226,48 @@ mod tests {
         assert!(!c.seeded, "we saw it open");
         assert_eq!(c.duration_ns(), Some(3));
         assert_eq!(tracker.active(), 0);
+    }
+
+    /// Memory is worth giving back once the table has shrunk by `FREED_WORTH_TRIMMING`, not
+    /// under churn, where as many connections open as close.
+    #[test]
+    fn memory_is_given_back_when_the_table_shrinks_not_under_churn() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut rec = Recorder::default();
+        let burst = u16::try_from(2 * FREED_WORTH_TRIMMING).unwrap();
+        let open = |tracker: &mut Tracker, rec: &mut Recorder, i: u16| {
+            let t = loopback(20000 + i, 80);
+            let sock = 0x1000 + u64::from(i);
+            tracker.on_event(
+                &state(u64::from(i), sock, t, Close, SynSent, task(1, "c")),
+                rec,
+            );
+            (sock, t)
+        };
+        // Churn: each close is followed by an open; the table never holds more than one.
+        for i in 0..burst {
+            let (sock, t) = open(&mut tracker, &mut rec, i);
+            tracker.on_event(
+                &state(u64::from(i) + 1, sock, t, SynSent, Close, task(1, "c")),
+                &mut rec,
+            );
+            assert!(!tracker.freed_many(), "churn at {i}");
+        }
+        // A burst opens, then closes.
+        let opened: Vec<_> = (burst..2 * burst)
+            .map(|i| open(&mut tracker, &mut rec, i))
+            .collect();
+        let mut given_back = 0;
+        for (n, (sock, t)) in opened.into_iter().enumerate() {
+            tracker.on_event(
+                &state(1_000_000, sock, t, SynSent, Close, task(1, "c")),
+                &mut rec,
+            );
+            given_back += usize::from(tracker.freed_many());
+            assert!(given_back <= (n + 1) / FREED_WORTH_TRIMMING);
+        }
+        assert_eq!(given_back, 2, "once per {FREED_WORTH_TRIMMING} closed");
+        assert_eq!(tracker.tracked(), 0);
     }
 
     /// The per-cgroup counts kept as connections come and go equal a count of the table,
