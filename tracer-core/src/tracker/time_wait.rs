@@ -308,7 +308,8 @@ impl TimeWaitTable {
                 let key = (e.netns, e.tuple);
                 // The kernel holds one socket per 4-tuple: one listed on the key of an entry that
                 // is not the latest of its key is a newer one.
-                let listed = present.contains(&key) && self.socket_on(&key) == Some(**tw);
+                let listed = present.contains(&key)
+                    && self.socket_on(&key).is_some_and(|(on, _)| on == **tw);
                 e.pending_cancel.is_none() && e.last_event_ns < from_ns && !listed && read(e.netns)
             })
             .map(|(tw, _)| *tw)
@@ -563,7 +564,7 @@ impl TimeWaitTable {
     /// Attaches a connection that just reached CLOSE to the timewait socket that replaced it.
     /// Returns whether it went into TIME_WAIT (or FIN_WAIT2 as a timewait socket).
     pub fn adopt(&mut self, conn: &Connection) -> bool {
-        let Some(tw) = self.socket_on(&(conn.netns, conn.tuple)) else {
+        let Some((tw, _)) = self.socket_on(&(conn.netns, conn.tuple)) else {
             return false;
         };
         let Some(entry) = self.entries.get_mut(&tw) else {
@@ -616,11 +617,8 @@ impl TimeWaitTable {
         let key = super::key_hash(netns, tuple);
         self.recent_opens.insert(key, ts_ns);
         self.recent_order.push_back((ts_ns, key));
-        if let Some(tw) = self.socket_on(&(netns, *tuple))
-            && self
-                .entries
-                .get(&tw)
-                .is_some_and(|e| e.pending_cancel.is_some())
+        if let Some((tw, entry)) = self.socket_on(&(netns, *tuple))
+            && entry.pending_cancel.is_some()
         {
             self.exit(tw, 0, Some(TimeWaitExit::Reused), obs);
             return;
@@ -691,11 +689,11 @@ impl TimeWaitTable {
         Some(peer)
     }
 
-    /// The timewait socket counted on `key` (namespace and 4-tuple), if any.
-    fn socket_on(&self, key: &(u32, Tuple)) -> Option<SockId> {
+    /// The timewait socket counted on `key` (namespace and 4-tuple), if any, with its entry.
+    fn socket_on(&self, key: &(u32, Tuple)) -> Option<(SockId, &Entry)> {
         let tw = self.by_tuple.get(key)?;
         let entry = self.entries.get(&tw)?;
-        ((entry.netns, entry.tuple) == *key).then_some(tw)
+        ((entry.netns, entry.tuple) == *key).then_some((tw, &**entry))
     }
 
     /// Removes `tw` from the table and from the counts.
