@@ -114,11 +114,7 @@ impl KeyHashes {
 
 impl FromIterator<Key> for KeyHashes {
     fn from_iter<I: IntoIterator<Item = Key>>(keys: I) -> Self {
-        let mut set = Self::default();
-        for key in keys {
-            set.insert(&key);
-        }
-        set
+        Self::sized(0, keys)
     }
 }
 
@@ -174,6 +170,24 @@ impl FromIterator<Key> for Listed {
 mod tests {
     use super::*;
     use crate::testkit::{NETNS, loopback};
+
+    #[test]
+    fn key_hashes_tell_keys_apart_by_namespace_and_every_part_of_the_tuple() {
+        let keys: Vec<Key> = (0..20_000u16)
+            .flat_map(|port| [(NETNS, loopback(port, 80)), (NETNS + 1, loopback(port, 80))])
+            .chain([(NETNS, loopback(80, 1)), (NETNS, loopback(1, 81))])
+            .collect();
+        let set: KeyHashes = keys.iter().copied().collect();
+        assert_eq!(set.len(), keys.len(), "no two keys share a hash");
+        assert!(keys.iter().all(|key| set.contains(key)));
+        assert!(!set.contains(&(NETNS + 2, loopback(1, 80))));
+        assert!(!set.contains(&(NETNS, loopback(80, 2))));
+        let mut grown = KeyHashes::with_capacity(1);
+        assert!(grown.is_empty());
+        grown.insert(&keys[0]);
+        grown.insert(&keys[0]);
+        assert_eq!(grown.len(), 1);
+    }
 
     #[test]
     fn a_listing_keeps_every_key_as_a_hash_and_only_new_ones_whole() {

@@ -333,24 +333,6 @@ mod tests {
         tracker.on_event(&state(ts + 1, sock, t, SynSent, Established, who), rec);
     }
 
-    #[test]
-    fn key_hashes_tell_keys_apart_by_namespace_and_every_part_of_the_tuple() {
-        let keys: Vec<Key> = (0..20_000u16)
-            .flat_map(|port| [(NETNS, loopback(port, 80)), (NETNS + 1, loopback(port, 80))])
-            .chain([(NETNS, loopback(80, 1)), (NETNS, loopback(1, 81))])
-            .collect();
-        let set: KeyHashes = keys.iter().copied().collect();
-        assert_eq!(set.len(), keys.len(), "no two keys share a hash");
-        assert!(keys.iter().all(|key| set.contains(key)));
-        assert!(!set.contains(&(NETNS + 2, loopback(1, 80))));
-        assert!(!set.contains(&(NETNS, loopback(80, 2))));
-        let mut grown = KeyHashes::with_capacity(1);
-        assert!(grown.is_empty());
-        grown.insert(&keys[0]);
-        grown.insert(&keys[0]);
-        assert_eq!(grown.len(), 1);
-    }
-
     /// What a dump needs no seed for: every tracked connection and every seed, nothing else.
     #[test]
     fn known_keys_are_the_tracked_connections_and_the_seeds() {
