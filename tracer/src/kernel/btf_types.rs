@@ -335,6 +335,27 @@ impl<'a> Type<'a> {
     }
 }
 
+/// A little-endian BTF blob of `types` (the 32-bit words of the type records, in id order) and
+/// `strings` (starting with the empty string), laid out as the kernel's: the reverse of
+/// [`BtfTypes::parse`]. `None` when a section would pass 4 GiB.
+pub fn blob(types: &[u32], strings: &[u8]) -> Option<Vec<u8>> {
+    let type_len = u32::try_from(types.len().checked_mul(4)?).ok()?;
+    let str_len = u32::try_from(strings.len()).ok()?;
+    let header_len = u32::try_from(HEADER_LEN).ok()?;
+    let mut data = Vec::with_capacity(HEADER_LEN + 4 * types.len() + strings.len());
+    data.extend(MAGIC.to_le_bytes());
+    data.extend([1, 0]); // version, flags
+    // Header length, then the type and string sections' offsets and lengths.
+    for word in [header_len, 0, type_len, type_len, str_len] {
+        data.extend(word.to_le_bytes());
+    }
+    for word in types {
+        data.extend(word.to_le_bytes());
+    }
+    data.extend(strings);
+    Some(data)
+}
+
 fn read_u32(data: &[u8], at: usize) -> Option<u32> {
     let bytes = data.get(at..at.checked_add(4)?)?;
     Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
@@ -347,23 +368,6 @@ fn to_usize(value: u32) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A blob of `types` (raw records) and `strings` (starting with the empty string).
-    fn blob(types: &[u32], strings: &[u8]) -> Vec<u8> {
-        let type_len = u32::try_from(types.len() * 4).unwrap();
-        let mut data = Vec::new();
-        data.extend(MAGIC.to_le_bytes());
-        data.extend([1, 0]);
-        let str_len = u32::try_from(strings.len()).unwrap();
-        for word in [24, 0, type_len, type_len, str_len] {
-            data.extend(word.to_le_bytes());
-        }
-        for word in types {
-            data.extend(word.to_le_bytes());
-        }
-        data.extend(strings);
-        data
-    }
 
     const fn info(kind: u32, vlen: u32, kind_flag: bool) -> u32 {
         (kind << 24) | vlen | if kind_flag { 1 << 31 } else { 0 }
@@ -418,7 +422,7 @@ mod tests {
             0,
             1,
         ];
-        BtfTypes::parse(blob(&types, strings)).unwrap()
+        BtfTypes::parse(blob(&types, strings).unwrap()).unwrap()
     }
 
     #[test]
@@ -450,7 +454,7 @@ mod tests {
 
     #[test]
     fn corrupt_blobs_are_errors_not_panics() {
-        let good = blob(&[0, info(2, 0, false), 0], b"\0");
+        let good = blob(&[0, info(2, 0, false), 0], b"\0").unwrap();
         assert!(BtfTypes::parse(good.clone()).is_ok());
         for cut in 0..good.len() {
             let _ = BtfTypes::parse(good[..cut].to_vec());
@@ -459,12 +463,12 @@ mod tests {
         swapped.swap(0, 1);
         assert!(BtfTypes::parse(swapped).unwrap_err().contains("magic"));
         // A struct claiming more members than the section holds.
-        let short = blob(&[0, info(4, 9, false), 8], b"\0");
+        let short = blob(&[0, info(4, 9, false), 8], b"\0").unwrap();
         assert!(BtfTypes::parse(short).is_err());
-        let unknown = blob(&[0, info(31, 0, false), 0], b"\0");
+        let unknown = blob(&[0, info(31, 0, false), 0], b"\0").unwrap();
         assert!(BtfTypes::parse(unknown).unwrap_err().contains("kind"));
         // A name offset past the strings reads as no name.
-        let btf = BtfTypes::parse(blob(&[999, info(2, 0, false), 0], b"\0")).unwrap();
+        let btf = BtfTypes::parse(blob(&[999, info(2, 0, false), 0], b"\0").unwrap()).unwrap();
         assert_eq!(btf.get(1).unwrap().name(), "");
     }
 }

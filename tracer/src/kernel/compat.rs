@@ -590,13 +590,7 @@ mod tests {
 
     /// A well-formed BTF blob with no types at all: a kernel that has nothing we need.
     fn empty() -> KernelBtf {
-        let mut blob = Vec::new();
-        blob.extend(0xeb9f_u16.to_le_bytes());
-        blob.extend([1, 0]); // version, flags
-        for word in [24u32, 0, 0, 0, 1] {
-            blob.extend(word.to_le_bytes()); // hdr_len, type_off/len, str_off/len
-        }
-        blob.push(0); // the empty string
+        let blob = crate::kernel::btf_types::blob(&[], b"\0").expect("an empty BTF fits");
         KernelBtf::from_bytes(&blob).expect("an empty BTF parses")
     }
 

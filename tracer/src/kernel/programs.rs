@@ -9,6 +9,7 @@ use thiserror::Error;
 use tracer_common::{KernelOffsets, KernelSymbols};
 
 use crate::kernel::btf::KernelBtf;
+use crate::kernel::btf_types;
 use crate::kernel::compat::{Compat, CompatError, running_release};
 use crate::kernel::system::KernelError;
 
@@ -145,18 +146,8 @@ impl HookPlan {
                 *record = [name, TYPEDEF, 0];
             }
         }
-        let type_len = records.len() * 12;
-        let mut blob = Vec::with_capacity(24 + type_len + strings.len());
-        blob.extend(0xeb9f_u16.to_le_bytes());
-        blob.extend([1, 0]); // version, flags
-        let words = [24, 0, type_len, type_len, strings.len()];
-        for word in words {
-            blob.extend(u32::try_from(word).unwrap_or(u32::MAX).to_le_bytes());
-        }
-        for word in records.iter().flatten() {
-            blob.extend(word.to_le_bytes());
-        }
-        blob.extend(&strings);
+        // Ids come from a BTF that fits in 4 GiB, and so does this smaller one.
+        let blob = btf_types::blob(records.as_flattened(), &strings).unwrap_or_default();
         Btf::parse(&blob, aya::Endianness::Little).map_err(ProbeError::Btf)
     }
 
