@@ -551,23 +551,19 @@ fn render(mut ty: Type<'_>) -> String {
             Kind::Struct | Kind::Fwd => "struct ",
             Kind::Union => "union ",
             Kind::Enum | Kind::Enum64 => "enum ",
-            Kind::Ptr => {
-                stars.push('*');
-                ""
+            // A pointer adds a star; qualifiers drop out. Either way, on to what it refers to.
+            Kind::Ptr | Kind::Const | Kind::Volatile | Kind::Restrict | Kind::TypeTag => {
+                if ty.kind() == Kind::Ptr {
+                    stars.push('*');
+                }
+                let Some(next) = ty.referenced() else {
+                    return "?".to_owned();
+                };
+                ty = next;
+                continue;
             }
-            Kind::Const | Kind::Volatile | Kind::Restrict | Kind::TypeTag => "",
             other => return format!("{other:?}{stars}"),
         };
-        if matches!(
-            ty.kind(),
-            Kind::Ptr | Kind::Const | Kind::Volatile | Kind::Restrict | Kind::TypeTag
-        ) {
-            match ty.referenced() {
-                Some(next) => ty = next,
-                None => return "?".to_owned(),
-            }
-            continue;
-        }
         return format!("{prefix}{}{sep}{stars}", ty.name());
     }
     "?".to_owned()
