@@ -102,27 +102,29 @@ impl KernelBtf {
         })
     }
 
-    /// The function prototype of BTF-typed tracepoint `name` (`btf_trace_<name>`: a typedef of
-    /// a pointer to it).
-    pub(crate) fn tracepoint_prototype(&self, name: &str) -> Option<Type<'_>> {
+    /// BTF-typed tracepoint `name`'s typedef (`btf_trace_<name>`, a pointer to its function
+    /// prototype) and that prototype.
+    fn tracepoint(&self, name: &str) -> Option<(Type<'_>, Type<'_>)> {
         let typedef = format!("btf_trace_{name}");
         self.btf
             .named(&typedef)
             .filter(|ty| ty.kind() == Kind::Typedef)
-            .filter_map(|ty| ty.referenced())
-            .filter(|ptr| ptr.kind() == Kind::Ptr)
-            .filter_map(|ptr| ptr.referenced())
-            .find(|proto| proto.kind() == Kind::FuncProto)
+            .find_map(|typedef| {
+                let ptr = typedef.referenced().filter(|ty| ty.kind() == Kind::Ptr)?;
+                let proto = ptr.referenced().filter(|ty| ty.kind() == Kind::FuncProto)?;
+                Some((typedef, proto))
+            })
     }
 
-    /// The type id of the typedef `btf_trace_<name>`, which a `tp_btf` program is loaded
-    /// against (its `attach_btf_id`).
+    /// The function prototype of BTF-typed tracepoint `name`.
+    pub(crate) fn tracepoint_prototype(&self, name: &str) -> Option<Type<'_>> {
+        self.tracepoint(name).map(|(_, proto)| proto)
+    }
+
+    /// The type id of tracepoint `name`'s typedef, which a `tp_btf` program is loaded against
+    /// (its `attach_btf_id`): the one whose prototype the compatibility checks read.
     pub fn tracepoint_type_id(&self, name: &str) -> Option<u32> {
-        let typedef = format!("btf_trace_{name}");
-        self.btf
-            .named(&typedef)
-            .find(|ty| ty.kind() == Kind::Typedef)
-            .map(|ty| ty.id())
+        self.tracepoint(name).map(|(typedef, _)| typedef.id())
     }
 
     /// Number of arguments the BTF-typed tracepoint `name` passes to a `tp_btf` program.
