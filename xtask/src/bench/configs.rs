@@ -331,6 +331,10 @@ impl Bpftrace {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(mut self) -> Result<()> {
         sys::stop_child(&mut self.child, sys::SIGINT, Duration::from_secs(15))?;
         // Its stderr may report lost events too.

@@ -246,7 +246,14 @@ pub fn run(args: Args) -> Result<()> {
         check_foreign();
         let server = load::ChurnServer::start()?;
         step("profile: the agent's eBPF programs with kernel run-time statistics on");
-        let profile = profile::run(&env, &server, args.clients, duration, args.experiments)?;
+        let profile = profile::run(
+            &env,
+            &server,
+            args.clients,
+            duration,
+            args.experiments,
+            bpftrace.is_ok(),
+        )?;
         print!("{}", profile.render());
         return Ok(());
     }
@@ -307,7 +314,14 @@ pub fn run(args: Args) -> Result<()> {
     )?;
 
     step("profile: the agent's eBPF programs with kernel run-time statistics on");
-    let profile = profile::run(&env, &server, args.clients, duration, args.experiments)?;
+    let profile = profile::run(
+        &env,
+        &server,
+        args.clients,
+        duration,
+        args.experiments,
+        bpftrace.is_ok(),
+    )?;
     drop(server);
 
     let idle = if args.skip_idle {

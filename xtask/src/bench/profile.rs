@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::bpf::{self, RawFloor};
-use super::configs::{Env, Tracer};
+use super::configs::{Bpftrace, Env, Tracer, aggregate_script};
 use super::load::{self, ChurnServer, RoundLoad};
 use super::report::{Json, int};
 use super::ringbuf::RingbufExperiment;
@@ -57,6 +57,7 @@ pub fn run(
     clients: u32,
     duration: Duration,
     experiments: bool,
+    with_bpftrace: bool,
 ) -> Result<Profile> {
     let churn = || Ok(server.round(clients, duration));
     let timers = || load::timer_round(clients, duration);
@@ -79,11 +80,25 @@ pub fn run(
         &timers,
     )?);
     tracer.stop()?;
+    // The same churn under an empty program and under the improvised aggregating script: a
+    // program's ns per call only means something against what the hook costs on this machine
+    // (the machines differ by 2x), and against what a user would run instead.
+    let own = std::process::id();
+    let floor = RawFloor::attach(&[CHURN_TRACEPOINT])?;
+    phases.push(phase("floor-raw", "churn", None, own, &churn)?);
+    drop(floor);
+    if with_bpftrace {
+        let script = Bpftrace::start(&aggregate_script(), &env.out_dir, "profile-aggregate")?;
+        phases.push(phase(
+            "bpftrace-aggregate",
+            "churn",
+            None,
+            script.pid(),
+            &churn,
+        )?);
+        script.stop()?;
+    }
     if experiments {
-        let own = std::process::id();
-        let floor = RawFloor::attach(&[CHURN_TRACEPOINT])?;
-        phases.push(phase("floor-raw", "churn", None, own, &churn)?);
-        drop(floor);
         for (tool, batched) in [("exp-ring-wakeup", false), ("exp-ring-batched", true)] {
             let ring = RingbufExperiment::attach(&[CHURN_TRACEPOINT], batched)?;
             phases.push(phase(tool, "churn", None, own, &churn)?);
@@ -190,7 +205,32 @@ impl Profile {
                 );
             }
         }
+        if let Some((state, floor)) = self.state_against_floor() {
+            let _ = writeln!(
+                out,
+                "  inet_sock_set_state under churn: {state:.0} ns per call, {:.1}x the empty raw_tp \
+                 program on the same hook ({floor:.0} ns)",
+                state / floor
+            );
+        }
         out
+    }
+
+    /// The agent's state program and the empty `raw_tp` program, ns per call under churn.
+    fn state_against_floor(&self) -> Option<(f64, f64)> {
+        let per_call = |tool: &str, name: &str| {
+            self.phases
+                .iter()
+                .find(|p| p.tool == tool && p.workload == "churn")?
+                .programs
+                .iter()
+                .find(|p| p.name.contains(name))?
+                .ns_per_call()
+        };
+        Some((
+            per_call("tracer", "inet_sock_set_state")?,
+            per_call("floor-raw", "")?,
+        ))
     }
 
     pub fn json(&self) -> Json {
