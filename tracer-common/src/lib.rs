@@ -443,8 +443,38 @@ pub struct KernelOffsets {
     /// programs then read it in three loads (`skc_addrpair`, `skc_portpair`, the family)
     /// instead of one per field.
     pub sock_head_standard: u32,
+    /// Non-zero when every `sock_common` member the programs read, and `tw_substate`, lies
+    /// within the first [`SOCK_HEAD_BYTES`] of a socket: a socket the verifier cannot type (a
+    /// timewait socket found from its timer) is then copied with one `bpf_probe_read_kernel`
+    /// instead of one per field.
+    pub head_copy_fits: u32,
     /// Non-zero once the agent has filled this struct (programs do nothing before that).
     pub valid: u32,
+}
+
+/// Bytes of a socket's head copied at once when it cannot be read with plain loads (see
+/// `KernelOffsets::head_copy_fits`): `struct sock_common` (136 bytes on x86-64) and the
+/// timewait socket's members that follow it.
+pub const SOCK_HEAD_BYTES: u32 = 160;
+
+impl KernelOffsets {
+    /// Whether every member read from a socket's head lies within [`SOCK_HEAD_BYTES`].
+    pub fn head_fits(&self) -> bool {
+        [
+            (self.skc_daddr, 4),
+            (self.skc_rcv_saddr, 4),
+            (self.skc_dport, 2),
+            (self.skc_num, 2),
+            (self.skc_family, 2),
+            (self.skc_state, 1),
+            (self.skc_net, 8),
+            (self.skc_v6_daddr, 16),
+            (self.skc_v6_rcv_saddr, 16),
+            (self.tw_substate, 1),
+        ]
+        .iter()
+        .all(|&(at, size)| at.saturating_add(size) <= SOCK_HEAD_BYTES)
+    }
 }
 
 /// Kernel function addresses from `/proc/kallsyms`, to pick TCP timers out of all timers.
@@ -484,7 +514,7 @@ mod user {
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
 const _: () = assert!(core::mem::size_of::<RawEvent>() == 96);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 41 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 42 * 4);
 const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
 const _: () = assert!(core::mem::size_of::<RawPathOpen>() == 96 + 10 * PATH_STEPS + 4 + 8);
 const _: () = assert!(core::mem::size_of::<PathSlot>() == 24 + core::mem::size_of::<RawPathOpen>());

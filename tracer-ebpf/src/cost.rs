@@ -7,7 +7,7 @@ use tracer_common::{COUNT_CONG_TABLE_FULL, CongSeen, ConnCost};
 
 use crate::atomic;
 use crate::maps::{self, off};
-use crate::sock::{self, Mem, Typed};
+use crate::sock::{Mem, Typed};
 
 /// `TCP_CA_Open`: no congestion seen.
 const TCP_CA_OPEN: u8 = 0;
@@ -19,8 +19,16 @@ pub fn tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
     }
     let sk: *const u8 = ctx.arg(0);
     let state: u8 = ctx.arg(1);
+    if state == TCP_CA_OPEN && !table_in_use() {
+        // A socket's first state, set as a passive connection's socket is created, while no
+        // socket has an entry: nothing entered, nothing to update. Once per connection, so it
+        // costs no lookup and no read.
+        return 0;
+    }
     // The window as the state changes: entering recovery or loss is when it is largest.
-    let cwnd: u32 = sock::read(sk, off!(tcp_snd_cwnd)).unwrap_or(0);
+    let cwnd: u32 = tcp_sock(sk)
+        .map(|tp| Typed::read(tp, off!(tcp_snd_cwnd)).unwrap_or(0))
+        .unwrap_or(0);
     let key = sk as u64;
     let bit = 1u32 << (state & 31);
     if let Some(seen) = maps::CONG.get_ptr_mut(key) {
@@ -85,13 +93,9 @@ pub fn read_at_close(sk: *const u8, cost: &mut ConnCost) {
     if off!(tcp_bytes_acked) == 0 {
         return;
     }
-    // SAFETY: the helper checks that `sk` is a full TCP socket and returns it typed as
-    // `struct tcp_sock` (null otherwise), so that the verifier lets plain loads reach the
-    // fields past `struct sock`.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) }.cast::<u8>() as *const u8;
-    if tp.is_null() {
+    let Some(tp) = tcp_sock(sk) else {
         return;
-    }
+    };
     let u32_at = |at: u32| Typed::read::<u32>(tp, at).unwrap_or(0);
     let u64_at = |at: u32| Typed::read::<u64>(tp, at).unwrap_or(0);
     cost.bytes_acked = u64_at(off!(tcp_bytes_acked));
@@ -117,6 +121,17 @@ pub fn read_at_close(sk: *const u8, cost: &mut ConnCost) {
         remove(key);
     }
     cost.valid = 1;
+}
+
+/// `sk` (BTF-typed) as a `struct tcp_sock`, so that plain loads ([`Typed`]) reach the members
+/// past `struct sock`: one helper call instead of a `bpf_probe_read_kernel` per member. `None`
+/// when it is not a full TCP socket.
+#[inline(always)]
+pub fn tcp_sock(sk: *const u8) -> Option<*const u8> {
+    // SAFETY: the helper checks that `sk` is a full TCP socket and returns it typed as
+    // `struct tcp_sock` (null otherwise).
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) }.cast::<u8>() as *const u8;
+    (!tp.is_null()).then_some(tp)
 }
 
 /// The socket's cgroup v2 id, 0 when the kernel does not say. `sk` is BTF-typed: the pointers

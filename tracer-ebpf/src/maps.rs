@@ -103,6 +103,8 @@ pub struct TwSlot {
     pub last_cancel: u64,
     /// When `last_cancel` was detached (`bpf_ktime_get_ns`).
     pub last_cancel_ns: u64,
+    /// The timer's timewait socket, copied at once (`sock::copy_head`).
+    pub head: crate::sock::Head,
 }
 
 /// Per CPU and program (`LOST_*` slots): a cell through which a socket's address becomes a
@@ -175,6 +177,7 @@ pub(crate) static OFFSETS: KernelOffsets = KernelOffsets {
     tcp_snd_cwnd: 0,
     tcp_rwnd_limited: 0,
     sock_head_standard: 0,
+    head_copy_fits: 0,
     valid: 0,
 };
 
@@ -218,6 +221,15 @@ static WAKEUP_BYTES: u64 = 0;
 #[map]
 static WOKEN_AT: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Submits on this CPU, so that only every [`CHECK_EVERY`]th asks the ring how much is
+/// pending (two helper calls).
+#[map]
+static SUBMITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// How often a submit checks whether to wake the agent: the wake-up comes at most this many
+/// records per CPU late, against a threshold of an eighth of the ring (thousands of records).
+const CHECK_EVERY: u64 = 8;
+
 /// `bpf_ringbuf_submit` flags: wake the reader once enough data is pending, and then not
 /// again until it has read something. Waking it on every submit past the threshold cost a
 /// self-IPI per record while the agent was busy (a VM exit on virtual machines: measured at
@@ -227,6 +239,18 @@ pub fn submit_flags() -> u64 {
     // SAFETY: as for `OFFSETS` (see `off!`): a plain static rewritten by the loader.
     let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
     let quiet = u64::from(aya_ebpf::bindings::BPF_RB_NO_WAKEUP);
+    if let Some(submits) = SUBMITS.get_ptr_mut(0) {
+        // SAFETY: this CPU's counter, valid for the program's run. Programs nesting on this
+        // CPU may race on it: that only moves which submit checks.
+        let count = unsafe {
+            let count = *submits;
+            *submits = count.wrapping_add(1);
+            count
+        };
+        if count % CHECK_EVERY != 0 {
+            return quiet;
+        }
+    }
     if EVENTS.query(u64::from(aya_ebpf::bindings::BPF_RB_AVAIL_DATA)) < threshold {
         return quiet;
     }

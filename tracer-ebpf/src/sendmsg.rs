@@ -5,8 +5,8 @@
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::EVENT_NAGLE_HELD;
 
-use crate::sock::Probed;
-use crate::{maps, paths, sock};
+use crate::sock::{Mem, Probed, Typed};
+use crate::{cost, maps, paths, sock};
 
 /// `TCP_NAGLE_OFF` (TCP_NODELAY) and `TCP_NAGLE_CORK` (TCP_CORK) in `tcp_sock.nonagle`.
 const NAGLE_OFF_OR_CORK: u8 = 1 | 2;
@@ -17,19 +17,23 @@ pub fn tcp_sendmsg_locked(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let sk: *const u8 = ctx.arg(0);
-    let nonagle_byte: u8 =
-        sock::read(sk, maps::off!(tcp_nonagle_byte)).unwrap_or(NAGLE_OFF_OR_CORK);
+    // Runs on every send: one helper call, then plain loads of the `tcp_sock` members.
+    let Some(tp) = cost::tcp_sock(sk) else {
+        return 0;
+    };
+    let nonagle_byte: u8 = Typed::read(tp, maps::off!(tcp_nonagle_byte)).unwrap_or(0);
     let nonagle = (nonagle_byte >> (maps::off!(tcp_nonagle_shift) & 7)) & 0xf;
     if nonagle & NAGLE_OFF_OR_CORK != 0 {
         return 0;
     }
-    let packets_out: u32 = sock::read(sk, maps::off!(tcp_packets_out)).unwrap_or(0);
+    let packets_out: u32 = Typed::read(tp, maps::off!(tcp_packets_out)).unwrap_or(0);
     if packets_out == 0 {
         return 0;
     }
+    // `const struct msghdr *`: typed too.
     let msg: *const u8 = ctx.arg(1);
-    let left: u64 = sock::read(msg, maps::off!(msghdr_left)).unwrap_or(0);
-    let mss: u32 = sock::read(sk, maps::off!(tcp_mss_cache)).unwrap_or(0);
+    let left: u64 = Typed::read(msg, maps::off!(msghdr_left)).unwrap_or(0);
+    let mss: u32 = Typed::read(tp, maps::off!(tcp_mss_cache)).unwrap_or(0);
     if left == 0 || left >= u64::from(mss) {
         return 0;
     }

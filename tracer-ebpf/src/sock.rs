@@ -10,12 +10,14 @@
 use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated,
 };
-use tracer_common::{AF_INET, AF_INET6, RawEvent};
+use tracer_common::{AF_INET, AF_INET6, RawEvent, SOCK_HEAD_BYTES};
 
 use crate::maps::off;
 
 /// A way to read kernel memory (see the module's comment).
 pub trait Mem {
+    /// How to read memory reached through a pointer read this way.
+    type Far: Mem;
     /// The `T` at `base + offset`; `None` (or zero for [`Typed`]) when the read faults.
     fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T>;
 }
@@ -26,7 +28,12 @@ pub struct Typed;
 /// `bpf_probe_read_kernel`, for addresses the verifier cannot type.
 pub struct Probed;
 
+/// Plain loads from a copy of a socket's head (see [`copy_head`]), whose base is the copy;
+/// pointers read from it are reached with [`Probed`].
+pub struct Copied;
+
 impl Mem for Typed {
+    type Far = Typed;
     #[inline(always)]
     fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
         // SAFETY: `base` is a BTF-typed kernel pointer and `offset` that of a field of type `T`
@@ -37,10 +44,52 @@ impl Mem for Typed {
 }
 
 impl Mem for Probed {
+    type Far = Probed;
     #[inline(always)]
     fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
         read(base, offset)
     }
+}
+
+impl Mem for Copied {
+    type Far = Probed;
+    #[inline(always)]
+    fn read<T: Copy>(base: *const u8, offset: u32) -> Option<T> {
+        // The offsets are constants of the read-only `OFFSETS`: the verifier checks this bound
+        // at load time and drops whichever branch cannot run.
+        if offset as usize + core::mem::size_of::<T>() > SOCK_HEAD_BYTES as usize {
+            return None;
+        }
+        // SAFETY: `base` is a copy of SOCK_HEAD_BYTES bytes of a socket, aligned to 8 (a
+        // `Head`), and the field lies within it (checked above); kernel members are aligned
+        // to their size, and so they are in the copy.
+        Some(unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) })
+    }
+}
+
+/// A copy of the head of a socket, see [`copy_head`].
+pub type Head = [u64; SOCK_HEAD_BYTES as usize / 8];
+
+/// Copies the head of the socket at `sk` (an address the verifier cannot type) into `head` in
+/// one `bpf_probe_read_kernel`, when every member read from it lies there (`head_copy_fits`,
+/// a constant at load time); `false` otherwise, and the caller reads field by field with
+/// [`Probed`]. A faulting read leaves zeroes, as failed reads of single fields give.
+#[inline(always)]
+pub fn copy_head(sk: *const u8, head: *mut Head) -> bool {
+    if off!(head_copy_fits) == 0 {
+        return false;
+    }
+    // SAFETY: `head` is SOCK_HEAD_BYTES writable bytes (a map value) and that is the size
+    // passed; bpf_probe_read_kernel copies through the kernel's fault-tolerant accessor and
+    // zeroes the destination when the read faults.
+    unsafe {
+        generated::bpf_probe_read_kernel(
+            head.cast(),
+            SOCK_HEAD_BYTES,
+            sk.cast::<core::ffi::c_void>(),
+        )
+    };
+    true
 }
 
 /// Reads a `T` at `base + offset` in kernel memory; `None` if the read faults.
@@ -70,6 +119,19 @@ pub fn fill<M: Mem>(event: &mut RawEvent, sk: *const u8, task: bool) {
 /// [`fill`] with the time already read.
 #[inline(always)]
 pub fn fill_at<M: Mem>(event: &mut RawEvent, sk: *const u8, task: bool, now: u64) {
+    fill_from::<M>(event, sk, sk, task, now);
+}
+
+/// [`fill_at`] for the socket at `sk` with its fields read from `base` (a [`Copied`] head, or
+/// `sk` itself).
+#[inline(always)]
+pub fn fill_from<M: Mem>(
+    event: &mut RawEvent,
+    sk: *const u8,
+    base: *const u8,
+    task: bool,
+    now: u64,
+) {
     event.ts_ns = now;
     event.skaddr = sk as u64;
     if task {
@@ -86,12 +148,12 @@ pub fn fill_at<M: Mem>(event: &mut RawEvent, sk: *const u8, task: bool, now: u64
     clear(&mut event.daddr);
     let family = if off!(sock_head_standard) != 0 {
         // Whole words: a load of a byte array could become one load per byte.
-        let addrs = M::read::<u64>(sk, ADDRPAIR).unwrap_or(0).to_ne_bytes();
+        let addrs = M::read::<u64>(base, ADDRPAIR).unwrap_or(0).to_ne_bytes();
         // skc_dport (network order) then skc_num (host order).
-        let ports = M::read::<u32>(sk, PORTPAIR).unwrap_or(0).to_ne_bytes();
+        let ports = M::read::<u32>(base, PORTPAIR).unwrap_or(0).to_ne_bytes();
         event.sport = u16::from_ne_bytes([ports[2], ports[3]]);
         event.dport = u16::from_be_bytes([ports[0], ports[1]]);
-        let family: u16 = M::read(sk, FAMILY).unwrap_or(0);
+        let family: u16 = M::read(base, FAMILY).unwrap_or(0);
         if family == AF_INET {
             // skc_daddr then skc_rcv_saddr.
             event.daddr[..4].copy_from_slice(&addrs[..4]);
@@ -99,12 +161,12 @@ pub fn fill_at<M: Mem>(event: &mut RawEvent, sk: *const u8, task: bool, now: u64
         }
         family
     } else {
-        let family: u16 = M::read(sk, off!(skc_family)).unwrap_or(0);
-        event.sport = M::read::<u16>(sk, off!(skc_num)).unwrap_or(0);
-        event.dport = u16::from_be(M::read::<u16>(sk, off!(skc_dport)).unwrap_or(0));
+        let family: u16 = M::read(base, off!(skc_family)).unwrap_or(0);
+        event.sport = M::read::<u16>(base, off!(skc_num)).unwrap_or(0);
+        event.dport = u16::from_be(M::read::<u16>(base, off!(skc_dport)).unwrap_or(0));
         if family == AF_INET {
-            let s: [u8; 4] = M::read(sk, off!(skc_rcv_saddr)).unwrap_or([0; 4]);
-            let d: [u8; 4] = M::read(sk, off!(skc_daddr)).unwrap_or([0; 4]);
+            let s: [u8; 4] = M::read(base, off!(skc_rcv_saddr)).unwrap_or([0; 4]);
+            let d: [u8; 4] = M::read(base, off!(skc_daddr)).unwrap_or([0; 4]);
             event.saddr[..4].copy_from_slice(&s);
             event.daddr[..4].copy_from_slice(&d);
         }
@@ -112,11 +174,13 @@ pub fn fill_at<M: Mem>(event: &mut RawEvent, sk: *const u8, task: bool, now: u64
     };
     event.family = family;
     if family == AF_INET6 {
-        event.saddr = v6::<M>(sk, off!(skc_v6_rcv_saddr));
-        event.daddr = v6::<M>(sk, off!(skc_v6_daddr));
+        event.saddr = v6::<M>(base, off!(skc_v6_rcv_saddr));
+        event.daddr = v6::<M>(base, off!(skc_v6_daddr));
     }
-    event.netns = match M::read::<u64>(sk, off!(skc_net)) {
-        Some(net) if net != 0 => M::read::<u32>(net as *const u8, off!(net_ns_inum)).unwrap_or(0),
+    event.netns = match M::read::<u64>(base, off!(skc_net)) {
+        Some(net) if net != 0 => {
+            M::Far::read::<u32>(net as *const u8, off!(net_ns_inum)).unwrap_or(0)
+        }
         _ => 0,
     };
     event.segs = 0;

@@ -19,7 +19,7 @@ use tracer_common::{
     RawTwBirth, TwExitKey,
 };
 
-use crate::sock::{Mem, Probed, Typed};
+use crate::sock::{Copied, Mem, Probed, Typed};
 use crate::{maps, paths, sock};
 
 /// A re-arm detaches and starts the timer in one `mod_timer` call, with interrupts off: within
@@ -81,7 +81,18 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         return 0;
     }
     let tw = timer.wrapping_sub(maps::off!(tw_timer) as usize);
-    let substate: u8 = sock::read(tw, maps::off!(tw_substate)).unwrap_or(0);
+    let Some(slot) = maps::TW_BORN.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot, valid for the program's run. Its writers (this program and
+    // the CLOSE that takes a birth) run with BHs off around the birth and its CLOSE.
+    let slot = unsafe { &mut *slot };
+    let head = Tw {
+        at: tw,
+        copied: sock::copy_head(tw, &raw mut slot.head),
+        head: &raw const slot.head,
+    };
+    let substate: u8 = head.read(maps::off!(tw_substate)).unwrap_or(0);
     // An expiry detaches the timer once `jiffies` has reached its deadline; a kill (reuse, RST,
     // namespace exit) detaches it before. Telling them apart here saves the expiry's record.
     let expired = phase == Phase::Cancel && {
@@ -94,43 +105,38 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     // SAFETY: bpf_ktime_get_ns takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut rearm = false;
-    if let Some(slot) = maps::TW_BORN.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot, valid for the program's run. Its writers (this program and
-        // the CLOSE that takes a birth) run with BHs off around the birth and its CLOSE.
-        let slot = unsafe { &mut *slot };
-        if phase == Phase::Cancel {
-            // Whatever birth is still held goes first, in order.
-            send_born(slot, tracer_common::LOST_TIMER_CANCEL);
-            slot.last_cancel = timer as u64;
-            slot.last_cancel_ns = now;
-            if keep_exit(slot, tw, now, substate, expired) {
-                return 0;
-            }
-        } else if slot.last_cancel == timer as u64
-            && now.wrapping_sub(slot.last_cancel_ns) < REARM_NS
-            && same_socket(slot, tw, now)
-        {
-            // A re-arm: detached then started again by one mod_timer. The detach was no exit:
-            // taken back from the table, it never reaches the agent and nothing is sent. If it
-            // already left (the table was full, or the agent read it in between), the start
-            // goes at once, marked as a re-arm, for the agent to take the detach back.
-            let taken_back = maps::TW_EXITS
-                .remove(TwExitKey {
-                    tw: tw as u64,
-                    ts_ns: slot.last_cancel_ns,
-                })
-                .is_ok();
-            slot.last_cancel = 0;
-            if taken_back {
-                return 0;
-            }
-            rearm = true;
-        } else {
-            // A birth: held for the CLOSE of the socket it replaces.
-            send_born(slot, tracer_common::LOST_TIMER_START);
-            timer_event(&mut slot.born, tw, now, EVENT_TW_START, substate, false);
+    if phase == Phase::Cancel {
+        // Whatever birth is still held goes first, in order.
+        send_born(slot, tracer_common::LOST_TIMER_CANCEL);
+        slot.last_cancel = timer as u64;
+        slot.last_cancel_ns = now;
+        if keep_exit(slot, &head, now, substate, expired) {
             return 0;
         }
+    } else if slot.last_cancel == timer as u64
+        && now.wrapping_sub(slot.last_cancel_ns) < REARM_NS
+        && same_socket(slot, &head, now)
+    {
+        // A re-arm: detached then started again by one mod_timer. The detach was no exit:
+        // taken back from the table, it never reaches the agent and nothing is sent. If it
+        // already left (the table was full, or the agent read it in between), the start
+        // goes at once, marked as a re-arm, for the agent to take the detach back.
+        let taken_back = maps::TW_EXITS
+            .remove(TwExitKey {
+                tw: tw as u64,
+                ts_ns: slot.last_cancel_ns,
+            })
+            .is_ok();
+        slot.last_cancel = 0;
+        if taken_back {
+            return 0;
+        }
+        rearm = true;
+    } else {
+        // A birth: held for the CLOSE of the socket it replaces.
+        send_born(slot, tracer_common::LOST_TIMER_START);
+        timer_event(&mut slot.born, &head, now, EVENT_TW_START, substate, false);
+        return 0;
     }
     let Some(mut entry) = maps::reserve(match phase {
         Phase::Start => tracer_common::LOST_TIMER_START,
@@ -142,9 +148,9 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     // writes every field.
     let event = unsafe { &mut *entry.as_mut_ptr() };
     if phase == Phase::Start {
-        timer_event(event, tw, now, EVENT_TW_START, substate, rearm);
+        timer_event(event, &head, now, EVENT_TW_START, substate, rearm);
     } else {
-        timer_event(event, tw, now, EVENT_TW_CANCEL, substate, expired);
+        timer_event(event, &head, now, EVENT_TW_CANCEL, substate, expired);
     }
     entry.submit(maps::submit_flags());
     0
@@ -155,8 +161,8 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
 /// memory, timer included, to the next timewait socket within microseconds; that start is a
 /// birth, and the kill before it an exit.
 #[inline(always)]
-fn same_socket(slot: &mut maps::TwSlot, tw: *const u8, now: u64) -> bool {
-    sock::fill_at::<Probed>(&mut slot.again, tw, false, now);
+fn same_socket(slot: &mut maps::TwSlot, tw: &Tw, now: u64) -> bool {
+    tw.fill(&mut slot.again, now);
     let (a, b) = (&slot.again, &slot.exit);
     a.netns == b.netns
         && a.sport == b.sport
@@ -180,16 +186,10 @@ fn same_address(a: &[u8; 16], b: &[u8; 16]) -> bool {
 /// Keeps the exit of the timewait socket `tw` in `TW_EXITS` for the agent's once-a-second
 /// read instead of a record; `false` when the table is full (it is sent as a record then).
 #[inline(always)]
-fn keep_exit(
-    slot: &mut maps::TwSlot,
-    tw: *const u8,
-    now: u64,
-    substate: u8,
-    expired: bool,
-) -> bool {
+fn keep_exit(slot: &mut maps::TwSlot, tw: &Tw, now: u64, substate: u8, expired: bool) -> bool {
     timer_event(&mut slot.exit, tw, now, EVENT_TW_CANCEL, substate, expired);
     let key = TwExitKey {
-        tw: tw as u64,
+        tw: tw.at as u64,
         ts_ns: now,
     };
     // BPF_NOEXIST: an exit is never overwritten (a timewait socket at the same address
@@ -210,8 +210,8 @@ fn keep_exit(
 /// socket starts with a `sock_common`, all that `fill_at` reads), `kind`, its substate, and
 /// `aux` (a start: a re-arm; a detach: at its deadline, an expiry).
 #[inline(always)]
-fn timer_event(event: &mut RawEvent, tw: *const u8, now: u64, kind: u8, substate: u8, aux: bool) {
-    sock::fill_at::<Probed>(event, tw, false, now);
+fn timer_event(event: &mut RawEvent, tw: &Tw, now: u64, kind: u8, substate: u8, aux: bool) {
+    tw.fill(event, now);
     event.kind = kind;
     event.oldstate = 0;
     event.newstate = substate;
@@ -331,4 +331,35 @@ fn delack_fired(timer: *const u8) -> i32 {
     };
     entry.submit(maps::submit_flags());
     0
+}
+
+/// A timewait socket found from its timer: an address the verifier cannot type, read from a
+/// copy of its head when that holds every member read (one helper call instead of one per
+/// field, see `sock::copy_head`), field by field otherwise.
+struct Tw {
+    at: *const u8,
+    copied: bool,
+    head: *const sock::Head,
+}
+
+impl Tw {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: u32) -> Option<T> {
+        if self.copied {
+            Copied::read(self.head.cast(), offset)
+        } else {
+            Probed::read(self.at, offset)
+        }
+    }
+
+    /// `sock::fill_at` for the timewait socket (a timewait socket starts with a
+    /// `sock_common`, all that it reads).
+    #[inline(always)]
+    fn fill(&self, event: &mut RawEvent, now: u64) {
+        if self.copied {
+            sock::fill_from::<Copied>(event, self.at, self.head.cast(), false, now);
+        } else {
+            sock::fill_at::<Probed>(event, self.at, false, now);
+        }
+    }
 }

@@ -96,6 +96,10 @@ fn every_offset_resolves_on_debian_6_1_and_6_12() {
         assert_eq!(compat.offsets, strict, "{kernel}");
         assert_eq!(strict.valid, 1);
         assert_eq!(strict.sock_head_standard, 1, "{kernel}: one-read fast path");
+        assert_eq!(
+            strict.head_copy_fits, 1,
+            "{kernel}: timewait heads copied at once"
+        );
         assert_eq!(strict.skc_v6_rcv_saddr, strict.skc_v6_daddr + 16);
         assert!(strict.tw_timer > strict.skc_v6_rcv_saddr, "{kernel}");
         assert!(

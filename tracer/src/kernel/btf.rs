@@ -250,6 +250,7 @@ impl KernelBtf {
             msghdr_left: self.member_offset("msghdr", "msg_iter")?.byte
                 + self.member_offset("iov_iter", "count")?.byte,
             sock_head_standard: 0,
+            head_copy_fits: 0,
             valid: 1,
         })
         .map(|mut off| {
@@ -263,6 +264,7 @@ impl KernelBtf {
                     off.skc_state,
                 ) == (0, 4, 12, 14, 16, 18),
             );
+            off.head_copy_fits = u32::from(off.head_fits());
             off
         })
     }
@@ -302,6 +304,18 @@ mod tests {
         assert_eq!(off.skc_state, 18);
         assert_eq!(off.sock_head_standard, 1, "the word-load fast path applies");
         assert_eq!(off.valid, 1);
+        assert_eq!(off.head_copy_fits, 1, "timewait heads are copied at once");
+        // One member past the copied window turns the copy off.
+        let past = KernelOffsets {
+            tw_substate: tracer_common::SOCK_HEAD_BYTES,
+            ..off
+        };
+        assert!(!past.head_fits());
+        let last_byte = KernelOffsets {
+            tw_substate: tracer_common::SOCK_HEAD_BYTES - 1,
+            ..off
+        };
+        assert!(last_byte.head_fits());
     }
 
     #[test]
