@@ -457,6 +457,9 @@ pub struct KernelOffsets {
 /// timewait socket's members that follow it.
 pub const SOCK_HEAD_BYTES: u32 = 160;
 
+/// Room for a copy of a socket's head ([`SOCK_HEAD_BYTES`], aligned to 8).
+pub type SockHead = [u64; SOCK_HEAD_BYTES as usize / 8];
+
 impl KernelOffsets {
     /// Whether every member read from a socket's head lies within [`SOCK_HEAD_BYTES`].
     pub fn head_fits(&self) -> bool {

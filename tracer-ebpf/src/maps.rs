@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     COUNT_SLOTS, CongSeen, KernelOffsets, KernelSymbols, LOST_SLOTS, PATH_SLOT_BITS, PATHS_MAX,
-    PathSlot, RawEvent, RawPathOpen, SOFTIRQ_VECTORS, TW_EXITS_MAX, TwExitKey,
+    PathSlot, RawEvent, RawPathOpen, SOFTIRQ_VECTORS, SockHead, TW_EXITS_MAX, TwExitKey,
 };
 
 /// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
@@ -104,7 +104,7 @@ pub struct TwSlot {
     /// When `last_cancel` was detached (`bpf_ktime_get_ns`).
     pub last_cancel_ns: u64,
     /// The timer's timewait socket, copied at once (`sock::copy_head`).
-    pub head: crate::sock::Head,
+    pub head: SockHead,
 }
 
 /// Per CPU and program (`LOST_*` slots): a cell through which a socket's address becomes a

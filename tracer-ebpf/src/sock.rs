@@ -10,7 +10,7 @@
 use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated,
 };
-use tracer_common::{AF_INET, AF_INET6, RawEvent, SOCK_HEAD_BYTES};
+use tracer_common::{AF_INET, AF_INET6, RawEvent, SOCK_HEAD_BYTES, SockHead};
 
 use crate::maps::off;
 
@@ -61,21 +61,18 @@ impl Mem for Copied {
             return None;
         }
         // SAFETY: `base` is a copy of SOCK_HEAD_BYTES bytes of a socket, aligned to 8 (a
-        // `Head`), and the field lies within it (checked above); kernel members are aligned
+        // `SockHead`), and the field lies within it (checked above); kernel members are aligned
         // to their size, and so they are in the copy.
         Some(unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) })
     }
 }
-
-/// A copy of the head of a socket, see [`copy_head`].
-pub type Head = [u64; SOCK_HEAD_BYTES as usize / 8];
 
 /// Copies the head of the socket at `sk` (an address the verifier cannot type) into `head` in
 /// one `bpf_probe_read_kernel`, when every member read from it lies there (`head_copy_fits`,
 /// a constant at load time); `false` otherwise, and the caller reads field by field with
 /// [`Probed`]. A faulting read leaves zeroes, as failed reads of single fields give.
 #[inline(always)]
-pub fn copy_head(sk: *const u8, head: *mut Head) -> bool {
+pub fn copy_head(sk: *const u8, head: *mut SockHead) -> bool {
     if off!(head_copy_fits) == 0 {
         return false;
     }

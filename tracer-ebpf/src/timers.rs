@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     COUNT_TW_EXITS_TABLE_FULL, EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START, RawEvent,
-    RawTwBirth, TwExitKey,
+    RawTwBirth, SockHead, TwExitKey,
 };
 
 use crate::sock::{Copied, Mem, Probed, Typed};
@@ -339,7 +339,7 @@ fn delack_fired(timer: *const u8) -> i32 {
 struct Tw {
     at: *const u8,
     copied: bool,
-    head: *const sock::Head,
+    head: *const SockHead,
 }
 
 impl Tw {
