@@ -442,7 +442,21 @@ impl Drop for Agent {
                 // The agent compares the kernel's softirq counts with its programs' once a
                 // second: let it see the last of this test's.
                 thread::sleep(Duration::from_millis(1500));
-                self.unobserved_at_stop = self.unobserved().or(self.unobserved_at_stop);
+                let page = http_get(self.listen, "/metrics", Duration::from_secs(10)).ok();
+                let page = page.map(|resp| resp.body).unwrap_or_default();
+                self.unobserved_at_stop = softirqs_unobserved(&page).or(self.unobserved_at_stop);
+                // The agent's own loss counters, so that a failure says whether the kernel
+                // dropped or skipped anything (a mismatch with none is the agent's).
+                let total = |name: &str| {
+                    let found = matching_samples(&page, name, &[]);
+                    (!found.is_empty()).then(|| found.iter().map(|s| s.value).sum::<f64>())
+                };
+                eprintln!(
+                    "tracer-test: since the agent started, events lost: {:?}, program runs the \
+                     kernel skipped: {:?}",
+                    total("tracer_events_lost_total"),
+                    total("tracer_kernel_program_misses_total"),
+                );
             }
             if let (Some(start), Some(end)) = (self.unobserved_at_start, self.unobserved_at_stop) {
                 eprintln!("{BLIND_MARKER} {}", end - start);
