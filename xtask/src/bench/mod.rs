@@ -242,18 +242,22 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
 
-    if args.profile_only {
-        check_foreign();
-        let server = load::ChurnServer::start()?;
+    // The kernel programs' run time, under the churn of `server` (with both phases' settings).
+    let profile_of = |server: &load::ChurnServer| {
         step("profile: the agent's eBPF programs with kernel run-time statistics on");
-        let profile = profile::run(
+        profile::run(
             &env,
-            &server,
+            server,
             args.clients,
             duration,
             args.experiments,
             bpftrace.is_ok(),
-        )?;
+        )
+    };
+    if args.profile_only {
+        check_foreign();
+        let server = load::ChurnServer::start()?;
+        let profile = profile_of(&server)?;
         print!("{}", profile.render());
         return Ok(());
     }
@@ -313,15 +317,7 @@ pub fn run(args: Args) -> Result<()> {
         duration.max(Duration::from_secs(2)),
     )?;
 
-    step("profile: the agent's eBPF programs with kernel run-time statistics on");
-    let profile = profile::run(
-        &env,
-        &server,
-        args.clients,
-        duration,
-        args.experiments,
-        bpftrace.is_ok(),
-    )?;
+    let profile = profile_of(&server)?;
     drop(server);
 
     let idle = if args.skip_idle {
