@@ -103,9 +103,13 @@ pub struct TwSlot {
     pub last_cancel: u64,
     /// When `last_cancel` was detached (`bpf_ktime_get_ns`).
     pub last_cancel_ns: u64,
-    /// The timer's timewait socket, copied at once (`sock::copy_head`).
-    pub head: SockHead,
 }
+
+/// Per CPU and program (`LOST_*` slots): a copy of the socket a program reads
+/// (`sock::copy_head`). Per program, because programs of different hooks nest on a CPU (a
+/// softirq on top of a system call) while the outer one still reads its copy.
+#[map]
+pub static HEADS: PerCpuArray<SockHead> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
 
 /// Per CPU and program (`LOST_*` slots): a cell through which a socket's address becomes a
 /// plain number (`sock::address`).

@@ -81,7 +81,14 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         return 0;
     }
     let tw = timer.wrapping_sub(maps::off!(tw_timer) as usize);
-    let Some(slot) = maps::TW_BORN.get_ptr_mut(0) else {
+    let program = match phase {
+        Phase::Start => tracer_common::LOST_TIMER_START,
+        _ => tracer_common::LOST_TIMER_CANCEL,
+    };
+    let (Some(slot), Some(copy)) = (
+        maps::TW_BORN.get_ptr_mut(0),
+        maps::HEADS.get_ptr_mut(program),
+    ) else {
         return 0;
     };
     // SAFETY: this CPU's slot, valid for the program's run. Its writers (this program and
@@ -89,8 +96,8 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
     let slot = unsafe { &mut *slot };
     let head = Tw {
         at: tw,
-        copied: sock::copy_head(tw, &raw mut slot.head),
-        head: &raw const slot.head,
+        copied: sock::copy_head(tw, copy),
+        head: copy,
     };
     let substate: u8 = head.read(maps::off!(tw_substate)).unwrap_or(0);
     // An expiry detaches the timer once `jiffies` has reached its deadline; a kill (reuse, RST,
@@ -138,10 +145,7 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         timer_event(&mut slot.born, &head, now, EVENT_TW_START, substate, false);
         return 0;
     }
-    let Some(mut entry) = maps::reserve(match phase {
-        Phase::Start => tracer_common::LOST_TIMER_START,
-        _ => tracer_common::LOST_TIMER_CANCEL,
-    }) else {
+    let Some(mut entry) = maps::reserve(program) else {
         return 0;
     };
     // SAFETY: entry points at ring buffer memory reserved for one RawEvent; `timer_event`
