@@ -209,7 +209,12 @@ pub struct Agent {
 /// `tracer_softirqs_unobserved_total` in a scrape, summed over its vectors; `None` when the
 /// scrape has no such series.
 pub fn softirqs_unobserved(text: &str) -> Option<f64> {
-    let found = matching_samples(text, "tracer_softirqs_unobserved_total", &[]);
+    summed(text, "tracer_softirqs_unobserved_total")
+}
+
+/// The samples of `name` in a scrape, summed over their labels; `None` when there are none.
+fn summed(text: &str, name: &str) -> Option<f64> {
+    let found = matching_samples(text, name, &[]);
     (!found.is_empty()).then(|| found.iter().map(|s| s.value).sum())
 }
 
@@ -447,15 +452,11 @@ impl Drop for Agent {
                 self.unobserved_at_stop = softirqs_unobserved(&page).or(self.unobserved_at_stop);
                 // The agent's own loss counters, so that a failure says whether the kernel
                 // dropped or skipped anything (a mismatch with none is the agent's).
-                let total = |name: &str| {
-                    let found = matching_samples(&page, name, &[]);
-                    (!found.is_empty()).then(|| found.iter().map(|s| s.value).sum::<f64>())
-                };
                 eprintln!(
                     "tracer-test: since the agent started, events lost: {:?}, program runs the \
                      kernel skipped: {:?}",
-                    total("tracer_events_lost_total"),
-                    total("tracer_kernel_program_misses_total"),
+                    summed(&page, "tracer_events_lost_total"),
+                    summed(&page, "tracer_kernel_program_misses_total"),
                 );
             }
             if let (Some(start), Some(end)) = (self.unobserved_at_start, self.unobserved_at_stop) {
