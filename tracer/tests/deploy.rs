@@ -274,9 +274,9 @@ struct CappedAgent {
     stdout: Lines,
     stderr: Lines,
     readers: Vec<JoinHandle<()>>,
-    /// `tracer_softirqs_unobserved_total` once ready: a failing test says how it grew
-    /// (`BLIND_MARKER`), as the common harness's agents do.
-    unobserved_at_start: Option<f64>,
+    /// `kernel_hid_events` once ready: a failing test says how it grew (`BLIND_MARKER`), as
+    /// the common harness's agents do.
+    hidden_at_start: Option<f64>,
 }
 
 impl CappedAgent {
@@ -320,7 +320,7 @@ impl CappedAgent {
             stdout,
             stderr,
             readers,
-            unobserved_at_start: None,
+            hidden_at_start: None,
         }
     }
 
@@ -335,7 +335,7 @@ impl CappedAgent {
             if let Ok(resp) = http_get(self.listen, "/metrics", Duration::from_secs(2))
                 && resp.status == 200
             {
-                self.unobserved_at_start = softirqs_unobserved(&resp.body);
+                self.hidden_at_start = kernel_hid_events(&resp.body);
                 return Ok(resp.body);
             }
             thread::sleep(Duration::from_millis(100));
@@ -406,8 +406,8 @@ impl Drop for CappedAgent {
             thread::sleep(Duration::from_millis(1500));
             let now = http_get(self.listen, "/metrics", Duration::from_secs(10))
                 .ok()
-                .and_then(|resp| softirqs_unobserved(&resp.body));
-            if let (Some(start), Some(end)) = (self.unobserved_at_start, now) {
+                .and_then(|resp| kernel_hid_events(&resp.body));
+            if let (Some(start), Some(end)) = (self.hidden_at_start, now) {
                 eprintln!("{BLIND_MARKER} {}", end - start);
             }
         }

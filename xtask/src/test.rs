@@ -78,15 +78,17 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// What a failing test's agent prints with its count of softirq runs the kernel made without
-/// any BPF program (`tracer/tests/common`, `BLIND_MARKER`).
-const BLIND_MARKER: &str = "tracer-test: softirq runs without BPF programs during this test:";
-/// Reruns of the tests that failed while the kernel hid events from every BPF program.
+/// What a failing test's agent prints with its count of runs in which the kernel hid events
+/// from the programs: softirqs run without any BPF program, and program runs skipped because
+/// the program was already running on that CPU (`tracer/tests/common`, `BLIND_MARKER`).
+const BLIND_MARKER: &str = "tracer-test: kernel runs that hid events from BPF during this test:";
+/// Reruns of the tests that failed while the kernel hid events from the BPF programs.
 const BLIND_RERUNS: u32 = 2;
 
 /// Every integration test, serially and to the end. Some kernels run a softirq now and then
-/// without any BPF program (README, "Lost events"): the agent counts such runs but cannot know
-/// the events they held, so a test that failed while its agent counted some is run again, up to
+/// without any BPF program, and every kernel skips a program's run when its hook fires again on
+/// a CPU where the program is already running (README, "Lost events"): the agent counts such runs but cannot know the
+/// events they held, so a test that failed while its agent counted some is run again, up to
 /// `BLIND_RERUNS` times. A test that failed without any fails the suite at once.
 fn integration_tests() -> Result<()> {
     let (mut passed, output) = cargo_test(&[])?;
@@ -94,8 +96,8 @@ fn integration_tests() -> Result<()> {
     for rerun in 1..=BLIND_RERUNS {
         if !failed.plain.is_empty() {
             bail!(
-                "integration tests failed: {} (no softirq run without BPF programs was counted \
-                 during them)",
+                "integration tests failed: {} (the kernel hid no event from the programs during \
+                 them)",
                 failed.plain.join(", ")
             );
         }
@@ -106,8 +108,8 @@ fn integration_tests() -> Result<()> {
             bail!("the integration tests failed, and no test is named as failed in their output");
         }
         step(&format!(
-            "rerun {rerun} of {BLIND_RERUNS}: {} failed while the kernel ran softirqs without \
-             any BPF program (what those held reached no program)",
+            "rerun {rerun} of {BLIND_RERUNS}: {} failed while the kernel hid events from the \
+             programs (softirqs run without BPF, or program runs skipped)",
             failed.blind.join(", ")
         ));
         let names: Vec<&str> = failed.blind.iter().map(String::as_str).collect();
@@ -162,7 +164,7 @@ fn cargo_test(exactly: &[&str]) -> Result<(bool, String)> {
 }
 
 /// The failed tests of a `cargo test` run's output, by whether their captured output says the
-/// kernel ran softirqs without BPF programs during them (`BLIND_MARKER` with a count above 0).
+/// kernel hid events from the programs during them (`BLIND_MARKER` with a count above 0).
 #[derive(Debug, Default, PartialEq)]
 struct Failures {
     blind: Vec<String>,
@@ -255,14 +257,14 @@ failures:
 ---- a_plain_failure stdout ----
 thread 'a_plain_failure' panicked at tracer/tests/x.rs:10:5:
 expected 3, got 2
-tracer-test: softirq runs without BPF programs during this test: 0
+tracer-test: kernel runs that hid events from BPF during this test: 0
 --- agent stderr ---
     an indented line of the agent's log
 
 ---- blind_failure stdout ----
 thread 'blind_failure' panicked at tracer/tests/x.rs:20:5:
 expected 480 matching events within 20s, got 408
-tracer-test: softirq runs without BPF programs during this test: 3
+tracer-test: kernel runs that hid events from BPF during this test: 3
 
 failures:
     a_plain_failure
@@ -272,7 +274,7 @@ test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out
 ";
 
     #[test]
-    fn a_failure_is_rerun_only_when_the_kernel_ran_softirqs_without_bpf_during_it() {
+    fn a_failure_is_rerun_only_when_the_kernel_hid_events_from_the_programs_during_it() {
         assert_eq!(
             failures(RUN),
             Failures {

@@ -199,17 +199,21 @@ pub struct Agent {
     stdout: Arc<Collected>,
     stderr: Arc<Collected>,
     readers: Vec<JoinHandle<()>>,
-    /// `tracer_softirqs_unobserved_total` (summed) once ready and as last scraped before a
-    /// stop: a failing test says how many softirq runs the kernel made without BPF meanwhile
-    /// (see [`BLIND_MARKER`]).
-    unobserved_at_start: Option<f64>,
-    unobserved_at_stop: Option<f64>,
+    /// [`kernel_hid_events`] once ready and as last scraped before a stop: a failing test
+    /// says how many runs the kernel made meanwhile that hid events from every program (see
+    /// [`BLIND_MARKER`]).
+    hidden_at_start: Option<f64>,
+    hidden_at_stop: Option<f64>,
 }
 
-/// `tracer_softirqs_unobserved_total` in a scrape, summed over its vectors; `None` when the
-/// scrape has no such series.
-pub fn softirqs_unobserved(text: &str) -> Option<f64> {
-    summed(text, "tracer_softirqs_unobserved_total")
+/// The runs a scrape counts in which the kernel hid events from the agent's programs: softirq
+/// runs made without any BPF program (`tracer_softirqs_unobserved_total`) plus program runs
+/// it skipped because the program was already running on that CPU
+/// (`tracer_kernel_program_misses_total`, absent until the agent's first refresh, when it can
+/// only be 0). `None` when the scrape has no softirq series.
+pub fn kernel_hid_events(text: &str) -> Option<f64> {
+    let unobserved = summed(text, "tracer_softirqs_unobserved_total")?;
+    Some(unobserved + summed(text, "tracer_kernel_program_misses_total").unwrap_or(0.0))
 }
 
 /// The samples of `name` in a scrape, summed over their labels; `None` when there are none.
@@ -218,10 +222,11 @@ fn summed(text: &str, name: &str) -> Option<f64> {
     (!found.is_empty()).then(|| found.iter().map(|s| s.value).sum())
 }
 
-/// What a failing test prints, with the count of softirq runs the kernel made without any BPF
-/// program while its agent ran. `cargo xtask test` reruns a failed test only when its output
-/// holds this line with a count above zero: the kernel hid events from every program then.
-pub const BLIND_MARKER: &str = "tracer-test: softirq runs without BPF programs during this test:";
+/// What a failing test prints, with the count of runs in which the kernel hid events from the
+/// programs while its agent ran ([`kernel_hid_events`]). `cargo xtask test` reruns a failed
+/// test only when its output holds this line with a count above zero.
+pub const BLIND_MARKER: &str =
+    "tracer-test: kernel runs that hid events from BPF during this test:";
 
 impl Agent {
     /// Starts the agent with `--listen 127.0.0.1:<free port> --events json` plus `args`, and
@@ -252,19 +257,19 @@ impl Agent {
             stdout,
             stderr,
             readers,
-            unobserved_at_start: None,
-            unobserved_at_stop: None,
+            hidden_at_start: None,
+            hidden_at_stop: None,
         };
         agent.wait_ready();
-        agent.unobserved_at_start = agent.unobserved();
+        agent.hidden_at_start = agent.hidden();
         agent
     }
 
-    /// The agent's count of softirq runs made without its programs, summed over vectors; `None`
-    /// when it cannot be scraped.
-    fn unobserved(&self) -> Option<f64> {
+    /// The agent's count of runs in which the kernel hid events from its programs
+    /// ([`kernel_hid_events`]); `None` when it cannot be scraped.
+    fn hidden(&self) -> Option<f64> {
         let resp = http_get(self.listen, "/metrics", Duration::from_secs(10)).ok()?;
-        softirqs_unobserved(&resp.body)
+        kernel_hid_events(&resp.body)
     }
 
     fn wait_ready(&mut self) {
@@ -411,7 +416,7 @@ impl Agent {
 
     /// Like [`Agent::stop`] with another signal (SIGINT).
     pub fn stop_with(&mut self, signal: libc::c_int) -> Duration {
-        self.unobserved_at_stop = self.unobserved();
+        self.hidden_at_stop = self.hidden();
         let mut child = self.child.take().expect("agent is running");
         let started = Instant::now();
         send_signal(child.id(), signal);
@@ -449,7 +454,7 @@ impl Drop for Agent {
                 thread::sleep(Duration::from_millis(1500));
                 let page = http_get(self.listen, "/metrics", Duration::from_secs(10)).ok();
                 let page = page.map(|resp| resp.body).unwrap_or_default();
-                self.unobserved_at_stop = softirqs_unobserved(&page).or(self.unobserved_at_stop);
+                self.hidden_at_stop = kernel_hid_events(&page).or(self.hidden_at_stop);
                 // The agent's own loss counters, so that a failure says whether the kernel
                 // dropped or skipped anything (a mismatch with none is the agent's).
                 eprintln!(
@@ -459,7 +464,7 @@ impl Drop for Agent {
                     summed(&page, "tracer_kernel_program_misses_total"),
                 );
             }
-            if let (Some(start), Some(end)) = (self.unobserved_at_start, self.unobserved_at_stop) {
+            if let (Some(start), Some(end)) = (self.hidden_at_start, self.hidden_at_stop) {
                 eprintln!("{BLIND_MARKER} {}", end - start);
             }
         }

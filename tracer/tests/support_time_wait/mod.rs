@@ -325,11 +325,11 @@ pub fn start_agent(args: &[&str]) -> Agent {
 /// How often a scenario is run when the kernel hid events from every BPF program meanwhile.
 pub const BLIND_ATTEMPTS: u32 = 3;
 
-/// Softirq runs the kernel made without the agent's programs between two scrapes, summed over
-/// the watched vectors; panics when the agent does not expose the counter.
-pub fn unobserved_between(before: &str, after: &str) -> f64 {
+/// Runs in which the kernel hid events from the agent's programs between two scrapes
+/// (`kernel_hid_events`); panics when the agent does not expose the softirq counter.
+pub fn hidden_between(before: &str, after: &str) -> f64 {
     let total = |text: &str| {
-        softirqs_unobserved(text)
+        kernel_hid_events(text)
             .unwrap_or_else(|| panic!("tracer_softirqs_unobserved_total is not exposed:\n{text}"))
     };
     total(after) - total(before)
@@ -351,9 +351,10 @@ impl Attempt {
 }
 
 /// Runs `scenario` (which starts its agent with [`Attempt::start_agent`]) until it passes. The
-/// kernel can run a softirq without any BPF program (README, "Lost events"); the agent counts
-/// such runs (`tracer_softirqs_unobserved_total`) but cannot know what they held. A failed run
-/// during which the agent counted some says so on stderr and runs again, up to
+/// kernel can run a softirq without any BPF program, or skip a program's run while it
+/// already runs on that CPU (README, "Lost events"); the agent counts such runs (`kernel_hid_events`)
+/// but cannot know what they held. A failed run during which the agent counted some says so
+/// on stderr and runs again, up to
 /// `BLIND_ATTEMPTS` runs; a failed run without any fails the test at once, as does the last.
 pub fn exact_unless_kernel_blind(scenario: impl Fn(&mut Attempt)) {
     for run in 1..=BLIND_ATTEMPTS {
@@ -368,14 +369,14 @@ pub fn exact_unless_kernel_blind(scenario: impl Fn(&mut Attempt)) {
         };
         // The agent compares the counts once a second.
         thread::sleep(REFRESH * 2);
-        let blind = unobserved_between(&before, &agent.scrape());
+        let blind = hidden_between(&before, &agent.scrape());
         if blind == 0.0 || run == BLIND_ATTEMPTS {
-            eprintln!("run {run}: {blind} softirq runs without the agent's programs");
+            eprintln!("run {run}: {blind} kernel runs that hid events from the agent's programs");
             std::panic::resume_unwind(failure);
         }
         eprintln!(
-            "run {run} failed (above) while the kernel ran {blind} softirqs without any BPF \
-             program: what they held reached no program; running the scenario again"
+            "run {run} failed (above) while the kernel hid events from the programs in {blind} \
+             runs (softirqs without BPF, or program runs skipped): running the scenario again"
         );
     }
 }
