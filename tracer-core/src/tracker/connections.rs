@@ -8,23 +8,23 @@
 //! against the sockets seeded from sock_diag.
 use std::collections::VecDeque;
 
+mod lifecycle;
 mod resync;
 pub use resync::{JOURNAL_MAX, Known, ResyncOutcome, Snapshot};
 
 // A fast seeded hash: these tables are touched on every kernel event, and their keys (ports,
 // addresses) come from the network, so a per-process random seed keeps them flood-resistant.
 use foldhash::{HashMap, HashSet};
-use smallvec::SmallVec;
 
-use crate::acks::Acks;
-use crate::model::{
-    CloseCause, Direction, Event, Owner, ResetDirection, RetransmitKind, SockId, Task, TcpState,
-    Tuple,
-};
+use crate::model::{CloseCause, Direction, Event, ResetDirection, SockId, Task, TcpState, Tuple};
 use crate::observer::Observer;
 use crate::record::{CloseWaitLeak, Connection, MAX_STATES, Seed, StateStamp};
 use crate::tracker::time_wait::{TimeWaitConfig, TimeWaitTable};
 use crate::tracker::{SockIndex, shrink_map, shrink_queue};
+use lifecycle::{close_cause, count_cgroup, finish, owner, process_context};
+
+/// States of a connection's whole life, from its opening state to CLOSE, in the usual case.
+const LIFECYCLE_STATES: usize = 6;
 
 #[derive(Clone, Copy, Debug)]
 pub struct TrackerConfig {
@@ -503,7 +503,7 @@ impl Tracker {
             return;
         }
 
-        if self.lookup(ts_ns, sock, netns, tuple, old, obs).is_none() {
+        if !self.touch(ts_ns, sock, netns, tuple, old, obs) {
             return;
         }
         // Borrow only the table, so the counters beside it stay usable.
@@ -515,6 +515,12 @@ impl Tracker {
             conn.complete = false;
         }
         if conn.states.len() < MAX_STATES {
+            if conn.states.len() == conn.states.inline_size() {
+                // Leaving the inline room: a whole lifecycle's states in one allocation
+                // rather than two (open, established, two closing states and CLOSE).
+                conn.states
+                    .reserve_exact(LIFECYCLE_STATES - conn.states.len());
+            }
             conn.states.push(StateStamp { state: new, ts_ns });
         } else {
             conn.complete = false;
@@ -581,32 +587,57 @@ impl Tracker {
         state: TcpState,
         obs: &mut impl Observer,
     ) -> Option<&mut Connection> {
-        if !self.conns.contains_key(&sock) {
-            // Mini sockets (TIME_WAIT, request socks) and listeners are not connections.
-            if matches!(
-                state,
-                TcpState::TimeWait | TcpState::NewSynRecv | TcpState::Listen | TcpState::Close
-            ) {
-                return None;
-            }
-            self.make_room(obs);
-            let mut conn = Connection::new(sock, netns, tuple, Direction::Unknown, ts_ns);
-            conn.states.push(StateStamp { state, ts_ns });
-            self.insert(conn);
+        if !self.touch(ts_ns, sock, netns, tuple, state, obs) {
+            return None;
         }
-        let conn = self.conns.get_mut(&sock)?;
-        conn.last_seen_ns = ts_ns;
-        if tuple.is_complete() && conn.tuple != tuple {
-            // The socket's memory was reused for another connection whose opening was lost:
-            // drop the old 4-tuple's index entry, or each reuse would leave one behind.
-            if conn.tuple_matched {
-                self.by_tuple.remove_if(&conn.tuple, sock);
-            }
-            conn.tuple = tuple;
-            conn.tuple_matched = false;
-        }
-        self.match_tuple_of(sock, obs);
         self.conns.get_mut(&sock).map(|conn| &mut **conn)
+    }
+
+    /// [`Tracker::lookup`] without the reference: whether `sock` is tracked now. One lookup in
+    /// the table for a connection already known and indexed, as most events' are.
+    fn touch(
+        &mut self,
+        ts_ns: u64,
+        sock: SockId,
+        netns: u32,
+        tuple: Tuple,
+        state: TcpState,
+        obs: &mut impl Observer,
+    ) -> bool {
+        let unmatched = match self.conns.get_mut(&sock) {
+            Some(conn) => {
+                conn.last_seen_ns = ts_ns;
+                if tuple.is_complete() && conn.tuple != tuple {
+                    // The socket's memory was reused for another connection whose opening was
+                    // lost: drop the old 4-tuple's index entry, or each reuse would leave one
+                    // behind.
+                    if conn.tuple_matched {
+                        self.by_tuple.remove_if(&conn.tuple, sock);
+                    }
+                    conn.tuple = tuple;
+                    conn.tuple_matched = false;
+                }
+                !conn.tuple_matched
+            }
+            None => {
+                // Mini sockets (TIME_WAIT, request socks) and listeners are not connections.
+                if matches!(
+                    state,
+                    TcpState::TimeWait | TcpState::NewSynRecv | TcpState::Listen | TcpState::Close
+                ) {
+                    return false;
+                }
+                self.make_room(obs);
+                let mut conn = Connection::new(sock, netns, tuple, Direction::Unknown, ts_ns);
+                conn.states.push(StateStamp { state, ts_ns });
+                self.insert(conn);
+                true
+            }
+        };
+        if unmatched {
+            self.match_tuple_of(sock, obs);
+        }
+        true
     }
 
     /// Once a connection's 4-tuple is known: index it, merge it with its sock_diag seed, and
@@ -708,99 +739,11 @@ impl Tracker {
     }
 }
 
-impl Connection {
-    fn new(sock: SockId, netns: u32, tuple: Tuple, direction: Direction, ts_ns: u64) -> Connection {
-        Connection {
-            sock,
-            netns,
-            tuple,
-            direction,
-            owner: None,
-            states: SmallVec::new(),
-            opened_ns: None,
-            established_ns: None,
-            closed_ns: None,
-            close: None,
-            retransmits: 0,
-            retransmit_kinds: [0; RetransmitKind::ALL.len()],
-            resets_sent: 0,
-            resets_received: 0,
-            reset_sent_reason: None,
-            seeded: false,
-            complete: false,
-            time_wait: false,
-            acks: Acks::default(),
-            cgroup: 0,
-            cost: None,
-            close_wait_since: None,
-            close_wait_leaked: false,
-            first_fin: None,
-            last_seen_ns: ts_ns,
-            queued_ns: ts_ns,
-            tuple_matched: false,
-        }
-    }
-}
-
-/// One connection more (`up`) or fewer in `cgroup`.
-fn count_cgroup(by_cgroup: &mut HashMap<u64, usize>, cgroup: u64, up: bool) {
-    if up {
-        *by_cgroup.entry(cgroup).or_default() += 1;
-    } else if let Some(count) = by_cgroup.get_mut(&cgroup) {
-        *count -= 1;
-        if *count == 0 {
-            by_cgroup.remove(&cgroup);
-        }
-    }
-}
-
-fn finish(conn: &mut Connection, ts_ns: u64, cause: CloseCause) {
-    conn.closed_ns = Some(ts_ns);
-    conn.close = Some(cause);
-}
-
-/// Transitions made inside the owner's system call, where `current` is the owner. The others
-/// run in softirq context, where `current` is whatever task was interrupted.
-fn process_context(old: TcpState, new: TcpState) -> bool {
-    tracer_common::owner_transition(old as u8, new as u8)
-}
-
-fn owner(task: Task) -> Owner {
-    Owner {
-        pid: task.pid,
-        comm: task.comm,
-    }
-}
-
-/// Why a connection reached CLOSE from `old`. The first FIN decides for orderly closes; a RST
-/// received decides for the rest. A RST this host sends is traced after the CLOSE transition,
-/// so an abrupt close with no FIN and no RST received is this host aborting.
-fn close_cause(conn: &Connection, old: TcpState) -> CloseCause {
-    if old == TcpState::SynSent {
-        return if conn.resets_received > 0 {
-            CloseCause::Refused
-        } else {
-            CloseCause::Failed
-        };
-    }
-    if let Some(first) = conn.first_fin {
-        return first;
-    }
-    if conn.resets_received > 0 {
-        return CloseCause::ResetReceived;
-    }
-    match old {
-        TcpState::SynRecv => CloseCause::Failed,
-        TcpState::Established => CloseCause::Aborted,
-        _ => CloseCause::Unknown,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Comm;
     use crate::model::TcpState::*;
+    use crate::model::{Comm, RetransmitKind};
     use crate::testkit::{Recorder, loopback, state, task};
 
     const NS: u32 = 4_026_531_840;

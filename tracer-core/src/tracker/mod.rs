@@ -1,6 +1,7 @@
 //! The trackers: the connection table and, inside it, the TIME_WAIT table.
 mod connections;
 mod keys;
+mod superseded;
 mod time_wait;
 
 pub use connections::{JOURNAL_MAX, Known, ResyncOutcome, Snapshot, Tracker, TrackerConfig};

@@ -29,11 +29,12 @@
 //! already since the socket's birth (remembered a while for exits read late), and `Killed`
 //! otherwise (RST, namespace teardown, `tcp_max_tw_buckets` pressure...).
 use foldhash::HashMap;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use crate::model::{Direction, Owner, SockId, TcpState, TimerPhase, Tuple};
 use crate::observer::Observer;
 use crate::record::{Connection, PeerKey, TimeWaitExit, TimeWaitRecord};
+use crate::tracker::superseded::Superseded;
 use crate::tracker::{KeyHashes, Listed, SockIndex};
 
 #[derive(Clone, Copy, Debug)]
@@ -121,7 +122,7 @@ pub struct TimeWaitTable {
     /// that birth's time, their own birth or 0), waiting for their own exit from the kernel's
     /// table (see `exits_read`). An event at `ts` for address `tw` belongs to the first one
     /// on its 4-tuple superseded after `ts`.
-    superseded: BTreeMap<(SockId, u64, u64), Box<Entry>>,
+    superseded: Superseded<Entry>,
     /// Cancels in arrival order, settled after `settle_ns`.
     cancels: VecDeque<(u64, SockId)>,
     /// Early exits waiting to learn whether a new connection reuses the 4-tuple.
@@ -188,7 +189,7 @@ impl TimeWaitTable {
             entries: HashMap::default(),
             by_tuple: SockIndex::new(),
             seeded: HashMap::default(),
-            superseded: BTreeMap::new(),
+            superseded: Superseded::default(),
             cancels: VecDeque::new(),
             early_exits: HashMap::default(),
             early_order: VecDeque::new(),
@@ -416,17 +417,9 @@ impl TimeWaitTable {
     /// before that whose expiry did not come was killed (at its cancel, if that came).
     pub fn exits_read(&mut self, until_ns: u64, obs: &mut impl Observer) {
         self.exits_read_until = until_ns;
-        let done: Vec<(SockId, u64, u64)> = self
-            .superseded
-            .keys()
-            .filter(|key| key.1 < until_ns)
-            .copied()
-            .collect();
-        for key in done {
-            if let Some(entry) = self.superseded.remove(&key) {
-                self.report(*entry, key.1, None, obs);
-            }
-        }
+        let mut done = std::mem::take(&mut self.superseded);
+        done.take_before(until_ns, |key, entry| self.report(*entry, key.1, None, obs));
+        self.superseded = done;
     }
 
     /// The superseded socket an event at `ts_ns` for address `tw` belongs to: the first one
@@ -439,11 +432,9 @@ impl TimeWaitTable {
         netns: u32,
         tuple: Tuple,
     ) -> Option<(SockId, u64, u64)> {
-        let found = self
-            .superseded
-            .range((tw, ts_ns.saturating_add(1), 0)..=(tw, u64::MAX, u64::MAX))
-            .find(|(_, entry)| (entry.netns, entry.tuple) == (netns, tuple))
-            .map(|(key, _)| *key);
+        let found = self.superseded.first_after(tw, ts_ns, |entry| {
+            (entry.netns, entry.tuple) == (netns, tuple)
+        });
         if found.is_some() {
             return found;
         }
