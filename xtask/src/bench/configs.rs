@@ -22,6 +22,8 @@ pub enum Kind {
     None,
     Tracer {
         ring_buffer_bytes: Option<u32>,
+        /// Stopped (SIGSTOP) once attached: its kernel programs run, the agent does not.
+        paused: bool,
     },
     Bpftrace {
         script: String,
@@ -100,8 +102,15 @@ impl Running {
     pub fn start(config: &Config, env: &Env) -> Result<Self> {
         Ok(match &config.kind {
             Kind::None => Running::None,
-            Kind::Tracer { ring_buffer_bytes } => {
-                Running::Tracer(Tracer::start(env, *ring_buffer_bytes)?)
+            Kind::Tracer {
+                ring_buffer_bytes,
+                paused,
+            } => {
+                let mut tracer = Tracer::start(env, *ring_buffer_bytes)?;
+                if *paused {
+                    tracer.pause()?;
+                }
+                Running::Tracer(tracer)
             }
             Kind::Bpftrace { script } => {
                 Running::Bpftrace(Bpftrace::start(script, &env.out_dir, config.name)?)
@@ -139,7 +148,7 @@ impl Running {
     pub fn settle(&self) -> Duration {
         match self {
             // The agent refreshes its lost-event counter once a second.
-            Running::Tracer(_) => Duration::from_millis(1300),
+            Running::Tracer(tracer) if !tracer.paused => Duration::from_millis(1300),
             Running::Bpftrace(_) => Duration::from_millis(300),
             Running::Ring(_) => Duration::from_millis(50),
             _ => Duration::ZERO,
@@ -161,6 +170,8 @@ impl Running {
 pub struct Tracer {
     child: Child,
     pub metrics: SocketAddr,
+    /// Stopped with SIGSTOP (see `pause`): it serves nothing until continued.
+    paused: bool,
 }
 
 impl Tracer {
@@ -184,7 +195,11 @@ impl Tracer {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", env.tracer.display()))?;
-        let mut tracer = Self { child, metrics };
+        let mut tracer = Self {
+            child,
+            metrics,
+            paused: false,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = tracer.child.try_wait()? {
@@ -211,7 +226,28 @@ impl Tracer {
         self.child.id()
     }
 
+    /// Stops the agent's process (SIGSTOP) with its programs attached: what the kernel side
+    /// costs alone. Its ring fills and the programs count their records as lost meanwhile.
+    pub fn pause(&mut self) -> Result<()> {
+        sys::signal(self.pid(), sys::SIGSTOP).context("stopping the agent (SIGSTOP)")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        if std::mem::take(&mut self.paused) {
+            let _ = sys::signal(self.pid(), sys::SIGCONT);
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
+        if self.paused {
+            // A stopped agent answers no scrape.
+            return Snapshot {
+                cpu_ticks: sys::cpu_ticks(self.pid()),
+                ..Snapshot::default()
+            };
+        }
         let page = sys::scrape(self.metrics).ok();
         let metric = |name| page.as_ref().and_then(|p| p.sum(name, &[]));
         Snapshot {
@@ -225,6 +261,7 @@ impl Tracer {
     }
 
     pub fn stop(mut self) -> Result<()> {
+        self.resume();
         let status = sys::stop_child(&mut self.child, sys::SIGTERM, Duration::from_secs(15))?;
         if !status.success() {
             bail!("the agent stopped with {status}");
@@ -235,6 +272,7 @@ impl Tracer {
 
 impl Drop for Tracer {
     fn drop(&mut self) {
+        self.resume();
         if let Ok(None) = self.child.try_wait() {
             let _ = sys::stop_child(&mut self.child, sys::SIGTERM, Duration::from_secs(5));
         }

@@ -13,6 +13,20 @@ pub(super) fn tracer_config() -> Config {
         "tracer run --events none: tp_btf hooks, ring buffer, the agent tracking every connection",
         Kind::Tracer {
             ring_buffer_bytes: None,
+            paused: false,
+        },
+    )
+}
+
+/// The agent attached and then stopped: its kernel programs' share of the cost, apart from
+/// the agent's own CPU.
+pub(super) fn tracer_paused_config() -> Config {
+    Config::new(
+        "tracer-paused",
+        "tracer run --events none, stopped (SIGSTOP) once attached: its kernel programs run, the agent does not (its ring fills; records are counted lost)",
+        Kind::Tracer {
+            ring_buffer_bytes: None,
+            paused: true,
         },
     )
 }
@@ -86,6 +100,7 @@ pub(super) fn churn_configs(
     let mut configs = vec![
         Config::new("none", "nothing attached", Kind::None),
         tracer_config(),
+        tracer_paused_config(),
         bpftrace_config(
             "bpftrace-tcplife",
             format!(
