@@ -22,9 +22,8 @@ pub const RST_REASON_UNKNOWN: u16 = u16::MAX;
 /// is the timewait socket, `newstate` its `tw_substate`.
 pub const EVENT_TW_START: u8 = 5;
 /// `RawEvent::kind`: a TIME_WAIT timer was detached (`timer_cancel`): every exit, including a
-/// normal expiry (`aux` 1: detached at its deadline, an expiry). Kept in the CPU's
-/// [`TwExitBatch`] and sent with it, or sent as a record of its own when that batch is being
-/// flushed beneath the program.
+/// normal expiry (`aux` 1: detached at its deadline, an expiry). Kept in the `TW_EXITS` table
+/// for the agent's read, or sent as a record when the table is full.
 pub const EVENT_TW_CANCEL: u8 = 6;
 /// `RawEvent::kind`: a TIME_WAIT timer fired (`timer_expire_entry`): the 2MSL wait ran out.
 pub const EVENT_TW_EXPIRE: u8 = 7;
@@ -45,10 +44,6 @@ pub const EVENT_SYNACK_RETRANSMIT: u8 = 10;
 /// of that socket, so that user space sees them in order). The agent reads the runs still in
 /// the kernel's table once a second, so that open connections are known while they live.
 pub const EVENT_PATH: u8 = 11;
-
-/// `RawEvent::kind`: the head of a [`TwExitBatch`] record: `aux` timewait exits
-/// (`EVENT_TW_CANCEL` events) follow it, in the order they happened on one CPU.
-pub const EVENT_TW_EXITS: u8 = 12;
 
 /// Slots of the `LOST` per-CPU array, one per program: a program never nests with itself on a
 /// CPU (the kernel's recursion guard), so each slot has a single writer per CPU and no count is
@@ -71,8 +66,7 @@ pub const LOST_SLOTS: u32 = 9;
 pub const COUNT_PATH_TABLE_FULL: u32 = 0;
 /// Sockets whose congestion states could not be followed (the `CONG` table was full).
 pub const COUNT_CONG_TABLE_FULL: u32 = 1;
-/// Timewait sockets' exits sent as records of their own because their CPU's exit batch was
-/// being flushed beneath the program (see [`TwExitBatch`]).
+/// Timewait sockets' exits sent as records because the `TW_EXITS` table was full.
 pub const COUNT_TW_EXITS_TABLE_FULL: u32 = 2;
 /// Sockets whose run went to `PATHS` because another socket held their `PATH_SLOTS` slot.
 pub const COUNT_PATH_SLOT_TAKEN: u32 = 3;
@@ -84,25 +78,17 @@ pub const COUNT_SLOTS: u32 = 4;
 /// ran no BPF program at all, and whose TCP events are lost without any other trace.
 pub const SOFTIRQ_VECTORS: u32 = 10;
 
-/// Exits one [`TwExitBatch`] holds: the batch is sent when full, so a CPU sends a record per
-/// this many exits, plus one per flush by the agent (once a second).
-pub const TW_EXIT_BATCH: usize = 255;
+/// Exits of timewait sockets the kernel's `TW_EXITS` table holds between two reads of the
+/// agent (once a second).
+pub const TW_EXITS_MAX: u32 = 65_536;
 
-/// A CPU's timewait exits not sent yet (the per-CPU `TW_EXIT_BATCH` value). An exit is
-/// appended at the detach and taken back in place when the same `mod_timer` starts the timer
-/// again (a re-arm, not an exit); the batch goes out as one record when full, and once a second
-/// when the agent runs the `tw_exit_flush` program on each CPU. `head` and the first `len`
-/// exits are the record, sent from the map value as they are.
+/// Key of the `TW_EXITS` table: the timewait socket's address and when it left (the same
+/// address can leave twice within a read: the memory of a socket killed is handed out again).
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct TwExitBatch {
-    /// `kind` [`EVENT_TW_EXITS`], `aux` the count, at sending.
-    pub head: RawEvent,
-    pub exits: [RawEvent; TW_EXIT_BATCH],
-    pub len: u32,
-    /// Non-zero while `tw_exit_flush` sends the batch: a timer program that interrupts it on
-    /// this CPU (the agent's own CPU runs it with interrupts on) leaves the batch alone.
-    pub flushing: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TwExitKey {
+    pub tw: u64,
+    pub ts_ns: u64,
 }
 
 /// Sockets the kernel's `PATHS` table holds at most: every socket from its first state change
@@ -525,6 +511,8 @@ mod user {
     unsafe impl aya::Pod for super::PathSlot {}
     // SAFETY: as for RawPath: two u32, no padding.
     unsafe impl aya::Pod for super::CongSeen {}
+    // SAFETY: two u64, no padding.
+    unsafe impl aya::Pod for super::TwExitKey {}
 }
 
 // Both sides must agree on the layout; padding would make the Pod impls unsound.
@@ -534,9 +522,6 @@ const _: () = assert!(core::mem::size_of::<ConnCost>() == 64);
 const _: () = assert!(core::mem::size_of::<RawPathOpen>() == 96 + 10 * PATH_STEPS + 4 + 8);
 const _: () = assert!(core::mem::size_of::<PathSlot>() == 24 + core::mem::size_of::<RawPathOpen>());
 const _: () = assert!(core::mem::size_of::<RawTwBirth>() == 24);
-// A per-CPU map value is at most 32 KiB.
-const _: () = assert!(core::mem::size_of::<TwExitBatch>() == 96 * (TW_EXIT_BATCH + 1) + 8);
-const _: () = assert!(core::mem::size_of::<TwExitBatch>() <= 32 * 1024);
 const _: () = assert!(core::mem::size_of::<RawPath>() == size_of::<RawPathOpen>() + 64 + 24);
 // The kernel programs clear these fields in word stores (`sock::clear`).
 const _: () = assert!(core::mem::offset_of!(RawEvent, saddr) % 8 == 0);

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     COUNT_SLOTS, CongSeen, KernelOffsets, KernelSymbols, LOST_SLOTS, PATH_SLOT_BITS, PATHS_MAX,
-    PathSlot, RawEvent, RawPathOpen, SOFTIRQ_VECTORS, SockHead, TwExitBatch,
+    PathSlot, RawEvent, RawPathOpen, SOFTIRQ_VECTORS, SockHead, TW_EXITS_MAX, TwExitKey,
 };
 
 /// Events to user space. The agent resizes it at load time (`--ring-buffer-bytes`).
@@ -96,8 +96,7 @@ pub static TW_BORN: PerCpuArray<TwSlot> = PerCpuArray::with_max_entries(1, 0);
 pub struct TwSlot {
     /// `kind` 0: empty.
     pub born: RawEvent,
-    /// The last detach on this CPU, for a start to tell a re-arm (too large for the BPF stack
-    /// next to the rest).
+    /// Scratch for the exit kept in `TW_EXITS` (too large for the BPF stack next to the rest).
     pub exit: RawEvent,
     /// Scratch for the timer's socket at a start that may be a re-arm, to compare with `exit`.
     pub again: RawEvent,
@@ -121,12 +120,12 @@ pub static ADDRESS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS,
 #[map]
 pub static PATH_SCRATCH: PerCpuArray<RawPathOpen> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per CPU: timewait sockets' exits (a kill, or an expiry told at the detach) not sent yet,
-/// in the order they happened (see `TwExitBatch`). Appending costs a store where a hash
-/// table's insert cost about 700 ns on a machine with retpolines; the agent gets them once a
-/// second by running `tw_exit_flush` on each CPU, instead of reading and deleting a table.
+/// Timewait sockets' exits (a kill, or an expiry told at the detach), keyed by the socket's
+/// address and the time: the agent reads and deletes them once a second instead of receiving a
+/// record each. Preallocated (an exit happens about once per connection under churn); when
+/// full, an exit is sent as a record and counted.
 #[map]
-pub static TW_EXIT_BATCH: PerCpuArray<TwExitBatch> = PerCpuArray::with_max_entries(1, 0);
+pub static TW_EXITS: HashMap<TwExitKey, RawEvent> = HashMap::with_max_entries(TW_EXITS_MAX, 0);
 
 /// Adds one to a `COUNTERS` slot.
 #[inline(always)]
@@ -288,19 +287,13 @@ pub fn reserve_for<T: 'static>(
     events: u64,
 ) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
     let entry = EVENTS.reserve::<T>(0);
-    if entry.is_none() {
-        lose(lost_slot, events);
-    }
-    entry
-}
-
-/// Counts `events` lost to a full ring in `lost_slot`.
-#[inline(always)]
-pub fn lose(lost_slot: u32, events: u64) {
-    if let Some(lost) = LOST.get_ptr_mut(lost_slot) {
+    if entry.is_none()
+        && let Some(lost) = LOST.get_ptr_mut(lost_slot)
+    {
         // SAFETY: the pointer comes from the map lookup of an existing index and stays valid
         // for the program's run. The slot is this program's on this CPU, and the kernel does
         // not let a program nest with itself on a CPU: nobody else writes it meanwhile.
         unsafe { *lost += events };
     }
+    entry
 }

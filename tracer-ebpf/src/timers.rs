@@ -11,12 +11,12 @@
 //! already left with data and the firing is a no-op, which is not reported.
 use aya_ebpf::{
     helpers::{bpf_jiffies64, bpf_ktime_get_ns},
-    macros::{btf_tracepoint, raw_tracepoint},
-    programs::{BtfTracePointContext, RawTracePointContext},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 use tracer_common::{
-    COUNT_TW_EXITS_TABLE_FULL, EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_EXITS, EVENT_TW_START,
-    RawEvent, RawTwBirth, SockHead, TW_EXIT_BATCH, TwExitBatch,
+    COUNT_TW_EXITS_TABLE_FULL, EVENT_DELAYED_ACK, EVENT_TW_CANCEL, EVENT_TW_START, RawEvent,
+    RawTwBirth, SockHead, TwExitKey,
 };
 
 use crate::sock::{Copied, Mem, Probed, Typed};
@@ -125,10 +125,15 @@ fn on_timer(ctx: &BtfTracePointContext, phase: Phase) -> i32 {
         && same_socket(slot, &head, now)
     {
         // A re-arm: detached then started again by one mod_timer. The detach was no exit:
-        // taken back from this CPU's batch, it never reaches the agent and nothing is sent. If
-        // it went as a record of its own (a flush was running beneath), the start goes at
-        // once, marked as a re-arm, for the agent to take the detach back.
-        let taken_back = take_back(tw as u64, slot.last_cancel_ns);
+        // taken back from the table, it never reaches the agent and nothing is sent. If it
+        // already left (the table was full, or the agent read it in between), the start
+        // goes at once, marked as a re-arm, for the agent to take the detach back.
+        let taken_back = maps::TW_EXITS
+            .remove(TwExitKey {
+                tw: tw as u64,
+                ts_ns: slot.last_cancel_ns,
+            })
+            .is_ok();
         slot.last_cancel = 0;
         if taken_back {
             return 0;
@@ -182,105 +187,27 @@ fn same_address(a: &[u8; 16], b: &[u8; 16]) -> bool {
     same
 }
 
-/// Keeps the exit of the timewait socket `tw` in this CPU's exit batch, sent when full or when
-/// the agent flushes it; `false` when it must go as a record of its own (the batch is being
-/// flushed beneath this program).
+/// Keeps the exit of the timewait socket `tw` in `TW_EXITS` for the agent's once-a-second
+/// read instead of a record; `false` when the table is full (it is sent as a record then).
 #[inline(always)]
 fn keep_exit(slot: &mut maps::TwSlot, tw: &Tw, now: u64, substate: u8, expired: bool) -> bool {
     timer_event(&mut slot.exit, tw, now, EVENT_TW_CANCEL, substate, expired);
-    let Some(batch) = maps::TW_EXIT_BATCH.get_ptr_mut(0) else {
-        return false;
+    let key = TwExitKey {
+        tw: tw.at as u64,
+        ts_ns: now,
     };
-    // SAFETY: this CPU's batch, valid for the program's run. The timer programs run with
-    // interrupts off and so never nest with each other or under `tw_exit_flush`; the flush may
-    // run beneath them, which `flushing` tells.
-    let batch = unsafe { &mut *batch };
-    if batch.flushing != 0 {
+    // BPF_NOEXIST: an exit is never overwritten (a timewait socket at the same address
+    // leaves under another time).
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value would copy the event onto the BPF stack"
+    )]
+    let kept = maps::TW_EXITS.insert(key, &slot.exit, maps::NOEXIST);
+    if kept.is_err() {
         maps::count(COUNT_TW_EXITS_TABLE_FULL);
         return false;
     }
-    // A full batch that the ring cannot take stays for the flush; this exit goes alone.
-    if batch.len as usize >= TW_EXIT_BATCH && !send_batch(batch) {
-        return false;
-    }
-    let Some(free) = batch.exits.get_mut(batch.len as usize) else {
-        return false;
-    };
-    // SAFETY: both are map memory holding one RawEvent each, in different maps. A copy that
-    // cannot overlap: an assignment compiles to a byte-at-a-time memmove.
-    unsafe { core::ptr::copy_nonoverlapping(&raw const slot.exit, free, 1) };
-    batch.len += 1;
     true
-}
-
-/// Takes the exit of timewait socket `tw` detached at `at_ns` back from this CPU's batch, if it
-/// is the last one there (a re-arm: the detach just before was no exit); `false` when it
-/// already left with the batch.
-#[inline(always)]
-fn take_back(tw: u64, at_ns: u64) -> bool {
-    let Some(batch) = maps::TW_EXIT_BATCH.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: as in `keep_exit`.
-    let batch = unsafe { &mut *batch };
-    if batch.flushing != 0 || batch.len == 0 {
-        return false;
-    }
-    let Some(last) = batch.exits.get((batch.len - 1) as usize) else {
-        return false;
-    };
-    if last.skaddr != tw || last.ts_ns != at_ns {
-        return false;
-    }
-    batch.len -= 1;
-    true
-}
-
-/// Sends the exits held in `batch` as one record (its head and the exits after it, straight
-/// from the map value) and empties it; `false` when the ring is full: the batch then stays as
-/// it is, to be sent later (nothing in it is lost).
-#[inline(always)]
-fn send_batch(batch: &mut TwExitBatch) -> bool {
-    let len = (batch.len as usize).min(TW_EXIT_BATCH);
-    if len == 0 {
-        return true;
-    }
-    batch.head.kind = EVENT_TW_EXITS;
-    batch.head.aux = len as u64;
-    // SAFETY: `TwExitBatch` is repr(C) and starts with `head` and `exits`, RawEvents one after
-    // the other: its first `len + 1` RawEvents are in bounds (len <= TW_EXIT_BATCH).
-    let record = unsafe {
-        core::slice::from_raw_parts(core::ptr::from_ref(batch).cast::<RawEvent>(), len + 1)
-    };
-    if maps::EVENTS
-        .output::<[RawEvent]>(record, maps::submit_flags())
-        .is_err()
-    {
-        return false;
-    }
-    batch.len = 0;
-    true
-}
-
-/// Sends this CPU's exit batch; returns 1 when the ring could not take it (it is kept for the
-/// next run). Never attached: the agent runs it on each CPU once a second
-/// (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`), so that every exit before that moment
-/// reaches it. On other CPUs it runs with interrupts off; on the agent's own, a timer program
-/// may interrupt it, and sees `flushing`.
-#[raw_tracepoint(tracepoint = "tw_exit_flush")]
-pub fn tw_exit_flush(_ctx: RawTracePointContext) -> i32 {
-    let Some(batch) = maps::TW_EXIT_BATCH.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: this CPU's batch, valid for the program's run (see `keep_exit`).
-    let batch = unsafe { &mut *batch };
-    // SAFETY: a field of the batch just borrowed; volatile so that the store stays even when
-    // there is nothing to send.
-    unsafe { core::ptr::write_volatile(&raw mut batch.flushing, 1) };
-    let sent = send_batch(batch);
-    // SAFETY: as above.
-    unsafe { core::ptr::write_volatile(&raw mut batch.flushing, 0) };
-    i32::from(!sent)
 }
 
 /// Fills `event` as a TIME_WAIT timer event of `tw` at `now`: its addressing (a timewait

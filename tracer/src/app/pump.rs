@@ -16,7 +16,7 @@ use crate::app::session::Session;
 use crate::export::metrics::Metrics;
 use crate::kernel::clock::monotonic_ns;
 use crate::kernel::decode;
-use crate::kernel::tables::{self, TimeWaitExits};
+use crate::kernel::tables;
 use tracer_core::model::Event;
 use tracer_core::observer::Observer;
 use tracer_core::tracker::Tracker;
@@ -83,7 +83,7 @@ pub async fn pump(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut session.tracker, &mut session.tw_exits, &metrics, consumer.observer());
+                drain(guard.get_inner_mut(), &mut session.tracker, &metrics, consumer.observer());
                 guard.clear_ready();
                 match consumer.batch_done() {
                     Ok(true) => {}
@@ -95,7 +95,7 @@ pub async fn pump(
                 // A dump that came back is applied after this drain, which takes every event of
                 // the dump's time first (see `app::resync`).
                 let resynced = session.resync.finished(&mut session.tracker);
-                drain(ring.get_mut(), &mut session.tracker, &mut session.tw_exits, &metrics, consumer.observer());
+                drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
                 if let Some(snapshot) = resynced {
                     session.resync.apply(&snapshot, &mut session.tracker, &metrics, consumer.observer());
                     // The dump was built on the resync thread, in its own allocator arena:
@@ -119,11 +119,9 @@ pub async fn pump(
                 }
             }
             _ = refresh.tick() => {
-                // Every timewait exit before this moment goes into the ring, after the births
-                // it refers to.
-                let exits_until = flush_exits(session);
-                drain(ring.get_mut(), &mut session.tracker, &mut session.tw_exits, &metrics, consumer.observer());
-                read_tables(session, &metrics, consumer.observer(), exits_until);
+                // What the ring holds first: the births the kernel tables' exits refer to.
+                drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
+                read_tables(session, &metrics, consumer.observer());
                 crate::app::workloads::refresh(&session.workloads, &session.tracker, &metrics);
                 session.tracker.tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
                 let mut skipped = 0;
@@ -170,16 +168,13 @@ pub async fn pump(
 
     // Detach first, then take what is still queued so that nothing seen is dropped.
     drop(session.probes.take());
-    // The flush program outlives the detach (its own descriptor holds it and its batches).
-    let exits_until = flush_exits(session);
     drain(
         ring.get_mut(),
         &mut session.tracker,
-        &mut session.tw_exits,
         &metrics,
         consumer.observer(),
     );
-    read_tables(session, &metrics, consumer.observer(), exits_until);
+    read_tables(session, &metrics, consumer.observer());
     session
         .tracker
         .tick(monotonic_ns(), &mut (&*metrics, consumer.observer()));
@@ -209,32 +204,7 @@ async fn readable<T: AsRawFd>(
 /// sockets still open that it has not been given (the kernel sends a socket's changes when it
 /// closes), then the timewait sockets' exits since the last read. Each socket's run goes to
 /// the tracker as it is read: no copy of the whole table is held.
-/// Sends each CPU's batch of timewait exits into the ring; the moment before which every exit
-/// is there, `None` when a CPU's could not be sent.
-fn flush_exits(session: &mut Session) -> Option<u64> {
-    let at = monotonic_ns();
-    match session.exit_flush.run() {
-        Ok(()) => {
-            session.exit_flush_failed = false;
-            Some(at)
-        }
-        Err(e) => {
-            if !std::mem::replace(&mut session.exit_flush_failed, true) {
-                warn!("{e}: timewait exits wait for the next flush");
-            }
-            None
-        }
-    }
-}
-
-/// Reads the kernel's table of sockets' runs still open; with `exits_until`, every timewait
-/// exit before that moment has been drained from the ring (see `flush_exits`).
-fn read_tables(
-    session: &mut Session,
-    metrics: &Metrics,
-    consumer: &mut dyn Observer,
-    exits_until: Option<u64>,
-) {
+fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Observer) {
     let tracker = &mut session.tracker;
     let (mut run, mut given) = (Vec::new(), Vec::new());
     let walked = session.paths.walk(|sock, path| {
@@ -262,10 +232,21 @@ fn read_tables(
         Ok(()) => tracker.end_table_walk(),
         Err(e) => warn!("{e}"),
     }
-    if let Some(until) = exits_until {
-        tracker
-            .time_wait_mut()
-            .exits_read(until, &mut (metrics, &mut *consumer));
+    // Every exit before this moment is in the table now (the kernel writes it before the
+    // socket's memory can serve the next birth).
+    let read_from = monotonic_ns();
+    let taken = session.tw_exits.take_exits(|event| {
+        metrics.event(event);
+        tracker.on_event(event, &mut (metrics, &mut *consumer));
+    });
+    match taken {
+        Ok(malformed) => {
+            (0..malformed).for_each(|_| metrics.event_malformed());
+            tracker
+                .time_wait_mut()
+                .exits_read(read_from, &mut (metrics, &mut *consumer));
+        }
+        Err(e) => warn!("{e}"),
     }
 }
 
@@ -273,7 +254,6 @@ fn read_tables(
 fn drain(
     ring: &mut RingBuf<MapData>,
     tracker: &mut Tracker,
-    exits: &mut TimeWaitExits,
     metrics: &Metrics,
     consumer: &mut dyn Observer,
 ) {
@@ -281,14 +261,6 @@ fn drain(
     let mut events = Vec::with_capacity(tracer_common::PATH_STEPS);
     while let Some(record) = ring.next() {
         metrics.record_read();
-        if decode::is_exit_batch(&record) {
-            // Handed on in time order once the ring is empty (see `TimeWaitExits`).
-            if let Err(e) = exits.add_batch(&record) {
-                metrics.event_malformed();
-                debug!("undecodable exit batch: {e:?}");
-            }
-            continue;
-        }
         events.clear();
         if let Err(e) = decode::decode_record(&record, &mut events) {
             metrics.event_malformed();
@@ -309,12 +281,6 @@ fn drain(
             tracker.on_event(event, &mut (metrics, &mut *consumer));
         }
     }
-    let malformed = exits.take_exits(|event| {
-        metrics.event(event);
-        last_ts = last_ts.max(Some(event.ts_ns()));
-        tracker.on_event(event, &mut (metrics, &mut *consumer));
-    });
-    (0..malformed).for_each(|_| metrics.event_malformed());
     // Settle by event time, not the clock: events still queued must not be judged missing.
     if let Some(ts) = last_ts {
         tracker.tick(ts, &mut (metrics, &mut *consumer));

@@ -14,7 +14,6 @@ use crate::export::metrics::Metrics;
 use crate::host::{namespaces, seeds, sock_diag};
 use crate::kernel::btf::KernelBtf;
 use crate::kernel::clock::monotonic_ns;
-use crate::kernel::exit_flush::ExitFlush;
 use crate::kernel::programs::{HookPlan, KernelLogger, LostCounter, ProbeConfig, Probes};
 use crate::kernel::softirqs::SoftirqWatch;
 use crate::kernel::system::{self, TcpSysctls};
@@ -42,12 +41,7 @@ pub struct Session {
     pub(super) lost: LostCounter,
     /// Sockets in CLOSE_WAIT, read on each refresh.
     pub(super) paths: PathTable,
-    /// Timewait exits from the CPUs' batches, held until each drain ends.
     pub(super) tw_exits: TimeWaitExits,
-    /// Sends each CPU's batch of timewait exits into the ring (once a second).
-    pub(super) exit_flush: ExitFlush,
-    /// The last flush failed (it is said once, not every second).
-    pub(super) exit_flush_failed: bool,
     pub(super) counters: KernelCounters,
     /// Softirq runs made without the programs (`kernel::softirqs`).
     pub(super) softirqs: SoftirqWatch,
@@ -106,7 +100,7 @@ impl Session {
         let ring = probes.take_events()?;
         let lost = probes.take_lost_counter()?;
         let paths = PathTable::take(&mut probes)?;
-        let exit_flush = probes.exit_flush()?;
+        let tw_exits = TimeWaitExits::take(&mut probes)?;
         let counters = KernelCounters::take(&mut probes)?;
         let mut softirqs = SoftirqWatch::take(&mut probes)?;
         // The baseline, before the seeding dump: loss from here on counts.
@@ -136,9 +130,7 @@ impl Session {
             ring: Some(ring),
             lost,
             paths,
-            tw_exits: TimeWaitExits::default(),
-            exit_flush,
-            exit_flush_failed: false,
+            tw_exits,
             counters,
             softirqs,
             logger,

@@ -4,8 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use tracer_common::{
     AF_INET, AF_INET6, EVENT_DELAYED_ACK, EVENT_NAGLE_HELD, EVENT_PATH, EVENT_RESET_RECEIVED,
     EVENT_RESET_SENT, EVENT_RETRANSMIT, EVENT_STATE, EVENT_SYNACK_RETRANSMIT, EVENT_TW_CANCEL,
-    EVENT_TW_EXITS, EVENT_TW_EXPIRE, EVENT_TW_START, PATH_STEPS, RST_REASON_UNKNOWN, RawEvent,
-    RawPath, TW_EXIT_BATCH,
+    EVENT_TW_EXPIRE, EVENT_TW_START, PATH_STEPS, RST_REASON_UNKNOWN, RawEvent, RawPath,
 };
 use tracer_common::{ConnCost, RawPathOpen, RawTwBirth};
 
@@ -55,7 +54,6 @@ pub fn decode_record(bytes: &[u8], out: &mut Vec<Event>) -> Result<(), DecodeErr
             path_events(&path.run, Some((&path.cost, &path.tw)), out)
         }
         EVENT_TW_CANCEL => exit_events(&raw, out),
-        EVENT_TW_EXITS => exit_batch_events(bytes, &raw, out).map(|_| ()),
         _ => {
             out.push(decode(&raw)?);
             Ok(())
@@ -74,43 +72,6 @@ pub fn exit_events(raw: &RawEvent, out: &mut Vec<Event>) -> Result<(), DecodeErr
         })?);
     }
     Ok(())
-}
-
-/// Whether a ring buffer record is a CPU's batch of timewait exits (`EVENT_TW_EXITS`).
-pub fn is_exit_batch(bytes: &[u8]) -> bool {
-    parse(bytes).is_ok_and(|raw| raw.kind == EVENT_TW_EXITS)
-}
-
-/// The exits of a batch record whose head is `head` ([`tracer_common::TwExitBatch`]: `aux`
-/// exits follow the head), appended to `out` in the order they came; returns how many of them
-/// did not decode. `Err` when the record is shorter than its count says.
-pub fn exit_batch_events(
-    bytes: &[u8],
-    head: &RawEvent,
-    out: &mut Vec<Event>,
-) -> Result<u64, DecodeError> {
-    let count = usize::try_from(head.aux).map_err(|_| DecodeError::Truncated)?;
-    if count > TW_EXIT_BATCH {
-        return Err(DecodeError::Truncated);
-    }
-    let size = size_of::<RawEvent>();
-    let exits = bytes
-        .get(size..size * (count + 1))
-        .ok_or(DecodeError::Truncated)?;
-    let mut malformed = 0;
-    for exit in exits.chunks_exact(size) {
-        let decoded = parse(exit).and_then(|raw| {
-            if raw.kind == EVENT_TW_CANCEL {
-                exit_events(&raw, out)
-            } else {
-                Err(DecodeError::UnknownKind(raw.kind))
-            }
-        });
-        if decoded.is_err() {
-            malformed += 1;
-        }
-    }
-    Ok(malformed)
 }
 
 /// The state changes of a run that does not close (a record's or one read from the kernel's
@@ -315,7 +276,7 @@ fn ipv4(bytes: &[u8; 16]) -> IpAddr {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     /// A record as the kernel program writes it: connect() from 127.0.0.1:40000 to :8080.
@@ -398,69 +359,6 @@ pub(crate) mod tests {
                 ..
             }
         ));
-    }
-
-    /// A batch record as `tw_exit_flush` sends it: a head whose `aux` counts the exits after it.
-    pub(crate) fn exit_batch_fixture(exits: &[(u64, u64, u8)]) -> Vec<u8> {
-        let mut bytes = connect_fixture();
-        bytes[84] = EVENT_TW_EXITS;
-        bytes[88..96].copy_from_slice(&(exits.len() as u64).to_ne_bytes());
-        for &(ts_ns, aux, kind) in exits {
-            let mut exit = connect_fixture();
-            exit[0..8].copy_from_slice(&ts_ns.to_ne_bytes());
-            exit[84] = kind;
-            exit[86] = 6; // TIME_WAIT
-            exit[88..96].copy_from_slice(&aux.to_ne_bytes());
-            bytes.extend_from_slice(&exit);
-        }
-        bytes
-    }
-
-    #[test]
-    fn an_exit_batch_gives_each_exit_and_an_expiry_after_a_detach_at_its_deadline() {
-        let record = exit_batch_fixture(&[
-            (10, 0, EVENT_TW_CANCEL),
-            (20, 1, EVENT_TW_CANCEL),
-            (30, 0, EVENT_STATE),
-        ]);
-        assert!(is_exit_batch(&record));
-        assert!(!is_exit_batch(&connect_fixture()));
-        let mut out = Vec::new();
-        decode_record(&record, &mut out).expect("decodes");
-        let phases: Vec<(u64, TimerPhase)> = out
-            .iter()
-            .map(|event| match *event {
-                Event::TimeWait { ts_ns, timer, .. } => (ts_ns, timer),
-                _ => panic!("not a timewait event: {event:?}"),
-            })
-            .collect();
-        assert_eq!(
-            phases,
-            [
-                (10, TimerPhase::Cancel),
-                (20, TimerPhase::Cancel),
-                (20, TimerPhase::Expire)
-            ]
-        );
-        let head = parse(&record).expect("parse");
-        // The third is not an exit: counted, not decoded.
-        assert_eq!(exit_batch_events(&record, &head, &mut Vec::new()), Ok(1));
-    }
-
-    #[test]
-    fn an_exit_batch_shorter_than_its_count_is_refused() {
-        let mut record = exit_batch_fixture(&[(10, 0, EVENT_TW_CANCEL), (20, 0, EVENT_TW_CANCEL)]);
-        record.truncate(record.len() - 1);
-        assert_eq!(
-            decode_record(&record, &mut Vec::new()),
-            Err(DecodeError::Truncated)
-        );
-        let mut absurd = exit_batch_fixture(&[]);
-        absurd[88..96].copy_from_slice(&u64::MAX.to_ne_bytes());
-        assert_eq!(
-            decode_record(&absurd, &mut Vec::new()),
-            Err(DecodeError::Truncated)
-        );
     }
 
     #[test]

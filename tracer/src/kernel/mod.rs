@@ -7,7 +7,6 @@ pub mod btf_types;
 pub mod clock;
 pub mod compat;
 pub mod decode;
-pub mod exit_flush;
 pub mod programs;
 pub mod softirqs;
 pub mod system;

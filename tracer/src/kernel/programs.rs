@@ -3,7 +3,7 @@
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use aya::programs::{BtfTracePoint, RawTracePoint};
+use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader};
 use thiserror::Error;
 use tracer_common::{KernelOffsets, KernelSymbols};
@@ -11,11 +11,7 @@ use tracer_common::{KernelOffsets, KernelSymbols};
 use crate::kernel::btf::KernelBtf;
 use crate::kernel::btf_types;
 use crate::kernel::compat::{Compat, CompatError, running_release};
-use crate::kernel::exit_flush::ExitFlush;
 use crate::kernel::system::KernelError;
-
-/// The program that sends a CPU's timewait exits, never attached (see `exit_flush`).
-const EXIT_FLUSH: &str = "tw_exit_flush";
 
 /// The kernel programs, built by `build.rs` from `tracer-ebpf`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -265,36 +261,7 @@ impl Probes {
             log::debug!("attached {name} to tp_btf/{}", hook.tracepoint);
             programs.push((hook.tracepoint, name));
         }
-        let flush_error = |source| ProbeError::Program {
-            program: EXIT_FLUSH,
-            tracepoint: "(none: run by the agent on each CPU)",
-            source,
-        };
-        let flush: &mut RawTracePoint = ebpf
-            .program_mut(EXIT_FLUSH)
-            .ok_or(ProbeError::MissingProgram(EXIT_FLUSH))?
-            .try_into()
-            .map_err(flush_error)?;
-        flush.load().map_err(flush_error)?;
         Ok(Probes { ebpf, programs })
-    }
-
-    /// The loaded `tw_exit_flush` program, to run on each CPU (see `exit_flush`).
-    pub fn exit_flush(&self) -> Result<ExitFlush, ProbeError> {
-        let fd = self
-            .ebpf
-            .program(EXIT_FLUSH)
-            .ok_or(ProbeError::MissingProgram(EXIT_FLUSH))?
-            .fd()
-            .map_err(|source| ProbeError::Program {
-                program: EXIT_FLUSH,
-                tracepoint: "(none: run by the agent on each CPU)",
-                source,
-            })?
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| ProbeError::Table("TW_EXIT_BATCH", e))?;
-        Ok(ExitFlush::new(fd))
     }
 
     /// The tracepoints attached, for the start-up log.

@@ -2,7 +2,7 @@
 //! the runs of state changes the kernel still holds (open connections, CLOSE_WAIT sockets),
 //! timewait sockets' exits, and the programs' own counters.
 use aya::maps::{Map, MapData, PerCpuArray};
-use tracer_common::{COUNT_SLOTS, PathSlot, RawPathOpen};
+use tracer_common::{COUNT_SLOTS, PathSlot, RawEvent, RawPathOpen, TwExitKey};
 use tracer_core::model::{Event, SockId, TcpState};
 
 use crate::kernel::batch::BatchReader;
@@ -126,30 +126,38 @@ pub fn already_given(event: &Event, last_state_ns: impl Fn(SockId) -> Option<u64
     }
 }
 
-/// Timewait sockets' exits from the CPUs' batch records (`EVENT_TW_EXITS`), held until the
-/// ring is drained and then handed on in the order they happened: each batch is in order, but
-/// the batches of different CPUs interleave in time (and the same address can leave twice, on
-/// two CPUs, between two flushes).
-#[derive(Default)]
+/// The kernel's `TW_EXITS` table: timewait sockets' exits, read and emptied once a second
+/// instead of a record each.
 pub struct TimeWaitExits {
+    reader: BatchReader<TwExitKey, RawEvent>,
+    /// The last walk's exits as decoded, and their order by time (kept between walks).
     events: Vec<Event>,
     order: Vec<(u64, u32)>,
-    malformed: u64,
 }
 
 impl TimeWaitExits {
-    /// Takes in a batch record's exits; `Err` when the record is cut short.
-    pub fn add_batch(&mut self, record: &[u8]) -> Result<(), decode::DecodeError> {
-        let head = decode::parse(record)?;
-        self.malformed += decode::exit_batch_events(record, &head, &mut self.events)?;
-        Ok(())
+    pub fn take(probes: &mut Probes) -> Result<TimeWaitExits, ProbeError> {
+        Ok(TimeWaitExits {
+            reader: BatchReader::new(hash_map(probes, "TW_EXITS")?),
+            events: Vec::new(),
+            order: Vec::new(),
+        })
     }
 
-    /// Hands every exit held to `each` in the order they happened and forgets them; returns
-    /// how many did not decode (counted as malformed records are).
-    pub fn take_exits(&mut self, mut each: impl FnMut(&Event)) -> u64 {
-        // Sorting (time, index) pairs moves a sixth of the bytes that sorting the events
-        // would, and keeps an exit's expiry after it.
+    /// Takes every exit out of the table and hands them to `each` in the order they happened;
+    /// returns how many did not decode (counted as malformed records are).
+    pub fn take_exits(&mut self, mut each: impl FnMut(&Event)) -> Result<u64, ProbeError> {
+        let events = &mut self.events;
+        events.clear();
+        let mut malformed = 0;
+        let walked = self.reader.walk(true, |_, exit| {
+            if decode::exit_events(exit, events).is_err() {
+                malformed += 1;
+            }
+        });
+        // The table is a hash: put the exits back in time order (the same address can leave
+        // twice within a walk). Sorting (time, index) pairs moves a sixth of the bytes that
+        // sorting the events would, and keeps an exit's expiry after it.
         self.order.clear();
         self.order.extend(
             (0u32..)
@@ -165,10 +173,10 @@ impl TimeWaitExits {
         if self.events.capacity() > 4 * self.events.len().max(1024) {
             self.events = Vec::new();
             self.order = Vec::new();
-        } else {
-            self.events.clear();
         }
-        std::mem::take(&mut self.malformed)
+        walked
+            .map(|()| malformed)
+            .map_err(|e| ProbeError::Table("TW_EXITS", e))
     }
 }
 
@@ -226,37 +234,6 @@ impl KernelCounters {
 mod tests {
     use super::*;
     use tracer_core::model::{Comm, Task, Tuple};
-
-    /// Two CPUs' batches, each in order, interleave in time: handed on in time order, each
-    /// expiry right after its detach, and forgotten once handed on.
-    #[test]
-    fn exits_of_several_batches_are_handed_on_in_time_order() {
-        use tracer_common::{EVENT_STATE, EVENT_TW_CANCEL};
-        let fixture = decode::tests::exit_batch_fixture;
-        let mut exits = TimeWaitExits::default();
-        let first = fixture(&[(10, 0, EVENT_TW_CANCEL), (40, 1, EVENT_TW_CANCEL)]);
-        let second = fixture(&[(20, 1, EVENT_TW_CANCEL), (30, 0, EVENT_STATE)]);
-        exits.add_batch(&first).expect("first batch");
-        exits.add_batch(&second).expect("second batch");
-        let mut seen = Vec::new();
-        let malformed = exits.take_exits(|event| match *event {
-            Event::TimeWait { ts_ns, timer, .. } => seen.push((ts_ns, timer)),
-            _ => panic!("not a timewait event: {event:?}"),
-        });
-        use tracer_core::model::TimerPhase::{Cancel, Expire};
-        assert_eq!(
-            seen,
-            [
-                (10, Cancel),
-                (20, Cancel),
-                (20, Expire),
-                (40, Cancel),
-                (40, Expire)
-            ]
-        );
-        assert_eq!(malformed, 1);
-        assert_eq!(exits.take_exits(|_| panic!("handed on twice")), 0);
-    }
 
     #[test]
     fn a_slot_counts_only_when_whole_and_held_by_the_socket_it_describes() {

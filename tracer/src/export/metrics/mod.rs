@@ -390,8 +390,8 @@ impl Metrics {
             "tracer_kernel_table_full_total",
             "Times a kernel-side table was full: `paths` (a state change was sent on its own \
              instead of in its socket's run), `cong` (a socket's congestion states were not \
-             followed), `time_wait_exits` (a timewait socket's exit was sent as a record of \
-             its own instead of in its CPU's batch, which was being flushed).",
+             followed), `time_wait_exits` (a timewait socket's exit was sent as a record \
+             instead of being read with the others once a second).",
             "table",
             ["paths", "cong", "time_wait_exits"],
         )?;
