@@ -519,7 +519,7 @@ impl Tracker {
                 // Leaving the inline room: a whole lifecycle's states in one allocation
                 // rather than two (open, established, two closing states and CLOSE).
                 conn.states
-                    .reserve_exact(LIFECYCLE_STATES - conn.states.len());
+                    .reserve_exact(LIFECYCLE_STATES.saturating_sub(conn.states.len()));
             }
             conn.states.push(StateStamp { state: new, ts_ns });
         } else {

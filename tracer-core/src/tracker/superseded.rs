@@ -56,7 +56,11 @@ impl<V> Superseded<V> {
         self.order.insert(place, (at, tw));
         if self.order.len() > 2 * self.len + 1024 {
             let by_address = &self.by_address;
-            self.order.retain(|(_, tw)| by_address.contains_key(tw));
+            self.order.retain(|&(at, tw)| {
+                by_address
+                    .get(&tw)
+                    .is_some_and(|held| held.iter().any(|h| h.at == at))
+            });
         }
         None
     }
@@ -189,5 +193,13 @@ mod tests {
         }
         assert_eq!(set.len(), 0);
         assert!(set.order.len() <= 1024 + 1, "{}", set.order.len());
+        // Nor at an address that keeps a live one all along.
+        set.insert((7, 0, 0), Box::new("kept"));
+        for at in 1..10_000u64 {
+            set.insert((7, at, 0), Box::new("x"));
+            set.remove(&(7, at, 0));
+        }
+        assert_eq!(set.len(), 1);
+        assert!(set.order.len() <= 1024 + 3, "{}", set.order.len());
     }
 }
