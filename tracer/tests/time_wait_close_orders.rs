@@ -605,6 +605,11 @@ fn sockets_from_before_start_once(attempt: &mut Attempt) {
     const NEW: usize = 240;
     const THREADS: usize = 3;
     const OLD_LINGER2_SECS: i32 = 6;
+    // The new sockets must outlive the two audits waited for below (up to about 22 s after the
+    // old ones expire, 11 s apart once the agent's refresh ticks are added) and the group's
+    // check after them: with 20 s, a CI run whose agent started late saw them begin to expire
+    // before the check. The kernel keeps a FIN_WAIT2 timewait socket this long up to 60 s.
+    const NEW_LINGER2_SECS: i32 = 50;
     let mut old_server = ThreadedServer::start("127.0.0.1:0", ServerEnd::HoldAfterEof, OLD);
     let old_addr = old_server.addr;
     let old_locals = run_threads(OLD, THREADS, move |_| {
@@ -631,7 +636,7 @@ fn sockets_from_before_start_once(attempt: &mut Attempt) {
     let pause = Duration::from_millis(3_000 * THREADS as u64 / NEW as u64);
     let new_locals = run_threads(NEW, THREADS, move |_| {
         thread::sleep(pause);
-        orphan_in_fin_wait2(new_addr, LINGER2_SECS)
+        orphan_in_fin_wait2(new_addr, NEW_LINGER2_SECS)
     });
     new_server.wait_served();
 
