@@ -74,6 +74,11 @@ struct Entry {
     pending_cancel: Option<u64>,
     /// The time of its latest timer event, for a resync: a dump taken before it cannot judge it.
     last_event_ns: u64,
+    /// When a connection on its 4-tuple was last seen while it was counted (0: none): a kill
+    /// read later is then a reuse (see `report`). Kept here rather than in `recent_opens`, a
+    /// table insert per connection under churn, where nearly every connect takes over the
+    /// 4-tuple of a timewait socket.
+    taken_over_ns: u64,
     direction: Option<Direction>,
     owner: Option<Owner>,
     /// The cgroup of the connection it came from (0: unknown).
@@ -101,6 +106,7 @@ impl Entry {
             entered_ns: None,
             pending_cancel: None,
             last_event_ns: ts_ns,
+            taken_over_ns: 0,
             direction: None,
             owner: None,
             cgroup: 0,
@@ -503,6 +509,7 @@ impl TimeWaitTable {
                 entered_ns: Some(ts_ns),
                 pending_cancel: None,
                 last_event_ns: ts_ns,
+                taken_over_ns: 0,
                 direction: None,
                 owner: None,
                 cgroup: 0,
@@ -598,21 +605,27 @@ impl TimeWaitTable {
         obs: &mut impl Observer,
     ) {
         // Kills are read from the kernel's table once a second, so the connection that took a
-        // 4-tuple over often arrives first: remember it for a while.
-        // Bounded by the order kept (one entry per sighting), hence the map too.
-        if self.recent_order.len() >= RECENT_OPENS_MAX
-            && let Some(&(oldest, _)) = self.recent_order.front()
+        // 4-tuple over often arrives first: the socket it took over remembers it, and one not
+        // known yet (or from the start-up dump) is remembered by its 4-tuple for a while.
+        if let Some(tw) = self.by_tuple.get(&(netns, *tuple))
+            && let Some(entry) = self.entries.get_mut(&tw)
+            && (entry.netns, entry.tuple) == (netns, *tuple)
         {
-            forget_until(&mut self.recent_order, &mut self.recent_opens, oldest + 1);
-        }
-        let key = super::key_hash(netns, tuple);
-        self.recent_opens.insert(key, ts_ns);
-        self.recent_order.push_back((ts_ns, key));
-        if let Some((tw, entry)) = self.socket_on(&(netns, *tuple))
-            && entry.pending_cancel.is_some()
-        {
-            self.exit(tw, 0, Some(TimeWaitExit::Reused), obs);
-            return;
+            if entry.pending_cancel.is_some() {
+                self.exit(tw, 0, Some(TimeWaitExit::Reused), obs);
+                return;
+            }
+            entry.taken_over_ns = entry.taken_over_ns.max(ts_ns);
+        } else {
+            // Bounded by the order kept (one entry per sighting), hence the map too.
+            if self.recent_order.len() >= RECENT_OPENS_MAX
+                && let Some(&(oldest, _)) = self.recent_order.front()
+            {
+                forget_until(&mut self.recent_order, &mut self.recent_opens, oldest + 1);
+            }
+            let key = super::key_hash(netns, tuple);
+            self.recent_opens.insert(key, ts_ns);
+            self.recent_order.push_back((ts_ns, key));
         }
         if let Some(mut record) = self.early_exits.remove(&(netns, *tuple)) {
             record.exit = TimeWaitExit::Reused;
@@ -725,14 +738,16 @@ impl TimeWaitTable {
         let opened_since = record
             .entered_ns
             .unwrap_or(record.exited_ns.saturating_sub(REUSE_BEFORE_NS));
+        let took_over = |opened: u64| {
+            opened >= opened_since
+                && opened <= record.exited_ns.saturating_add(self.config.reuse_window_ns)
+        };
         let reused_by_earlier = exit.is_none()
-            && self
-                .recent_opens
-                .get(&super::key_hash(key.0, &key.1))
-                .is_some_and(|&opened| {
-                    opened >= opened_since
-                        && opened <= record.exited_ns.saturating_add(self.config.reuse_window_ns)
-                });
+            && ((entry.taken_over_ns != 0 && took_over(entry.taken_over_ns))
+                || self
+                    .recent_opens
+                    .get(&super::key_hash(key.0, &key.1))
+                    .is_some_and(|&opened| took_over(opened)));
         let exit = if reused_by_earlier {
             Some(TimeWaitExit::Reused)
         } else {
@@ -1226,6 +1241,33 @@ mod tests {
         assert_eq!((t.count(), rec.time_wait_exited.len()), (1, 1));
         let exit = &rec.time_wait_exited[0];
         assert_eq!((exit.exit, exit.exited_ns), (TimeWaitExit::Reused, 10 * MS));
+    }
+
+    /// Under churn nearly every connect takes over a timewait socket's 4-tuple: the socket
+    /// remembers it (no table insert per connection), also once a newer socket born at its
+    /// address set it aside, and its kill read later is a reuse.
+    #[test]
+    fn the_socket_taken_over_remembers_the_connection_even_when_set_aside() {
+        let (mut t, mut rec) = (table(), Recorder::default());
+        let (old, next) = (tuple(40000, 80), tuple(40001, 80));
+        at_tw(&mut t, &mut rec, 5 * MS, old, TimerPhase::Start);
+        t.connection_seen(NS, &old, 20 * MS, &mut rec);
+        assert!(t.recent_opens.is_empty() && t.recent_order.is_empty());
+        // Not known as a timewait socket: remembered by its 4-tuple.
+        t.connection_seen(NS, &next, 21 * MS, &mut rec);
+        assert_eq!(t.recent_opens.len(), 1);
+        // The connection on `old` closed; its timewait socket took the killed one's memory.
+        at_tw(&mut t, &mut rec, 30 * MS, next, TimerPhase::Start);
+        at_tw(&mut t, &mut rec, 19 * MS, old, TimerPhase::Cancel);
+        t.exits_read(1_000 * MS, &mut rec);
+        t.tick(10_000 * MS, &mut rec);
+        assert_eq!(t.count(), 1);
+        let exits = &rec.time_wait_exited[..];
+        assert_eq!(exits.len(), 1);
+        assert_eq!(
+            (exits[0].tuple, exits[0].exit, exits[0].exited_ns),
+            (old, TimeWaitExit::Reused, 19 * MS)
+        );
     }
 
     #[test]
