@@ -32,3 +32,21 @@ pub(crate) fn shrink_queue<T>(queue: &mut std::collections::VecDeque<T>) -> bool
     }
     false
 }
+
+/// Drops from `order` (by time) and `map` what was recorded before `before`; a key recorded
+/// again since keeps its newer entry in `map`.
+pub(crate) fn forget_until<K: std::hash::Hash + Eq + Copy>(
+    order: &mut std::collections::VecDeque<(u64, K)>,
+    map: &mut HashMap<K, u64>,
+    before: u64,
+) {
+    while let Some(&(ts, key)) = order.front() {
+        if ts >= before {
+            break;
+        }
+        order.pop_front();
+        if map.get(&key) == Some(&ts) {
+            map.remove(&key);
+        }
+    }
+}

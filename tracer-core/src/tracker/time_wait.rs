@@ -35,7 +35,7 @@ use crate::model::{Direction, Owner, SockId, TcpState, TimerPhase, Tuple};
 use crate::observer::Observer;
 use crate::record::{Connection, PeerKey, TimeWaitExit, TimeWaitRecord};
 use crate::tracker::superseded::Superseded;
-use crate::tracker::{KeyHashes, Listed, SockIndex};
+use crate::tracker::{KeyHashes, Listed, SockIndex, forget_until};
 
 #[derive(Clone, Copy, Debug)]
 pub struct TimeWaitConfig {
@@ -156,24 +156,6 @@ pub struct TimeWaitTable {
     /// Every exit before this time was read from the kernel's table (`exits_read`; the end of
     /// time until then: exits come as events only).
     exits_read_until: u64,
-}
-
-/// Drops from `order` (by time) and `map` what was recorded before `before`; a key recorded
-/// again since keeps its newer entry in `map`.
-fn forget_until<K: std::hash::Hash + Eq + Copy>(
-    order: &mut VecDeque<(u64, K)>,
-    map: &mut HashMap<K, u64>,
-    before: u64,
-) {
-    while let Some(&(ts, key)) = order.front() {
-        if ts >= before {
-            break;
-        }
-        order.pop_front();
-        if map.get(&key) == Some(&ts) {
-            map.remove(&key);
-        }
-    }
 }
 
 /// Connections remembered for a later kill of a timewait socket on their 4-tuple.
