@@ -111,8 +111,9 @@ pub fn path_slot(sk: u64) -> u32 {
 /// stores instead of a hash table's lookup, insert and delete.
 ///
 /// The kernel writes a new run into a slot (at a claim, or in place of a run it sent) between
-/// two counters: `seq_end` goes up first, `seq` after the last write. The agent copies slots
-/// from first byte to last, so a copy with `seq == seq_end` overlapped no such write, and one
+/// two counters: `seq_end` goes up first, `seq` after the last write. The agent reads a slot
+/// in place, `owner` and `seq` first and `seq_end` last, so a read with `seq == seq_end`
+/// overlapped no such write, and one
 /// of a run whose socket is not `owner` is stale. Appending a step moves no counter (a copy
 /// that catches one half-written does not decode, as for `PATHS`), nor does a release, which
 /// only empties the run (`len` 0) before it frees `owner`.

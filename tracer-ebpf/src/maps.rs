@@ -32,6 +32,10 @@ pub static SOFTIRQS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOFTIRQ_VE
 /// burst of closes without holding that memory all the time.
 const NO_PREALLOC: u32 = 1;
 
+/// `BPF_F_MMAPABLE`: the agent reads the array in place through a mapping of its values
+/// rather than copying it out with a system call.
+const MMAPABLE: u32 = 1 << 10;
+
 /// `BPF_NOEXIST`: an update that only inserts, never overwrites.
 pub const NOEXIST: u64 = 1;
 
@@ -47,9 +51,9 @@ pub static PATHS: HashMap<u64, RawPathOpen> = HashMap::with_max_entries(PATHS_MA
 /// Each socket's run of state changes, in the slot its address hashes to (`path_slot`),
 /// claimed at its first change and freed when the run is sent: the common path costs no hash
 /// table operation. A socket whose slot another holds goes to `PATHS`. The agent reads it once
-/// a second, as it reads `PATHS`.
+/// a second, in place (`MMAPABLE`).
 #[map]
-pub static PATH_SLOTS: Array<PathSlot> = Array::with_max_entries(1 << PATH_SLOT_BITS, 0);
+pub static PATH_SLOTS: Array<PathSlot> = Array::with_max_entries(1 << PATH_SLOT_BITS, MMAPABLE);
 
 /// Entries in `PATHS` (slot 0), kept with atomic adds: while it is 0, as it is unless the
 /// slots collide, a socket's first change need not look for an earlier run there.

@@ -7,6 +7,7 @@ pub mod btf_types;
 pub mod clock;
 pub mod compat;
 pub mod decode;
+pub mod mapped;
 pub mod programs;
 pub mod softirqs;
 pub mod system;

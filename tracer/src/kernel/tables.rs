@@ -1,12 +1,14 @@
 //! The kernel-side tables the agent reads on its refresh rather than receiving records for:
 //! the runs of state changes the kernel still holds (open connections, CLOSE_WAIT sockets),
 //! timewait sockets' exits, and the programs' own counters.
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use std::sync::atomic::{Ordering, fence};
 use tracer_common::{COUNT_SLOTS, PathSlot, RawEvent, RawPathOpen, TwExitKey};
 use tracer_core::model::{Event, SockId, TcpState};
 
 use crate::kernel::batch::BatchReader;
 use crate::kernel::decode;
+use crate::kernel::mapped::MappedArray;
 use crate::kernel::programs::{ProbeError, Probes};
 
 /// Takes the hash map `name` out of the loaded object.
@@ -32,31 +34,83 @@ fn array_map(probes: &mut Probes, name: &'static str) -> Result<MapData, ProbeEr
 /// and its CLOSE_WAIT is followed while it lasts; [`already_given`] drops those changes from
 /// the record that later carries them again.
 pub struct PathTable {
-    slots: BatchReader<u32, PathSlot>,
+    slots: MappedArray<PathSlot>,
     reader: BatchReader<u64, RawPathOpen>,
+    /// `PATHS_IN_USE`: while 0, `PATHS` is empty, and its 65 536 buckets are not walked.
+    in_use: Array<MapData, u64>,
 }
 
 impl PathTable {
     pub fn take(probes: &mut Probes) -> Result<PathTable, ProbeError> {
+        let slots = MappedArray::new(array_map(probes, "PATH_SLOTS")?)
+            .map_err(|e| ProbeError::Table("PATH_SLOTS", e))?;
+        let in_use = Array::try_from(probes.take_map("PATHS_IN_USE")?)
+            .map_err(|e| ProbeError::Map("PATHS_IN_USE", e))?;
         Ok(PathTable {
-            slots: BatchReader::new(array_map(probes, "PATH_SLOTS")?),
+            slots,
             reader: BatchReader::new(hash_map(probes, "PATHS")?),
+            in_use,
         })
     }
 
     /// Calls `each` with every socket's run in the tables.
     pub fn walk(&mut self, mut each: impl FnMut(SockId, &RawPathOpen)) -> Result<(), ProbeError> {
-        self.slots
-            .walk(false, |_, slot| {
-                if let Some((sock, run)) = slot_run(slot) {
-                    each(sock, run);
-                }
-            })
+        let mapped = self
+            .slots
+            .map()
             .map_err(|e| ProbeError::Table("PATH_SLOTS", e))?;
+        mapped.each(|slot| {
+            if let Some((sock, run)) = read_slot(slot) {
+                each(sock, &run);
+            }
+        });
+        drop(mapped);
+        // The kernel counts an entry just after adding it: one not counted yet stays in the
+        // table and is read on the next walk, as one added during a walk is.
+        let in_use = self
+            .in_use
+            .get(&0, 0)
+            .map_err(|e| ProbeError::Map("PATHS_IN_USE", e))?;
+        if in_use == 0 {
+            return Ok(());
+        }
         self.reader
             .walk(false, |&sock, path| each(sock, path))
             .map_err(|e| ProbeError::Table("PATHS", e))
     }
+}
+
+/// The run a `PATH_SLOTS` slot holds, read in place while the kernel may write it: none when
+/// the slot is free or empty, or when the kernel rewrote it while it was read (its two
+/// counters differ, see `PathSlot`: read `seq` first and `seq_end` last) or gave it to another
+/// socket meanwhile (the run's socket is not the owner read first).
+fn read_slot(slot: *const PathSlot) -> Option<(SockId, RawPathOpen)> {
+    // SAFETY: `slot` points at a whole slot of the mapping, valid for this call
+    // (`MappedArray::each`); a volatile read of a plain integer the kernel may write meanwhile.
+    let owner = unsafe { std::ptr::read_volatile(&raw const (*slot).owner) };
+    if owner == 0 {
+        return None;
+    }
+    // SAFETY: as above, for the counters and the run (a Pod struct, every bit pattern valid);
+    // what the kernel wrote meanwhile is caught by the counters, read before and after it.
+    let (seq, path, seq_end) = unsafe {
+        let seq = std::ptr::read_volatile(&raw const (*slot).seq);
+        fence(Ordering::Acquire);
+        let path = std::ptr::read_volatile(&raw const (*slot).path);
+        fence(Ordering::Acquire);
+        (
+            seq,
+            path,
+            std::ptr::read_volatile(&raw const (*slot).seq_end),
+        )
+    };
+    let copy = PathSlot {
+        owner,
+        seq,
+        path,
+        seq_end,
+    };
+    slot_run(&copy).map(|(sock, run)| (sock, *run))
 }
 
 /// The run a copy of a `PATH_SLOTS` slot holds: none when the slot is free or empty, or when
@@ -258,6 +312,14 @@ mod tests {
         let mut emptied = slot;
         emptied.path.len = 0;
         assert!(slot_run(&emptied).is_none());
+        // Read in place, as the mapping is read: the same answers.
+        assert_eq!(
+            read_slot(&raw const slot).map(|(sock, run)| (sock, run.len)),
+            Some((slot.owner, 2))
+        );
+        for unread in [torn, taken, PathSlot { owner: 0, ..slot }, emptied] {
+            assert!(read_slot(&raw const unread).is_none());
+        }
     }
 
     /// A run the tracker has whole is skipped before decoding; one with a later step, or of a
