@@ -25,6 +25,20 @@ use tracer_core::tracker::Tracker;
 /// wakes it only once `ProbeConfig::wakeup_bytes` are pending, not per event.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
+/// What the drain timer backs off to, doubling, while drains find nothing: an idle host wakes
+/// the agent about 10 times a second instead of 100 (each wake-up also refreshes the gauges),
+/// and the first record after a quiet spell waits at most this long.
+const DRAIN_IDLE: Duration = Duration::from_millis(100);
+
+/// The drain timer's next period after a drain that took `taken` records.
+fn next_drain_period(period: Duration, taken: usize) -> Duration {
+    if taken > 0 {
+        DRAIN_EVERY
+    } else {
+        (period * 2).min(DRAIN_IDLE)
+    }
+}
+
 /// How often the kernel's lost-event counter and the gauges are refreshed.
 const REFRESH: Duration = Duration::from_secs(1);
 
@@ -67,8 +81,9 @@ pub async fn pump(
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut refresh = tokio::time::interval(REFRESH);
-    let mut drain_timer = tokio::time::interval(DRAIN_EVERY);
-    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_period = DRAIN_EVERY;
+    let drain_timer = tokio::time::sleep(drain_period);
+    tokio::pin!(drain_timer);
     let until = async {
         match deadline {
             Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -85,17 +100,28 @@ pub async fn pump(
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 drain(guard.get_inner_mut(), &mut session.tracker, &metrics, consumer.observer());
                 guard.clear_ready();
+                // The kernel woke the agent: records are coming, drain at the full rate again.
+                if drain_period > DRAIN_EVERY {
+                    drain_period = DRAIN_EVERY;
+                    drain_timer.as_mut().reset(tokio::time::Instant::now() + drain_period);
+                }
                 match consumer.batch_done() {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(e) => { outcome = Err(e); break; }
                 }
             }
-            _ = drain_timer.tick() => {
+            _ = &mut drain_timer => {
                 // A dump that came back is applied after this drain, which takes every event of
                 // the dump's time first (see `app::resync`).
                 let resynced = session.resync.finished(&mut session.tracker);
-                drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
+                let taken =
+                    drain(ring.get_mut(), &mut session.tracker, &metrics, consumer.observer());
+                drain_period = next_drain_period(drain_period, taken);
+                if resynced.is_some() {
+                    drain_period = DRAIN_EVERY;
+                }
+                drain_timer.as_mut().reset(tokio::time::Instant::now() + drain_period);
                 if let Some(snapshot) = resynced {
                     session.resync.apply(&snapshot, &mut session.tracker, &metrics, consumer.observer());
                     // The dump was built on the resync thread, in its own allocator arena:
@@ -250,16 +276,19 @@ fn read_tables(session: &mut Session, metrics: &Metrics, consumer: &mut dyn Obse
     }
 }
 
-/// Takes every queued record: one wake-up, many events, no allocation per event.
+/// Takes every queued record: one wake-up, many events, no allocation per event. Returns how
+/// many records it took.
 fn drain(
     ring: &mut RingBuf<MapData>,
     tracker: &mut Tracker,
     metrics: &Metrics,
     consumer: &mut dyn Observer,
-) {
+) -> usize {
     let mut last_ts = None;
+    let mut taken = 0;
     let mut events = Vec::with_capacity(tracer_common::PATH_STEPS);
     while let Some(record) = ring.next() {
+        taken += 1;
         metrics.record_read();
         events.clear();
         if let Err(e) = decode::decode_record(&record, &mut events) {
@@ -301,5 +330,24 @@ fn drain(
             "closed connections' memory given back in {:?}",
             started.elapsed()
         );
+    }
+    taken
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_timer_backs_off_while_idle_and_comes_back_with_the_first_record() {
+        let mut period = DRAIN_EVERY;
+        let mut seen = vec![period];
+        for _ in 0..6 {
+            period = next_drain_period(period, 0);
+            seen.push(period);
+        }
+        let ms: Vec<u128> = seen.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [10, 20, 40, 80, 100, 100, 100]);
+        assert_eq!(next_drain_period(period, 1), DRAIN_EVERY);
     }
 }

@@ -10,8 +10,8 @@
 //! agent already running, both trace side by side.
 //!
 //! The event loop is the agent's (`pump`): keys are read after each batch of events (at least
-//! every `DRAIN_EVERY`, 10 ms), and the gauges and the tracker are read at its once-a-second
-//! refresh, so `--interval` is a whole number of seconds.
+//! every 10 ms under traffic, every 100 ms on a quiet host), and the gauges and the tracker
+//! are read at its once-a-second refresh, so `--interval` is a whole number of seconds.
 //!
 //! `model` is pure (the rows and the text, from snapshots; unit-tested without a terminal);
 //! `terminal` is the thin part that owns the screen.
