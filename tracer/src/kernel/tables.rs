@@ -55,16 +55,13 @@ impl PathTable {
 
     /// Calls `each` with every socket's run in the tables.
     pub fn walk(&mut self, mut each: impl FnMut(SockId, &RawPathOpen)) -> Result<(), ProbeError> {
-        let mapped = self
-            .slots
-            .map()
+        self.slots
+            .each(|slot| {
+                if let Some((sock, run)) = read_slot(slot) {
+                    each(sock, &run);
+                }
+            })
             .map_err(|e| ProbeError::Table("PATH_SLOTS", e))?;
-        mapped.each(|slot| {
-            if let Some((sock, run)) = read_slot(slot) {
-                each(sock, &run);
-            }
-        });
-        drop(mapped);
         // The kernel counts an entry just after adding it: one not counted yet stays in the
         // table and is read on the next walk, as one added during a walk is.
         let in_use = self
