@@ -19,6 +19,8 @@ pub struct Superseded<V> {
     /// when reached or when they outnumber the live ones.
     order: VecDeque<(u64, SockId)>,
     len: usize,
+    /// The most held at once since the last `shrink` (see there).
+    most: usize,
 }
 
 struct Held<V> {
@@ -33,6 +35,7 @@ impl<V> Default for Superseded<V> {
             by_address: HashMap::default(),
             order: VecDeque::new(),
             len: 0,
+            most: 0,
         }
     }
 }
@@ -51,6 +54,7 @@ impl<V> Superseded<V> {
         }
         held.push(Held { at, born, value });
         self.len += 1;
+        self.most = self.most.max(self.len);
         // Births arrive nearly in time order: the place is at or near the back.
         let place = self.order.partition_point(|&(t, _)| t <= at);
         self.order.insert(place, (at, tw));
@@ -125,8 +129,19 @@ impl<V> Superseded<V> {
                 each((tw, h.at, h.born), h.value);
             }
         }
-        super::shrink_queue(&mut self.order);
-        super::shrink_map(&mut self.by_address);
+    }
+
+    /// Shrinks the tables left sparse by a burst that has ended (see `Tracker::shrink`). Each
+    /// read of the exit table empties them and, under churn, the next second fills them as
+    /// much again: judged by the most they held since the last call, not by what they hold
+    /// now, so that steady churn does not free and regrow them every second.
+    pub fn shrink(&mut self) -> bool {
+        let most = std::mem::replace(&mut self.most, self.len);
+        if !super::sparse(self.by_address.capacity(), most) {
+            return false;
+        }
+        let shrank = super::shrink_map(&mut self.by_address);
+        super::shrink_queue(&mut self.order) | shrank
     }
 }
 
@@ -182,6 +197,27 @@ mod tests {
         assert_eq!(taken(&mut set, u64::MAX), vec![((1, 50, 0), "e")]);
         assert_eq!(set.len(), 0);
         assert!(set.order.is_empty());
+    }
+
+    #[test]
+    fn tables_refilled_as_much_every_read_keep_their_memory_and_shrink_once_the_burst_ends() {
+        let mut set = Superseded::default();
+        let fill = |set: &mut Superseded<&'static str>, from: u64| {
+            for at in from..from + 10_000 {
+                set.insert((at, at, 0), Box::new("x"));
+            }
+        };
+        fill(&mut set, 0);
+        assert_eq!(taken(&mut set, 10_000).len(), 10_000);
+        let capacity = set.by_address.capacity();
+        assert!(!set.shrink(), "it held 10 000 since the last call");
+        assert_eq!(set.by_address.capacity(), capacity);
+        fill(&mut set, 10_000);
+        assert_eq!(taken(&mut set, 20_000).len(), 10_000);
+        assert!(!set.shrink());
+        // The churn stopped: nothing held since the last call.
+        assert!(set.shrink());
+        assert!(set.by_address.capacity() < capacity);
     }
 
     #[test]

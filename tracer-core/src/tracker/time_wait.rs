@@ -232,6 +232,7 @@ impl TimeWaitTable {
         shrank |= shrink_map(&mut self.recent_opens);
         shrank |= shrink_queue(&mut self.recent_order);
         shrank |= shrink_queue(&mut self.cancels);
+        shrank |= self.superseded.shrink();
         shrank | shrink_queue(&mut self.early_order)
     }
 
