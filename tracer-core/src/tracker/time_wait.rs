@@ -590,10 +590,7 @@ impl TimeWaitTable {
         // Kills are read from the kernel's table once a second, so the connection that took a
         // 4-tuple over often arrives first: the socket it took over remembers it, and one not
         // known yet (or from the start-up dump) is remembered by its 4-tuple for a while.
-        if let Some(tw) = self.by_tuple.get(&(netns, *tuple))
-            && let Some(entry) = self.entries.get_mut(&tw)
-            && (entry.netns, entry.tuple) == (netns, *tuple)
-        {
+        if let Some((tw, entry)) = self.socket_on_mut(&(netns, *tuple)) {
             if entry.pending_cancel.is_some() {
                 self.exit(tw, 0, Some(TimeWaitExit::Reused), obs);
                 return;
@@ -681,6 +678,13 @@ impl TimeWaitTable {
         let tw = self.by_tuple.get(key)?;
         let entry = self.entries.get(&tw)?;
         ((entry.netns, entry.tuple) == *key).then_some((tw, &**entry))
+    }
+
+    /// [`TimeWaitTable::socket_on`], to change the entry.
+    fn socket_on_mut(&mut self, key: &(u32, Tuple)) -> Option<(SockId, &mut Entry)> {
+        let tw = self.by_tuple.get(key)?;
+        let entry = self.entries.get_mut(&tw)?;
+        ((entry.netns, entry.tuple) == *key).then_some((tw, &mut **entry))
     }
 
     /// Removes `tw` from the table and from the counts.
